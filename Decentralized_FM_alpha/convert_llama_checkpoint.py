@@ -1,0 +1,125 @@
+"""Convert a Hugging Face Llama-family checkpoint (safetensors, .bin or GGUF) to per-layer files.
+
+    python convert_llama_checkpoint.py --model-name meta-llama/Llama-3.2-3B \
+        --save-path ../pretrained_models/llama-3.2-3b --auth-token $HF_TOKEN
+"""
+
+import logging
+import os
+import re
+
+import torch
+
+from checkpoint_conversion import (
+    EMBEDDINGS_FILE,
+    FORMAT_VERSION,
+    LM_HEAD_FILE,
+    ConversionError,
+    TensorSource,
+    base_parser,
+    layer_file,
+    resolve_source,
+    run_converter,
+    write_checkpoint,
+)
+
+logger = logging.getLogger(__name__)
+
+LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def target_of(hf_key):
+    """(file, key) of a transformers LlamaForCausalLM parameter name, or None to skip it."""
+    match = LAYER_KEY.match(hf_key)
+    if match:
+        index, rest = int(match.group(1)), match.group(2)
+        if rest.endswith("rotary_emb.inv_freq"):
+            return None  # a buffer some old checkpoints saved; recomputed from the config
+        return layer_file(index), rest.removeprefix("mlp.")
+    if hf_key == "model.embed_tokens.weight":
+        return EMBEDDINGS_FILE, "embed_tokens.weight"
+    if hf_key == "model.norm.weight":
+        return LM_HEAD_FILE, "norm.weight"
+    if hf_key == "lm_head.weight":
+        return LM_HEAD_FILE, "lm_head.weight"
+    raise ConversionError(f"unrecognised Llama weight {hf_key!r}")
+
+
+def conversion_plan(keys, num_layers):
+    plan = {EMBEDDINGS_FILE: []}
+    plan.update({layer_file(i): [] for i in range(num_layers)})
+    plan[LM_HEAD_FILE] = []
+    for key in sorted(keys):
+        target = target_of(key)
+        if target is None:
+            continue
+        file_name, new_key = target
+        if file_name not in plan:
+            raise ConversionError(f"weight {key} names a layer beyond num_hidden_layers={num_layers}")
+        plan[file_name].append((key, new_key))
+    if not any(new_key == "lm_head.weight" for _, new_key in plan[LM_HEAD_FILE]):
+        # Tied embeddings: the head is the embedding matrix.
+        plan[LM_HEAD_FILE].append(("model.embed_tokens.weight", "lm_head.weight"))
+    for file_name, entries in plan.items():
+        if not entries:
+            raise ConversionError(f"no weights found for {file_name}")
+    return plan
+
+
+def load_gguf(folder, gguf_file, auth_token):
+    """Dequantise a GGUF model through transformers (whole model in memory)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = os.path.join(folder, gguf_file)
+    if not os.path.isfile(path):
+        raise ConversionError(f"--gguf-file {gguf_file}: not found in {folder}")
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32, token=auth_token)
+    if model.config.model_type != "llama":
+        raise ConversionError(f"{path}: model type {model.config.model_type!r} is not a Llama model")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, token=auth_token)
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return model.config, tokenizer, TensorSource.from_state_dict(state, path)
+
+
+def load_folder(folder, auth_token):
+    from transformers import AutoConfig, AutoTokenizer
+
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file):
+        raise ConversionError(f"{config_file}: not found (is --model-name a Llama checkpoint folder?)")
+    config = AutoConfig.from_pretrained(folder, token=auth_token)
+    if config.model_type != "llama":
+        raise ConversionError(f"{config_file}: model_type {config.model_type!r} is not 'llama'")
+    tokenizer = AutoTokenizer.from_pretrained(folder, token=auth_token)
+    return config, tokenizer, TensorSource(folder)
+
+
+def main(argv=None):
+    args = base_parser(__doc__, with_gguf=True).parse_args(argv)
+    folder = resolve_source(args.model_name, args.auth_token)
+    if args.gguf_file:
+        config, tokenizer, source = load_gguf(folder, args.gguf_file, args.auth_token)
+    else:
+        config, tokenizer, source = load_folder(folder, args.auth_token)
+    plan = conversion_plan(source.keys(), config.num_hidden_layers)
+    signature = {
+        "format_version": FORMAT_VERSION,
+        "family": "llama",
+        "source": args.model_name,
+        "gguf_file": args.gguf_file,
+        "dtype": args.dtype,
+        "num_layers": config.num_hidden_layers,
+    }
+
+    def save_extras(staging):
+        config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    if write_checkpoint(args.save_path, signature, plan, source, save_extras, args.dtype, args.force):
+        logger.info("wrote %d layers to %s", config.num_hidden_layers, args.save_path)
+
+
+if __name__ == "__main__":
+    run_converter(main)

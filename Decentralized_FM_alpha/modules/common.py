@@ -1,0 +1,142 @@
+"""Pieces shared by every model family: strict checkpoint loading, dtypes, masks, taps."""
+
+import logging
+import os
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+TAP_NAMES = ("att_x", "mlp_x", "mlp_act", "head_out")
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+class CheckpointError(RuntimeError):
+    """A per-layer checkpoint is missing, incomplete or does not fit the model config."""
+
+
+def resolve_dtype(dtype):
+    """Map a dtype name ("fp16", "bfloat16", ...) or a torch.dtype to a torch.dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype name {dtype!r}; known: {', '.join(sorted(DTYPES))}") from None
+
+
+def read_state_dict(path):
+    """Load one checkpoint file lazily (mmap) with a message that names the file on failure."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # a truncated or foreign file
+        raise CheckpointError(f"cannot read checkpoint file {path}: {error}") from error
+
+
+def load_strict(module, path, dtype=None, device=None):
+    """Fill `module` (built on the meta device) from `path`, refusing any mismatch.
+
+    Tensors are assigned, not copied into random-initialised parameters, so nothing can be
+    left at random init: every parameter must be named in the file with the right shape.
+    """
+    state = read_state_dict(path)
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing key(s) {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected key(s) {', '.join(unexpected)}")
+        raise CheckpointError(f"{path}: " + "; ".join(parts))
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{path}: key {key} has shape {tuple(tensor.shape)}, "
+                f"the config expects {tuple(expected[key].shape)}"
+            )
+    dtype = resolve_dtype(dtype)
+    if dtype is not None or device is not None:
+        state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    return module
+
+
+def build_from_checkpoint(cls, path, dtype=None, device=None, **kwargs):
+    """Construct `cls(**kwargs)` without allocating weights, then load `path` strictly."""
+    with torch.device("meta"):
+        module = cls(**kwargs)
+    load_strict(module, path, dtype=dtype, device=device)
+    materialize = getattr(module, "materialize_buffers", None)
+    if materialize is not None:
+        materialize(device=device)
+    return module.eval()
+
+
+def load_config(model_path, config_class):
+    if not os.path.isdir(model_path):
+        raise CheckpointError(f"model path is not a directory: {model_path}")
+    config_file = os.path.join(model_path, "config.json")
+    if not os.path.isfile(config_file):
+        raise CheckpointError(f"config file not found: {config_file}")
+    return config_class.from_pretrained(model_path)
+
+
+def past_length(layer_past):
+    return 0 if layer_past is None else layer_past[0].shape[2]
+
+
+def positions_from_mask(mask, past_len, seq_len, device):
+    """Position ids [B, S]: from the mask (cumsum - 1) so left padding does not shift them."""
+    if mask is None:
+        return torch.arange(past_len, past_len + seq_len, device=device).unsqueeze(0)
+    positions = mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, past_len : past_len + seq_len]
+
+
+def attention_mask(mask, past_len, seq_len, device):
+    """Boolean [B or 1, 1, S, past+S] mask of the keys each query may see (None if all).
+
+    Causal, minus left padding. A padded query still sees itself so its softmax is defined;
+    its output is never used.
+    """
+    if mask is None and seq_len == 1:
+        return None
+    total = past_len + seq_len
+    query_index = torch.arange(past_len, total, device=device)[:, None]
+    key_index = torch.arange(total, device=device)[None, :]
+    allowed = (key_index <= query_index)[None, None]
+    if mask is not None:
+        real_keys = mask[:, None, None, :total].bool()
+        allowed = (allowed & real_keys) | (key_index == query_index)[None, None]
+    return allowed
+
+
+def token_mask_of(mask, seq_len):
+    """The [B, S] real-token mask of the current step, or None if every token is real."""
+    return None if mask is None else mask[:, -seq_len:].bool()
+
+
+class TappedModule(nn.Module):
+    """Base of every dense block: the four taps are identity here.
+
+    The save variant overrides `tap` to record, the sparse variant to mask; neither copies
+    the dense forward.
+    """
+
+    def tap(self, name, value, token_mask):
+        return value

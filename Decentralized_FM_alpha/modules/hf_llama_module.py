@@ -1,0 +1,208 @@
+"""Llama family (Llama 2/3/3.1/3.2, SmolLM2, ...) as pipeline parts: embeddings, blocks, head.
+
+Differences from OPT that matter here: RMSNorm without bias, RoPE applied to q/k inside
+attention (no position embedding), grouped-query attention (the cache holds one entry per
+KV head), and a gated SiLU MLP: down(silu(gate(x)) * up(x)).
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from .common import (
+    TappedModule,
+    attention_mask,
+    build_from_checkpoint,
+    load_config,
+    past_length,
+    positions_from_mask,
+    token_mask_of,
+)
+
+# RoPE types whose frequencies depend on the running sequence length are not supported.
+UNSUPPORTED_ROPE_TYPES = ("dynamic", "longrope")
+
+
+def head_dim_of(config):
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rope_parameters_of(config):
+    """The RoPE settings as a dict, from `rope_parameters` or legacy `rope_theta`/`rope_scaling`."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if not params:
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def rope_inverse_frequencies(config):
+    """(inv_freq [head_dim/2], attention_scaling) using transformers' own RoPE init functions."""
+    params = rope_parameters_of(config)
+    rope_type = params["rope_type"]
+    if rope_type == "default":
+        dim = head_dim_of(config)
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+        return 1.0 / (params["rope_theta"] ** exponents), 1.0
+    if rope_type in UNSUPPORTED_ROPE_TYPES or rope_type not in ROPE_INIT_FUNCTIONS:
+        known = ["default"] + [t for t in ROPE_INIT_FUNCTIONS if t not in UNSUPPORTED_ROPE_TYPES]
+        raise ValueError(f"rope type {rope_type!r} is not supported; supported: {', '.join(known)}")
+    return ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+
+
+def rotate_half(x):
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class LlamaRMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x):
+        input_dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(input_dtype)
+
+
+class LlamaEmbeddings(nn.Module):
+    """Token embeddings only: Llama has no position embedding (RoPE lives in attention)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+
+    @classmethod
+    def from_pretrained(cls, model_path, config=None, dtype=None, device=None):
+        config = config or load_config(model_path, LlamaConfig)
+        path = os.path.join(model_path, "pytorch_embs.pt")
+        return build_from_checkpoint(cls, path, dtype=dtype, device=device, config=config)
+
+    def forward(self, input_ids, past_layer=None, mask=None):
+        return self.embed_tokens(input_ids)
+
+
+class LlamaAttentionWeights(nn.Module):
+    """The four projections; the computation is in LlamaBlock so the taps sit in one place."""
+
+    def __init__(self, config):
+        super().__init__()
+        d, hd = config.hidden_size, head_dim_of(config)
+        bias = getattr(config, "attention_bias", False)
+        self.q_proj = nn.Linear(d, config.num_attention_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, config.num_key_value_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(d, config.num_key_value_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * hd, d, bias=bias)
+
+
+class LlamaBlock(TappedModule):
+    """One decoder layer: x + attn(norm(x)), then + mlp(norm(.)); taps at the four points."""
+
+    def __init__(self, config, layer_index=0):
+        super().__init__()
+        self.config = config
+        self.layer_index = layer_index
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim_of(config)
+        d, inner = config.hidden_size, config.intermediate_size
+        mlp_bias = getattr(config, "mlp_bias", False)
+        self.input_layernorm = LlamaRMSNorm(d, config.rms_norm_eps)
+        self.self_attn = LlamaAttentionWeights(config)
+        self.post_attention_layernorm = LlamaRMSNorm(d, config.rms_norm_eps)
+        self.gate_proj = nn.Linear(d, inner, bias=mlp_bias)
+        self.up_proj = nn.Linear(d, inner, bias=mlp_bias)
+        self.down_proj = nn.Linear(inner, d, bias=mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.materialize_buffers()
+
+    def materialize_buffers(self, device=None):
+        with torch.device("cpu"):  # also when the block itself is being built on "meta"
+            inv_freq, scaling = rope_inverse_frequencies(self.config)
+        self.register_buffer("inv_freq", inv_freq.to(device or "cpu"), persistent=False)
+        self.rope_scaling = scaling
+
+    @classmethod
+    def from_pretrained(cls, model_path, config=None, layer_index=0, dtype=None, device=None):
+        config = config or load_config(model_path, LlamaConfig)
+        path = os.path.join(model_path, f"pytorch_{layer_index}.pt")
+        return build_from_checkpoint(
+            cls, path, dtype=dtype, device=device, config=config, layer_index=layer_index
+        )
+
+    def rope(self, positions, dtype):
+        """cos, sin [B, 1, S, head_dim] for the given positions [B, S]."""
+        freqs = positions[..., None].float() * self.inv_freq.float()
+        angles = torch.cat((freqs, freqs), dim=-1)
+        cos = (angles.cos() * self.rope_scaling).to(dtype)
+        sin = (angles.sin() * self.rope_scaling).to(dtype)
+        return cos[:, None], sin[:, None]
+
+    def attention(self, h, layer_past, mask, token_mask):
+        batch, seq_len, _ = h.shape
+        past_len = past_length(layer_past)
+        weights = self.self_attn
+        q = weights.q_proj(h).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = weights.k_proj(h).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = weights.v_proj(h).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.rope(positions_from_mask(mask, past_len, seq_len, h.device), h.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if layer_past is not None:
+            k = torch.cat((layer_past[0], k), dim=2)
+            v = torch.cat((layer_past[1], v), dim=2)
+        present = (k, v)
+        allowed = attention_mask(mask, past_len, seq_len, h.device)
+        heads = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, scale=self.head_dim**-0.5,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # [B, H, S, hd]
+        heads = self.tap("head_out", heads.transpose(1, 2), token_mask)  # [B, S, H, hd]
+        return weights.o_proj(heads.reshape(batch, seq_len, -1)), present
+
+    def mlp(self, h, token_mask):
+        act = self.tap("mlp_act", self.act_fn(self.gate_proj(h)) * self.up_proj(h), token_mask)
+        return self.down_proj(act)
+
+    def forward(self, x, layer_past=None, mask=None):
+        token_mask = token_mask_of(mask, x.shape[1])
+        x = self.tap("att_x", x, token_mask)
+        attn_out, present = self.attention(self.input_layernorm(x), layer_past, mask, token_mask)
+        x = self.tap("mlp_x", x + attn_out, token_mask)
+        x = x + self.mlp(self.post_attention_layernorm(x), token_mask)
+        return x, present
+
+
+class LlamaLMHead(nn.Module):
+    """Final RMSNorm and the output projection (a copy of the embedding when tied)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @classmethod
+    def from_pretrained(cls, model_path, config=None, dtype=None, device=None):
+        config = config or load_config(model_path, LlamaConfig)
+        path = os.path.join(model_path, "pytorch_lm_head.pt")
+        return build_from_checkpoint(cls, path, dtype=dtype, device=device, config=config)
+
+    def forward(self, x, input_ids=None):
+        return self.lm_head(self.norm(x))
+
+
+# The pipeline engine imports every family under these names.
+GPTEmbeddings = LlamaEmbeddings
+GPTBlock = LlamaBlock
+GPTLMHead = LlamaLMHead

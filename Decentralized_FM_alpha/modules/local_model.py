@@ -1,0 +1,55 @@
+"""All parts of a converted checkpoint in one process: the reference for pipeline runs and tools."""
+
+import torch
+from torch import nn
+
+from pipeline_parallel.model_registry import load_model_module
+
+
+class LocalModel(nn.Module):
+    def __init__(self, embeddings, blocks, head):
+        super().__init__()
+        self.embeddings = embeddings
+        self.blocks = nn.ModuleList(blocks)
+        self.head = head
+
+    @classmethod
+    def from_checkpoint(cls, model_path, model_type="llama", dtype=None, device=None, num_layers=None):
+        parts = load_model_module(model_type)
+        embeddings = parts.GPTEmbeddings.from_pretrained(model_path, dtype=dtype, device=device)
+        config = embeddings.config
+        count = config.num_hidden_layers if num_layers is None else num_layers
+        blocks = [
+            parts.GPTBlock.from_pretrained(model_path, config, layer_index=i, dtype=dtype, device=device)
+            for i in range(count)
+        ]
+        head = parts.GPTLMHead.from_pretrained(model_path, config, dtype=dtype, device=device)
+        return cls(embeddings, blocks, head)
+
+    @property
+    def config(self):
+        return self.embeddings.config
+
+    @torch.inference_mode()
+    def forward(self, input_ids, mask=None, past=None):
+        """(logits [B, S, V], presents): `past` is one (k, v) per layer or None."""
+        past = past or [None] * len(self.blocks)
+        x = self.embeddings(input_ids, past_layer=past[0], mask=mask)
+        presents = []
+        for block, layer_past in zip(self.blocks, past):
+            x, present = block(x, layer_past=layer_past, mask=mask)
+            presents.append(present)
+        return self.head(x, input_ids=input_ids), presents
+
+    @torch.inference_mode()
+    def generate_greedy(self, input_ids, max_new_tokens, mask=None):
+        """Greedy tokens [B, max_new_tokens] with the KV cache, one token per step."""
+        logits, past = self(input_ids, mask=mask)
+        tokens = []
+        for _ in range(max_new_tokens):
+            next_token = logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(next_token)
+            if mask is not None:
+                mask = torch.cat((mask, torch.ones_like(next_token, dtype=mask.dtype)), dim=1)
+            logits, past = self(next_token, mask=mask, past=past)
+        return torch.cat(tokens, dim=1)

@@ -1,0 +1,31 @@
+"""--model-type -> the module file of its family and variant. Adding a family is one row here."""
+
+import importlib
+
+MODEL_TYPES = {
+    "opt": "modules.hf_opt_module",
+    "llama": "modules.hf_llama_module",
+}
+
+# The dense family each type reads its config and checkpoint as.
+FAMILY = {name: name.split("-")[0] for name in MODEL_TYPES}
+
+
+class UnknownModelType(ValueError):
+    pass
+
+
+def load_model_module(model_type):
+    """The module exporting GPTEmbeddings, GPTBlock and GPTLMHead for `model_type`."""
+    try:
+        module_name = MODEL_TYPES[model_type]
+    except KeyError:
+        raise UnknownModelType(
+            f"unknown --model-type {model_type!r}; known: {', '.join(sorted(MODEL_TYPES))}"
+        ) from None
+    return importlib.import_module(module_name)
+
+
+def family_of(model_type):
+    load_model_module(model_type)  # validates the name
+    return FAMILY[model_type]

