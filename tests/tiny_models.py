@@ -5,7 +5,8 @@ import os
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from conftest import INFERENCE_DIR, run_python
+import convert_llama_checkpoint
+import convert_opt_checkpoint
 
 LLAMA_BASE = dict(
     vocab_size=256, hidden_size=48, intermediate_size=112, num_hidden_layers=3,
@@ -52,17 +53,17 @@ def save_word_tokenizer(folder, vocab_size):
 def tiny_llama(tmp_path, name="llama", seed=0, **overrides):
     """(transformers model, converted checkpoint folder)."""
     config = LlamaConfig(**{**LLAMA_BASE, **overrides})
-    return _tiny(LlamaForCausalLM, config, tmp_path, name, "convert_llama_checkpoint.py", seed)
+    return _tiny(LlamaForCausalLM, config, tmp_path, name, convert_llama_checkpoint, seed)
 
 
 def tiny_opt(tmp_path, name="opt", seed=0, **overrides):
     config = OPTConfig(**{**OPT_BASE, **overrides})
-    return _tiny(OPTForCausalLM, config, tmp_path, name, "convert_opt_checkpoint.py", seed)
+    return _tiny(OPTForCausalLM, config, tmp_path, name, convert_opt_checkpoint, seed)
 
 
 def _tiny(model_class, config, tmp_path, name, converter, seed):
     hf_folder = os.path.join(tmp_path, f"hf-{name}")
     model = save_tiny(model_class, config, hf_folder, seed=seed)
     save_path = os.path.join(tmp_path, name)
-    run_python([converter, "--model-name", hf_folder, "--save-path", save_path], cwd=INFERENCE_DIR, check=True)
+    converter.main(["--model-name", hf_folder, "--save-path", save_path])
     return model, save_path

@@ -29,3 +29,13 @@ def load_model_module(model_type):
 def family_of(model_type):
     load_model_module(model_type)  # validates the name
     return FAMILY[model_type]
+
+
+# Variant modules (save, sparse) may export two optional hooks, which the runner calls:
+#   add_arguments(parser)                    their own command-line flags
+#   prepare_stage(blocks, args, config)      after a rank built its blocks; returns an object
+#                                            with close(ok) (called at the end, ok=False on
+#                                            error) or None
+def variant_hooks(model_type):
+    module = load_model_module(model_type)
+    return getattr(module, "add_arguments", None), getattr(module, "prepare_stage", None)
