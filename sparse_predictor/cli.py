@@ -40,6 +40,7 @@ SELECT_METRICS = ("recall", "recall_at_matched_k", "f1", "loss")
 # CPU default: a few epochs keep all layers of a small model within minutes on 2 cores.
 DEFAULT_EPOCHS = {"cuda": 20, "cpu": 10}
 DEFAULT_LR = 1e-3
+UPSTREAM_D = 1000
 
 
 def build_parser(kind: str, family: str) -> argparse.ArgumentParser:
@@ -54,7 +55,9 @@ def build_parser(kind: str, family: str) -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="c4", help="dataset label; prefixes checkpoint names")
     p.add_argument("--L", default="0",
                    help="layer index, list (0,3,7), range (0-29) or 'all'")
-    p.add_argument("--D", type=int, default=1000, help="low-rank width of the predictor")
+    p.add_argument("--D", type=int, default=None,
+                   help=f"low-rank width of the predictor (default min({UPSTREAM_D}, hidden_size): the "
+                        "predictor's rank cannot exceed hidden_size, so a wider D only costs time)")
     p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=None,
                    help=f"max epochs (default {DEFAULT_EPOCHS['cuda']} on cuda, {DEFAULT_EPOCHS['cpu']} on cpu)")
@@ -87,7 +90,8 @@ def build_parser(kind: str, family: str) -> argparse.ArgumentParser:
     p.add_argument("--run-id", default=os.environ.get("RUN_ID", ""),
                    help="tag stored with every metrics line (the run scripts summarize by it)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm epoch bars")
-    p.add_argument("--list-layers", action="store_true", help="print the dump's layer indices and exit")
+    p.add_argument("--list-layers", action="store_true",
+                   help="print the layers --L selects (--L all: every layer in meta.json) and exit")
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
     return p
 
@@ -186,10 +190,10 @@ def main(kind: str, family: str, argv: list[str] | None = None) -> int:
     task = TASKS[kind]()
     try:
         reader = DumpReader(resolve_data_path(args.data_path))
-        if args.list_layers:
-            print(" ".join(str(l) for l in reader.layers))
-            return 0
         layers = parse_layers(args.L, reader.layers)
+        if args.list_layers:
+            print(" ".join(str(l) for l in layers))
+            return 0
         device = resolve_device(args.device)
         settings = make_settings(args, task, family, reader, device)
     except (DumpError, ValueError) as e:
@@ -210,7 +214,8 @@ def main(kind: str, family: str, argv: list[str] | None = None) -> int:
 def make_settings(args: argparse.Namespace, task: PredictorTask, family: str, reader: DumpReader,
                   device: str) -> RunSettings:
     epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[device]
-    for name, value in (("--D", args.D), ("--batch_size", args.batch_size), ("--epochs", epochs),
+    D = args.D if args.D is not None else min(UPSTREAM_D, reader.hidden_size)
+    for name, value in (("--D", D), ("--batch_size", args.batch_size), ("--epochs", epochs),
                         ("--patience", args.patience)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
@@ -223,7 +228,7 @@ def make_settings(args: argparse.Namespace, task: PredictorTask, family: str, re
         input_mode=args.input_mode, label=label, k=args.k, threshold=args.threshold,
         target_sparsity=args.target_sparsity, val_fraction=args.val_fraction, max_rows=args.max_rows,
         select_metric=args.select_metric, run_id=args.run_id,
-        train=TrainConfig(D=args.D, lr=args.lr, epochs=epochs, batch_size=args.batch_size,
+        train=TrainConfig(D=D, lr=args.lr, epochs=epochs, batch_size=args.batch_size,
                           weight_decay=args.weight_decay, patience=args.patience, seed=args.seed,
                           device=device, progress=not args.no_progress))
     task.label_rule(settings)  # validate the rule's parameters before any layer starts

@@ -7,6 +7,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Before torch loads: idle OpenMP threads sleep instead of spinning, so a busy core (another
+# job on a small machine) does not stall every matmul.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from sparse_predictor.cli import main  # noqa: E402
 

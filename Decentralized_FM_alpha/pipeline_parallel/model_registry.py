@@ -5,6 +5,8 @@ import importlib
 MODEL_TYPES = {
     "opt": "modules.hf_opt_module",
     "llama": "modules.hf_llama_module",
+    "opt-save": "modules.hf_opt_module_save",
+    "llama-save": "modules.hf_llama_module_save",
 }
 
 # The dense family each type reads its config and checkpoint as.

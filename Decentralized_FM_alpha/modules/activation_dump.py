@@ -1,0 +1,292 @@
+"""Activation dumps for predictor training: the save variants' recording blocks and the writer.
+
+Per layer l, raw float16 np.memmap files without header (upstream DejaVu's format):
+    att_x_{l}.mmap [N, d]   mlp_x_{l}.mmap [N, d]   mlp_label_{l}.mmap [N, I]   att_label_{l}.mmap [N, H]
+plus meta.json (the only place readers take shapes and row counts from). Row r is the same
+token in every file of every layer: every stage sees the same prompt micro-batches in the
+same order and writes their real (unpadded) tokens in row-major order. Only prompt tokens
+(prefill, no KV cache yet) are dumped.
+
+meta.json is rewritten atomically, under a lock shared by the ranks of one machine, after the
+memmaps have been flushed, so its row counts never include rows that were not written.
+"""
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+DUMP_FORMAT = "dejavu-sp-dump"
+DUMP_VERSION = 1
+DUMP_KINDS = ("att_x", "mlp_x", "mlp_label", "att_label")
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+DEFAULT_CAPACITY = 400000
+
+
+class DumpError(RuntimeError):
+    pass
+
+
+def dump_file(folder, kind, layer):
+    return os.path.join(folder, f"{kind}_{layer}.mmap")
+
+
+def dims_of(config):
+    return {
+        "hidden_size": config.hidden_size,
+        "intermediate_size": getattr(config, "intermediate_size", None) or config.ffn_dim,
+        "num_heads": config.num_attention_heads,
+    }
+
+
+def widths_of(meta):
+    return {
+        "att_x": meta["hidden_size"],
+        "mlp_x": meta["hidden_size"],
+        "mlp_label": meta["intermediate_size"],
+        "att_label": meta["num_heads"],
+    }
+
+
+@contextlib.contextmanager
+def meta_lock(folder):
+    with open(os.path.join(folder, ".meta.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_meta(folder):
+    path = os.path.join(folder, "meta.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except ValueError as error:
+        raise DumpError(f"{path}: not valid JSON ({error})") from error
+
+
+def write_meta(folder, meta):
+    handle, temp = tempfile.mkstemp(prefix=".meta.", suffix=".json", dir=folder)
+    with os.fdopen(handle, "w") as out:
+        json.dump(meta, out, indent=2)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temp, os.path.join(folder, "meta.json"))
+
+
+@dataclass
+class DumpSettings:
+    folder: str
+    capacity: int = DEFAULT_CAPACITY
+    resume: bool = False
+    force: bool = False
+    model: str = ""
+    model_type: str = ""
+    source: str = ""
+    num_layers: int = 0  # layers of the whole pipeline
+
+    @classmethod
+    def from_args(cls, args):
+        folder = args.sp_data_path or os.environ.get("DATA_PATH")
+        if not folder:
+            raise DumpError("--sp-data-path (or DATA_PATH) is required for a save model type")
+        stages = getattr(args, "pipeline_group_size", 1) or 1
+        return cls(
+            folder=folder,
+            capacity=args.sp_rows,
+            resume=args.sp_resume,
+            force=getattr(args, "sp_force", False),
+            model=args.model_name,
+            model_type=args.model_type,
+            source=getattr(args, "infer_data", "") or "",
+            num_layers=stages * args.num_layers,
+        )
+
+
+class DumpWriter:
+    """Writes this rank's layers; keeps meta.json consistent with what was flushed."""
+
+    def __init__(self, settings, config, layers, first_stage=True, barrier=None):
+        if settings.capacity <= 0:
+            raise DumpError(f"--sp-rows must be positive, got {settings.capacity}")
+        self.settings = settings
+        self.folder = settings.folder
+        self.layers = list(layers)
+        self.dims = dims_of(config)
+        os.makedirs(self.folder, exist_ok=True)
+        if first_stage:
+            self._initialise_meta()
+        if barrier is not None:
+            barrier()  # the other stages read what the first stage decided
+        meta = read_meta(self.folder)
+        if meta is None:
+            raise DumpError(f"{self.folder}/meta.json was not created by the first stage")
+        self.capacity = meta["capacity"]
+        start = min(meta["rows"].values()) if settings.resume else 0
+        self.written = {layer: start for layer in self.layers}
+        self.capacity_reached = start >= self.capacity
+        widths = widths_of(meta)
+        mode = "r+" if settings.resume else "w+"
+        self.files = {}
+        for layer in self.layers:
+            for kind in DUMP_KINDS:
+                path = dump_file(self.folder, kind, layer)
+                if settings.resume and not os.path.exists(path):
+                    raise DumpError(f"--sp-resume: {path} does not exist")
+                self.files[kind, layer] = np.memmap(
+                    path, dtype=np.float16, mode=mode, shape=(self.capacity, widths[kind])
+                )
+        if start:
+            logger.info("resuming the dump in %s at row %d", self.folder, start)
+
+    def _initialise_meta(self):
+        s = self.settings
+        expected = {"model": s.model, **self.dims, "num_layers": s.num_layers}
+        with meta_lock(self.folder):
+            meta = read_meta(self.folder)
+            if meta is not None and not s.force:
+                different = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+                if different:
+                    detail = ", ".join(f"{k}: {old!r} there, {new!r} here" for k, (old, new) in different.items())
+                    raise DumpError(
+                        f"{self.folder} holds a dump of a different model ({detail}); "
+                        "use another --sp-data-path or pass --sp-force"
+                    )
+            if s.resume:
+                if meta is None:
+                    raise DumpError(f"--sp-resume: {self.folder}/meta.json does not exist")
+                meta.update(complete=False, finished_layers=[])
+                write_meta(self.folder, meta)
+                return
+            if meta is not None:
+                logger.warning("overwriting the dump in %s (--sp-resume appends instead)", self.folder)
+            layers = list(range(s.num_layers))
+            write_meta(self.folder, {
+                "format": DUMP_FORMAT,
+                "version": DUMP_VERSION,
+                "model": s.model,
+                "model_type": s.model_type.split("-")[0],
+                "dtype": "float16",
+                "capacity": s.capacity,
+                **self.dims,
+                "num_layers": s.num_layers,
+                "layers": layers,
+                "rows": {str(layer): 0 for layer in layers},
+                "tokens": 0,
+                "source": s.source,
+                "complete": False,
+                "capacity_reached": False,
+                "finished_layers": [],
+            })
+
+    @property
+    def accepting(self):
+        return not self.capacity_reached
+
+    def write_layer(self, layer, tensors):
+        """Append one prefill batch's real tokens of `layer` ({kind: [n, width] tensor})."""
+        start = self.written[layer]
+        count = min(len(tensors["att_x"]), self.capacity - start)
+        if count <= 0:
+            return
+        for kind in DUMP_KINDS:
+            values = tensors[kind][:count].float().clamp_(-FLOAT16_MAX, FLOAT16_MAX)
+            self.files[kind, layer][start : start + count] = values.to(torch.float16).cpu().numpy()
+        self.written[layer] = start + count
+        if len(set(self.written.values())) == 1:  # every layer of this stage has the batch
+            if self.written[layer] >= self.capacity:
+                if not self.capacity_reached:
+                    logger.warning("dump capacity of %d rows reached; dumping stops", self.capacity)
+                self.capacity_reached = True
+            self.commit()
+
+    def commit(self, finished=False):
+        for array in self.files.values():
+            array.flush()
+        with meta_lock(self.folder):
+            meta = read_meta(self.folder)
+            for layer in self.layers:
+                meta["rows"][str(layer)] = self.written[layer]
+            meta["tokens"] = min(meta["rows"].values())
+            meta["capacity_reached"] = meta["capacity_reached"] or self.capacity_reached
+            if finished:
+                done = set(meta.get("finished_layers", [])) | set(self.layers)
+                meta["finished_layers"] = sorted(done)
+                meta["complete"] = done >= set(meta["layers"])
+            write_meta(self.folder, meta)
+
+    def close(self, ok):
+        self.commit(finished=ok)
+        self.files.clear()
+
+
+def real_tokens(value, token_mask):
+    """[B, S, ...] -> [n, ...] keeping real tokens in row-major order."""
+    if token_mask is None:
+        return value.reshape(-1, *value.shape[2:])
+    return value[token_mask]
+
+
+class RecordingBlockMixin:
+    """Mixed in before a dense block class: records the four taps during prefill."""
+
+    dump = None
+
+    def forward(self, x, layer_past=None, mask=None):
+        self.recorded = {} if (self.dump is not None and layer_past is None and self.dump.accepting) else None
+        output = super().forward(x, layer_past=layer_past, mask=mask)
+        if self.recorded is not None:
+            self.dump.write_layer(self.layer_index, self.recorded)
+            self.recorded = None
+        return output
+
+    def tap(self, name, value, token_mask):
+        if getattr(self, "recorded", None) is not None:
+            tokens = real_tokens(value.detach(), token_mask)
+            if name == "head_out":
+                self.recorded["att_label"] = tokens.float().norm(dim=-1)  # [n, H]
+            elif name == "mlp_act":
+                self.recorded["mlp_label"] = tokens
+            else:
+                self.recorded[name] = tokens
+        return value
+
+
+def add_arguments(parser):
+    group = parser.add_argument_group("activation dump (save model types)")
+    group.add_argument("--sp-data-path", default=os.environ.get("DATA_PATH"),
+                       help="dump folder (default: $DATA_PATH)")
+    group.add_argument("--sp-rows", type=int, default=DEFAULT_CAPACITY, help="capacity N: rows per file")
+    group.add_argument("--sp-resume", action="store_true", help="append after the rows meta.json records")
+    group.add_argument("--sp-force", action="store_true", help="overwrite a dump of a different model")
+
+
+def prepare_stage(blocks, args, config):
+    """Attach one writer to this rank's blocks (the runner calls this after building them)."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    stage = getattr(args, "rank", 0) if distributed else 0
+    writer = DumpWriter(
+        DumpSettings.from_args(args),
+        config,
+        [block.layer_index for block in blocks],
+        first_stage=(dist.get_rank() == 0) if distributed else True,
+        barrier=dist.barrier if distributed else None,
+    )
+    for block in blocks:
+        block.dump = writer
+    logger.info("stage %s dumps layers %s to %s", stage, writer.layers, writer.folder)
+    return writer

@@ -1,0 +1,157 @@
+"""Activation dumps: content against transformers' hooks, alignment, capacity, resume, crashes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import INFERENCE_DIR
+from dump_helpers import assert_dump_matches, collect, hf_reference_taps, read_dump, read_meta
+from modules.activation_dump import DumpError
+from tiny_models import tiny_llama, tiny_opt
+
+
+def ids(batch, length, seed):
+    return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_dump_rows_equal_transformers_activations(tmp_path, family):
+    hf_model, checkpoint = (tiny_llama if family == "llama" else tiny_opt)(tmp_path)
+    input_ids = ids(2, 11, seed=1)
+    meta = collect(checkpoint, f"{family}-save", tmp_path / "dump", [(input_ids, None)])
+    assert meta["rows"] == {str(l): 22 for l in range(3)} and meta["complete"] and meta["tokens"] == 22
+    assert (meta["hidden_size"], meta["num_heads"]) == (48, hf_model.config.num_attention_heads)
+    reference = hf_reference_taps(hf_model, input_ids, family)
+    assert_dump_matches(tmp_path / "dump", reference, range(3))
+
+
+def test_smollm2_dump_matches_transformers(tmp_path, smollm2_checkpoint, smollm2_hf, smollm2_tokenizer):
+    text = "The quick brown fox jumps over the lazy dog. Boston is the capital of Massachusetts."
+    input_ids = smollm2_tokenizer(text, return_tensors="pt").input_ids
+    meta = collect(smollm2_checkpoint, "llama-save", tmp_path / "dump", [(input_ids, None)])
+    assert meta["intermediate_size"] == 1536 and meta["num_heads"] == 9 and len(meta["layers"]) == 30
+    reference = hf_reference_taps(smollm2_hf, input_ids, "llama")
+    assert_dump_matches(tmp_path / "dump", reference, [0, 1, 10, 29])
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_left_padded_batch_dumps_only_real_tokens(tmp_path, family):
+    hf_model, checkpoint = (tiny_llama if family == "llama" else tiny_opt)(tmp_path)
+    rows = [ids(1, 9, seed=2)[0], ids(1, 4, seed=3)[0], ids(1, 6, seed=4)[0]]
+    input_ids = torch.ones(3, 9, dtype=torch.long)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, 9 - len(row):], mask[i, 9 - len(row):] = row, 1
+    meta = collect(checkpoint, f"{family}-save", tmp_path / "dump", [(input_ids, mask)])
+    assert meta["tokens"] == 9 + 4 + 6
+    # Each prompt's rows equal the activations of that prompt run alone, in order.
+    start = 0
+    for row in rows:
+        reference = hf_reference_taps(hf_model, row[None], family)
+        assert_dump_matches(tmp_path / "dump", reference, range(3), rows=slice(start, start + len(row)))
+        start += len(row)
+
+
+def test_rows_align_across_layers(tmp_path):
+    """The same token sits at the same row in every layer: layer l+1's input is layer l's output."""
+    _, checkpoint = tiny_llama(tmp_path)
+    batches = [(ids(2, 7, seed=s), None) for s in range(3)]
+    collect(checkpoint, "llama-save", tmp_path / "dump", batches)
+    from modules.local_model import LocalModel
+
+    model = LocalModel.from_checkpoint(checkpoint, "llama")
+    for layer in range(2):
+        block = model.blocks[layer]
+        x = read_dump(tmp_path / "dump", "att_x", layer)
+        nxt = read_dump(tmp_path / "dump", "att_x", layer + 1)
+        # Recompute layer output per batch (7 tokens per row, 2 rows per batch).
+        outputs = []
+        for b in range(3):
+            chunk = x[b * 14:(b + 1) * 14].reshape(2, 7, -1)
+            with torch.no_grad():
+                outputs.append(block(chunk)[0].reshape(14, -1))
+        assert (torch.cat(outputs) - nxt).abs().max() < 2e-2
+
+
+def test_capacity_stops_dumping_cleanly(tmp_path):
+    _, checkpoint = tiny_llama(tmp_path)
+    batches = [(ids(1, 10, seed=s), None) for s in range(4)]
+    meta = collect(checkpoint, "llama-save", tmp_path / "dump", batches, capacity=25)
+    assert meta["capacity_reached"] and meta["complete"]
+    assert all(n == 25 for n in meta["rows"].values())
+    # File sizes are exactly capacity x width: nothing written past the end.
+    assert os.path.getsize(tmp_path / "dump" / "att_x_0.mmap") == 25 * 48 * 2
+
+
+def test_resume_appends_after_recorded_rows(tmp_path):
+    hf_model, checkpoint = tiny_llama(tmp_path)
+    first, second = ids(1, 8, seed=7), ids(1, 5, seed=8)
+    collect(checkpoint, "llama-save", tmp_path / "dump", [(first, None)], capacity=100)
+    meta = collect(checkpoint, "llama-save", tmp_path / "dump", [(second, None)], capacity=100, resume=True)
+    assert meta["tokens"] == 13
+    for rows, prompt in ((slice(0, 8), first), (slice(8, 13), second)):
+        assert_dump_matches(tmp_path / "dump", hf_reference_taps(hf_model, prompt, "llama"), range(3), rows=rows)
+
+
+def test_different_model_in_folder_is_refused(tmp_path):
+    _, checkpoint = tiny_llama(tmp_path, name="a")
+    _, other = tiny_llama(tmp_path, name="b", hidden_size=72)
+    collect(checkpoint, "llama-save", tmp_path / "dump", [(ids(1, 4, seed=1), None)])
+    with pytest.raises(DumpError, match="different model"):
+        collect(other, "llama-save", tmp_path / "dump", [(ids(1, 4, seed=1), None)])
+    meta = collect(other, "llama-save", tmp_path / "dump", [(ids(1, 4, seed=1), None)], force=True)
+    assert meta["hidden_size"] == 72
+
+
+KILLED_COLLECTOR = r"""
+import sys, torch
+sys.path[:0] = [sys.argv[3], sys.argv[4]]
+from dump_helpers import collect_args
+from modules.local_model import LocalModel
+import modules.hf_llama_module_save as save
+model = LocalModel.from_checkpoint(sys.argv[1], "llama-save")
+writer = save.prepare_stage(list(model.blocks), collect_args(sys.argv[2], sys.argv[1], "llama-save", 10000, num_layers=3), model.config)
+for step in range(10000):
+    model(torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(step)))
+    print("batch", step, flush=True)
+"""
+
+
+def test_killed_run_leaves_consistent_meta(tmp_path):
+    _, checkpoint = tiny_llama(tmp_path)
+    folder = tmp_path / "dump"
+    tests_dir = os.path.dirname(__file__)
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_COLLECTOR, checkpoint, str(folder), INFERENCE_DIR, tests_dir],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        for line in process.stdout:
+            if line.startswith("batch 5"):
+                break
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    meta = read_meta(folder)
+    assert not meta["complete"]
+    rows = meta["tokens"]
+    assert rows >= 60 and rows % 10 == 0 and len(set(meta["rows"].values())) == 1
+    # Every counted row was written: batch k's tokens sit at rows 10k..10k+9.
+    from modules.local_model import LocalModel
+
+    model = LocalModel.from_checkpoint(checkpoint, "llama")
+    last = rows // 10 - 1
+    prompt = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(last))
+    with torch.no_grad():
+        expected = model.embeddings(prompt)[0]
+    assert (read_dump(folder, "att_x", 0)[last * 10:rows] - expected).abs().max() < 1e-2
+    # And a resumed run continues right after.
+    meta = collect(checkpoint, "llama-save", folder, [(ids(1, 3, seed=1), None)], capacity=10000, resume=True)
+    assert meta["tokens"] == rows + 3 and meta["complete"]
