@@ -140,3 +140,26 @@ class TappedModule(nn.Module):
 
     def tap(self, name, value, token_mask):
         return value
+
+
+class GatheredLinear:
+    """The rows `neurons` [B, K] of a Linear(d, I): applied to h [B, 1, d] gives [B, 1, K]."""
+
+    def __init__(self, linear, neurons):
+        self.weight = linear.weight[neurons]  # [B, K, d]
+        self.bias = None if linear.bias is None else linear.bias[neurons]  # [B, K]
+
+    def __call__(self, h):
+        out = torch.bmm(h, self.weight.transpose(1, 2))
+        return out if self.bias is None else out + self.bias[:, None]
+
+
+def gather_rows(linear, neurons):
+    return GatheredLinear(linear, neurons)
+
+
+def gathered_output(linear, act, neurons):
+    """Linear(I, d) restricted to the input columns `neurons`: act [B, 1, K] -> [B, 1, d]."""
+    columns = linear.weight.t()[neurons]  # [B, K, d]
+    out = torch.bmm(act, columns)
+    return out if linear.bias is None else out + linear.bias

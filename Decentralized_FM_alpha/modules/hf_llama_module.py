@@ -17,6 +17,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from .common import (
     TappedModule,
     attention_mask,
+    gather_rows,
+    gathered_output,
     build_from_checkpoint,
     load_config,
     past_length,
@@ -170,9 +172,21 @@ class LlamaBlock(TappedModule):
         heads = self.tap("head_out", heads.transpose(1, 2), token_mask)  # [B, S, H, hd]
         return weights.o_proj(heads.reshape(batch, seq_len, -1)), present
 
+    def mlp_activation(self, h):
+        return self.act_fn(self.gate_proj(h)) * self.up_proj(h)
+
     def mlp(self, h, token_mask):
-        act = self.tap("mlp_act", self.act_fn(self.gate_proj(h)) * self.up_proj(h), token_mask)
+        return self.mlp_output(self.tap("mlp_act", self.mlp_activation(h), token_mask))
+
+    def mlp_output(self, act):
         return self.down_proj(act)
+
+    def gathered_mlp(self, h, neurons):
+        """The MLP computed on the kept neurons only: h [B, 1, d], neurons [B, K]."""
+        gate = gather_rows(self.gate_proj, neurons)
+        up = gather_rows(self.up_proj, neurons)
+        act = self.act_fn(gate(h)) * up(h)  # [B, 1, K]
+        return gathered_output(self.down_proj, act, neurons)
 
     def forward(self, x, layer_past=None, mask=None):
         token_mask = token_mask_of(mask, x.shape[1])

@@ -15,6 +15,8 @@ from transformers.activations import ACT2FN
 from .common import (
     TappedModule,
     attention_mask,
+    gather_rows,
+    gathered_output,
     build_from_checkpoint,
     load_config,
     past_length,
@@ -125,9 +127,18 @@ class OPTBlock(TappedModule):
         heads = self.tap("head_out", heads.transpose(1, 2), token_mask)  # [B, S, H, hd]
         return weights.out_proj(heads.reshape(batch, seq_len, -1)), present
 
+    def mlp_activation(self, h):
+        return self.act_fn(self.fc1(h))
+
     def mlp(self, h, token_mask):
-        act = self.tap("mlp_act", self.act_fn(self.fc1(h)), token_mask)
+        return self.mlp_output(self.tap("mlp_act", self.mlp_activation(h), token_mask))
+
+    def mlp_output(self, act):
         return self.fc2(act)
+
+    def gathered_mlp(self, h, neurons):
+        """The MLP computed on the kept neurons only: h [B, 1, d], neurons [B, K]."""
+        return gathered_output(self.fc2, self.act_fn(gather_rows(self.fc1, neurons)(h)), neurons)
 
     def forward(self, x, layer_past=None, mask=None):
         token_mask = token_mask_of(mask, x.shape[1])

@@ -7,6 +7,8 @@ MODEL_TYPES = {
     "llama": "modules.hf_llama_module",
     "opt-save": "modules.hf_opt_module_save",
     "llama-save": "modules.hf_llama_module_save",
+    "opt-ml-att-sparse": "modules.hf_opt_sparse_mlp_attention",
+    "llama-ml-att-sparse": "modules.hf_llama_sparse_mlp_attention",
 }
 
 # The dense family each type reads its config and checkpoint as.

@@ -1,0 +1,236 @@
+"""Sparse execution (the *-ml-att-sparse model types): keep the top-K MLP neurons and heads.
+
+Per token and per sparse layer, the kept MLP neurons and attention heads are chosen
+  predicted: by the trained predictors (top-K of their scores; with no K, the classifier's
+             own decision, probability >= 0.5),
+  oracle:    by the layer's own activations (top-K |SiLU(gate)*up| or ReLU(fc1); top-K head norms),
+  dense:     not at all (every layer dense; a control run).
+"Does sparsity exist" (oracle) and "can it be predicted" (predicted) are so measured apart.
+
+When every sequence feeds one token (decoding) the MLP gathers the kept rows of gate/up (fc1)
+and columns of down (fc2) and computes only those; otherwise it masks. Both give the same
+numbers. Heads are always masked after attention (their outputs are set to zero).
+"""
+
+import logging
+import math
+import os
+import sys
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SPARSE_MODES = ("predicted", "oracle", "dense")
+PREDICTOR_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                             "sparse_predictor")
+
+
+class SparseSetupError(RuntimeError):
+    pass
+
+
+def kept_count(keep, width):
+    """K from a kept fraction (0 < keep <= 1) or an absolute count (keep > 1)."""
+    if keep is None:
+        return None
+    count = int(keep) if keep > 1 else math.ceil(keep * width)
+    return max(1, min(width, count))
+
+
+def top_k_mask(scores, k):
+    """Boolean mask [..., width] with the k largest scores per row set."""
+    if k is None or k >= scores.shape[-1]:
+        return torch.ones_like(scores, dtype=torch.bool)
+    indices = scores.topk(k, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, indices, True)
+
+
+def parse_layers(spec, num_layers):
+    """'all', '4-29', '0,2,5' or '' -> a set of layer indices."""
+    if spec in (None, "", "all"):
+        return set(range(num_layers))
+    layers = set()
+    for part in spec.split(","):
+        if "-" in part:
+            first, last = part.split("-")
+            layers.update(range(int(first), int(last) + 1))
+        else:
+            layers.add(int(part))
+    return layers
+
+
+class SparseBlockMixin:
+    """Mixed in before a dense block class; configured by `configure_sparse` (else dense)."""
+
+    sparse_mode = "dense"
+    mlp_keep = None
+    att_keep = None
+    mlp_predictor = None
+    att_predictor = None
+    mlp_input = "same"
+    att_input = "same"
+    previous_block = None
+    use_gather = True
+
+    def forward(self, x, layer_past=None, mask=None):
+        self.current_inputs = {}
+        return super().forward(x, layer_past=layer_past, mask=mask)
+
+    def tap(self, name, value, token_mask):
+        if name in ("att_x", "mlp_x"):
+            self.current_inputs[name] = value
+            if name == "att_x":
+                self.last_att_x = value  # the next layer's look-ahead input
+            return value
+        if name == "head_out" and self.sparse_heads:
+            return value * self.head_mask(value)[..., None].to(value.dtype)
+        return value
+
+    @property
+    def sparse_heads(self):
+        if self.sparse_mode == "oracle":
+            return self.att_keep is not None
+        return self.sparse_mode == "predicted" and self.att_predictor is not None
+
+    def predictor_input(self, kind):
+        mode = self.mlp_input if kind == "mlp" else self.att_input
+        if kind == "mlp":
+            return self.current_inputs["mlp_x" if mode == "same" else "att_x"]
+        return self.current_inputs["att_x"] if mode == "same" else self.previous_block.last_att_x
+
+    def select(self, predictor, x, keep, width):
+        scores = predictor(x.to(next(predictor.parameters()).dtype)).float()
+        k = kept_count(keep, width)
+        return (scores > 0) if k is None else top_k_mask(scores, k)
+
+    def head_mask(self, heads):
+        """[B, S, H] boolean: heads kept per token."""
+        if self.sparse_mode == "oracle":
+            return top_k_mask(heads.float().norm(dim=-1), kept_count(self.att_keep, self.num_heads))
+        return self.select(self.att_predictor, self.predictor_input("att"), self.att_keep, self.num_heads)
+
+    def mlp(self, h, token_mask):
+        if self.sparse_mode == "dense" or (self.sparse_mode == "predicted" and self.mlp_predictor is None):
+            return super().mlp(h, token_mask)
+        width = self.mlp_width
+        if self.sparse_mode == "oracle":
+            act = self.mlp_activation(h)
+            keep = top_k_mask(act.float().abs(), kept_count(self.mlp_keep, width))
+            return self.mlp_output(act * keep.to(act.dtype))
+        keep = self.select(self.mlp_predictor, self.predictor_input("mlp"), self.mlp_keep, width)
+        k = kept_count(self.mlp_keep, width)
+        if self.use_gather and h.shape[1] == 1 and k is not None:
+            neurons = keep[:, 0].nonzero()[:, 1].view(h.shape[0], k)
+            return self.gathered_mlp(h, neurons)
+        act = self.mlp_activation(h)
+        return self.mlp_output(act * keep.to(act.dtype))
+
+
+def add_arguments(parser):
+    env = os.environ
+    group = parser.add_argument_group("sparse execution (*-ml-att-sparse model types)")
+    group.add_argument("--sparse-mode", choices=SPARSE_MODES, default=env.get("SPARSE_MODE", "predicted"))
+    group.add_argument("--sparse-path", default=env.get("SPRARSE_PATH") or env.get("SPARSE_PATH"),
+                       help="folder of c4_layer{L}.pt / c4_att_layer{L}.pt (default: $SPRARSE_PATH)")
+    group.add_argument("--mlp-keep", type=float, default=_float_env("TOPK"),
+                       help="MLP neurons kept per token: a fraction (<= 1) or a count (default: $TOPK; "
+                            "predicted mode without it keeps the classifier's positives)")
+    group.add_argument("--att-keep", type=float, default=_float_env("ATTN_TOPK_1"),
+                       help="heads kept per token: a fraction or a count (default: $ATTN_TOPK_1)")
+    group.add_argument("--sparse-layers", default=_layers_env(),
+                       help="'all', '4-29' or '0,3,5' (default: all, or from $LAYER onwards)")
+    group.add_argument("--sparse-attention", choices=("on", "off"), default="on")
+    group.add_argument("--sparse-mlp", choices=("on", "off"), default="on")
+    group.add_argument("--no-gather", action="store_true", help="always mask, never gather, the MLP")
+
+
+def _float_env(name):
+    value = os.environ.get(name)
+    return float(value) if value not in (None, "") else None
+
+
+def _layers_env():
+    first = os.environ.get("LAYER")
+    return f"{first}-100000" if first not in (None, "") else "all"
+
+
+def load_predictors(folder, kind, layer):
+    """(predictor, input mode) for one layer, from the predictor package's files."""
+    if PREDICTOR_DIR not in sys.path:
+        sys.path.insert(0, PREDICTOR_DIR)
+    from predictor import load_predictor, load_predictor_info
+
+    name = f"c4_layer{layer}.pt" if kind == "mlp" else f"c4_att_layer{layer}.pt"
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise SparseSetupError(f"predictor file not found: {path}")
+    info = load_predictor_info(folder, kind, layer) or {}
+    return load_predictor(path), info.get("input_mode", "same")
+
+
+def configure_sparse(blocks, mode, sparse_path=None, mlp_keep=None, att_keep=None, layers=None,
+                     sparse_mlp=True, sparse_attention=True, use_gather=True, predictors=None):
+    """Set up a stage's blocks. `predictors` {(kind, layer): (module, input mode)} overrides files."""
+    if mode not in SPARSE_MODES:
+        raise SparseSetupError(f"unknown sparse mode {mode!r}; known: {', '.join(SPARSE_MODES)}")
+    predictors = dict(predictors or {})
+    for position, block in enumerate(blocks):
+        # Plain attributes, not submodules: the predictors and the neighbour are not weights of
+        # this block (and a registered submodule would hide behind the class defaults).
+        object.__setattr__(block, "previous_block", blocks[position - 1] if position > 0 else None)
+        block.mlp_width = block.config.intermediate_size if hasattr(block.config, "intermediate_size") \
+            else block.config.ffn_dim
+        block.use_gather = use_gather
+        if layers is not None and block.layer_index not in layers:
+            block.sparse_mode = "dense"
+            continue
+        block.sparse_mode = mode
+        block.mlp_keep = mlp_keep if sparse_mlp else None
+        block.att_keep = att_keep if sparse_attention else None
+        if mode == "oracle":
+            block.mlp_keep = mlp_keep if sparse_mlp else 1.0
+            block.att_keep = att_keep if sparse_attention else None
+        if mode != "predicted":
+            continue
+        for kind, enabled in (("mlp", sparse_mlp), ("att", sparse_attention)):
+            if not enabled:
+                continue
+            key = (kind, block.layer_index)
+            if key not in predictors:
+                if not sparse_path:
+                    raise SparseSetupError("predicted mode needs --sparse-path (or $SPRARSE_PATH)")
+                predictors[key] = load_predictors(sparse_path, kind, block.layer_index)
+            module, input_mode = predictors[key]
+            module = module.to(next(block.parameters()).device)
+            object.__setattr__(block, f"{kind}_predictor", module)
+            object.__setattr__(block, f"{kind}_input", input_mode)
+            if kind == "att":
+                if input_mode == "prev" and block.previous_block is None:
+                    raise SparseSetupError(
+                        f"layer {block.layer_index}: its attention predictor reads the previous layer's "
+                        "input, which is not on this stage; train it with --input same or move the stage split"
+                    )
+    return blocks
+
+
+class _Closer:
+    def close(self, ok):
+        pass
+
+
+def prepare_stage(blocks, args, config):
+    configure_sparse(
+        blocks,
+        args.sparse_mode,
+        sparse_path=args.sparse_path,
+        mlp_keep=args.mlp_keep,
+        att_keep=args.att_keep,
+        layers=parse_layers(args.sparse_layers, 10**6),
+        sparse_mlp=args.sparse_mlp == "on",
+        sparse_attention=args.sparse_attention == "on",
+        use_gather=not args.no_gather,
+    )
+    logger.info("sparse execution: mode %s, MLP keep %s, heads keep %s, layers %s",
+                args.sparse_mode, args.mlp_keep, args.att_keep, args.sparse_layers)
+    return _Closer()

@@ -1,0 +1,122 @@
+"""Sparse execution: controls that must equal dense, and gathered MLP == masked MLP."""
+
+import pytest
+import torch
+from torch import nn
+
+from modules.local_model import LocalModel
+from modules.sparse_execution import SparseSetupError, configure_sparse, top_k_mask
+from tiny_models import tiny_llama, tiny_opt
+
+
+def ids(batch, length, seed):
+    return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+class Constant(nn.Module):
+    """A predictor that scores every unit with the same logit (always on / always off)."""
+
+    def __init__(self, width, logit):
+        super().__init__()
+        self.width, self.logit = width, logit
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return torch.full((*x.shape[:-1], self.width), self.logit) + 0 * self.anchor
+
+
+def build(family, tmp_path):
+    return (tiny_llama if family == "llama" else tiny_opt)(tmp_path)[1]
+
+
+def mlp_width(config):
+    return getattr(config, "intermediate_size", None) or config.ffn_dim
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_oracle_keep_all_equals_dense(tmp_path, family):
+    checkpoint = build(family, tmp_path)
+    dense = LocalModel.from_checkpoint(checkpoint, family)
+    sparse = LocalModel.from_checkpoint(checkpoint, f"{family}-ml-att-sparse")
+    configure_sparse(list(sparse.blocks), "oracle", mlp_keep=1.0, att_keep=1.0)
+    input_ids = ids(2, 9, 1)
+    assert torch.equal(sparse(input_ids)[0], dense(input_ids)[0])
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_always_on_predictor_equals_dense(tmp_path, family):
+    checkpoint = build(family, tmp_path)
+    dense = LocalModel.from_checkpoint(checkpoint, family)
+    sparse = LocalModel.from_checkpoint(checkpoint, f"{family}-ml-att-sparse")
+    config = dense.config
+    predictors = {}
+    for layer in range(3):
+        predictors["mlp", layer] = (Constant(mlp_width(config), 5.0), "same")
+        predictors["att", layer] = (Constant(config.num_attention_heads, 5.0), "same")
+    configure_sparse(list(sparse.blocks), "predicted", predictors=predictors)
+    input_ids = ids(2, 9, 2)
+    assert torch.allclose(sparse(input_ids)[0], dense(input_ids)[0], atol=1e-6)
+    assert torch.equal(sparse.generate_greedy(input_ids, 4), dense.generate_greedy(input_ids, 4))
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_oracle_sparsity_changes_output(tmp_path, family):
+    checkpoint = build(family, tmp_path)
+    dense = LocalModel.from_checkpoint(checkpoint, family)
+    sparse = LocalModel.from_checkpoint(checkpoint, f"{family}-ml-att-sparse")
+    configure_sparse(list(sparse.blocks), "oracle", mlp_keep=0.25, att_keep=0.5)
+    input_ids = ids(1, 9, 3)
+    assert not torch.allclose(sparse(input_ids)[0], dense(input_ids)[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_gathered_mlp_equals_masked_mlp(tmp_path, family):
+    checkpoint = build(family, tmp_path)
+    model = LocalModel.from_checkpoint(checkpoint, f"{family}-ml-att-sparse")
+    block = model.blocks[1]
+    width = mlp_width(model.config)
+    torch.manual_seed(0)
+    h = torch.randn(3, 1, model.config.hidden_size)
+    neurons = torch.stack([torch.randperm(width)[: width // 4].sort().values for _ in range(3)])
+    keep = torch.zeros(3, 1, width, dtype=torch.bool).scatter_(-1, neurons[:, None], True)
+    masked = block.mlp_output(block.mlp_activation(h) * keep)
+    gathered = block.gathered_mlp(h, neurons)
+    assert (gathered - masked).abs().max().item() <= 1e-5
+
+
+def test_predicted_decode_gathers_and_matches_masking(tmp_path):
+    checkpoint = build("llama", tmp_path)
+    config = LocalModel.from_checkpoint(checkpoint, "llama").config
+    torch.manual_seed(1)
+    predictors = {("mlp", l): (nn.Sequential(nn.Linear(48, 8, bias=False), nn.Linear(8, 112, bias=False)), "same")
+                  for l in range(3)}
+    predictors.update({("att", l): (nn.Sequential(nn.Linear(48, 8, bias=False), nn.Linear(8, 6, bias=False)),
+                                    "prev" if l else "same") for l in range(3)})
+    runs = []
+    for use_gather in (True, False):
+        model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse")
+        configure_sparse(list(model.blocks), "predicted", mlp_keep=0.25, att_keep=0.5, predictors=predictors,
+                         use_gather=use_gather)
+        runs.append(model.generate_greedy(ids(2, 6, 4), 5))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_lookahead_predictor_on_first_layer_of_stage_is_refused(tmp_path):
+    checkpoint = build("llama", tmp_path)
+    model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse")
+    predictors = {("mlp", 0): (Constant(112, 1.0), "same"), ("att", 0): (Constant(6, 1.0), "prev")}
+    with pytest.raises(SparseSetupError, match="layer 0"):
+        configure_sparse(list(model.blocks)[:1], "predicted", predictors=predictors)
+
+
+def test_missing_predictor_file_is_named(tmp_path):
+    checkpoint = build("llama", tmp_path)
+    model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse")
+    with pytest.raises(SparseSetupError, match="c4_layer0.pt"):
+        configure_sparse(list(model.blocks), "predicted", sparse_path=str(tmp_path))
+
+
+def test_top_k_mask_counts():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3], [4.0, 3.0, 2.0, 1.0]])
+    assert top_k_mask(scores, 2).tolist() == [[False, True, True, False], [True, True, False, False]]
+    assert top_k_mask(scores, 10).all()
