@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import warnings
 
@@ -38,6 +39,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFERENCE_DIR = os.path.join(ROOT, "Decentralized_FM_alpha")
 if INFERENCE_DIR not in sys.path:
     sys.path.insert(0, INFERENCE_DIR)
+
+if __name__ == "__main__" and "--verbose" not in sys.argv:
+    # GGUF loading shows tqdm bars that transformers' switches do not reach; tqdm reads this
+    # variable when first imported (by torch, just below).
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -107,16 +113,35 @@ def default_gguf():
     return folder, DEFAULT_GGUF
 
 
-def convert(source_folder, save_path, gguf_file=None):
+def conversion_is_current(save_path, source_folder, gguf_file):
+    """True if `save_path` holds a complete conversion of this source (saves loading a GGUF again)."""
+    from checkpoint_conversion import FORMAT_VERSION, MARKER_FILE
+
+    try:
+        with open(os.path.join(save_path, MARKER_FILE)) as handle:
+            recorded = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    expected = dict(format_version=FORMAT_VERSION, family="llama", source=source_folder,
+                    gguf_file=gguf_file, dtype=None)
+    return all(recorded.get(k) == v for k, v in expected.items()) and all(
+        os.path.isfile(os.path.join(save_path, name)) for name in recorded.get("files", [])
+    )
+
+
+def convert(source_folder, save_path, gguf_file=None, force=False):
     """Convert a Hugging Face folder or GGUF into the project's per-layer layout (cached)."""
     import convert_llama_checkpoint
-    from checkpoint_conversion import MARKER_FILE, ConversionError
+    from checkpoint_conversion import ConversionError
 
+    if not force and conversion_is_current(save_path, source_folder, gguf_file):
+        return save_path
     argv = ["--model-name", source_folder, "--save-path", save_path]
     if gguf_file:
         argv += ["--gguf-file", gguf_file]
-    if not os.path.isfile(os.path.join(save_path, MARKER_FILE)):
-        logger.info("converting %s into %s", os.path.join(source_folder, gguf_file or ""), save_path)
+    if force:
+        argv.append("--force")
+    logger.info("converting %s into %s", os.path.join(source_folder, gguf_file or ""), save_path)
     try:
         convert_llama_checkpoint.main(argv)
     except (ConversionError, ValueError, OSError) as error:
@@ -130,12 +155,12 @@ def cache_folder_for(cache_dir, path):
     return os.path.join(cache_dir, f"teardown-{name}-{digest}")
 
 
-def resolve_model(model, cache_dir):
+def resolve_model(model, cache_dir, reconvert=False):
     """A dict: checkpoint (converted folder), kind and how to load the reference."""
     if model is None:
         folder, gguf_file = default_gguf()
         checkpoint = os.path.join(cache_dir, DEFAULT_CHECKPOINT_NAME)
-        convert(folder, checkpoint, gguf_file)
+        convert(folder, checkpoint, gguf_file, force=reconvert)
         return dict(kind="gguf", checkpoint=checkpoint, folder=folder, gguf_file=gguf_file,
                     name=f"{DEFAULT_GGUF} (embedded default)")
     path = os.path.abspath(os.path.expanduser(model))
@@ -145,12 +170,12 @@ def resolve_model(model, cache_dir):
         if not path.endswith(".gguf"):
             raise TeardownError(f"--model {model}: a file, but not a .gguf; expected a checkpoint folder")
         folder, gguf_file = os.path.split(path)
-        checkpoint = convert(folder, cache_folder_for(cache_dir, path), gguf_file)
+        checkpoint = convert(folder, cache_folder_for(cache_dir, path), gguf_file, force=reconvert)
         return dict(kind="gguf", checkpoint=checkpoint, folder=folder, gguf_file=gguf_file, name=model)
     if os.path.isfile(os.path.join(path, "pytorch_embs.pt")):
         return dict(kind="converted", checkpoint=path, name=model)
     if os.path.isfile(os.path.join(path, "config.json")):
-        checkpoint = convert(path, cache_folder_for(cache_dir, path))
+        checkpoint = convert(path, cache_folder_for(cache_dir, path), force=reconvert)
         return dict(kind="huggingface", checkpoint=checkpoint, folder=path, name=model)
     raise TeardownError(
         f"--model {model}: neither a converted checkpoint (no pytorch_embs.pt) "
@@ -578,17 +603,14 @@ def parse_layers(spec, num_layers):
     if spec == "none":
         return set()
     chosen = set()
-    try:
-        for part in spec.split(","):
-            part = part.strip()
-            if "-" in part:
-                low, high = part.split("-")
-                chosen.update(range(int(low), int(high) + 1))
-            elif part:
-                index = int(part)
-                chosen.add(index if index >= 0 else num_layers + index)
-    except ValueError:
-        raise TeardownError(f"--layers {spec!r}: expected 'all', 'none' or indices like 0,5,28-29") from None
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        match = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
+        if match is None:
+            raise TeardownError(f"--layers {spec!r}: expected 'all', 'none' or indices like 0,5,28-29,-1")
+        low = int(match.group(1))
+        high = low if match.group(2) is None else int(match.group(2))
+        low, high = (n if n >= 0 else num_layers + n for n in (low, high))  # -1 is the last layer
+        chosen.update(range(low, high + 1))
     outside = sorted(i for i in chosen if not 0 <= i < num_layers)
     if outside:
         raise TeardownError(f"--layers {spec!r}: layer(s) {outside} outside 0..{num_layers - 1}")
@@ -636,6 +658,8 @@ def parse_args(argv):
     parser.add_argument("--cache-dir", default=os.environ.get("DEJAVU_TEARDOWN_CACHE",
                                                               os.path.join(ROOT, "pretrained_models")),
                         help="where conversions are kept (default: %(default)s)")
+    parser.add_argument("--reconvert", action="store_true",
+                        help="redo the conversion of a Hugging Face folder or GGUF even if cached")
     parser.add_argument("--question", default=DEFAULT_QUESTION, help="default: %(default)r")
     parser.add_argument("--max-new-tokens", type=int, default=20, help="default: %(default)s")
     parser.add_argument("--no-chat-template", action="store_true",
@@ -679,7 +703,7 @@ def run(args):
         torch.set_num_threads(args.threads)
     quiet_transformers(args.verbose)
 
-    source = resolve_model(args.model, os.path.abspath(args.cache_dir))
+    source = resolve_model(args.model, os.path.abspath(args.cache_dir), args.reconvert)
     logger.info("model: %s; our checkpoint: %s", source["name"], source["checkpoint"])
     ours, tokenizer = load_ours(source["checkpoint"])
     reference, ref_tokenizer = load_reference(source)
@@ -718,23 +742,7 @@ def run(args):
 
     same_answer = answer == answer_ref
     failures = [row for row in rows if not row["ok"]]
-    print(f"question:        {args.question!r}")
-    print(f"pipeline answer: {answer_ref!r}")
-    print(f"our answer:      {answer!r}  ({'same' if same_answer else 'DIFFERENT'})")
-    print(f"prompt tokens:   {len(prompt_ids)}; new tokens: {len(new_ids)}; tolerance {args.tolerance:g}")
-    if sources:
-        print("note: " + "; ".join(f"{k}: {v}" for k, v in sources.items()))
-    print()
-    print_table(rows, shown_layers)
-    print()
-    worst = max((row for row in rows if row["stage"] not in ("tokens (prompt)", "step token")),
-                key=lambda row: row["max_err"])
-    print(f"worst stage: {worst['stage']} (layer {worst['layer']}, step {worst['step']}): "
-          f"max err {worst['max_err']:.2e}")
     ok = same_answer and not failures
-    print("RESULT: " + ("ok" if ok else f"FAIL ({len(failures)} stage(s) off"
-                                        f"{'' if same_answer else ', answer differs'})"))
-
     if args.json:
         report = dict(
             ok=ok, question=args.question, model=source["name"], checkpoint=source["checkpoint"],
@@ -750,6 +758,25 @@ def run(args):
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)
         logger.info("wrote %s", args.json)
+    print(f"question:        {args.question!r}")
+    print(f"pipeline answer: {answer_ref!r}")
+    print(f"our answer:      {answer!r}  ({'same' if same_answer else 'DIFFERENT'})")
+    print(f"prompt tokens:   {len(prompt_ids)}; new tokens: {len(new_ids)}; tolerance {args.tolerance:g}")
+    if sources:
+        print("note: " + "; ".join(f"{k}: {v}" for k, v in sources.items()))
+    print()
+    print_table(rows, shown_layers)
+    print()
+    worst = max((row for row in rows if row["stage"] not in ("tokens (prompt)", "step token")),
+                key=lambda row: row["max_err"])
+    print(f"worst stage: {worst['stage']} (layer {worst['layer']}, step {worst['step']}): "
+          f"max err {worst['max_err']:.2e}")
+    print("RESULT: " + ("ok" if ok else f"FAIL ({len(failures)} stage(s) off"
+                                        f"{'' if same_answer else ', answer differs'})"))
+    if not ok and source["kind"] != "converted":
+        print(f"(our side is the cached conversion {source['checkpoint']}; "
+              "if the source changed since, rerun with --reconvert)")
+
     return 0 if ok else 1
 
 
