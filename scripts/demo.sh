@@ -71,13 +71,13 @@ run_pipeline() {
       dist_inference_runner.py "${common[@]}" "$@"
   fi
 }
-perplexity() { "$PYTHON" -m task_datasets.perplexity "$1" --json; }
 record() {  # record MODE MLP_KEEP ATT_KEEP RESULTS
   "$PYTHON" - "$@" "$RUN/perplexity.jsonl" <<'EOF'
 import json, subprocess, sys
 mode, mlp_keep, att_keep, results, out = sys.argv[1:]
 from task_datasets.perplexity import perplexity_of_file
-value, tokens = perplexity_of_file(results)
+figures = perplexity_of_file(results)
+value, tokens = figures["perplexity"], figures["tokens"]
 line = {"mode": mode, "mlp_keep": None if mlp_keep == "-" else float(mlp_keep),
         "att_keep": None if att_keep == "-" else float(att_keep), "perplexity": value, "tokens": tokens,
         "result_file": results}
