@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from .dump_reader import DumpError, DumpReader
+from .dump_reader import DumpError, DumpReader, format_layers
 from .labels import LABEL_RULES
 from .metrics import format_metrics
 from .predictor import metrics_path
@@ -165,6 +165,7 @@ def run_layers(reader: DumpReader, task: PredictorTask, layers: list[int], setti
                      entry["seconds"])
         except (DumpError, ValueError) as e:  # expected problems: the message says it all
             log.error("%s layer %d failed: %s", task.kind, layer, e)
+            log.debug("%s layer %d traceback", task.kind, layer, exc_info=True)
             entry = failure_entry(task, layer, settings, e, started)
         except Exception as e:  # unexpected: keep the traceback, go on with the other layers
             log.exception("%s layer %d failed unexpectedly", task.kind, layer)
@@ -199,11 +200,15 @@ def main(kind: str, family: str, argv: list[str] | None = None) -> int:
     except (DumpError, ValueError) as e:
         log.error("%s", e)
         return 1
+    if not reader.complete:
+        log.warning("meta.json says the dump is not complete (a killed or running collection): "
+                    "training on the rows it records")
     if reader.model_type != family:
         log.warning("dump model_type is %r but this entry point is for %r: using %r defaults "
                     "(label rule %s)", reader.model_type, family, family, settings.label)
     log.info("%s predictors for %s, layers %s, dump %s (%s rows), checkpoints -> %s", kind, settings.model,
-             args.L, reader.path, reader.rows_for(reader.layers) if reader.layers else 0, settings.ckpt_dir)
+             format_layers(layers), reader.path, reader.rows_for(reader.layers) if reader.layers else 0,
+             settings.ckpt_dir)
     failed = run_layers(reader, task, layers, settings)
     if failed:
         log.error("%d of %d layers failed: %s", len(failed), len(layers), " ".join(map(str, failed)))

@@ -104,7 +104,7 @@ class DumpReader:
     def _check_layer(self, layer: int) -> None:
         if layer not in self.layers:
             raise DumpError(
-                f"layer {layer} is not in dump {self.path} (meta.json layers: {_span(self.layers)})")
+                f"layer {layer} is not in dump {self.path} (meta.json layers: {format_layers(self.layers)})")
 
     # ---- files -------------------------------------------------------------------------------
     def width(self, tap: str) -> int:
@@ -158,7 +158,7 @@ class DumpReader:
         return self.open("att_label", layer)
 
 
-def _span(layers: list[int]) -> str:
+def format_layers(layers: list[int]) -> str:
     if not layers:
         return "none"
     if layers == list(range(layers[0], layers[-1] + 1)):

@@ -18,11 +18,12 @@ Attention heads always use top-k on the head-output norm (upstream's rule), defa
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from .metrics import kept_count
 
 LABEL_RULES = ("positive", "topk", "threshold", "target-sparsity")
 # torch.quantile refuses inputs above 2**24 entries; larger training sets are subsampled.
@@ -81,7 +82,7 @@ class LabelRule:
 
 def topk_count(k: float, width: int) -> int:
     """Units kept per token for fraction k: ceil(k * width), at least 1, at most width."""
-    return max(1, min(width, math.ceil(k * width - 1e-9)))
+    return kept_count(k, width)
 
 
 def topk_labels(scores: torch.Tensor, k: float) -> torch.Tensor:

@@ -9,6 +9,8 @@ Definitions (all micro-averaged over every entry, as upstream DejaVu's recall is
     f1                   2 P R / (P + R)
     true_sparsity        fraction of label entries that are inactive
     classifier_sparsity  fraction of entries predicted inactive (threshold 0.5)
+    recall_at_k          (curve) per row take the K = ceil(f * width) highest logits; hits over
+                         all true active units, for kept fractions f (rows without label add 0)
     recall_at_matched_k  per row take the K highest logits, K = that row's true active count;
                          sum of hits over rows / sum of K over rows. This is the recall a top-K
                          sparse executor gets if it is told the right K; at matched K it also
@@ -119,11 +121,21 @@ def weighted_bce_sum(logits: torch.Tensor, labels: torch.Tensor, pos_weight: flo
     return F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight, reduction="sum").item()
 
 
-def metric_sums(logits: torch.Tensor, labels: torch.Tensor, pos_weight: float = 1.0) -> dict:
-    """Additive counts for one batch; sum them over batches, then call metrics_from_sums."""
+def kept_count(fraction: float, width: int) -> int:
+    """Units kept per token for a kept fraction: ceil(fraction * width), clamped to [1, width]."""
+    return max(1, min(width, math.ceil(fraction * width - 1e-9)))
+
+
+def metric_sums(logits: torch.Tensor, labels: torch.Tensor, pos_weight: float = 1.0,
+                curve_fractions: tuple[float, ...] = ()) -> dict:
+    """Additive counts for one batch; sum them over batches, then call metrics_from_sums.
+
+    curve_fractions: also count top-K hits with K = kept_count(f, width) for each f, for the
+    recall-vs-kept-fraction curve (what a top-K sparse executor keeps at that budget).
+    """
     y, p = _as_bool(labels), predicted_active(logits)
     hits, k_total = topk_hits(logits, y, y.sum(dim=1))
-    return {
+    sums = {
         "entries": y.numel(),
         "true_active": int(y.sum().item()),
         "pred_active": int(p.sum().item()),
@@ -132,6 +144,9 @@ def metric_sums(logits: torch.Tensor, labels: torch.Tensor, pos_weight: float = 
         "matched_k_total": k_total,
         "loss_sum": weighted_bce_sum(logits, y, pos_weight),
     }
+    for f in curve_fractions:
+        sums[f"curve_hits@{f}"] = topk_hits(logits, y, kept_count(f, y.shape[1]))[0]
+    return sums
 
 
 def add_sums(total: dict | None, batch: dict) -> dict:
@@ -152,6 +167,12 @@ def metrics_from_sums(s: dict) -> dict:
         "recall_at_matched_k": _ratio(s["matched_k_hits"], s["matched_k_total"]),
         "loss": _ratio(s["loss_sum"], s["entries"]),
     }
+
+
+def recall_curve_from_sums(s: dict) -> dict:
+    """{kept fraction: recall of the top-K units} for the fractions metric_sums counted."""
+    prefix = "curve_hits@"
+    return {key[len(prefix):]: _ratio(v, s["true_active"]) for key, v in s.items() if key.startswith(prefix)}
 
 
 def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, pos_weight: float = 1.0) -> dict:

@@ -3,7 +3,8 @@
 Inputs (--input):  prev = att_x_{l-1} (upstream's look-ahead: predict layer l's heads one layer
                           early so the prediction can overlap with layer l-1's compute).
                           Layer 0 has no previous layer; it falls back to att_x_0 with a warning
-                          and the metrics line records input_source "att_x_0".
+                          and its metrics line records input_mode "same" (what the sparse executor
+                          must feed it), input_mode_requested "prev", input_source "att_x_0".
                    same = att_x_l (block input of the layer itself)
 Labels:            the top ceil(k * num_heads) heads of each token by output norm
                    (att_label_l), default k = 0.5; both families.
@@ -25,12 +26,14 @@ class AttentionTask(PredictorTask):
     label_tap_name = "att_label"
     default_k = 0.5
 
+    def effective_input_mode(self, layer: int, mode: str) -> str:
+        return "same" if layer == 0 else mode
+
     def input_tap(self, layer: int, mode: str) -> tuple[str, int]:
-        if mode == "same":
-            return ("att_x", layer)
-        if mode == "prev":
-            if layer == 0:
-                log.warning("attention layer 0 has no previous layer: using att_x_0 (input 'same')")
-                return ("att_x", 0)
+        if mode not in ("same", "prev"):
+            raise ValueError(f"unknown input mode {mode!r}; known: same, prev")
+        if mode == "prev" and layer == 0:
+            log.warning("attention layer 0 has no previous layer: using att_x_0 (input 'same')")
+        if self.effective_input_mode(layer, mode) == "prev":
             return ("att_x", layer - 1)
-        raise ValueError(f"unknown input mode {mode!r}; known: same, prev")
+        return ("att_x", layer)

@@ -7,8 +7,8 @@ label rule to use):
    validation rows by a seeded permutation: disjoint, deterministic, the same tokens for every
    layer. (Upstream's split read validation rows with X[-idx], so its validation row 0 was
    training row 0.)
-2. Inputs are read once into memory as float32; labels are computed chunk by chunk into a bool
-   tensor, so the raw float16 labels are never held in memory whole. A target-sparsity
+2. Inputs are read once into memory as float32 (split by split); labels are computed chunk by
+   chunk into a bool tensor, so the raw float16 labels are never held in memory whole. A target-sparsity
    threshold is calibrated on training rows only. Rows with a non-finite value are dropped and
    counted.
 3. Loss: upstream's weighted BCE. Upstream weights positives by (1 - w) and negatives by w with
@@ -17,8 +17,12 @@ label rule to use):
    below 1 (recall is the target, so positives are never down-weighted) and at most 1000 (a
    label with almost no positives must not blow up the gradient scale).
 4. AdamW; after each epoch the validation metrics are computed, the state with the best
-   validation recall is kept (strictly better only, so ties keep the earlier, simpler state),
-   and training stops after `patience` epochs without improvement.
+   validation recall is kept (strictly better only, so ties keep the earlier state), and
+   training stops after `patience` epochs without improvement. Caveat: recall at threshold 0.5
+   rewards over-prediction, so an early epoch that marks many units active can win; precision,
+   classifier sparsity and recall_at_matched_k are recorded beside it, and
+   --select-metric recall_at_matched_k selects on ranking quality instead (what a top-K sparse
+   executor uses).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from tqdm import tqdm
 from . import metrics as M
 from .dump_reader import DumpError, DumpReader
 from .labels import MAX_CALIBRATION_ENTRIES, LabelRule
+from .predictor import build_predictor, checkpoint_path, save_predictor
 
 log = logging.getLogger("sparse_predictor")
 
@@ -45,6 +50,8 @@ READ_CHUNK_ROWS = 8192
 EVAL_BATCH_ROWS = 4096
 # Rows of the training split scored with the best state (over-fitting check only).
 TRAIN_METRIC_ROWS = 4096
+# Kept fractions of the recall-vs-K curve stored with the best state's validation metrics.
+CURVE_FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
 
 
 @dataclass
@@ -94,13 +101,30 @@ def split_rows(n_rows: int, val_fraction: float, seed: int) -> tuple[np.ndarray,
 
 
 # ---- data -------------------------------------------------------------------------------------
-def read_rows_float32(source: np.ndarray, n_rows: int) -> torch.Tensor:
-    """The first n_rows of a [capacity, width] float16 memmap as one float32 tensor."""
-    out = np.empty((n_rows, source.shape[1]), dtype=np.float32)
-    for start in range(0, n_rows, READ_CHUNK_ROWS):
-        stop = min(n_rows, start + READ_CHUNK_ROWS)
-        out[start:stop] = source[start:stop]
-    return torch.from_numpy(out)
+def read_rows_float32(source: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 tensor of the given sorted rows of a float16 memmap, mask of rows without NaN/inf)."""
+    out = np.empty((rows.size, source.shape[1]), dtype=np.float32)
+    finite = np.empty(rows.size, dtype=bool)
+    for start in range(0, rows.size, READ_CHUNK_ROWS):
+        stop = min(rows.size, start + READ_CHUNK_ROWS)
+        out[start:stop] = source[rows[start:stop]]
+        finite[start:stop] = np.isfinite(out[start:stop]).all(axis=1)
+    return torch.from_numpy(out), torch.from_numpy(finite)
+
+
+def compute_labels(raw_labels: np.ndarray, rows: np.ndarray, rule: LabelRule) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bool labels of the given sorted rows, mask of rows without NaN/inf), chunk by chunk.
+
+    The raw float16 labels are never held whole: only one chunk is converted at a time.
+    """
+    labels = torch.empty((rows.size, raw_labels.shape[1]), dtype=torch.bool)
+    finite = torch.empty(rows.size, dtype=torch.bool)
+    for start in range(0, rows.size, READ_CHUNK_ROWS):
+        stop = min(rows.size, start + READ_CHUNK_ROWS)
+        y = torch.from_numpy(np.asarray(raw_labels[rows[start:stop]], dtype=np.float32))
+        finite[start:stop] = torch.isfinite(y).all(dim=1)
+        labels[start:stop] = rule.apply(torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0))
+    return labels, finite
 
 
 def calibration_sample(raw_labels: np.ndarray, train_idx: np.ndarray, seed: int) -> np.ndarray:
@@ -110,20 +134,6 @@ def calibration_sample(raw_labels: np.ndarray, train_idx: np.ndarray, seed: int)
     if rows.size > max_rows:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
     return np.asarray(raw_labels[rows], dtype=np.float32)
-
-
-def compute_labels(raw_labels: np.ndarray, n_rows: int, rule: LabelRule) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bool labels [n_rows, width], finite-row mask [n_rows]) computed chunk by chunk."""
-    width = raw_labels.shape[1]
-    labels = torch.empty((n_rows, width), dtype=torch.bool)
-    finite = torch.empty(n_rows, dtype=torch.bool)
-    for start in range(0, n_rows, READ_CHUNK_ROWS):
-        stop = min(n_rows, start + READ_CHUNK_ROWS)
-        y = torch.from_numpy(np.asarray(raw_labels[start:stop], dtype=np.float32))
-        ok = torch.isfinite(y).all(dim=1)
-        finite[start:stop] = ok
-        labels[start:stop] = rule.apply(torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0))
-    return labels, finite
 
 
 def load_layer_data(reader: DumpReader, input_tap: tuple[str, int], label_tap: tuple[str, int],
@@ -139,24 +149,26 @@ def load_layer_data(reader: DumpReader, input_tap: tuple[str, int], label_tap: t
             f"dump {reader.path} has {available} valid rows for layers {sorted({x_layer, y_layer})} "
             f"(meta.json rows); at least 2 are needed")
     train_idx, val_idx = split_rows(n_rows, val_fraction, seed)
-
     rule.calibrate(calibration_sample(y_src, train_idx, seed), seed)
-    x = read_rows_float32(x_src, n_rows)
-    y, finite = compute_labels(y_src, n_rows, rule)
-    finite &= torch.isfinite(x).all(dim=1)
 
-    keep = finite.numpy()
-    train_idx, val_idx = train_idx[keep[train_idx]], val_idx[keep[val_idx]]
-    dropped = int(n_rows - keep.sum())
+    parts, dropped = [], 0
+    for rows in (train_idx, val_idx):
+        x, x_ok = read_rows_float32(x_src, rows)
+        y, y_ok = compute_labels(y_src, rows, rule)
+        keep = x_ok & y_ok
+        if not bool(keep.all()):
+            dropped += int((~keep).sum())
+            x, y = x[keep], y[keep]
+        parts.append((x, y))
     if dropped:
         log.warning("layer %d: dropped %d of %d rows with non-finite values in %s_%d or %s_%d",
                     y_layer, dropped, n_rows, x_name, x_layer, y_name, y_layer)
-    if train_idx.size == 0 or val_idx.size == 0:
+    (x_train, y_train), (x_val, y_val) = parts
+    if x_train.shape[0] == 0 or x_val.shape[0] == 0:
         raise DumpError(f"dump {reader.path}: no finite rows left in the training or validation split")
-    tr, va = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
     info = {"rows_available": available, "rows_used": n_rows, "rows_dropped_nonfinite": dropped,
-            "rows_train": int(train_idx.size), "rows_val": int(val_idx.size)}
-    return LayerData(x[tr], y[tr], x[va], y[va], info)
+            "rows_train": int(x_train.shape[0]), "rows_val": int(x_val.shape[0])}
+    return LayerData(x_train, y_train, x_val, y_val, info)
 
 
 # ---- loss and evaluation ------------------------------------------------------------------------
@@ -171,16 +183,23 @@ def positive_weight(labels: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, pos_weight: float,
-             device: str, max_rows: int | None = None) -> dict:
-    """Metrics of `model` on (x, y), accumulated batch by batch (same numbers as all at once)."""
+             device: str, max_rows: int | None = None, curve_fractions: tuple[float, ...] = ()) -> dict:
+    """Metrics of `model` on (x, y), accumulated batch by batch (same numbers as all at once).
+
+    With curve_fractions, also "recall_at_k": {fraction: recall of the top ceil(f * width)}.
+    """
     model.eval()
     n = x.shape[0] if max_rows is None else min(x.shape[0], max_rows)
     sums = None
     for start in range(0, n, EVAL_BATCH_ROWS):
         stop = min(n, start + EVAL_BATCH_ROWS)
         logits = model(x[start:stop].to(device, non_blocking=True))
-        sums = M.add_sums(sums, M.metric_sums(logits.float(), y[start:stop].to(device), pos_weight))
-    return M.metrics_from_sums(sums)
+        sums = M.add_sums(sums, M.metric_sums(logits.float(), y[start:stop].to(device), pos_weight,
+                                              curve_fractions))
+    out = M.metrics_from_sums(sums)
+    if curve_fractions:
+        out["recall_at_k"] = M.recall_curve_from_sums(sums)
+    return out
 
 
 def _score(value: float) -> float:
@@ -202,15 +221,16 @@ def train_predictor(model: torch.nn.Module, data: LayerData, cfg: TrainConfig,
     # lower is better for loss, higher for everything else
     sign = -1.0 if select_metric == "loss" else 1.0
 
-    best_state, best_val, best_epoch, best_score = None, None, 0, -math.inf
+    best_state, best_epoch, best_score = None, 0, -math.inf
     history, stale = [], 0
+    # disable=None: bars only on a terminal, so logs of background runs stay readable
     bar = tqdm(range(cfg.epochs), desc=desc or "train", unit="epoch", leave=False,
-               disable=not cfg.progress)
+               disable=None if cfg.progress else True)
     epoch = 0
     for epoch in bar:
         model.train()
         order = torch.randperm(n, generator=gen).to(device)
-        epoch_loss = 0.0
+        epoch_loss = torch.zeros((), device=device)  # summed on the device: no sync per step
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             logits = model(x_train[idx])
@@ -218,15 +238,16 @@ def train_predictor(model: torch.nn.Module, data: LayerData, cfg: TrainConfig,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            epoch_loss += loss.item() * idx.numel()
+            epoch_loss += loss.detach() * idx.numel()
+        epoch_loss = epoch_loss.item() / n
         val = evaluate(model, x_val, y_val, pos_weight, device)
-        history.append({"epoch": epoch + 1, "train_loss": epoch_loss / n,
+        history.append({"epoch": epoch + 1, "train_loss": epoch_loss,
                         **{k: M.to_json_number(v) for k, v in val.items()}})
-        log.debug("%s epoch %d: train_loss=%.4f %s", desc, epoch + 1, epoch_loss / n, M.format_metrics(val))
+        log.debug("%s epoch %d: train_loss=%.4f %s", desc, epoch + 1, epoch_loss, M.format_metrics(val))
         bar.set_postfix(recall=f"{val['recall']:.3f}", prec=f"{val['precision']:.3f}")
         score = sign * _score(val[select_metric])
         if best_state is None or score > best_score:
-            best_state, best_val, best_epoch, best_score = copy.deepcopy(model.state_dict()), val, epoch + 1, score
+            best_state, best_epoch, best_score = copy.deepcopy(model.state_dict()), epoch + 1, score
             stale = 0
         else:
             stale += 1
@@ -236,6 +257,7 @@ def train_predictor(model: torch.nn.Module, data: LayerData, cfg: TrainConfig,
     if best_state is None:
         raise ValueError("epochs must be at least 1")
     model.load_state_dict(best_state)
+    best_val = evaluate(model, x_val, y_val, pos_weight, device, curve_fractions=CURVE_FRACTIONS)
     train_metrics = evaluate(model, x_train, y_train, pos_weight, device, max_rows=TRAIN_METRIC_ROWS)
     return TrainResult(model=model.cpu().eval(), val=best_val, train=train_metrics, pos_weight=pos_weight,
                        best_epoch=best_epoch, epochs_run=epoch + 1, history=history)
@@ -247,24 +269,28 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
+def json_metrics(values: dict) -> dict:
+    """Metrics (and the nested recall_at_k curve) with NaN written as null."""
+    return {k: json_metrics(v) if isinstance(v, dict) else M.to_json_number(v) for k, v in values.items()}
+
 
 # ---- one layer, end to end ----------------------------------------------------------------------
 @dataclass
 class RunSettings:
     """Everything one layer's run needs besides the layer index (built by cli.py)."""
-    family: str                       # "opt" or "llama": picks default label rules only
-    model: str                        # label for the results; dims always come from meta.json
-    dataset: str
-    ckpt_dir: str
-    input_mode: str                   # "same" or "prev"
-    label: str                        # a labels.LABEL_RULES name
-    k: float | None
-    threshold: float | None
-    target_sparsity: float | None
-    val_fraction: float
-    max_rows: int | None
-    select_metric: str
-    train: TrainConfig
+    family: str = "llama"             # "opt" or "llama": picks default label rules only
+    model: str = ""                   # label for the results; dims always come from meta.json
+    dataset: str = "c4"
+    ckpt_dir: str = "."
+    input_mode: str = "same"          # "same" or "prev"
+    label: str | None = None          # a labels.LABEL_RULES name; None: the task's default
+    k: float | None = None            # None: the task's default
+    threshold: float | None = None
+    target_sparsity: float | None = 0.9
+    val_fraction: float = 0.1
+    max_rows: int | None = None
+    select_metric: str = "recall"
+    train: TrainConfig = field(default_factory=TrainConfig)
     run_id: str = ""
 
 
@@ -280,6 +306,10 @@ class PredictorTask:
     def input_tap(self, layer: int, mode: str) -> tuple[str, int]:
         raise NotImplementedError
 
+    def effective_input_mode(self, layer: int, mode: str) -> str:
+        """The mode actually used (differs only where a mode falls back, see trainer_att)."""
+        return mode
+
     def default_label(self, family: str) -> str:
         return "topk"
 
@@ -292,8 +322,6 @@ class PredictorTask:
 
 def train_layer(reader: DumpReader, task: PredictorTask, layer: int, settings: RunSettings) -> dict:
     """Train, save and describe the predictor of one layer; returns the metrics-file line."""
-    from .predictor import build_predictor, checkpoint_path, save_predictor
-
     started = time.perf_counter()
     input_tap = task.input_tap(layer, settings.input_mode)
     label_tap = (task.label_tap_name, layer)
@@ -317,7 +345,9 @@ def train_layer(reader: DumpReader, task: PredictorTask, layer: int, settings: R
         "family": settings.family,
         "dataset": settings.dataset,
         "data_path": reader.path,
-        "input_mode": settings.input_mode,
+        # the mode the predictor was trained with, which the sparse executor must feed it
+        "input_mode": task.effective_input_mode(layer, settings.input_mode),
+        "input_mode_requested": settings.input_mode,
         "input_source": f"{input_tap[0]}_{input_tap[1]}",
         "label_source": f"{label_tap[0]}_{label_tap[1]}",
         "label_rule": rule.describe(),
@@ -328,8 +358,8 @@ def train_layer(reader: DumpReader, task: PredictorTask, layer: int, settings: R
         "select_metric": settings.select_metric, "pos_weight": result.pos_weight,
         "seed": cfg.seed, "val_fraction": settings.val_fraction, "max_rows": settings.max_rows,
         **data.info,
-        "val": {k: M.to_json_number(v) for k, v in result.val.items()},
-        "train_subset": {k: M.to_json_number(v) for k, v in result.train.items()},
+        "val": json_metrics(result.val),
+        "train_subset": json_metrics(result.train),
         "history": result.history,
         "checkpoint": ckpt,
         "device": str(cfg.device),

@@ -1,0 +1,87 @@
+"""Small synthetic dumps in the exact `dejavu-sp-dump` format, for tests and dry runs.
+
+`write_dump` writes given arrays; `make_dump` builds inputs and labels either with a planted
+structure (labels a low-rank function of the inputs: a working predictor must find it) or with
+labels drawn independently of the inputs (any predictor must stay at chance).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .dump_reader import FORMAT_NAME, FORMAT_VERSION
+
+
+def write_dump(path: str, arrays: dict[tuple[str, int], np.ndarray], *, model_type: str, capacity: int,
+               hidden_size: int, intermediate_size: int, num_heads: int, layers: list[int],
+               rows: dict[int, int], model: str = "synthetic") -> dict:
+    """Write arrays[(tap, layer)] ([valid rows, width]) into capacity-row memmaps plus meta.json."""
+    os.makedirs(path, exist_ok=True)
+    widths = {"att_x": hidden_size, "mlp_x": hidden_size, "mlp_label": intermediate_size, "att_label": num_heads}
+    for (tap, layer), values in arrays.items():
+        mm = np.memmap(os.path.join(path, f"{tap}_{layer}.mmap"), dtype=np.float16, mode="w+",
+                       shape=(capacity, widths[tap]))
+        mm[: values.shape[0]] = values.astype(np.float16)
+        mm.flush()
+        del mm
+    n_tokens = min(rows.values()) if rows else 0
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model": model, "model_type": model_type,
+            "dtype": "float16", "capacity": capacity, "hidden_size": hidden_size,
+            "intermediate_size": intermediate_size, "num_heads": num_heads, "num_layers": len(layers),
+            "layers": list(layers), "rows": {str(l): int(n) for l, n in rows.items()}, "tokens": n_tokens,
+            "source": "synthetic", "complete": True, "capacity_reached": n_tokens >= capacity}
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return meta
+
+
+def make_dump(path: str, *, model_type: str = "llama", structure: str = "planted", rows: int = 2000,
+              capacity: int | None = None, hidden_size: int = 32, intermediate_size: int = 64,
+              num_heads: int = 8, num_layers: int = 3, rank: int = 4, clusters: int = 24,
+              noise: float = 0.1, seed: int = 0) -> dict:
+    """A dump whose labels are planted (low-rank in the layer's own input) or independent ("random").
+
+    Inputs: each token is one of `clusters` random centres plus small noise (tokens of a real
+    model cluster too); with clusters <= hidden_size every labelling of the centres is linearly
+    separable, so a planted label is learnable up to the noise.
+    Planted labels, per layer l (s = a rank-`rank` linear score of the input):
+        mlp_label_l = s(mlp_x_l), shifted: for OPT about 20% of values are > 0; for Llama all
+                      values are positive so |y| ranks units like s does
+        att_label_l = exp(s(att_x_{l-1})) (layer 0: att_x_0), positive like head-output norms,
+                      so upstream's look-ahead input (--input prev) carries the signal
+    Random labels are drawn i.i.d. per entry, independently of every input, with similar marginals.
+    """
+    if structure not in ("planted", "random"):
+        raise ValueError(f"structure must be 'planted' or 'random', got {structure!r}")
+    rng = np.random.default_rng(seed)
+    capacity = capacity or rows + 16
+    d, inter, heads = hidden_size, intermediate_size, num_heads
+
+    def inputs() -> np.ndarray:
+        centres = rng.standard_normal((clusters, d))
+        return centres[rng.integers(0, clusters, rows)] + noise * rng.standard_normal((rows, d))
+
+    def low_rank_score(x: np.ndarray, width: int) -> np.ndarray:
+        s = x @ rng.standard_normal((d, rank)) @ rng.standard_normal((rank, width))
+        return s / s.std()
+
+    arrays = {}
+    for layer in range(num_layers):
+        arrays[("att_x", layer)] = inputs()
+        arrays[("mlp_x", layer)] = inputs()
+    for layer in range(num_layers):
+        if structure == "planted":
+            mlp_score = low_rank_score(arrays[("mlp_x", layer)], inter)
+            att_score = low_rank_score(arrays[("att_x", max(0, layer - 1))], heads)
+        else:
+            mlp_score = rng.standard_normal((rows, inter))
+            att_score = rng.standard_normal((rows, heads))
+        # OPT: about 20% of standard-normal values exceed 0.84; Llama: positive values
+        arrays[("mlp_label", layer)] = mlp_score - 0.84 if model_type == "opt" else mlp_score + 5.0
+        arrays[("att_label", layer)] = np.exp(att_score)
+    return write_dump(path, arrays, model_type=model_type, capacity=capacity, hidden_size=d,
+                      intermediate_size=inter, num_heads=heads, layers=list(range(num_layers)),
+                      rows={l: rows for l in range(num_layers)}, model=f"synthetic-{model_type}-{structure}")

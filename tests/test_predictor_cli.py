@@ -1,0 +1,126 @@
+"""Entry points and run scripts: every layer in one process, results file, failure isolation."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # works without the repo root on sys.path
+from sparse_predictor.cli import main, parse_layers  # noqa: E402
+from sparse_predictor.predictor import load_predictor, load_predictor_info  # noqa: E402
+from sparse_predictor.summarize import main as summarize_main  # noqa: E402
+from sparse_predictor.synthetic import make_dump  # noqa: E402
+
+FAST = ["--D", "16", "--epochs", "3", "--lr", "1e-2", "--batch_size", "128", "--no-progress", "--threads", "1"]
+SETTINGS_KEYS = {"model", "dataset", "layer", "kind", "input_mode", "input_source", "label_rule", "D", "lr",
+                 "epochs", "rows_train", "rows_val", "seed", "val", "checkpoint", "d", "out"}
+METRIC_KEYS = {"recall", "precision", "f1", "true_sparsity", "classifier_sparsity", "recall_at_matched_k", "loss"}
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    # main() applies --threads to this process; give other tests their thread count back
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+def small_dump(path, family="llama", layers=3):
+    make_dump(str(path), model_type=family, rows=300, hidden_size=16, intermediate_size=24, num_heads=4,
+              num_layers=layers)
+    return path
+
+
+def read_lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_parse_layers():
+    assert parse_layers("5", [0, 1]) == [5]
+    assert parse_layers("0-3,9", []) == [0, 1, 2, 3, 9]
+    assert parse_layers("all", [0, 1, 2]) == [0, 1, 2]
+    for bad in ("", "a", "-1", "3-"):
+        with pytest.raises(ValueError):
+            parse_layers(bad, [0])
+
+
+def test_all_layers_in_one_process(tmp_path):
+    dump, ckpt = small_dump(tmp_path / "dump"), tmp_path / "ckpt"
+    rc = main("mlp", "llama", ["--data-path", str(dump), "--ckpt-dir", str(ckpt), "--L", "all",
+                               "--model", "smollm2-135m", "--k", "0.25", "--run-id", "r1", *FAST])
+    assert rc == 0
+    lines = read_lines(ckpt / "metrics_mlp.jsonl")
+    assert [e["layer"] for e in lines] == [0, 1, 2]
+    for entry in lines:
+        assert SETTINGS_KEYS <= set(entry) and METRIC_KEYS | {"recall_at_k"} == set(entry["val"])
+        assert entry["model"] == "smollm2-135m" and entry["run_id"] == "r1"
+        assert entry["label_rule"] == {"name": "topk", "k": 0.25}
+        assert Path(entry["checkpoint"]).name == f"c4_layer{entry['layer']}.pt"
+    assert sorted(p.name for p in ckpt.glob("*.pt")) == ["c4_layer0.pt", "c4_layer1.pt", "c4_layer2.pt"]
+    model = load_predictor(str(ckpt / "c4_layer2.pt"))
+    assert model(torch.zeros(1, 16)).shape == (1, 24)
+    info = load_predictor_info(str(ckpt), "mlp", 2)
+    assert info["input_source"] == "mlp_x_2" and info["D"] == 16
+
+
+def test_opt_attention_entry_defaults(tmp_path):
+    dump, ckpt = small_dump(tmp_path / "dump", family="opt", layers=2), tmp_path / "ckpt"
+    assert main("att", "opt", ["--data-path", str(dump), "--ckpt-dir", str(ckpt), "--L", "1", *FAST]) == 0
+    (entry,) = read_lines(ckpt / "metrics_att.jsonl")
+    assert entry["input_mode"] == "prev" and entry["input_source"] == "att_x_0"
+    assert entry["label_rule"] == {"name": "topk", "k": 0.5} and entry["out"] == 4
+    assert (ckpt / "c4_att_layer1.pt").is_file()
+
+
+def test_a_failed_layer_is_recorded_and_the_others_run(tmp_path, caplog):
+    dump, ckpt = small_dump(tmp_path / "dump"), tmp_path / "ckpt"
+    with open(dump / "mlp_label_1.mmap", "r+b") as f:
+        f.truncate(100)
+    rc = main("mlp", "opt", ["--data-path", str(dump), "--ckpt-dir", str(ckpt), "--L", "0-2", *FAST])
+    assert rc == 1
+    status = {e["layer"]: e["status"] for e in read_lines(ckpt / "metrics_mlp.jsonl")}
+    assert status == {0: "ok", 1: "failed", 2: "ok"}
+    assert str(dump / "mlp_label_1.mmap") in caplog.text
+    assert not (ckpt / "c4_layer1.pt").exists()
+    assert summarize_main(["--ckpt-dir", str(ckpt), "--kind", "mlp"]) == 1
+
+
+def test_bad_arguments_exit_nonzero(tmp_path):
+    dump = small_dump(tmp_path / "dump", layers=1)
+    assert main("mlp", "llama", ["--data-path", str(dump), "--label", "threshold", *FAST]) == 1  # no --threshold
+    assert main("mlp", "llama", ["--data-path", str(tmp_path / "nowhere"), *FAST]) == 1
+    with pytest.raises(SystemExit):
+        main("mlp", "llama", ["--input", "sideways"])
+
+
+def run_script(name, cwd, **env):
+    full_env = {**os.environ, "NUM_GPUS": "0", "EPOCHS": "3", "D": "16", "LR": "1e-2", "THREADS": "1", **env}
+    return subprocess.run(["bash", str(REPO / "sparse_predictor" / name), "--no-progress"], cwd=cwd,
+                          env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def test_run_script_end_to_end_from_another_directory(tmp_path):
+    small_dump(tmp_path / "dump")
+    # relative DATA_PATH, run from outside sparse_predictor/
+    proc = run_script("run_c4_att_llama.sh", cwd=tmp_path, DATA_PATH="dump", CKPT_DIR=str(tmp_path / "ckpt"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "att: 3 of 3 layers ok" in proc.stdout
+    assert "rec@K" in proc.stdout and "mean" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pt")) == [
+        "c4_att_layer0.pt", "c4_att_layer1.pt", "c4_att_layer2.pt"]
+
+
+def test_run_script_reports_a_failed_layer(tmp_path):
+    dump = small_dump(tmp_path / "dump", family="opt")
+    os.remove(dump / "mlp_x_1.mmap")
+    proc = run_script("run_c4_mlp.sh", cwd=REPO / "sparse_predictor", DATA_PATH=str(dump),
+                      CKPT_DIR=str(tmp_path / "ckpt"))
+    assert proc.returncode != 0
+    assert "FAILED" in proc.stdout and str(dump / "mlp_x_1.mmap") in proc.stdout + proc.stderr
+    assert "mlp: 2 of 3 layers ok, 1 failed or missing" in proc.stdout
+    assert (tmp_path / "ckpt" / "c4_layer0.pt").is_file() and (tmp_path / "ckpt" / "c4_layer2.pt").is_file()
