@@ -183,10 +183,10 @@ class LlamaBlock(TappedModule):
 
     def gathered_mlp(self, h, neurons):
         """The MLP computed on the kept neurons only: h [B, 1, d], neurons [B, K]."""
-        gate = gather_rows(self.gate_proj, neurons)
-        up = gather_rows(self.up_proj, neurons)
-        act = self.act_fn(gate(h)) * up(h)  # [B, 1, K]
-        return gathered_output(self.down_proj, act, neurons)
+        from .common import gathered_glu  # the gather helpers live at the end of common
+
+        act = gathered_glu(h, neurons, self.gate_proj, self.up_proj, self.act_fn)  # [B, 1, K]
+        return gathered_output(self.down_proj, act, neurons)  # [B, 1, d]
 
     def forward(self, x, layer_past=None, mask=None):
         token_mask = token_mask_of(mask, x.shape[1])

@@ -138,7 +138,10 @@ class OPTBlock(TappedModule):
 
     def gathered_mlp(self, h, neurons):
         """The MLP computed on the kept neurons only: h [B, 1, d], neurons [B, K]."""
-        return gathered_output(self.fc2, self.act_fn(gather_rows(self.fc1, neurons)(h)), neurons)
+        from .common import gathered_activation  # the gather helpers live at the end of common
+
+        act = gathered_activation(h, neurons, self.fc1, self.act_fn)  # [B, 1, K]
+        return gathered_output(self.fc2, act, neurons)  # [B, 1, d]
 
     def forward(self, x, layer_past=None, mask=None):
         token_mask = token_mask_of(mask, x.shape[1])

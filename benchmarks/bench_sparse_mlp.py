@@ -1,0 +1,270 @@
+"""Sparse MLP time against dense MLP time at batch 1 (one decoded token), float32, CPU.
+
+For each model's dimensions a stack of MLP layers (the project's `llama-ml-att-sparse` block,
+random weights; attention weights are never built) is timed
+
+  dense      block.mlp with sparse mode "dense": down(silu(gate(h)) * up(h))
+  sparse     block.mlp in predicted mode: the low-rank predictor Linear(d, D) -> Linear(D, I),
+             top-K of its scores, then the gathered MLP on the K kept neurons -- the exact
+             code path of decoding, the predictor's own cost included
+  gather     block.gathered_mlp alone on fixed kept neurons (no predictor)
+  predictor  the predictor and the selection of the K neurons alone
+  torch ops  the sparse path with the C gather kernel switched off (the fallback)
+
+Each layer of the stack has its own weights, and a pass goes over all of them, as a decoded
+token does: the weights stream from memory instead of sitting in cache (SmolLM2: 30 layers,
+the model's own count; Llama-3.2-3B: 2 layers of 302 MB MLP weights each). The variants are
+interleaved round by round; every ratio is the median over rounds of (variant / dense of the
+same round), so load on the machine hits both alike.
+
+    .venv/bin/python benchmarks/bench_sparse_mlp.py [--quick] [--threads 1] [--json PATH]
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "Decentralized_FM_alpha"))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+KEEPS = (0.5, 0.25, 0.1)
+TARGETS = {0.5: 0.6, 0.25: 0.35}  # sparse / dense at most
+# name: (hidden d, intermediate I, predictor width D, layers in the stack, heads, kv heads)
+CONFIGS = {
+    "smollm2-135m": dict(d=576, inter=1536, D=128, layers=30, heads=9, kv_heads=3),
+    "llama-3.2-3b": dict(d=3072, inter=8192, D=1000, layers=2, heads=24, kv_heads=8),
+}
+
+
+def build_blocks(d, inter, layers, heads, kv_heads, generator):
+    """Sparse Llama blocks with real MLP and norm weights; attention stays on the meta device."""
+    from transformers import LlamaConfig
+
+    from pipeline_parallel.model_registry import load_model_module
+
+    config = LlamaConfig(hidden_size=d, intermediate_size=inter, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, head_dim=64, num_hidden_layers=layers,
+                         hidden_act="silu", vocab_size=32)
+    block_class = load_model_module("llama-ml-att-sparse").GPTBlock
+    blocks = []
+    for index in range(layers):
+        with torch.device("meta"):
+            block = block_class(config, layer_index=index)
+        for norm in (block.input_layernorm, block.post_attention_layernorm):
+            norm.weight = nn.Parameter(torch.ones(d), requires_grad=False)
+        for linear in (block.gate_proj, block.up_proj, block.down_proj):
+            weight = torch.empty(linear.out_features, linear.in_features)
+            linear.weight = nn.Parameter(weight.normal_(0.0, 0.02, generator=generator), requires_grad=False)
+        block.materialize_buffers()
+        blocks.append(block.eval())
+    return blocks
+
+
+def build_predictor(d, D, inter, generator):
+    predictor = nn.Sequential(nn.Linear(d, D, bias=False), nn.Linear(D, inter, bias=False))
+    for layer in predictor:
+        layer.weight.requires_grad_(False)
+        layer.weight.normal_(0.0, layer.in_features ** -0.5, generator=generator)
+    return predictor.eval()
+
+
+def column_major_copy(predictor):
+    """The same predictor with its second layer's weight [I, D] stored transposed (a [D, I]
+    buffer seen through .t()): same numbers, but the gemv then streams long rows."""
+    second = nn.Linear(predictor[1].in_features, predictor[1].out_features, bias=False)
+    second.weight = nn.Parameter(predictor[1].weight.detach().t().contiguous().t(), requires_grad=False)
+    return nn.Sequential(predictor[0], second).eval()
+
+
+def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
+    from modules import common
+    from modules.sparse_execution import configure_sparse, kept_count
+
+    d, inter, D, layers = spec["d"], spec["inter"], spec["D"], spec["layers"]
+    generator = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    blocks = build_blocks(d, inter, layers, spec["heads"], spec["kv_heads"], generator)
+    predictors = {("mlp", i): (build_predictor(d, D, inter, generator), "same") for i in range(layers)}
+    configure_sparse(blocks, "predicted", mlp_keep=0.5, predictors=predictors, sparse_attention=False)
+    x = torch.randn(1, 1, d, generator=generator)
+    h = blocks[0].post_attention_layernorm(x)
+    for block in blocks:
+        block.current_inputs = {"mlp_x": x}  # what the predictor reads (set by the tap in forward)
+    fixed = {keep: torch.randperm(inter, generator=generator)[: kept_count(keep, inter)].sort().values[None]
+             for keep in KEEPS}
+    log(f"  {name}: built {layers} layers (d={d}, I={inter}, D={D}) in {time.perf_counter() - started:.1f} s")
+
+    def dense():
+        for block in blocks:
+            block.sparse_mode = "dense"
+            block.mlp(h, None)
+
+    def sparse(keep, kernel=True):
+        def run():
+            common.GATHER_KERNEL_ENABLED = kernel
+            try:
+                for block in blocks:
+                    block.sparse_mode, block.mlp_keep = "predicted", keep
+                    block.mlp(h, None)
+            finally:
+                common.GATHER_KERNEL_ENABLED = True
+        return run
+
+    relaid = [column_major_copy(block.mlp_predictor) for block in blocks]
+
+    def sparse_relaid(keep):
+        def run():
+            for block, predictor in zip(blocks, relaid):
+                original = block.mlp_predictor
+                object.__setattr__(block, "mlp_predictor", predictor)
+                try:
+                    block.sparse_mode, block.mlp_keep = "predicted", keep
+                    block.mlp(h, None)
+                finally:
+                    object.__setattr__(block, "mlp_predictor", original)
+        return run
+
+    def gather(keep):
+        def run():
+            for block in blocks:
+                block.gathered_mlp(h, fixed[keep])
+        return run
+
+    def predictor(keep):
+        k = kept_count(keep, inter)
+
+        def run():
+            for block in blocks:
+                mask = block.select(block.mlp_predictor, block.predictor_input("mlp"), keep, inter)
+                mask[:, 0].nonzero()[:, 1].view(1, k)
+        return run
+
+    variants = {("dense", None): dense}
+    for keep in KEEPS:
+        variants[("sparse", keep)] = sparse(keep)
+        variants[("relaid", keep)] = sparse_relaid(keep)
+        variants[("gather", keep)] = gather(keep)
+        if with_torch_ops:
+            variants[("torch ops", keep)] = sparse(keep, kernel=False)
+    variants[("predictor", 0.25)] = predictor(0.25)
+
+    times = {key: [] for key in variants}
+    with torch.inference_mode():
+        # Check that the path taken equals the masked MLP (and that the kernel is in use).
+        block = blocks[0]
+        keep_mask = torch.zeros(1, 1, inter, dtype=torch.bool).scatter_(-1, fixed[0.25][:, None], True)
+        masked = block.mlp_output(block.mlp_activation(h) * keep_mask)
+        error = (block.gathered_mlp(h, fixed[0.25]) - masked).abs().max().item()
+        for round_index in range(warmup + rounds):
+            for key, run in variants.items():
+                start = time.perf_counter()
+                run()
+                if round_index >= warmup:
+                    times[key].append((time.perf_counter() - start) / layers)
+    dense_times = times[("dense", None)]
+    dense_median = statistics.median(dense_times)
+    mlp_bytes = 3 * d * inter * 4
+    predictor_bytes = (d * D + D * inter) * 4
+    rows = []
+    case = f"{name} d={d} I={inter}"
+    rows.append(dict(benchmark="sparse_mlp", case=case, measure="dense MLP", keep=1.0,
+                     value=dense_median * 1e6, unit="us/layer", baseline=None, baseline_value=None, ratio=None,
+                     note=f"{mlp_bytes / dense_median / 1e9:.1f} GB/s of MLP weights"))
+    labels = {"sparse": f"sparse MLP, predictor D={D} included",
+              "relaid": f"sparse MLP, D={D}, predictor layer 2 stored [D, I]",
+              "gather": "gathered MLP only (no predictor)",
+              "torch ops": f"sparse MLP, D={D}, torch ops (no C kernel)",
+              "predictor": f"predictor D={D} + top-K only"}
+    keys = [(kind, keep) for keep in KEEPS for kind in ("sparse", "relaid", "gather", "torch ops")] + [("predictor", 0.25)]
+    for kind, keep in keys:
+        if (kind, keep) not in times:
+            continue
+        samples = times[kind, keep]
+        ratio = statistics.median(a / b for a, b in zip(samples, dense_times))
+        row = dict(benchmark="sparse_mlp", case=f"{case} keep={keep}", measure=labels[kind], keep=keep,
+                   value=statistics.median(samples) * 1e6, unit="us/layer", baseline="dense MLP",
+                   baseline_value=dense_median * 1e6, ratio=ratio)
+        if kind == "sparse" and keep in TARGETS:
+            row.update(target=f"<= {TARGETS[keep]}", met=ratio <= TARGETS[keep])
+        if kind == "predictor":
+            row["note"] = f"predictor weights = {predictor_bytes / mlp_bytes:.3f} of the MLP's"
+        rows.append(row)
+    info = dict(d=d, I=inter, D=D, layers=layers, rounds=rounds, warmup=warmup, mlp_bytes=mlp_bytes,
+                predictor_bytes=predictor_bytes, gathered_vs_masked_max_abs_error=error)
+    del blocks, predictors
+    return rows, info
+
+
+def format_table(rows):
+    header = ["case", "measure", "time", "baseline", "ratio", "target", "met"]
+    lines = []
+    for r in rows:
+        lines.append([
+            r["case"], r["measure"], f"{r['value']:.1f} {r['unit']}",
+            "" if r.get("baseline_value") is None else f"{r['baseline_value']:.1f} ({r['baseline']})",
+            "" if r.get("ratio") is None else f"{r['ratio']:.3f}",
+            r.get("target", ""), {True: "yes", False: "NO"}.get(r.get("met"), ""),
+        ])
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
+    out = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths))]
+    out += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in lines]
+    return "\n".join(out)
+
+
+def run(quick=False, threads=1, configs=None, smollm2_D=None, llama_D=None, torch_ops=True, log=print):
+    from modules import common
+
+    torch.set_num_threads(threads)
+    specs = {name: dict(spec) for name, spec in CONFIGS.items() if not configs or name in configs}
+    if smollm2_D and "smollm2-135m" in specs:
+        specs["smollm2-135m"]["D"] = smollm2_D
+    if llama_D and "llama-3.2-3b" in specs:
+        specs["llama-3.2-3b"]["D"] = llama_D
+    kernel = common.gather_kernel() is not None
+    log(f"sparse MLP benchmark: torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"C gather kernel {'on' if kernel else 'OFF: ' + str(common._kernel_state['error'])}")
+    rows, infos = [], {}
+    for name, spec in specs.items():
+        big = spec["d"] * spec["inter"] > 4_000_000
+        rounds = (6 if big else 15) if quick else (20 if big else 60)
+        r, info = bench_config(name, spec, rounds=rounds, warmup=2, with_torch_ops=torch_ops, log=log)
+        rows += r
+        infos[name] = info
+    return dict(benchmark="sparse_mlp", threads=torch.get_num_threads(), torch=torch.__version__,
+                machine=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+                gather_kernel=kernel, quick=quick, configs=infos, rows=rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (about a quarter of the time)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; see README)")
+    parser.add_argument("--configs", default="", help="comma-separated subset of: " + ", ".join(CONFIGS))
+    parser.add_argument("--smollm2-D", type=int, default=None, help="predictor width for SmolLM2 (default 128)")
+    parser.add_argument("--llama-D", type=int, default=None, help="predictor width for Llama-3.2-3B (default 1000)")
+    parser.add_argument("--no-torch-ops", action="store_true", help="skip the kernel-off comparison rows")
+    parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "bench_sparse_mlp.json"))
+    args = parser.parse_args(argv)
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        parser.error(f"unknown config(s) {', '.join(sorted(unknown))}; known: {', '.join(CONFIGS)}")
+    result = run(quick=args.quick, threads=args.threads, configs=configs, smollm2_D=args.smollm2_D,
+                 llama_D=args.llama_D, torch_ops=not args.no_torch_ops)
+    print(format_table(result["rows"]))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as handle:
+        json.dump(result, handle, indent=2)
+    print(f"written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
