@@ -100,7 +100,7 @@ def collect(args, split):
     if args.text_dir:
         source, texts = f"text files under {args.text_dir}", shuffled(text_dir_documents(args.text_dir), args.seed)
     elif args.offline:
-        source, texts = "the built-in offline source", shuffled((t for _, t in offline_documents()), args.seed)
+        source, texts = "the built-in offline source", shuffled((t for _, t in offline_documents(split=split)), args.seed)
     else:
         source, texts = f"allenai/c4 en {split} (streaming)", hub_documents(split, args.seed, args.shuffle_buffer)
     documents = []

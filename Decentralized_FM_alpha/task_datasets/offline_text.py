@@ -17,10 +17,20 @@ def clean(text):
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
-def offline_documents(min_words=0):
-    """[(name, text)] in a fixed order, each with at least `min_words` words."""
+VALIDATION_EVERY = 4  # every 4th topic (sorted by name) is validation text, the rest training
+
+
+def offline_documents(min_words=0, split=None):
+    """[(name, text)] in a fixed order, each with at least `min_words` words.
+
+    split "train" or "validation" gives disjoint parts, so predictors never train on the
+    documents whose perplexity is measured; None gives all.
+    """
     documents = []
-    for name in sorted(topics):
+    for index, name in enumerate(sorted(topics)):
+        is_validation = index % VALIDATION_EVERY == 0
+        if split is not None and is_validation != (split == "validation"):
+            continue
         text = clean(topics[name])
         if len(text.split()) >= min_words:
             documents.append((name, text))
