@@ -31,7 +31,7 @@ def transformers_perplexity(model, tokenizer, prompts):
 
 def test_smollm2_pipeline_perplexity_matches_transformers(smollm2_checkpoint, smollm2_hf, smollm2_tokenizer, tmp_path):
     requests = tmp_path / "c4_val.jsonl"
-    run_python(["c4_val/getdata.py", "--offline", "--num-docs", str(NUM_DOCS), "--max-tokens", str(MAX_TOKENS),
+    run_python(["c4_train/getdata.py", "--offline", "--num-docs", str(NUM_DOCS), "--max-tokens", str(MAX_TOKENS),
                 "--tokenizer", smollm2_checkpoint, "--output", str(requests)], check=True)
     lines = read_jsonl(requests)
     assert len(lines) == NUM_DOCS
