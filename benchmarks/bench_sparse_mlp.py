@@ -85,7 +85,7 @@ def column_major_copy(predictor):
 
 
 def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
-    from modules import common
+    from modules import sparse_gather as common
     from modules.sparse_execution import configure_sparse, kept_count
 
     d, inter, D, layers = spec["d"], spec["inter"], spec["D"], spec["layers"]
@@ -220,7 +220,7 @@ def format_table(rows):
 
 
 def run(quick=False, threads=1, configs=None, smollm2_D=None, llama_D=None, torch_ops=True, log=print):
-    from modules import common
+    from modules import sparse_gather as common
 
     torch.set_num_threads(threads)
     specs = {name: dict(spec) for name, spec in CONFIGS.items() if not configs or name in configs}

@@ -14,11 +14,10 @@ from transformers import LlamaConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from .sparse_gather import gathered_glu, gathered_output
 from .common import (
     TappedModule,
     attention_mask,
-    gather_rows,
-    gathered_output,
     build_from_checkpoint,
     load_config,
     past_length,
@@ -183,7 +182,6 @@ class LlamaBlock(TappedModule):
 
     def gathered_mlp(self, h, neurons):
         """The MLP computed on the kept neurons only: h [B, 1, d], neurons [B, K]."""
-        from .common import gathered_glu  # the gather helpers live at the end of common
 
         act = gathered_glu(h, neurons, self.gate_proj, self.up_proj, self.act_fn)  # [B, 1, K]
         return gathered_output(self.down_proj, act, neurons)  # [B, 1, d]

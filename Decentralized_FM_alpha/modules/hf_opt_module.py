@@ -12,11 +12,10 @@ from torch import nn
 from transformers import OPTConfig
 from transformers.activations import ACT2FN
 
+from .sparse_gather import gathered_activation, gathered_output
 from .common import (
     TappedModule,
     attention_mask,
-    gather_rows,
-    gathered_output,
     build_from_checkpoint,
     load_config,
     past_length,
@@ -138,7 +137,6 @@ class OPTBlock(TappedModule):
 
     def gathered_mlp(self, h, neurons):
         """The MLP computed on the kept neurons only: h [B, 1, d], neurons [B, K]."""
-        from .common import gathered_activation  # the gather helpers live at the end of common
 
         act = gathered_activation(h, neurons, self.fc1, self.act_fn)  # [B, 1, K]
         return gathered_output(self.fc2, act, neurons)  # [B, 1, d]

@@ -99,8 +99,12 @@ class SparseBlockMixin:
             return self.current_inputs["mlp_x" if mode == "same" else "att_x"]
         return self.current_inputs["att_x"] if mode == "same" else self.previous_block.last_att_x
 
+    @staticmethod
+    def predictor_scores(predictor, x):
+        return predictor(x.to(next(predictor.parameters()).dtype)).float()
+
     def select(self, predictor, x, keep, width):
-        scores = predictor(x.to(next(predictor.parameters()).dtype)).float()
+        scores = self.predictor_scores(predictor, x)
         k = kept_count(keep, width)
         return (scores > 0) if k is None else top_k_mask(scores, k)
 
@@ -118,11 +122,12 @@ class SparseBlockMixin:
             act = self.mlp_activation(h)
             keep = top_k_mask(act.float().abs(), kept_count(self.mlp_keep, width))
             return self.mlp_output(act * keep.to(act.dtype))
-        keep = self.select(self.mlp_predictor, self.predictor_input("mlp"), self.mlp_keep, width)
         k = kept_count(self.mlp_keep, width)
         if self.use_gather and h.shape[1] == 1 and k is not None:
-            neurons = keep[:, 0].nonzero()[:, 1].view(h.shape[0], k)
+            scores = self.predictor_scores(self.mlp_predictor, self.predictor_input("mlp"))[:, 0]
+            neurons = scores.topk(k, dim=-1).indices.sort(dim=-1).values  # [B, K], in weight order
             return self.gathered_mlp(h, neurons)
+        keep = self.select(self.mlp_predictor, self.predictor_input("mlp"), self.mlp_keep, width)
         act = self.mlp_activation(h)
         return self.mlp_output(act * keep.to(act.dtype))
 
@@ -165,7 +170,10 @@ def load_predictors(folder, kind, layer):
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         raise SparseSetupError(f"predictor file not found: {path}")
-    info = load_predictor_info(folder, kind, layer) or {}
+    info = load_predictor_info(folder, kind, layer)
+    if info is None:  # e.g. upstream's checkpoints, which carry no metrics file
+        logger.warning("%s: no metrics line records its input mode; assuming 'same'", path)
+        info = {}
     return load_predictor(path), info.get("input_mode", "same")
 
 
