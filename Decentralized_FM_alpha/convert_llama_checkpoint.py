@@ -17,6 +17,7 @@ from checkpoint_conversion import (
     ConversionError,
     TensorSource,
     base_parser,
+    existing_checkpoint_state,
     layer_file,
     resolve_source,
     run_converter,
@@ -99,19 +100,18 @@ def load_folder(folder, auth_token):
 def main(argv=None):
     args = base_parser(__doc__, with_gguf=True).parse_args(argv)
     folder = resolve_source(args.model_name, args.auth_token)
+    settings = {"format_version": FORMAT_VERSION, "family": "llama", "source": args.model_name,
+                "gguf_file": args.gguf_file, "dtype": args.dtype}
+    if args.gguf_file and not args.force and existing_checkpoint_state(args.save_path, settings) == "same":
+        # De-quantizing a GGUF takes a while; the marker already says this exact conversion is done.
+        logger.info("%s already holds this conversion; nothing to do (--force redoes it)", args.save_path)
+        return
     if args.gguf_file:
         config, tokenizer, source = load_gguf(folder, args.gguf_file, args.auth_token)
     else:
         config, tokenizer, source = load_folder(folder, args.auth_token)
     plan = conversion_plan(source.keys(), config.num_hidden_layers)
-    signature = {
-        "format_version": FORMAT_VERSION,
-        "family": "llama",
-        "source": args.model_name,
-        "gguf_file": args.gguf_file,
-        "dtype": args.dtype,
-        "num_layers": config.num_hidden_layers,
-    }
+    signature = {**settings, "num_layers": config.num_hidden_layers}
 
     def save_extras(staging):
         config.save_pretrained(staging)

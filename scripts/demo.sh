@@ -27,7 +27,8 @@ STAGES="${STAGES:-2}"                         # stages of the dense perplexity r
 TRAIN_DOCS="${TRAIN_DOCS:-59}"
 VAL_DOCS="${VAL_DOCS:-19}"
 MAX_TOKENS_PER_DOC="${MAX_TOKENS_PER_DOC:-256}"
-KEEP_FRACTIONS="${KEEP_FRACTIONS:-0.5 0.25 0.1}"
+KEEP_FRACTIONS="${KEEP_FRACTIONS:-0.5 0.25 0.1}"           # MLP neurons kept (attention dense)
+ATT_KEEP_FRACTIONS="${ATT_KEEP_FRACTIONS:-0.75 0.5 0.25}"   # heads kept (MLP dense)
 ONLINE="${ONLINE:-0}"                         # 1: request files from C4 on the hub
 EPOCHS="${EPOCHS:-4}"
 BATCH_SIZE="${BATCH_SIZE:-4}"
@@ -105,13 +106,22 @@ for input in same prev; do
   done
 done
 
-step "6/7 sparse perplexity: oracle and predicted at kept fractions $KEEP_FRACTIONS"
+# One component at a time, so the report can tell the MLP's share from the attention's.
+step "6/7 sparse perplexity, oracle and predicted: MLP kept $KEEP_FRACTIONS; heads kept $ATT_KEEP_FRACTIONS"
 for keep in $KEEP_FRACTIONS; do
   for mode in oracle predicted; do
-    out="$RUN/results_${mode}_${keep}.jsonl"
-    run_pipeline 1 "$MODEL_TYPE-ml-att-sparse" "$RUN/c4_val.jsonl" "$out" \
-      --sparse-mode "$mode" --mlp-keep "$keep" --att-keep "$keep" --sparse-path "$RUN/predictors/same"
-    record "$mode" "$keep" "$keep" "$out"
+    out="$RUN/results_${mode}_mlp_${keep}.jsonl"
+    run_pipeline 1 "$MODEL_TYPE-ml-att-sparse" "$RUN/c4_val.jsonl" "$out" --sparse-mode "$mode" \
+      --mlp-keep "$keep" --sparse-attention off --sparse-path "$RUN/predictors/same"
+    record "$mode" "$keep" - "$out"
+  done
+done
+for keep in $ATT_KEEP_FRACTIONS; do
+  for mode in oracle predicted; do
+    out="$RUN/results_${mode}_att_${keep}.jsonl"
+    run_pipeline 1 "$MODEL_TYPE-ml-att-sparse" "$RUN/c4_val.jsonl" "$out" --sparse-mode "$mode" \
+      --att-keep "$keep" --sparse-mlp off --sparse-path "$RUN/predictors/same"
+    record "$mode" - "$keep" "$out"
   done
 done
 
@@ -123,7 +133,7 @@ study = {"name": name, "model": model, "model_type": model_type, "checkpoint": c
          "data": os.path.join(run, "c4_train.jsonl"), "validation_data": os.path.join(run, "c4_val.jsonl"),
          "documents": sum(1 for _ in open(os.path.join(run, "c4_train.jsonl"))),
          "validation_documents": int(val_docs), "random_weights": False,
-         "label_rule": "see the predictor metrics", "stages": int(stages), "device": device,
+         "stages": int(stages), "device": device,
          "notes": "MLP predictors read mlp_x; perplexity runs use the input-'same' predictors."}
 tmp = os.path.join(run, ".study.json.tmp")
 json.dump(study, open(tmp, "w"), indent=2)

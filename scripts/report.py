@@ -45,6 +45,7 @@ log = logging.getLogger("report")
 SUMMARY_FORMAT = "dejavu-llama-report"
 SUMMARY_VERSION = 1
 KINDS = ("mlp", "att")
+PERPLEXITY_TOLERANCE_PCT = 5.0  # "holds up": sparse perplexity within this much of dense
 MODES = ("same", "prev")
 # Same names as sparse_predictor.predictor.METRICS_FILES (not imported: that module pulls in torch;
 # tests/test_report.py checks they agree).
@@ -481,7 +482,27 @@ def perplexity_findings(perplexity: dict) -> dict | None:
         if oracle and predicted and oracle["perplexity"] and predicted["perplexity"]:
             item["predicted_over_oracle_pct"] = 100.0 * (predicted["perplexity"] / oracle["perplexity"] - 1.0)
         comparisons.append(item)
-    return {"dense": (perplexity["dense"] or {}).get("perplexity"), "at_kept_fraction": comparisons}
+    return {"dense": (perplexity["dense"] or {}).get("perplexity"), "at_kept_fraction": comparisons,
+            "lowest_keep_within_tolerance": lowest_keep_within_tolerance(perplexity["entries"])}
+
+
+def lowest_keep_within_tolerance(entries: list[dict]) -> dict:
+    """Per component made sparse alone (the other dense) and mode: the lowest kept fraction whose
+    perplexity is within PERPLEXITY_TOLERANCE_PCT of dense, and the fractions that were run."""
+    out = {}
+    for axis, other in (("mlp", "att"), ("att", "mlp")):
+        for mode in ("oracle", "predicted"):
+            runs = sorted(((e[f"{axis}_keep"], e.get("increase_pct")) for e in entries
+                           if e["mode"] == mode and e[f"{axis}_keep"] is not None
+                           and (e[f"{other}_keep"] is None or e[f"{other}_keep"] >= 1.0)),
+                          key=lambda run: run[0])
+            if not runs:
+                continue
+            within = [keep for keep, pct in runs if pct is not None and pct <= PERPLEXITY_TOLERANCE_PCT + 1e-9]
+            out[f"{axis}_{mode}"] = {"lowest_keep": min(within) if within else None,
+                                     "kept_fractions": [keep for keep, _ in runs],
+                                     "increase_pct": [pct for _, pct in runs]}
+    return out
 
 
 # ---- one run --------------------------------------------------------------------------------------
@@ -810,7 +831,45 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def fmt_pct(value) -> str:
-    return "–" if value is None else f"{value:+.1f}%"
+    if value is None:
+        return "–"
+    if value >= 900:  # a factor reads better than +2220019.3%
+        factor = 1.0 + value / 100.0
+        return f"×{factor:.1f}" if factor < 100 else f"×{factor:,.0f}"
+    return f"{value:+.1f}%"
+
+
+def md_headline(run: dict) -> list[str]:
+    """The study's answer for one run: how far each component can be cut, oracle and predicted."""
+    lines = [f"### {run_heading(run)}", ""]
+    f = run["findings"]["perplexity"]
+    best = (f or {}).get("lowest_keep_within_tolerance") or {}
+    for axis, title, other in (("mlp", "MLP neurons", "attention"), ("att", "Attention heads", "MLP")):
+        parts = []
+        for mode in ("oracle", "predicted"):
+            item = best.get(f"{axis}_{mode}")
+            if item is None:
+                continue
+            tried = ", ".join(f"{k:g} → {fmt_pct(p)}" for k, p in zip(item["kept_fractions"], item["increase_pct"]))
+            verdict = (f"down to keep {item['lowest_keep']:g}" if item["lowest_keep"] is not None
+                       else "at none of the kept fractions run")
+            parts.append(f"{mode} selection stays within {PERPLEXITY_TOLERANCE_PCT:g}% of dense perplexity "
+                         f"{verdict} ({tried})")
+        if parts:
+            lines.append(f"- {title} cut alone ({other} dense): " + "; ".join(parts) + ".")
+    for kind in KINDS:
+        p = run["findings"]["predictors"][kind]["same"]
+        if p is not None and p["mean_recall_at_matched_k"] is not None and p["mean_kept_fraction"] is not None:
+            title = KIND_TITLES[kind][0].upper() + KIND_TITLES[kind][1:]
+            lines.append(f"- {title}: the predictors' top-K holds "
+                         f"{fmt(p['mean_recall_at_matched_k'])} of the truly active units against "
+                         f"{fmt(p['mean_kept_fraction'])} by chance (mean over {plural(p['layers'], 'layer')}, "
+                         "input same).")
+    if len(lines) == 2:
+        lines.append("- No sparse perplexity runs with one component cut alone, and no predictor metrics.")
+    if not run["evidence"]:
+        lines.append(f"- {RANDOM_WEIGHTS_MARK}: these numbers test the tooling only.")
+    return lines + [""]
 
 
 def plural(n: int, word: str) -> str:
@@ -847,9 +906,21 @@ def md_runs_table(summary: dict) -> list[str]:
             complete += " (capacity reached)"
         lines.append(f"| {run['name']} | {s.get('model') or '?'} | {s.get('model_type') or d['model_type']} | "
                      f"{s.get('data') or '?'} | {s.get('documents') if s.get('documents') is not None else '?'} | "
-                     f"{d['tokens']} | {s.get('label_rule') or '?'} | {len(d['layers'])} ({fmt_layers(d['layers'])}) | "
+                     f"{d['tokens']} | {label_rule_text(run)} | {len(d['layers'])} ({fmt_layers(d['layers'])}) | "
                      f"{complete} | {weights} |")
     return lines
+
+
+def label_rule_text(run: dict) -> str:
+    """study.json's label rule, else the rules recorded in the predictor metrics."""
+    if run["study"].get("label_rule"):
+        return run["study"]["label_rule"]
+    parts = []
+    for kind in KINDS:
+        rules = sorted({rule for mode in MODES for rule in run["predictors"][kind][mode].get("label_rules") or []})
+        if rules:
+            parts.append(f"{'MLP' if kind == 'mlp' else 'heads'}: {', '.join(rules)}")
+    return "; ".join(parts) or "?"
 
 
 def md_run_details(run: dict) -> list[str]:
@@ -1037,11 +1108,20 @@ def render_markdown(summary: dict) -> str:
         if not run["evidence"]:
             lines += [f"> **{run['name']}: {RANDOM_WEIGHTS_MARK}.** Its model has random weights (study.json "
                       "`random_weights: true`); its numbers test the tooling, not the hypothesis.", ""]
+    lines += ["## Answer", "",
+              f"How far each component can be cut before perplexity rises more than {PERPLEXITY_TOLERANCE_PCT:g}% "
+              "over dense, with the layer's own activations choosing what to keep (oracle) and with the trained "
+              "predictors choosing (predicted). The gap between the two is the predictors' share; the gap "
+              "between oracle and dense is the model's.", ""]
+    for run in runs:
+        lines += md_headline(run)
     lines += ["## Runs", ""] + md_runs_table(summary) + [""]
     lines += ["Definitions: *recall* = fraction of truly active units the classifier marks active (sigmoid ≥ 0.5); "
               "*recall at matched K* = recall of each token's top-K predicted units with K = its true active count "
               "(chance ≈ K/width); *true sparsity* = fraction of label entries inactive; *classifier sparsity* = "
-              "fraction predicted inactive. Input *same* / *prev*: see each run's predictor lines.", ""]
+              "fraction predicted inactive; label rule *topk (k)* = a token's ceil(k × width) largest |activation| "
+              "(SiLU(gate)·up or ReLU(fc1) per neuron, output norm per head) are its active units. "
+              "Input *same* / *prev*: see each run's predictor lines.", ""]
     lines += ["## Findings", ""]
     for run in runs:
         lines += [f"### {run_heading(run)}", ""] + md_run_details(run)

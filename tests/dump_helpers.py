@@ -11,9 +11,10 @@ from modules.activation_dump import DUMP_KINDS, dump_file
 from modules.local_model import LocalModel
 
 
-def collect_args(folder, model_path, model_type, capacity=1000, resume=False, force=False, num_layers=None):
+def collect_args(folder, model_path, model_type, capacity=1000, resume=False, force=False, num_layers=None,
+                 commit_seconds=0.0):
     return SimpleNamespace(
-        sp_data_path=str(folder), sp_rows=capacity, sp_resume=resume, sp_force=force,
+        sp_data_path=str(folder), sp_rows=capacity, sp_resume=resume, sp_force=force, sp_commit_seconds=commit_seconds,
         model_name=str(model_path), model_type=model_type, infer_data="test", pipeline_group_size=1,
         num_layers=num_layers, rank=0,
     )

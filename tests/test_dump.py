@@ -155,3 +155,39 @@ def test_killed_run_leaves_consistent_meta(tmp_path):
     # And a resumed run continues right after.
     meta = collect(checkpoint, "llama-save", folder, [(ids(1, 3, seed=1), None)], capacity=10000, resume=True)
     assert meta["tokens"] == rows + 3 and meta["complete"]
+
+
+def test_two_stage_pipeline_dump_equals_one_stage_and_transformers(tmp_path):
+    """llama-save through the real runner: layers split over 2 gloo stages write the same rows.
+
+    Prompts of different lengths share a batch (left padding); each prompt's tokens must sit at
+    the same rows of every file of every layer, whichever stage wrote the layer.
+    """
+    from test_pipeline_support import run_in_process, run_pipeline, runner_args, write_requests
+    from transformers import AutoTokenizer
+
+    hf_model, checkpoint = tiny_llama(tmp_path, num_hidden_layers=4)
+    prompts = ["w5 w17 w200 w3 w9", "w40 w41", "w9 w10 w11 w12 w13 w14 w15 w16 w30", "w7 w8 w9", "w120 w3 w44 w81"]
+    requests = write_requests(tmp_path / "requests.jsonl",
+                              [{"prompt": p, "max_tokens": 0, "echo": True, "logprobs": 1} for p in prompts])
+    flags = ["--batch-size", "3", "--sp-rows", "1000"]
+    one, two = tmp_path / "dump1", tmp_path / "dump2"
+    pipeline_flags = [*flags, "--sp-data-path", str(two), "--num-layers", "2", "--max-layers", "4"]
+    run_pipeline(runner_args(checkpoint, "llama-save", requests, tmp_path / "out2.jsonl", pipeline_flags),
+                 2, tmp_path, "save2")
+    assert run_in_process(runner_args(checkpoint, "llama-save", requests, tmp_path / "out1.jsonl",
+                                      [*flags, "--sp-data-path", str(one)])) == 0
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    meta = read_meta(two)
+    assert meta["complete"] and meta["rows"] == {str(l): sum(lengths) for l in range(4)}
+    for layer in range(4):
+        for kind in ("att_x", "mlp_x", "mlp_label", "att_label"):
+            assert torch.equal(read_dump(one, kind, layer), read_dump(two, kind, layer)), (kind, layer)
+    start = 0
+    for prompt, length in zip(prompts, lengths):
+        input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+        reference = hf_reference_taps(hf_model, input_ids, "llama")
+        assert_dump_matches(two, reference, range(4), rows=slice(start, start + length))
+        start += length

@@ -316,6 +316,13 @@ def test_findings_are_computed_from_the_numbers(comparison):
     half = ppl[0.5, 21.0, 24.0]
     assert half["oracle_increase_pct"] == pytest.approx(5.0) and half["predicted_increase_pct"] == pytest.approx(20.0)
     assert llama["findings"]["perplexity"]["dense"] == 20.0
+    # The answer: oracle within 5% of dense down to MLP keep 0.5 (+5.0%), not at 0.25 (+15%);
+    # predicted at none (+20%, +50%).
+    lowest = llama["findings"]["perplexity"]["lowest_keep_within_tolerance"]
+    assert lowest["mlp_oracle"]["lowest_keep"] == 0.5 and lowest["mlp_oracle"]["kept_fractions"] == [0.25, 0.5]
+    assert lowest["mlp_predicted"]["lowest_keep"] is None
+    assert lowest["mlp_predicted"]["increase_pct"] == pytest.approx([50.0, 20.0])
+    assert not any(key.startswith("att_") for key in lowest)  # no attention-only runs in this file
 
 
 def test_markdown_states_runs_and_findings(comparison):
@@ -332,6 +339,9 @@ def test_markdown_states_runs_and_findings(comparison):
     found = llama["findings"]["predictors"]["mlp"]["same"]
     assert f"mean recall {found['mean_recall']:.3f}" in md
     assert "oracle 21.000 (+5.0% vs dense), predicted 24.000 (+20.0% vs dense)" in md
+    assert ("MLP neurons cut alone (attention dense): oracle selection stays within 5% of dense perplexity "
+            "down to keep 0.5 (0.25 → +15.0%, 0.5 → +5.0%); predicted selection stays within 5% of dense "
+            "perplexity at none of the kept fractions run (0.25 → +50.0%, 0.5 → +20.0%)") in md
     assert f"{llama['findings']['drift']['cos_next_layer']['mean']:.3f}" in md
     assert "MLP neurons, input prev: no predictor metrics." in md  # the OPT run has no prev predictors
     assert "perplexity: no results" in md

@@ -8,7 +8,9 @@ same order and writes their real (unpadded) tokens in row-major order. Only prom
 (prefill, no KV cache yet) are dumped.
 
 meta.json is rewritten atomically, under a lock shared by the ranks of one machine, after the
-memmaps have been flushed, so its row counts never include rows that were not written.
+memmaps have been flushed, so its row counts never include rows that were not written. Flushing
+forces the rows to disk, so it happens at most every --sp-commit-seconds (and at capacity and at
+the end): a killed run loses at most that interval's rows, and meta.json never counts them.
 """
 
 import contextlib
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +32,7 @@ DUMP_VERSION = 1
 DUMP_KINDS = ("att_x", "mlp_x", "mlp_label", "att_label")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 DEFAULT_CAPACITY = 400000
+DEFAULT_COMMIT_SECONDS = 10.0
 
 
 class DumpError(RuntimeError):
@@ -96,6 +100,7 @@ class DumpSettings:
     model_type: str = ""
     source: str = ""
     num_layers: int = 0  # layers of the whole pipeline
+    commit_seconds: float = DEFAULT_COMMIT_SECONDS
 
     @classmethod
     def from_args(cls, args):
@@ -112,6 +117,7 @@ class DumpSettings:
             model_type=args.model_type,
             source=getattr(args, "infer_data", "") or "",
             num_layers=stages * args.num_layers,
+            commit_seconds=getattr(args, "sp_commit_seconds", DEFAULT_COMMIT_SECONDS),
         )
 
 
@@ -148,6 +154,7 @@ class DumpWriter:
                 self.files[kind, layer] = np.memmap(
                     path, dtype=np.float16, mode=mode, shape=(self.capacity, widths[kind])
                 )
+        self.last_commit = time.monotonic()
         if start:
             logger.info("resuming the dump in %s at row %d", self.folder, start)
 
@@ -202,15 +209,16 @@ class DumpWriter:
         if count <= 0:
             return
         for kind in DUMP_KINDS:
-            values = tensors[kind][:count].float().clamp_(-FLOAT16_MAX, FLOAT16_MAX)
-            self.files[kind, layer][start : start + count] = values.to(torch.float16).cpu().numpy()
+            values = tensors[kind][:count].clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16)
+            self.files[kind, layer][start : start + count] = values.cpu().numpy()
         self.written[layer] = start + count
         if len(set(self.written.values())) == 1:  # every layer of this stage has the batch
             if self.written[layer] >= self.capacity:
                 if not self.capacity_reached:
                     logger.warning("dump capacity of %d rows reached; dumping stops", self.capacity)
                 self.capacity_reached = True
-            self.commit()
+            if self.capacity_reached or time.monotonic() - self.last_commit >= self.settings.commit_seconds:
+                self.commit()
 
     def commit(self, finished=False):
         for array in self.files.values():
@@ -226,6 +234,7 @@ class DumpWriter:
                 meta["finished_layers"] = sorted(done)
                 meta["complete"] = done >= set(meta["layers"])
             write_meta(self.folder, meta)
+        self.last_commit = time.monotonic()
 
     def close(self, ok):
         self.commit(finished=ok)
@@ -271,6 +280,8 @@ def add_arguments(parser):
     group.add_argument("--sp-rows", type=int, default=DEFAULT_CAPACITY, help="capacity N: rows per file")
     group.add_argument("--sp-resume", action="store_true", help="append after the rows meta.json records")
     group.add_argument("--sp-force", action="store_true", help="overwrite a dump of a different model")
+    group.add_argument("--sp-commit-seconds", type=float, default=DEFAULT_COMMIT_SECONDS,
+                       help="flush the files and update meta.json at most this often (0: after every batch)")
 
 
 def prepare_stage(blocks, args, config):
