@@ -184,7 +184,9 @@ def test_two_stage_pipeline_dump_equals_one_stage_and_transformers(tmp_path):
     assert meta["complete"] and meta["rows"] == {str(l): sum(lengths) for l in range(4)}
     for layer in range(4):
         for kind in ("att_x", "mlp_x", "mlp_label", "att_label"):
-            assert torch.equal(read_dump(one, kind, layer), read_dump(two, kind, layer)), (kind, layer)
+            # Equal up to float16 rounding (the runs differ in thread count); a shifted row would not be.
+            torch.testing.assert_close(read_dump(two, kind, layer), read_dump(one, kind, layer), rtol=4e-3, atol=1e-3,
+                                       msg=f"{kind} layer {layer}")
     start = 0
     for prompt, length in zip(prompts, lengths):
         input_ids = tokenizer(prompt, return_tensors="pt").input_ids

@@ -181,3 +181,48 @@ def test_unknown_dtype_is_named(tmp_path):
 def test_missing_config_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="not a directory"):
         LocalModel.from_checkpoint(str(tmp_path / "nowhere"), "llama")
+
+
+def test_kv_cache_appends_in_place_and_branches_safely():
+    from modules.common import KVCache, extend_cache
+
+    def kv(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(2, 3, n, 4, generator=g), torch.randn(2, 3, n, 4, generator=g)
+
+    k0, v0 = kv(5, 0)
+    first, keys, values = extend_cache(None, k0, v0)
+    assert isinstance(first, KVCache) and first.length == 5 and torch.equal(keys, k0) and torch.equal(values, v0)
+    k1, v1 = kv(1, 1)
+    second, keys, _ = extend_cache(first, k1, v1)
+    assert second.buffers is first.buffers  # written in place, no copy of the 5 earlier positions
+    assert torch.equal(keys, torch.cat((k0, k1), dim=2))
+    # A branch from `first` must not overwrite what `second` holds.
+    k2, v2 = kv(1, 2)
+    branch, branch_keys, _ = extend_cache(first, k2, v2)
+    assert branch.buffers is not first.buffers
+    assert torch.equal(second.keys, torch.cat((k0, k1), dim=2)) and torch.equal(branch_keys, torch.cat((k0, k2), dim=2))
+    # Growing past the capacity keeps every position.
+    cache, steps = second, [k1]
+    for step in range(100):
+        k, v = kv(1, 10 + step)
+        cache, keys, _ = extend_cache(cache, k, v)
+        steps.append(k)
+    assert cache.length == 106 and torch.equal(keys, torch.cat([k0, *steps], dim=2))
+    # A transformers-style (k, v) pair is accepted as the past.
+    pair_cache, keys, _ = extend_cache((k0, v0), k1, v1)
+    assert torch.equal(keys, torch.cat((k0, k1), dim=2))
+
+
+@pytest.mark.parametrize("rows,width,bias", [(1536, 576, False), (7, 13, True), (33, 64, True)])
+def test_decode_linear_single_row_matches_torch(rows, width, bias):
+    from modules.sparse_gather import DecodeLinear, gather_kernel
+
+    torch.manual_seed(0)
+    layer = DecodeLinear(width, rows, bias=bias)
+    with torch.no_grad():
+        for x in (torch.randn(1, 1, width), torch.randn(width), torch.randn(3, 2, width)):
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias),
+                                       rtol=1e-5, atol=1e-5)
+    if gather_kernel() is not None:  # the one-row case really took the kernel (a plan was cached)
+        assert "_decode_plan" in layer.__dict__

@@ -97,7 +97,72 @@ def load_config(model_path, config_class):
 
 
 def past_length(layer_past):
-    return 0 if layer_past is None else layer_past[0].shape[2]
+    if layer_past is None:
+        return 0
+    return layer_past.length if isinstance(layer_past, KVCache) else layer_past[0].shape[2]
+
+
+class _KVBuffers:
+    """Preallocated keys and values [B, kv_heads, capacity, head_dim]; `filled` positions written."""
+
+    def __init__(self, like_k, like_v, capacity):
+        batch, heads, _, _ = like_k.shape
+        self.keys = like_k.new_empty(batch, heads, capacity, like_k.shape[-1])
+        self.values = like_v.new_empty(batch, heads, capacity, like_v.shape[-1])
+        self.filled = 0
+
+
+class KVCache:
+    """One layer's KV cache: the first `length` positions of preallocated buffers.
+
+    `append` writes the new positions in place, so a decoding step copies one token's keys and
+    values instead of the whole cache (as torch.cat would); the buffers double when full. It
+    returns a new KVCache and leaves this one valid: appending to an older cache (a branch)
+    copies instead of overwriting positions a newer cache holds. Indexing gives (keys, values)
+    like the tuples transformers uses.
+    """
+
+    def __init__(self, buffers, length):
+        self.buffers, self.length = buffers, length
+
+    @property
+    def keys(self):
+        return self.buffers.keys[:, :, : self.length]
+
+    @property
+    def values(self):
+        return self.buffers.values[:, :, : self.length]
+
+    def __getitem__(self, index):
+        return (self.keys, self.values)[index]
+
+    def __len__(self):
+        return 2
+
+    def append(self, k, v):
+        """The cache with k, v [B, kv_heads, S, head_dim] added after this one's positions."""
+        end = self.length + k.shape[2]
+        buffers = self.buffers
+        if buffers.filled != self.length or end > buffers.keys.shape[2]:
+            buffers = _KVBuffers(k, v, max(2 * end, end + 64))
+            buffers.keys[:, :, : self.length] = self.keys
+            buffers.values[:, :, : self.length] = self.values
+        buffers.keys[:, :, self.length : end] = k
+        buffers.values[:, :, self.length : end] = v
+        buffers.filled = end
+        return KVCache(buffers, end)
+
+
+def extend_cache(layer_past, k, v):
+    """(present, all keys, all values): `layer_past` (None, a KVCache or a (k, v) pair) plus k, v."""
+    if layer_past is None:
+        cache = KVCache(_KVBuffers(k, v, k.shape[2] + 64), 0)
+    elif isinstance(layer_past, KVCache):
+        cache = layer_past
+    else:
+        cache = KVCache(_KVBuffers(k, v, 0), 0).append(*layer_past)
+    present = cache.append(k, v)
+    return present, present.keys, present.values
 
 
 def positions_from_mask(mask, past_len, seq_len, device):
@@ -126,9 +191,40 @@ def attention_mask(mask, past_len, seq_len, device):
     return allowed
 
 
+_step_slot = {"key": None}
+
+
+def version_of(tensor):
+    """The in-place version counter, or None for inference-mode tensors (they keep none)."""
+    return None if tensor.is_inference() else tensor._version
+
+
+def step_geometry(mask, past_len, seq_len, device):
+    """(positions [B, S], attention mask) of one forward step, computed once for all its layers.
+
+    A one-entry cache keyed by the mask object (and its version) and the step's lengths; the
+    entry holds the mask, so its id cannot be reused by another tensor while it is cached.
+    """
+    mask_key = None if mask is None else (id(mask), version_of(mask), tuple(mask.shape))
+    key = (mask_key, past_len, seq_len, str(device))
+    if _step_slot["key"] != key:
+        value = (positions_from_mask(mask, past_len, seq_len, device), attention_mask(mask, past_len, seq_len, device))
+        _step_slot.update(key=key, value=value, mask=mask)
+    return _step_slot["value"]
+
+
+_token_mask_slot = {"key": None}
+
+
 def token_mask_of(mask, seq_len):
-    """The [B, S] real-token mask of the current step, or None if every token is real."""
-    return None if mask is None else mask[:, -seq_len:].bool()
+    """The [B, S] real-token mask of the current step, or None if every token is real
+    (computed once per step for all layers, cached like step_geometry)."""
+    if mask is None:
+        return None
+    key = (id(mask), version_of(mask), tuple(mask.shape), seq_len)
+    if _token_mask_slot["key"] != key:
+        _token_mask_slot.update(key=key, value=mask[:, -seq_len:].bool(), mask=mask)
+    return _token_mask_slot["value"]
 
 
 class TappedModule(nn.Module):

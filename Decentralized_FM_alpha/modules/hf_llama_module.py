@@ -14,15 +14,16 @@ from transformers import LlamaConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from .sparse_gather import gathered_glu, gathered_output
+from .sparse_gather import DecodeLinear, gathered_glu, gathered_output
 from .common import (
     TappedModule,
-    attention_mask,
     build_from_checkpoint,
+    extend_cache,
     load_config,
     past_length,
-    positions_from_mask,
+    step_geometry,
     token_mask_of,
+    version_of,
 )
 
 # RoPE types whose frequencies depend on the running sequence length are not supported.
@@ -69,10 +70,8 @@ class LlamaRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        input_dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(input_dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # in float32, as transformers
+        return self.weight * normed.to(x.dtype)
 
 
 class LlamaEmbeddings(nn.Module):
@@ -100,10 +99,10 @@ class LlamaAttentionWeights(nn.Module):
         super().__init__()
         d, hd = config.hidden_size, head_dim_of(config)
         bias = getattr(config, "attention_bias", False)
-        self.q_proj = nn.Linear(d, config.num_attention_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(d, config.num_key_value_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(d, config.num_key_value_heads * hd, bias=bias)
-        self.o_proj = nn.Linear(config.num_attention_heads * hd, d, bias=bias)
+        self.q_proj = DecodeLinear(d, config.num_attention_heads * hd, bias=bias)
+        self.k_proj = DecodeLinear(d, config.num_key_value_heads * hd, bias=bias)
+        self.v_proj = DecodeLinear(d, config.num_key_value_heads * hd, bias=bias)
+        self.o_proj = DecodeLinear(config.num_attention_heads * hd, d, bias=bias)
 
 
 class LlamaBlock(TappedModule):
@@ -121,9 +120,9 @@ class LlamaBlock(TappedModule):
         self.input_layernorm = LlamaRMSNorm(d, config.rms_norm_eps)
         self.self_attn = LlamaAttentionWeights(config)
         self.post_attention_layernorm = LlamaRMSNorm(d, config.rms_norm_eps)
-        self.gate_proj = nn.Linear(d, inner, bias=mlp_bias)
-        self.up_proj = nn.Linear(d, inner, bias=mlp_bias)
-        self.down_proj = nn.Linear(inner, d, bias=mlp_bias)
+        self.gate_proj = DecodeLinear(d, inner, bias=mlp_bias)
+        self.up_proj = DecodeLinear(d, inner, bias=mlp_bias)
+        self.down_proj = DecodeLinear(inner, d, bias=mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
         self.materialize_buffers()
 
@@ -132,6 +131,9 @@ class LlamaBlock(TappedModule):
             inv_freq, scaling = rope_inverse_frequencies(self.config)
         self.register_buffer("inv_freq", inv_freq.to(device or "cpu"), persistent=False)
         self.rope_scaling = scaling
+        self.rope_key = (tuple(inv_freq.tolist()), scaling)  # blocks with equal RoPE share cos/sin
+
+    _rope_slot = (None, None, None)  # (key, (cos, sin), positions): one step's cos/sin for all layers
 
     @classmethod
     def from_pretrained(cls, model_path, config=None, layer_index=0, dtype=None, device=None):
@@ -143,11 +145,16 @@ class LlamaBlock(TappedModule):
 
     def rope(self, positions, dtype):
         """cos, sin [B, 1, S, head_dim] for the given positions [B, S]."""
+        # positions comes from step_geometry, one object per step; the slot holds it (stable id).
+        key = (id(positions), version_of(positions), self.rope_key, dtype, self.inv_freq.device)
+        if LlamaBlock._rope_slot[0] == key:
+            return LlamaBlock._rope_slot[1]
         freqs = positions[..., None].float() * self.inv_freq.float()
         angles = torch.cat((freqs, freqs), dim=-1)
         cos = (angles.cos() * self.rope_scaling).to(dtype)
         sin = (angles.sin() * self.rope_scaling).to(dtype)
-        return cos[:, None], sin[:, None]
+        LlamaBlock._rope_slot = (key, (cos[:, None], sin[:, None]), positions)
+        return LlamaBlock._rope_slot[1]
 
     def attention(self, h, layer_past, mask, token_mask):
         batch, seq_len, _ = h.shape
@@ -156,14 +163,11 @@ class LlamaBlock(TappedModule):
         q = weights.q_proj(h).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = weights.k_proj(h).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = weights.v_proj(h).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = self.rope(positions_from_mask(mask, past_len, seq_len, h.device), h.dtype)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        if layer_past is not None:
-            k = torch.cat((layer_past[0], k), dim=2)
-            v = torch.cat((layer_past[1], v), dim=2)
-        present = (k, v)
-        allowed = attention_mask(mask, past_len, seq_len, h.device)
+        positions, allowed = step_geometry(mask, past_len, seq_len, h.device)
+        cos, sin = self.rope(positions, h.dtype)
+        q = torch.addcmul(q * cos, rotate_half(q), sin)
+        k = torch.addcmul(k * cos, rotate_half(k), sin)
+        present, k, v = extend_cache(layer_past, k, v)
         heads = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, scale=self.head_dim**-0.5,
             enable_gqa=self.num_kv_heads != self.num_heads,
@@ -202,7 +206,7 @@ class LlamaLMHead(nn.Module):
         super().__init__()
         self.config = config
         self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = DecodeLinear(config.hidden_size, config.vocab_size, bias=False)
 
     @classmethod
     def from_pretrained(cls, model_path, config=None, dtype=None, device=None):

@@ -12,13 +12,14 @@ from torch import nn
 from transformers import OPTConfig
 from transformers.activations import ACT2FN
 
-from .sparse_gather import gathered_activation, gathered_output
+from .sparse_gather import DecodeLinear, gathered_activation, gathered_output
 from .common import (
     TappedModule,
-    attention_mask,
     build_from_checkpoint,
+    extend_cache,
     load_config,
     past_length,
+    step_geometry,
     token_mask_of,
 )
 
@@ -42,7 +43,7 @@ class OPTEmbeddings(nn.Module):
             config.max_position_embeddings + POSITION_OFFSET, config.hidden_size
         )
         if projects_embeddings(config):
-            self.project_in = nn.Linear(config.word_embed_proj_dim, config.hidden_size, bias=False)
+            self.project_in = DecodeLinear(config.word_embed_proj_dim, config.hidden_size, bias=False)
         else:
             self.project_in = None
 
@@ -71,10 +72,10 @@ class OPTAttentionWeights(nn.Module):
     def __init__(self, config):
         super().__init__()
         d, bias = config.hidden_size, getattr(config, "enable_bias", True)
-        self.q_proj = nn.Linear(d, d, bias=bias)
-        self.k_proj = nn.Linear(d, d, bias=bias)
-        self.v_proj = nn.Linear(d, d, bias=bias)
-        self.out_proj = nn.Linear(d, d, bias=bias)
+        self.q_proj = DecodeLinear(d, d, bias=bias)
+        self.k_proj = DecodeLinear(d, d, bias=bias)
+        self.v_proj = DecodeLinear(d, d, bias=bias)
+        self.out_proj = DecodeLinear(d, d, bias=bias)
 
 
 class OPTBlock(TappedModule):
@@ -95,8 +96,8 @@ class OPTBlock(TappedModule):
         affine = getattr(config, "layer_norm_elementwise_affine", True)
         self.self_attn = OPTAttentionWeights(config)
         self.self_attn_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
-        self.fc1 = nn.Linear(d, config.ffn_dim, bias=bias)
-        self.fc2 = nn.Linear(config.ffn_dim, d, bias=bias)
+        self.fc1 = DecodeLinear(d, config.ffn_dim, bias=bias)
+        self.fc2 = DecodeLinear(config.ffn_dim, d, bias=bias)
         self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
         self.act_fn = ACT2FN[config.activation_function]
 
@@ -117,11 +118,8 @@ class OPTBlock(TappedModule):
             return t.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = split_heads(weights.q_proj(h)), split_heads(weights.k_proj(h)), split_heads(weights.v_proj(h))
-        if layer_past is not None:
-            k = torch.cat((layer_past[0], k), dim=2)
-            v = torch.cat((layer_past[1], v), dim=2)
-        present = (k, v)
-        allowed = attention_mask(mask, past_len, seq_len, h.device)
+        present, k, v = extend_cache(layer_past, k, v)
+        _, allowed = step_geometry(mask, past_len, seq_len, h.device)
         heads = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.head_dim**-0.5)
         heads = self.tap("head_out", heads.transpose(1, 2), token_mask)  # [B, S, H, hd]
         return weights.out_proj(heads.reshape(batch, seq_len, -1)), present
@@ -167,10 +165,10 @@ class OPTLMHead(nn.Module):
         affine = getattr(config, "layer_norm_elementwise_affine", True)
         self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=affine) if has_final_layer_norm(config) else None
         if projects_embeddings(config):
-            self.project_out = nn.Linear(d, config.word_embed_proj_dim, bias=False)
+            self.project_out = DecodeLinear(d, config.word_embed_proj_dim, bias=False)
         else:
             self.project_out = None
-        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.lm_head = DecodeLinear(config.word_embed_proj_dim, config.vocab_size, bias=False)
 
     @classmethod
     def from_pretrained(cls, model_path, config=None, dtype=None, device=None):

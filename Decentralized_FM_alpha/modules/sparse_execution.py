@@ -18,6 +18,9 @@ import os
 import sys
 
 import torch
+from torch import nn
+
+from .sparse_gather import linear_forward
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +104,12 @@ class SparseBlockMixin:
 
     @staticmethod
     def predictor_scores(predictor, x):
-        return predictor(x.to(next(predictor.parameters()).dtype)).float()
+        x = x.to(next(predictor.parameters()).dtype)
+        if not isinstance(predictor, nn.Sequential):
+            return predictor(x).float()
+        for layer in predictor:  # Linears through the decode kernel when x is one row
+            x = linear_forward(layer, x) if isinstance(layer, nn.Linear) else layer(x)
+        return x.float()
 
     def select(self, predictor, x, keep, width):
         scores = self.predictor_scores(predictor, x)
