@@ -126,11 +126,15 @@ for keep in $ATT_KEEP_FRACTIONS; do
 done
 
 step "7/7 report"
-"$PYTHON" - "$RUN" "$NAME" "$MODEL" "$MODEL_TYPE" "$CHECKPOINT" "$STAGES" "$DEVICE" "$VAL_DOCS" <<'EOF'
+"$PYTHON" - "$RUN" "$NAME" "$MODEL" "$MODEL_TYPE" "$CHECKPOINT" "$STAGES" "$DEVICE" "$VAL_DOCS" "$ONLINE" <<'EOF'
 import json, os, sys
-run, name, model, model_type, checkpoint, stages, device, val_docs = sys.argv[1:]
+run, name, model, model_type, checkpoint, stages, device, val_docs, online = sys.argv[1:]
+if model == "smollm2":  # say what the weights are: de-quantized from the embedded 4-bit GGUF
+    model = "HuggingFaceTB/SmolLM2-135M-Instruct (embedded GGUF Q4_1, de-quantized to float32)"
+source = "C4 from the hub" if online == "1" else "built-in offline English documents"
 study = {"name": name, "model": model, "model_type": model_type, "checkpoint": checkpoint,
-         "data": os.path.join(run, "c4_train.jsonl"), "validation_data": os.path.join(run, "c4_val.jsonl"),
+         "data": f"{source}: {os.path.join(run, 'c4_train.jsonl')}",
+         "validation_data": os.path.join(run, "c4_val.jsonl"),
          "documents": sum(1 for _ in open(os.path.join(run, "c4_train.jsonl"))),
          "validation_documents": int(val_docs), "random_weights": False,
          "stages": int(stages), "device": device,
