@@ -30,6 +30,7 @@ MAX_TOKENS_PER_DOC="${MAX_TOKENS_PER_DOC:-256}"
 KEEP_FRACTIONS="${KEEP_FRACTIONS:-0.5 0.25 0.1}"           # MLP neurons kept (attention dense)
 ATT_KEEP_FRACTIONS="${ATT_KEEP_FRACTIONS:-0.75 0.5 0.25}"   # heads kept (MLP dense)
 ONLINE="${ONLINE:-0}"                         # 1: request files from C4 on the hub
+RANDOM_WEIGHTS="${RANDOM_WEIGHTS:-0}"         # 1: the model is random-init (a tooling check): the report says "not evidence"
 EPOCHS="${EPOCHS:-4}"
 BATCH_SIZE="${BATCH_SIZE:-4}"
 PORT="${PORT:-29517}"
@@ -126,9 +127,9 @@ for keep in $ATT_KEEP_FRACTIONS; do
 done
 
 step "7/7 report"
-"$PYTHON" - "$RUN" "$NAME" "$MODEL" "$MODEL_TYPE" "$CHECKPOINT" "$STAGES" "$DEVICE" "$VAL_DOCS" "$ONLINE" <<'EOF'
+"$PYTHON" - "$RUN" "$NAME" "$MODEL" "$MODEL_TYPE" "$CHECKPOINT" "$STAGES" "$DEVICE" "$VAL_DOCS" "$ONLINE" "$RANDOM_WEIGHTS" <<'EOF'
 import json, os, sys
-run, name, model, model_type, checkpoint, stages, device, val_docs, online = sys.argv[1:]
+run, name, model, model_type, checkpoint, stages, device, val_docs, online, random_weights = sys.argv[1:]
 if model == "smollm2":  # say what the weights are: de-quantized from the embedded 4-bit GGUF
     model = "HuggingFaceTB/SmolLM2-135M-Instruct (embedded GGUF Q4_1, de-quantized to float32)"
 source = "C4 from the hub" if online == "1" else "built-in offline English documents"
@@ -136,7 +137,7 @@ study = {"name": name, "model": model, "model_type": model_type, "checkpoint": c
          "data": f"{source}: {os.path.join(run, 'c4_train.jsonl')}",
          "validation_data": os.path.join(run, "c4_val.jsonl"),
          "documents": sum(1 for _ in open(os.path.join(run, "c4_train.jsonl"))),
-         "validation_documents": int(val_docs), "random_weights": False,
+         "validation_documents": int(val_docs), "random_weights": random_weights == "1",
          "stages": int(stages), "device": device,
          "notes": "MLP predictors read mlp_x; perplexity runs use the input-'same' predictors."}
 tmp = os.path.join(run, ".study.json.tmp")

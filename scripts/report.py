@@ -628,12 +628,28 @@ def save_figure(fig, path: str) -> None:
         raise
 
 
-def layer_series(run: dict, getter) -> tuple[list[int], list[float]]:
+def same_depth(summary: dict) -> bool:
+    return len({len(run["dump"]["layers"]) for run in summary["runs"]}) <= 1
+
+
+def depth_of(summary: dict, run: dict, layer: int) -> float:
+    """The x of a layer: its index, or layer / last layer when the runs' models differ in depth
+    (OPT-125m's 12 layers against Llama-3.2-3B's 28 line up by relative depth)."""
+    if same_depth(summary):
+        return layer
+    return layer / max(1, len(run["dump"]["layers"]) - 1)
+
+
+def depth_label(summary: dict, base: str = "layer") -> str:
+    return base if same_depth(summary) else f"relative depth ({base} / last layer)"
+
+
+def layer_series(summary: dict, run: dict, getter) -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for layer in run["layers"]:
         value = getter(layer)
         if value is not None:
-            xs.append(layer["layer"])
+            xs.append(depth_of(summary, run, layer["layer"]))
             ys.append(value)
     return xs, ys
 
@@ -663,14 +679,14 @@ def plot_recall(plt, summary, colors):
         has = False
         for run in summary["runs"]:
             for mode, style in zip(MODES, ("-", "--")):
-                xs, ys = layer_series(run, get_pred(kind, mode, "recall"))
+                xs, ys = layer_series(summary, run, get_pred(kind, mode, "recall"))
                 if xs:
                     ax.plot(xs, ys, style, marker="o", ms=3, color=colors[run["name"]],
                             label=f"{run_label(run)} · input {mode}")
                     has = True
         if has:
             ax.axhline(summary["recall_floor"], color="gray", lw=0.8, ls=":")
-        finish_axes(ax, f"{KIND_TITLES[kind]}: validation recall", "layer", "recall (sigmoid ≥ 0.5)", has)
+        finish_axes(ax, f"{KIND_TITLES[kind]}: validation recall", depth_label(summary), "recall (sigmoid ≥ 0.5)", has)
         any_data |= has
     return fig, any_data
 
@@ -682,18 +698,18 @@ def plot_sparsity(plt, summary, colors):
         has = False
         for run in summary["runs"]:
             color = colors[run["name"]]
-            mode_with_truth = next((m for m in MODES if layer_series(run, get_pred(kind, m, "true_sparsity"))[0]), None)
+            mode_with_truth = next((m for m in MODES if layer_series(summary, run, get_pred(kind, m, "true_sparsity"))[0]), None)
             if mode_with_truth:
-                xs, ys = layer_series(run, get_pred(kind, mode_with_truth, "true_sparsity"))
+                xs, ys = layer_series(summary, run, get_pred(kind, mode_with_truth, "true_sparsity"))
                 ax.plot(xs, ys, "-", color=color, lw=2, label=f"{run_label(run)} · true")
                 has = True
             for mode, marker in zip(MODES, ("o", "s")):
-                xs, ys = layer_series(run, get_pred(kind, mode, "classifier_sparsity"))
+                xs, ys = layer_series(summary, run, get_pred(kind, mode, "classifier_sparsity"))
                 if xs:
                     ax.plot(xs, ys, "--", marker=marker, ms=3, color=color,
                             label=f"{run_label(run)} · classifier, input {mode}")
                     has = True
-        finish_axes(ax, f"{KIND_TITLES[kind]}: sparsity", "layer", "fraction inactive", has)
+        finish_axes(ax, f"{KIND_TITLES[kind]}: sparsity", depth_label(summary), "fraction inactive", has)
         any_data |= has
     return fig, any_data
 
@@ -709,13 +725,13 @@ def plot_drift(plt, summary, colors):
             stats = [(l["layer"], l["drift"][field]) for l in run["layers"] if l["drift"] and l["drift"].get(field)]
             if not stats:
                 continue
-            xs = [x for x, _ in stats]
+            xs = [depth_of(summary, run, x) for x, _ in stats]
             color = colors[run["name"]]
             ax.plot(xs, [s["mean"] for _, s in stats], "-", marker="o", ms=3, color=color,
                     label=f"{run_label(run)} (mean, p10–p90)")
             ax.fill_between(xs, [s["p10"] for _, s in stats], [s["p90"] for _, s in stats], color=color, alpha=0.15)
             has = True
-        finish_axes(ax, title, "layer l", "per-token value", has)
+        finish_axes(ax, title, depth_label(summary, "layer l"), "per-token value", has)
         any_data |= has
     return fig, any_data
 

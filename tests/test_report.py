@@ -432,3 +432,15 @@ def test_diverged_and_dense_less_perplexity_is_reported(runs, tmp_path):
     assert "predicted inf (not finite)" in md and "oracle 12.000" in md
     assert "no dense run" in md
     json.loads((tmp_path / "out" / "summary.json").read_text())  # strict JSON despite the infinity
+
+
+def test_runs_of_different_depth_line_up_by_relative_depth():
+    def run(layers):
+        return {"dump": {"layers": list(range(layers))}}
+
+    deep, shallow = run(29), run(5)
+    mixed, alike = {"runs": [deep, shallow]}, {"runs": [deep, run(29)]}
+    assert report.depth_of(alike, deep, 7) == 7 and report.depth_label(alike) == "layer"
+    assert report.depth_of(mixed, deep, 14) == pytest.approx(0.5)
+    assert report.depth_of(mixed, shallow, 2) == pytest.approx(0.5) and report.depth_of(mixed, shallow, 4) == 1.0
+    assert report.depth_label(mixed).startswith("relative depth")
