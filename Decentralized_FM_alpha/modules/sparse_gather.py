@@ -252,7 +252,7 @@ def gather_kernel():
             _kernel_state["lib"] = _compile_kernel()
         except Exception as error:  # no compiler, sandbox, ...: torch ops give the same numbers
             _kernel_state["error"] = str(error)
-            logger.warning("gathered MLP: C kernel unavailable (%s); using torch ops", error)
+            logger.warning("CPU decode kernel unavailable (%s); using torch ops (same numbers, slower)", error)
     return _kernel_state["lib"]
 
 
@@ -429,7 +429,7 @@ def _decode_plan(linear):
 
 def linear_forward(linear, x):
     """linear(x); a single input row (decoding at batch 1) goes through the streaming kernel."""
-    if x.numel() == linear.in_features and x.dim() > 0:
+    if x.numel() == linear.in_features and x.dim() > 0 and x.dtype == torch.float32 and x.device.type == "cpu":
         lib = gather_kernel()
         if lib is not None and not _autograd(x, linear):
             plan = _decode_plan(linear)
