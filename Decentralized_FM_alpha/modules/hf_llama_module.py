@@ -145,15 +145,21 @@ class LlamaBlock(TappedModule):
 
     def rope(self, positions, dtype):
         """cos, sin [B, 1, S, head_dim] for the given positions [B, S]."""
+        return self.rope_tables(positions, dtype)[:2]
+
+    def rope_tables(self, positions, dtype):
+        """cos, sin and the sign-folded sin of `rotate`: x * cos + rotate(x, signed_sin) is RoPE."""
         # positions comes from step_geometry, one object per step; the slot holds it (stable id).
         key = (id(positions), version_of(positions), self.rope_key, dtype, self.inv_freq.device)
         if LlamaBlock._rope_slot[0] == key:
             return LlamaBlock._rope_slot[1]
         freqs = positions[..., None].float() * self.inv_freq.float()
         angles = torch.cat((freqs, freqs), dim=-1)
-        cos = (angles.cos() * self.rope_scaling).to(dtype)
-        sin = (angles.sin() * self.rope_scaling).to(dtype)
-        LlamaBlock._rope_slot = (key, (cos[:, None], sin[:, None]), positions)
+        cos = (angles.cos() * self.rope_scaling).to(dtype)[:, None]
+        sin = (angles.sin() * self.rope_scaling).to(dtype)[:, None]
+        half = sin.shape[-1] // 2
+        signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        LlamaBlock._rope_slot = (key, (cos, sin, signed_sin), positions)
         return LlamaBlock._rope_slot[1]
 
     def attention(self, h, layer_past, mask, token_mask):
@@ -164,9 +170,11 @@ class LlamaBlock(TappedModule):
         k = weights.k_proj(h).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = weights.v_proj(h).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         positions, allowed = step_geometry(mask, past_len, seq_len, h.device)
-        cos, sin = self.rope(positions, h.dtype)
-        q = torch.addcmul(q * cos, rotate_half(q), sin)
-        k = torch.addcmul(k * cos, rotate_half(k), sin)
+        cos, _, signed_sin = self.rope_tables(positions, h.dtype)
+        # rotate_half(x) * sin == roll(x, half) * signed_sin: one op instead of chunk, neg, cat
+        half = self.head_dim // 2
+        q = torch.addcmul(q * cos, q.roll(half, dims=-1), signed_sin)
+        k = torch.addcmul(k * cos, k.roll(half, dims=-1), signed_sin)
         present, k, v = extend_cache(layer_past, k, v)
         heads = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, scale=self.head_dim**-0.5,
