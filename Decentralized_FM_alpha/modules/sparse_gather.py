@@ -50,6 +50,7 @@ static inline float hsum(v8 v) { float s = 0.f; for (int i = 0; i < 8; i++) s +=
 #define PREFETCH(p) __builtin_prefetch((p), 0, 0)
 
 static int bad_index(const int64_t* idx, int64_t K, int64_t rows) {
+  if (!idx) return K > rows;
   for (int64_t k = 0; k < K; k++) if (idx[k] < 0 || idx[k] >= rows) return 1;
   return 0;
 }
@@ -64,7 +65,9 @@ static float dot(const float* w, const float* h, int64_t d) {
 /* act 0: out_a[k] = A[i].h + bias_a[i], out_b[k] = B[i].h + bias_b[i]   (i = idx[k])
    act 1: out_a[k] = silu(A[i].h + bias_a[i]) * (B[i].h + bias_b[i])
    act 2: out_a[k] = relu(A[i].h + bias_a[i])
-   A, B: [rows, d] row-major; B, biases may be NULL; pf: neurons ahead to prefetch (0: none). */
+   A, B: [rows, d] row-major; B, biases may be NULL; pf: neurons ahead to prefetch (0: none).
+   idx NULL: every row in order (i = k), the dense product DecodeLinear uses for one input row. */
+#define ROW(k) (idx ? idx[(k)] : (k))
 static inline void finish(int act, float a, float b, float* out_a, float* out_b, int64_t k) {
   if (act == 1) out_a[k] = a / (1.f + expf(-a)) * b;
   else if (act == 2) out_a[k] = a > 0.f ? a : 0.f;
@@ -80,11 +83,11 @@ int dejavu_gathered_dots(const float* A, const float* B, const float* bias_a, co
 #define BB(i) (bias_b ? bias_b[i] : 0.f)
   if (B) {
     for (; k + 2 <= K; k += 2) {
-      int64_t i0 = idx[k], i1 = idx[k + 1];
+      int64_t i0 = ROW(k), i1 = ROW(k + 1);
       const float *a0 = A + i0 * d, *b0 = B + i0 * d, *a1 = A + i1 * d, *b1 = B + i1 * d;
       int64_t n = (pf > 0 && k + pf + 1 < K) ? k + pf : -1;
-      const float *pa0 = n < 0 ? a0 : A + idx[n] * d, *pb0 = n < 0 ? b0 : B + idx[n] * d;
-      const float *pa1 = n < 0 ? a1 : A + idx[n + 1] * d, *pb1 = n < 0 ? b1 : B + idx[n + 1] * d;
+      const float *pa0 = n < 0 ? a0 : A + ROW(n) * d, *pb0 = n < 0 ? b0 : B + ROW(n) * d;
+      const float *pa1 = n < 0 ? a1 : A + ROW(n + 1) * d, *pb1 = n < 0 ? b1 : B + ROW(n + 1) * d;
       v8 sa0 = {0}, sb0 = {0}, sa1 = {0}, sb1 = {0};
       int64_t j = 0;
       for (; j < d8; j += 8) {
@@ -98,17 +101,17 @@ int dejavu_gathered_dots(const float* A, const float* B, const float* bias_a, co
       finish(act, hsum(sa1) + ta1 + BA(i1), hsum(sb1) + tb1 + BB(i1), out_a, out_b, k + 1);
     }
     for (; k < K; k++) {
-      int64_t i = idx[k];
+      int64_t i = ROW(k);
       finish(act, dot(A + i * d, h, d) + BA(i), dot(B + i * d, h, d) + BB(i), out_a, out_b, k);
     }
     return 0;
   }
   for (; k + 4 <= K; k += 4) {
-    int64_t i0 = idx[k], i1 = idx[k + 1], i2 = idx[k + 2], i3 = idx[k + 3];
+    int64_t i0 = ROW(k), i1 = ROW(k + 1), i2 = ROW(k + 2), i3 = ROW(k + 3);
     const float *r0 = A + i0 * d, *r1 = A + i1 * d, *r2 = A + i2 * d, *r3 = A + i3 * d;
     int64_t n = (pf > 0 && k + 2 * pf + 3 < K) ? k + 2 * pf : -1;
-    const float *p0 = n < 0 ? r0 : A + idx[n] * d, *p1 = n < 0 ? r1 : A + idx[n + 1] * d;
-    const float *p2 = n < 0 ? r2 : A + idx[n + 2] * d, *p3 = n < 0 ? r3 : A + idx[n + 3] * d;
+    const float *p0 = n < 0 ? r0 : A + ROW(n) * d, *p1 = n < 0 ? r1 : A + ROW(n + 1) * d;
+    const float *p2 = n < 0 ? r2 : A + ROW(n + 2) * d, *p3 = n < 0 ? r3 : A + ROW(n + 3) * d;
     v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
     int64_t j = 0;
     for (; j < d8; j += 8) {
@@ -123,29 +126,8 @@ int dejavu_gathered_dots(const float* A, const float* B, const float* bias_a, co
     finish(act, hsum(s2) + t2 + BA(i2), 0.f, out_a, 0, k + 2);
     finish(act, hsum(s3) + t3 + BA(i3), 0.f, out_a, 0, k + 3);
   }
-  for (; k < K; k++) finish(act, dot(A + idx[k] * d, h, d) + BA(idx[k]), 0.f, out_a, 0, k);
+  for (; k < K; k++) finish(act, dot(A + ROW(k) * d, h, d) + BA(ROW(k)), 0.f, out_a, 0, k);
   return 0;
-}
-
-/* out[r] = W[r].h + bias[r] for every row r of W [rows, d] (bias may be NULL): four rows at a
-   time, one sequential pass over W. On CPUs where torch's single-row product (sgemv on rows)
-   reaches about 2/3 of the copy bandwidth, this reaches 0.8-1.0 of it. */
-void dejavu_gemv(const float* W, const float* bias, int64_t rows, int64_t d, const float* h, float* out) {
-  int64_t r = 0, d8 = d - d % 8;
-  for (; r + 4 <= rows; r += 4) {
-    const float *r0 = W + r * d, *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
-    v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-    int64_t j = 0;
-    for (; j < d8; j += 8) {
-      v8 x = ld(h + j);
-      s0 += ld(r0 + j) * x; s1 += ld(r1 + j) * x; s2 += ld(r2 + j) * x; s3 += ld(r3 + j) * x;
-    }
-    float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
-    for (; j < d; j++) { t0 += r0[j] * h[j]; t1 += r1[j] * h[j]; t2 += r2[j] * h[j]; t3 += r3[j] * h[j]; }
-    out[r] = hsum(s0) + t0; out[r + 1] = hsum(s1) + t1; out[r + 2] = hsum(s2) + t2; out[r + 3] = hsum(s3) + t3;
-  }
-  for (; r < rows; r++) out[r] = dot(W + r * d, h, d);
-  if (bias) for (r = 0; r < rows; r++) out[r] += bias[r];
 }
 
 /* out[:d] = bias + sum_k a[k] * T[idx[k]]   (T: [rows, d] row-major, the transposed down/fc2;
@@ -236,8 +218,6 @@ def _compile_kernel():
         lib.dejavu_gathered_rows_sum.argtypes = [pointer, pointer, pointer, size, size, size, pointer, pointer,
                                                  size]
         lib.dejavu_gathered_rows_sum.restype = ctypes.c_int
-        lib.dejavu_gemv.argtypes = [pointer, pointer, size, size, pointer, pointer]
-        lib.dejavu_gemv.restype = None
         return lib
     raise RuntimeError("; ".join(errors))
 
@@ -437,7 +417,8 @@ def linear_forward(linear, x):
             if hs is not None:
                 _, weight_ptr, rows, d, bias_ptr, _ = plan
                 out = torch.empty(*x.shape[:-1], rows)
-                lib.dejavu_gemv(weight_ptr, bias_ptr, rows, d, hs.data_ptr(), out.data_ptr())
+                lib.dejavu_gathered_dots(weight_ptr, None, bias_ptr, None, None, rows, rows, d, hs.data_ptr(),
+                                         out.data_ptr(), None, _ACT_NONE, 0)
                 return out
     return F.linear(x, linear.weight, linear.bias)
 
