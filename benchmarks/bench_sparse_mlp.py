@@ -21,19 +21,15 @@ same round), so load on the machine hits both alike.
 """
 
 import argparse
-import json
-import math
 import os
 import platform
 import statistics
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "Decentralized_FM_alpha"))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from support import format_table, result_path, write_json
 
 KEEPS = (0.5, 0.25, 0.1)
 TARGETS = {0.5: 0.6, 0.25: 0.35}  # sparse / dense at most
@@ -203,22 +199,6 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
     return rows, info
 
 
-def format_table(rows):
-    header = ["case", "measure", "time", "baseline", "ratio", "target", "met"]
-    lines = []
-    for r in rows:
-        lines.append([
-            r["case"], r["measure"], f"{r['value']:.1f} {r['unit']}",
-            "" if r.get("baseline_value") is None else f"{r['baseline_value']:.1f} ({r['baseline']})",
-            "" if r.get("ratio") is None else f"{r['ratio']:.3f}",
-            r.get("target", ""), {True: "yes", False: "NO"}.get(r.get("met"), ""),
-        ])
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
-    out = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths))]
-    out += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in lines]
-    return "\n".join(out)
-
-
 def run(quick=False, threads=1, configs=None, smollm2_D=None, llama_D=None, torch_ops=True, log=print):
     from modules import sparse_gather as common
 
@@ -251,7 +231,7 @@ def main(argv=None):
     parser.add_argument("--smollm2-D", type=int, default=None, help="predictor width for SmolLM2 (default 128)")
     parser.add_argument("--llama-D", type=int, default=None, help="predictor width for Llama-3.2-3B (default 1000)")
     parser.add_argument("--no-torch-ops", action="store_true", help="skip the kernel-off comparison rows")
-    parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "bench_sparse_mlp.json"))
+    parser.add_argument("--json", default=result_path("sparse_mlp"))
     args = parser.parse_args(argv)
     configs = [c for c in args.configs.split(",") if c]
     unknown = set(configs) - set(CONFIGS)
@@ -260,10 +240,7 @@ def main(argv=None):
     result = run(quick=args.quick, threads=args.threads, configs=configs, smollm2_D=args.smollm2_D,
                  llama_D=args.llama_D, torch_ops=not args.no_torch_ops)
     print(format_table(result["rows"]))
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as handle:
-        json.dump(result, handle, indent=2)
-    print(f"written to {args.json}")
+    write_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ import subprocess
 import sys
 import time
 
+from support import RESULTS, format_table, result_path
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
 ORDER = ["engine", "sparse_mlp", "memory"]  # the order; others follow alphabetically
 # For a benchmark without --quick: smaller settings of the options it has.
 QUICK_FALLBACK = {"--new-tokens": "8", "--repeats": "2", "--prompt-tokens": "32"}
@@ -61,7 +62,7 @@ def command_for(name, path, quick, threads, json_path):
 
 
 def run_benchmark(name, path, quick, threads, timeout):
-    json_path = os.path.join(RESULTS, f"bench_{name}.json")
+    json_path = result_path(name)
     before = os.path.getmtime(json_path) if os.path.exists(json_path) else None
     command = command_for(name, path, quick, threads, json_path)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -119,31 +120,6 @@ def rows_of(run):
         return engine_rows(result)
     return [dict(benchmark=run["name"], case="", measure=key, value=value, unit="")
             for key, value in result.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
-
-
-def number(value):
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return str(value)
-    return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
-
-
-def format_table(rows):
-    header = ["benchmark", "case", "measure", "value", "baseline", "ratio", "target", "met"]
-    lines = []
-    for r in rows:
-        baseline = "" if r.get("baseline_value") is None else f"{number(r['baseline_value'])} ({r.get('baseline', '')})"
-        value = "" if r.get("value") is None else f"{number(r['value'])} {r.get('unit', '')}".strip()
-        lines.append([r.get("benchmark", ""), r.get("case", ""), r.get("measure", ""), value, baseline,
-                      "" if r.get("ratio") is None else f"{r['ratio']:.3f}", r.get("target", ""),
-                      {True: "yes", False: "NO"}.get(r.get("met"), "")])
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
-    out = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths)).rstrip(),
-           "  ".join("-" * w for w in widths)]
-    out += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in lines]
-    notes = [f"  [{r.get('benchmark')}] {r.get('case')}: {r.get('measure')}: {r['note']}" for r in rows if r.get("note")]
-    return "\n".join(out + (["notes:"] + notes if notes else []))
 
 
 def main(argv=None):
