@@ -191,40 +191,48 @@ def attention_mask(mask, past_len, seq_len, device):
     return allowed
 
 
-_step_slot = {"key": None}
-
-
 def version_of(tensor):
     """The in-place version counter, or None for inference-mode tensors (they keep none)."""
     return None if tensor.is_inference() else tensor._version
 
 
-def step_geometry(mask, past_len, seq_len, device):
-    """(positions [B, S], attention mask) of one forward step, computed once for all its layers.
+def tensor_key(tensor):
+    return None if tensor is None else (id(tensor), version_of(tensor), tuple(tensor.shape))
 
-    A one-entry cache keyed by the mask object (and its version) and the step's lengths; the
-    entry holds the mask, so its id cannot be reused by another tensor while it is cached.
+
+class StepCache:
+    """One remembered value: what every layer of a forward step would otherwise recompute.
+
+    Keys may hold tensor ids (tensor_key); the cache keeps those tensors alive, so an id
+    cannot be reused by another tensor while its entry is cached.
     """
-    mask_key = None if mask is None else (id(mask), version_of(mask), tuple(mask.shape))
-    key = (mask_key, past_len, seq_len, str(device))
-    if _step_slot["key"] != key:
-        value = (positions_from_mask(mask, past_len, seq_len, device), attention_mask(mask, past_len, seq_len, device))
-        _step_slot.update(key=key, value=value, mask=mask)
-    return _step_slot["value"]
+
+    def __init__(self):
+        self.key, self.value, self.held = None, None, None
+
+    def get(self, key, compute, held):
+        if self.key != key:
+            self.key, self.value, self.held = key, compute(), held
+        return self.value
 
 
-_token_mask_slot = {"key": None}
+_geometry_cache, _token_mask_cache = StepCache(), StepCache()
+
+
+def step_geometry(mask, past_len, seq_len, device):
+    """(positions [B, S], attention mask) of one forward step, computed once for all its layers."""
+    return _geometry_cache.get(
+        (tensor_key(mask), past_len, seq_len, str(device)),
+        lambda: (positions_from_mask(mask, past_len, seq_len, device), attention_mask(mask, past_len, seq_len, device)),
+        mask,
+    )
 
 
 def token_mask_of(mask, seq_len):
-    """The [B, S] real-token mask of the current step, or None if every token is real
-    (computed once per step for all layers, cached like step_geometry)."""
+    """The [B, S] real-token mask of the current step (once per step), or None if every token is real."""
     if mask is None:
         return None
-    key = (id(mask), version_of(mask), tuple(mask.shape), seq_len)
-    if _token_mask_slot["key"] != key:
-        _token_mask_slot.update(key=key, value=mask[:, -seq_len:].bool(), mask=mask)
-    return _token_mask_slot["value"]
+    return _token_mask_cache.get((tensor_key(mask), seq_len), lambda: mask[:, -seq_len:].bool(), mask)
 
 
 class TappedModule(nn.Module):

@@ -21,10 +21,13 @@ from .common import (
     extend_cache,
     load_config,
     past_length,
+    StepCache,
     step_geometry,
+    tensor_key,
     token_mask_of,
-    version_of,
 )
+
+_rope_cache = StepCache()  # one step's cos/sin tables, shared by all blocks with equal RoPE
 
 # RoPE types whose frequencies depend on the running sequence length are not supported.
 UNSUPPORTED_ROPE_TYPES = ("dynamic", "longrope")
@@ -133,7 +136,6 @@ class LlamaBlock(TappedModule):
         self.rope_scaling = scaling
         self.rope_key = (tuple(inv_freq.tolist()), scaling)  # blocks with equal RoPE share cos/sin
 
-    _rope_slot = (None, None, None)  # (key, (cos, sin), positions): one step's cos/sin for all layers
 
     @classmethod
     def from_pretrained(cls, model_path, config=None, layer_index=0, dtype=None, device=None):
@@ -149,18 +151,17 @@ class LlamaBlock(TappedModule):
 
     def rope_tables(self, positions, dtype):
         """cos, sin and the sign-folded sin of `rotate`: x * cos + rotate(x, signed_sin) is RoPE."""
-        # positions comes from step_geometry, one object per step; the slot holds it (stable id).
-        key = (id(positions), version_of(positions), self.rope_key, dtype, self.inv_freq.device)
-        if LlamaBlock._rope_slot[0] == key:
-            return LlamaBlock._rope_slot[1]
+        # positions comes from step_geometry, one object per step: one computation for all layers
+        key = (tensor_key(positions), self.rope_key, dtype, self.inv_freq.device)
+        return _rope_cache.get(key, lambda: self._compute_rope_tables(positions, dtype), positions)
+
+    def _compute_rope_tables(self, positions, dtype):
         freqs = positions[..., None].float() * self.inv_freq.float()
         angles = torch.cat((freqs, freqs), dim=-1)
         cos = (angles.cos() * self.rope_scaling).to(dtype)[:, None]
         sin = (angles.sin() * self.rope_scaling).to(dtype)[:, None]
         half = sin.shape[-1] // 2
-        signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        LlamaBlock._rope_slot = (key, (cos, sin, signed_sin), positions)
-        return LlamaBlock._rope_slot[1]
+        return cos, sin, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
     def attention(self, h, layer_past, mask, token_mask):
         batch, seq_len, _ = h.shape
