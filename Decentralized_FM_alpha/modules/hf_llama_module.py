@@ -136,7 +136,6 @@ class LlamaBlock(TappedModule):
         self.rope_scaling = scaling
         self.rope_key = (tuple(inv_freq.tolist()), scaling)  # blocks with equal RoPE share cos/sin
 
-
     @classmethod
     def from_pretrained(cls, model_path, config=None, layer_index=0, dtype=None, device=None):
         config = config or load_config(model_path, LlamaConfig)
