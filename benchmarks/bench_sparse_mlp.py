@@ -72,16 +72,8 @@ def build_predictor(d, D, inter, generator):
     return predictor.eval()
 
 
-def column_major_copy(predictor):
-    """The same predictor with its second layer's weight [I, D] stored transposed (a [D, I]
-    buffer seen through .t()): same numbers, but the gemv then streams long rows."""
-    second = nn.Linear(predictor[1].in_features, predictor[1].out_features, bias=False)
-    second.weight = nn.Parameter(predictor[1].weight.detach().t().contiguous().t(), requires_grad=False)
-    return nn.Sequential(predictor[0], second).eval()
-
-
 def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
-    from modules import sparse_gather as common
+    from modules import cpu_kernels
     from modules.sparse_execution import configure_sparse, kept_count
 
     d, inter, D, layers = spec["d"], spec["inter"], spec["D"], spec["layers"]
@@ -105,27 +97,13 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
 
     def sparse(keep, kernel=True):
         def run():
-            common.GATHER_KERNEL_ENABLED = kernel
+            cpu_kernels.ENABLED = kernel
             try:
                 for block in blocks:
                     block.sparse_mode, block.mlp_keep = "predicted", keep
                     block.mlp(h, None)
             finally:
-                common.GATHER_KERNEL_ENABLED = True
-        return run
-
-    relaid = [column_major_copy(block.mlp_predictor) for block in blocks]
-
-    def sparse_relaid(keep):
-        def run():
-            for block, predictor in zip(blocks, relaid):
-                original = block.mlp_predictor
-                object.__setattr__(block, "mlp_predictor", predictor)
-                try:
-                    block.sparse_mode, block.mlp_keep = "predicted", keep
-                    block.mlp(h, None)
-                finally:
-                    object.__setattr__(block, "mlp_predictor", original)
+                cpu_kernels.ENABLED = True
         return run
 
     def gather(keep):
@@ -146,7 +124,6 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
     variants = {("dense", None): dense}
     for keep in KEEPS:
         variants[("sparse", keep)] = sparse(keep)
-        variants[("relaid", keep)] = sparse_relaid(keep)
         variants[("gather", keep)] = gather(keep)
         if with_torch_ops:
             variants[("torch ops", keep)] = sparse(keep, kernel=False)
@@ -175,11 +152,10 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
                      value=dense_median * 1e6, unit="us/layer", baseline=None, baseline_value=None, ratio=None,
                      note=f"{mlp_bytes / dense_median / 1e9:.1f} GB/s of MLP weights"))
     labels = {"sparse": f"sparse MLP, predictor D={D} included",
-              "relaid": f"sparse MLP, D={D}, predictor layer 2 stored [D, I]",
               "gather": "gathered MLP only (no predictor)",
               "torch ops": f"sparse MLP, D={D}, torch ops (no C kernel)",
               "predictor": f"predictor D={D} + top-K only"}
-    keys = [(kind, keep) for keep in KEEPS for kind in ("sparse", "relaid", "gather", "torch ops")] + [("predictor", 0.25)]
+    keys = [(kind, keep) for keep in KEEPS for kind in ("sparse", "gather", "torch ops")] + [("predictor", 0.25)]
     for kind, keep in keys:
         if (kind, keep) not in times:
             continue
@@ -195,12 +171,11 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
         rows.append(row)
     info = dict(d=d, I=inter, D=D, layers=layers, rounds=rounds, warmup=warmup, mlp_bytes=mlp_bytes,
                 predictor_bytes=predictor_bytes, gathered_vs_masked_max_abs_error=error)
-    del blocks, predictors
     return rows, info
 
 
 def run(quick=False, threads=1, configs=None, smollm2_D=None, llama_D=None, torch_ops=True, log=print):
-    from modules import sparse_gather as common
+    from modules import cpu_kernels
 
     torch.set_num_threads(threads)
     specs = {name: dict(spec) for name, spec in CONFIGS.items() if not configs or name in configs}
@@ -208,9 +183,9 @@ def run(quick=False, threads=1, configs=None, smollm2_D=None, llama_D=None, torc
         specs["smollm2-135m"]["D"] = smollm2_D
     if llama_D and "llama-3.2-3b" in specs:
         specs["llama-3.2-3b"]["D"] = llama_D
-    kernel = common.gather_kernel() is not None
+    kernel = cpu_kernels.kernel_library() is not None
     log(f"sparse MLP benchmark: torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"C gather kernel {'on' if kernel else 'OFF: ' + str(common._kernel_state['error'])}")
+        f"C kernels {'on' if kernel else 'OFF: ' + cpu_kernels.unavailable_reason()}")
     rows, infos = [], {}
     for name, spec in specs.items():
         big = spec["d"] * spec["inter"] > 4_000_000

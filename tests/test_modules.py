@@ -226,3 +226,39 @@ def test_decode_linear_single_row_matches_torch(rows, width, bias):
                                        rtol=1e-5, atol=1e-5)
     if gather_kernel() is not None:  # the one-row case really took the kernel (a plan was cached)
         assert "_decode_plan" in layer.__dict__
+
+
+@pytest.mark.parametrize("name", list(LLAMA_CASES))
+def test_fused_decode_layer_matches_torch_ops(tmp_path, name):
+    """The C decoder layer (one token, batch 1) against the torch ops on the same model: GQA/MHA,
+    biases, head_dim, RoPE scaling, a left-padded prompt, and a branch off an older cache."""
+    from modules import cpu_kernels
+
+    if cpu_kernels.kernel_library() is None:
+        pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
+    _, checkpoint = tiny_llama(tmp_path, **LLAMA_CASES[name])
+    ours = LocalModel.from_checkpoint(checkpoint, "llama")
+    prompt = random_ids(1, 9, seed=5)
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+
+    def decode(steps, kernels):
+        cpu_kernels.ENABLED = kernels
+        try:
+            logits, past = ours(prompt, mask=mask)
+            step_mask, outputs, caches = mask, [], []
+            for token in steps:
+                step_mask = torch.cat((step_mask, torch.ones(1, 1, dtype=mask.dtype)), dim=1)
+                logits, past = ours(torch.tensor([[token]]), mask=step_mask, past=past)
+                outputs.append(logits[:, -1])
+                caches.append(past)
+            # Branch: decode another token from the cache of two steps back.
+            branch, _ = ours(torch.tensor([[7]]), mask=step_mask[:, :-1], past=caches[-3])
+            return torch.cat(outputs + [branch[:, -1]])
+        finally:
+            cpu_kernels.ENABLED = True
+
+    steps = random_ids(1, 6, seed=6)[0].tolist()
+    fused, reference = decode(steps, True), decode(steps, False)
+    assert ours.blocks[0].__dict__["_kernel_layer"][1] is not None  # the C layer really ran
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)

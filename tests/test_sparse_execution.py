@@ -101,6 +101,40 @@ def test_predicted_decode_gathers_and_matches_masking(tmp_path):
     assert torch.equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("keep", [1, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("tied", [False, True])
+def test_predicted_mlp_kernel_matches_torch_steps(tmp_path, family, keep, tied):
+    """The one-call predicted MLP (predictor, top-K, gathered MLP) against the same steps in torch
+    ops. With tied scores (repeated predictor rows) the kernel keeps the lowest indices."""
+    from modules import cpu_kernels
+    from modules.sparse_execution import kept_count
+
+    if cpu_kernels.kernel_library() is None:
+        pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
+    model = LocalModel.from_checkpoint(build(family, tmp_path), f"{family}-ml-att-sparse")
+    block, d, width = model.blocks[1], model.config.hidden_size, mlp_width(model.config)
+    torch.manual_seed(2)
+    predictor = nn.Sequential(nn.Linear(d, 8, bias=False), nn.Linear(8, width, bias=False)).requires_grad_(False)
+    if tied:  # every score appears four times
+        predictor[1].weight.copy_(predictor[1].weight[: width // 4].repeat(4, 1))
+    h, x_pred = torch.randn(3, 1, d), torch.randn(3, 1, d)
+    k = kept_count(keep, width)
+    with torch.no_grad():
+        fused = block.fused_predicted_mlp(h, x_pred, predictor, k)
+    assert fused is not None
+    scores = predictor(x_pred)[:, 0]
+    order = torch.sort(-scores, dim=-1, stable=True).indices  # descending, lowest index first on ties
+    neurons = order[:, :k].sort(dim=-1).values
+    cpu_kernels.ENABLED = False
+    try:
+        with torch.no_grad():
+            expected = block.gathered_mlp(h, neurons)
+    finally:
+        cpu_kernels.ENABLED = True
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_lookahead_predictor_on_first_layer_of_stage_is_refused(tmp_path):
     checkpoint = build("llama", tmp_path)
     model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse")

@@ -139,18 +139,24 @@ class KVCache:
     def __len__(self):
         return 2
 
-    def append(self, k, v):
-        """The cache with k, v [B, kv_heads, S, head_dim] added after this one's positions."""
-        end = self.length + k.shape[2]
+    def grown(self, count):
+        """The cache with `count` more positions, still to be written into `buffers` (at
+        [length - count, length)) by the caller."""
+        end = self.length + count
         buffers = self.buffers
         if buffers.filled != self.length or end > buffers.keys.shape[2]:
-            buffers = _KVBuffers(k, v, max(2 * end, end + 64))
+            buffers = _KVBuffers(buffers.keys, buffers.values, max(2 * end, end + 64))
             buffers.keys[:, :, : self.length] = self.keys
             buffers.values[:, :, : self.length] = self.values
-        buffers.keys[:, :, self.length : end] = k
-        buffers.values[:, :, self.length : end] = v
         buffers.filled = end
         return KVCache(buffers, end)
+
+    def append(self, k, v):
+        """The cache with k, v [B, kv_heads, S, head_dim] added after this one's positions."""
+        present = self.grown(k.shape[2])
+        present.buffers.keys[:, :, self.length : present.length] = k
+        present.buffers.values[:, :, self.length : present.length] = v
+        return present
 
 
 def extend_cache(layer_past, k, v):
@@ -226,6 +232,22 @@ def step_geometry(mask, past_len, seq_len, device):
         lambda: (positions_from_mask(mask, past_len, seq_len, device), attention_mask(mask, past_len, seq_len, device)),
         mask,
     )
+
+
+_key_validity_cache = StepCache()
+
+
+def key_validity(mask, total):
+    """uint8 [total]: which keys the one query of a batch-1 decoding step may see (its first row
+    of `mask`), or None when it may see them all (no left padding). Once per step."""
+    if mask is None:
+        return None
+
+    def compute():
+        valid = mask[0, :total].ne(0).to(torch.uint8)
+        return None if bool(valid.all()) else valid.contiguous()
+
+    return _key_validity_cache.get((tensor_key(mask), total), compute, mask)
 
 
 def token_mask_of(mask, seq_len):

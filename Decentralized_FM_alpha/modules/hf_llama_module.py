@@ -5,6 +5,7 @@ attention (no position embedding), grouped-query attention (the cache holds one 
 KV head), and a gated SiLU MLP: down(silu(gate(x)) * up(x)).
 """
 
+import ctypes
 import os
 
 import torch
@@ -14,17 +15,21 @@ from transformers import LlamaConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from .sparse_gather import DecodeLinear, gathered_glu, gathered_output
+from . import cpu_kernels
+from .sparse_gather import DecodeLinear, gathered_glu, gathered_output, is_silu, predicted_gathered_mlp
 from .common import (
+    KVCache,
     TappedModule,
     build_from_checkpoint,
     extend_cache,
+    key_validity,
     load_config,
     past_length,
     StepCache,
     step_geometry,
     tensor_key,
     token_mask_of,
+    version_of,
 )
 
 _rope_cache = StepCache()  # one step's cos/sin tables, shared by all blocks with equal RoPE
@@ -198,7 +203,72 @@ class LlamaBlock(TappedModule):
         act = gathered_glu(h, neurons, self.gate_proj, self.up_proj, self.act_fn)  # [B, 1, K]
         return gathered_output(self.down_proj, act, neurons)  # [B, 1, d]
 
+    def fused_predicted_mlp(self, h, x_pred, predictor, k):
+        """Predictor, top-k and gathered MLP in one kernel call per row, or None (see predicted_gathered_mlp)."""
+        return predicted_gathered_mlp(h, x_pred, predictor, k, self.gate_proj, self.up_proj, self.down_proj,
+                                      self.act_fn)
+
+    def fused_decode(self, x, layer_past, mask):
+        """(x, present) for one token at batch 1 in one call of the C decoder layer, or None
+        where it does not apply (not float32 on CPU, no KVCache yet, taps or autograd in use,
+        kernels off): then the torch ops below run instead, with the same numbers."""
+        if (x.shape[:2] != (1, 1) or x.dtype != torch.float32 or x.device.type != "cpu"
+                or not isinstance(layer_past, KVCache) or type(self).tap is not TappedModule.tap
+                or torch.is_grad_enabled()):
+            return None
+        lib = cpu_kernels.kernel_library()
+        layer = self.kernel_layer() if lib is not None else None
+        keys = layer_past.buffers.keys
+        if layer is None or keys.dtype != torch.float32 or not keys.is_contiguous():
+            return None
+        past_len = layer_past.length
+        present = layer_past.grown(1)
+        keys, values = present.buffers.keys, present.buffers.values
+        positions, _ = step_geometry(mask, past_len, 1, x.device)
+        cos, _, signed_sin = self.rope_tables(positions, torch.float32)
+        valid = key_validity(mask, past_len + 1)
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        status = lib.dejavu_llama_decode_layer(
+            ctypes.byref(layer), x.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(1),
+            past_len, cos.data_ptr(), signed_sin.data_ptr(), None if valid is None else valid.data_ptr(),
+            self.head_dim**-0.5)
+        if status:
+            raise RuntimeError(f"layer {self.layer_index}: the C decoder layer refused its input (status {status})")
+        return out, present
+
+    def kernel_layer(self):
+        """The C kernel's view of this layer's weights (cpu_kernels.LlamaLayer), or None where
+        the kernel cannot read them; rebuilt when a weight is replaced or updated in place."""
+        weights = self.self_attn
+        linears = (weights.q_proj, weights.k_proj, weights.v_proj, weights.o_proj,
+                   self.gate_proj, self.up_proj, self.down_proj)
+        tensors = (self.input_layernorm.weight, self.post_attention_layernorm.weight,
+                   *(t for linear in linears for t in (linear.weight, linear.bias)))
+        key = tuple(None if t is None else (id(t), version_of(t), t.data_ptr()) for t in tensors)
+        cached = self.__dict__.get("_kernel_layer")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        layer = None
+        usable = all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+                     for t in tensors)
+        if usable and is_silu(self.act_fn):
+            address = [None if t is None else t.data_ptr() for t in tensors]
+            (attn_norm, mlp_norm, q, q_bias, k, k_bias, v, v_bias, o, o_bias,
+             gate, gate_bias, up, up_bias, down, down_bias) = address
+            layer = cpu_kernels.LlamaLayer(
+                attn_norm=attn_norm, q=q, k=k, v=v, o=o, q_bias=q_bias, k_bias=k_bias, v_bias=v_bias,
+                o_bias=o_bias, mlp_norm=mlp_norm, gate=gate, up=up, down=down, gate_bias=gate_bias,
+                up_bias=up_bias, down_bias=down_bias, hidden=self.config.hidden_size, heads=self.num_heads,
+                kv_heads=self.num_kv_heads, head_dim=self.head_dim, inner=self.config.intermediate_size,
+                attn_eps=self.input_layernorm.eps, mlp_eps=self.post_attention_layernorm.eps)
+        self.__dict__["_kernel_layer"] = (key, layer, tensors)  # holds the tensors: their ids stay theirs
+        return layer
+
     def forward(self, x, layer_past=None, mask=None):
+        fused = self.fused_decode(x, layer_past, mask)
+        if fused is not None:
+            return fused
         token_mask = token_mask_of(mask, x.shape[1])
         x = self.tap("att_x", x, token_mask)
         attn_out, present = self.attention(self.input_layernorm(x), layer_past, mask, token_mask)

@@ -132,7 +132,11 @@ class SparseBlockMixin:
             return self.mlp_output(act * keep.to(act.dtype))
         k = kept_count(self.mlp_keep, width)
         if self.use_gather and h.shape[1] == 1 and k is not None:
-            scores = self.predictor_scores(self.mlp_predictor, self.predictor_input("mlp"))[:, 0]
+            x_pred = self.predictor_input("mlp")
+            fused = self.fused_predicted_mlp(h, x_pred, self.mlp_predictor, k)
+            if fused is not None:
+                return fused
+            scores = self.predictor_scores(self.mlp_predictor, x_pred)[:, 0]
             neurons = scores.topk(k, dim=-1).indices.sort(dim=-1).values  # [B, K], in weight order
             return self.gathered_mlp(h, neurons)
         keep = self.select(self.mlp_predictor, self.predictor_input("mlp"), self.mlp_keep, width)

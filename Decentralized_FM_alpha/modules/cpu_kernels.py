@@ -1,0 +1,120 @@
+"""The C kernels of CPU decoding (decode_kernels.c beside this file), loaded through ctypes.
+
+They run one token at batch 1 in float32 on the CPU: DecodeLinear's one-row products, the
+gathered (sparse) MLP, DejaVu's predicted MLP in one call, and a whole Llama decoder layer.
+The source is compiled once with the system C compiler (about 1 s) into a per-machine cache
+($DEJAVU_KERNEL_CACHE, default $TMPDIR/dejavu_kernels_<uid>); where there is no compiler the
+callers fall back to torch ops, which give the same numbers. DEJAVU_CPU_KERNELS=0 (or
+ENABLED = False at run time) turns the kernels off.
+"""
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+logger = logging.getLogger(__name__)
+
+SOURCE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_kernels.c")
+ENABLED = os.environ.get("DEJAVU_CPU_KERNELS", "1") != "0"  # settable at run time
+_state = {"lib": None, "tried": False, "error": None}
+
+_pointer, _size, _float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class LlamaLayer(ctypes.Structure):
+    """Mirror of decode_kernels.c's llama_layer: one decoder layer's weights (NULL: no bias)."""
+
+    _fields_ = [(name, _pointer) for name in (
+        "attn_norm", "q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias",
+        "mlp_norm", "gate", "up", "down", "gate_bias", "up_bias", "down_bias")] + [
+        (name, _size) for name in ("hidden", "heads", "kv_heads", "head_dim", "inner")] + [
+        ("attn_eps", _float), ("mlp_eps", _float)]
+
+
+_SIGNATURES = {
+    "dejavu_gathered_dots": [_pointer] * 5 + [_size] * 3 + [_pointer] * 3 + [_size] * 2,
+    "dejavu_gathered_rows_sum": [_pointer] * 3 + [_size] * 3 + [_pointer] * 2 + [_size],
+    "dejavu_llama_decode_layer": [ctypes.POINTER(LlamaLayer)] + [_pointer] * 4 + [_size] * 2 + [_pointer] * 3
+                                 + [_float],
+    "dejavu_predicted_mlp": [_pointer, _size, _pointer, _size, _pointer, _pointer, _size] + [_pointer] * 6
+                            + [_size] * 2 + [_pointer] * 2,
+}
+
+
+def _cpu_fingerprint():
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [l for l in f if l.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _compile():
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not compiler:
+        raise RuntimeError("no C compiler (gcc/cc) found")
+    with open(SOURCE_PATH) as f:
+        source = f.read()
+    folder = os.environ.get("DEJAVU_KERNEL_CACHE") or os.path.join(
+        tempfile.gettempdir(), f"dejavu_kernels_{os.getuid() if hasattr(os, 'getuid') else 'user'}")
+    os.makedirs(folder, exist_ok=True)
+    errors = []
+    for flags in (["-O3", "-march=native"], ["-O3"]):
+        key = hashlib.sha256("\0".join([source, compiler, *flags, platform.machine(),
+                                        _cpu_fingerprint()]).encode()).hexdigest()[:16]
+        target = os.path.join(folder, f"decode_{key}.so")
+        if not os.path.isfile(target):
+            # Unique temporary names, then an atomic rename: concurrent processes (pipeline
+            # ranks) may compile at once and none sees a half-written library.
+            stem = os.path.join(folder, f".decode_{key}_{os.getpid()}")
+            with open(stem + ".c", "w") as f:
+                f.write(source)
+            try:
+                result = subprocess.run([compiler, *flags, "-fPIC", "-shared", "-o", stem + ".so", stem + ".c", "-lm"],
+                                        capture_output=True, text=True, timeout=120)
+                if result.returncode != 0:
+                    errors.append(f"{' '.join(flags)}: {result.stderr.strip()[-500:]}")
+                    continue
+                os.replace(stem + ".so", target)
+            finally:
+                for leftover in (stem + ".c", stem + ".so"):
+                    if os.path.exists(leftover):
+                        os.remove(leftover)
+        try:
+            lib = ctypes.CDLL(target)
+        except OSError as error:
+            errors.append(f"{target}: {error}")
+            continue
+        for name, argtypes in _SIGNATURES.items():
+            function = getattr(lib, name)
+            function.argtypes, function.restype = argtypes, ctypes.c_int
+        return lib
+    raise RuntimeError("; ".join(errors))
+
+
+def kernel_library():
+    """The compiled kernels (a ctypes library), or None where they are off or cannot be built."""
+    if not ENABLED:
+        return None
+    if not _state["tried"]:
+        _state["tried"] = True
+        try:
+            _state["lib"] = _compile()
+        except Exception as error:  # no compiler, sandbox, ...: torch ops give the same numbers
+            _state["error"] = str(error)
+            logger.warning("CPU decode kernels unavailable (%s); using torch ops (same numbers, slower)", error)
+    return _state["lib"]
+
+
+def unavailable_reason():
+    """Why kernel_library() is None ('' when it is not)."""
+    if not ENABLED:
+        return "turned off (DEJAVU_CPU_KERNELS=0)"
+    kernel_library()
+    return _state["error"] or ""

@@ -1,0 +1,265 @@
+/* CPU kernels for decoding one token (batch 1, float32), called through ctypes from
+   cpu_kernels.py. Single-threaded; every function returns 0, or non-zero on bad input. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+typedef float v8 __attribute__((vector_size(32)));
+static inline v8 ld(const float* p) { v8 v; memcpy(&v, p, sizeof v); return v; }
+static inline void st(float* p, v8 v) { memcpy(p, &v, sizeof v); }
+static inline float hsum(v8 v) { float s = 0.f; for (int i = 0; i < 8; i++) s += v[i]; return s; }
+#define PREFETCH(p) __builtin_prefetch((p), 0, 0)
+
+static int bad_index(const int64_t* idx, int64_t K, int64_t rows) {
+  if (!idx) return K > rows;
+  for (int64_t k = 0; k < K; k++) if (idx[k] < 0 || idx[k] >= rows) return 1;
+  return 0;
+}
+
+static float dot(const float* w, const float* h, int64_t d) {
+  v8 s = {0}; int64_t j = 0; float t = 0.f;
+  for (; j + 8 <= d; j += 8) s += ld(w + j) * ld(h + j);
+  for (; j < d; j++) t += w[j] * h[j];
+  return hsum(s) + t;
+}
+
+/* act 0: out_a[k] = A[i].h + bias_a[i], out_b[k] = B[i].h + bias_b[i]   (i = idx[k])
+   act 1: out_a[k] = silu(A[i].h + bias_a[i]) * (B[i].h + bias_b[i])
+   act 2: out_a[k] = relu(A[i].h + bias_a[i])
+   A, B: [rows, d] row-major; B, biases may be NULL; pf: neurons ahead to prefetch (0: none).
+   idx NULL: every row in order (i = k), the dense product DecodeLinear uses for one input row. */
+#define ROW(k) (idx ? idx[(k)] : (k))
+static inline void finish(int act, float a, float b, float* out_a, float* out_b, int64_t k) {
+  if (act == 1) out_a[k] = a / (1.f + expf(-a)) * b;
+  else if (act == 2) out_a[k] = a > 0.f ? a : 0.f;
+  else { out_a[k] = a; if (out_b) out_b[k] = b; }
+}
+
+int dejavu_gathered_dots(const float* A, const float* B, const float* bias_a, const float* bias_b,
+                         const int64_t* idx, int64_t K, int64_t rows, int64_t d, const float* h,
+                         float* out_a, float* out_b, int64_t act, int64_t pf) {
+  if (bad_index(idx, K, rows)) return 1;
+  int64_t k = 0, d8 = d - d % 8;
+#define BA(i) (bias_a ? bias_a[i] : 0.f)
+#define BB(i) (bias_b ? bias_b[i] : 0.f)
+  if (B) {
+    for (; k + 2 <= K; k += 2) {
+      int64_t i0 = ROW(k), i1 = ROW(k + 1);
+      const float *a0 = A + i0 * d, *b0 = B + i0 * d, *a1 = A + i1 * d, *b1 = B + i1 * d;
+      int64_t n = (pf > 0 && k + pf + 1 < K) ? k + pf : -1;
+      const float *pa0 = n < 0 ? a0 : A + ROW(n) * d, *pb0 = n < 0 ? b0 : B + ROW(n) * d;
+      const float *pa1 = n < 0 ? a1 : A + ROW(n + 1) * d, *pb1 = n < 0 ? b1 : B + ROW(n + 1) * d;
+      v8 sa0 = {0}, sb0 = {0}, sa1 = {0}, sb1 = {0};
+      int64_t j = 0;
+      for (; j < d8; j += 8) {
+        if (n >= 0 && (j & 15) == 0) { PREFETCH(pa0 + j); PREFETCH(pb0 + j); PREFETCH(pa1 + j); PREFETCH(pb1 + j); }
+        v8 x = ld(h + j);
+        sa0 += ld(a0 + j) * x; sb0 += ld(b0 + j) * x; sa1 += ld(a1 + j) * x; sb1 += ld(b1 + j) * x;
+      }
+      float ta0 = 0.f, tb0 = 0.f, ta1 = 0.f, tb1 = 0.f;
+      for (; j < d; j++) { ta0 += a0[j] * h[j]; tb0 += b0[j] * h[j]; ta1 += a1[j] * h[j]; tb1 += b1[j] * h[j]; }
+      finish(act, hsum(sa0) + ta0 + BA(i0), hsum(sb0) + tb0 + BB(i0), out_a, out_b, k);
+      finish(act, hsum(sa1) + ta1 + BA(i1), hsum(sb1) + tb1 + BB(i1), out_a, out_b, k + 1);
+    }
+    for (; k < K; k++) {
+      int64_t i = ROW(k);
+      finish(act, dot(A + i * d, h, d) + BA(i), dot(B + i * d, h, d) + BB(i), out_a, out_b, k);
+    }
+    return 0;
+  }
+  for (; k + 4 <= K; k += 4) {
+    int64_t i0 = ROW(k), i1 = ROW(k + 1), i2 = ROW(k + 2), i3 = ROW(k + 3);
+    const float *r0 = A + i0 * d, *r1 = A + i1 * d, *r2 = A + i2 * d, *r3 = A + i3 * d;
+    int64_t n = (pf > 0 && k + 2 * pf + 3 < K) ? k + 2 * pf : -1;
+    const float *p0 = n < 0 ? r0 : A + ROW(n) * d, *p1 = n < 0 ? r1 : A + ROW(n + 1) * d;
+    const float *p2 = n < 0 ? r2 : A + ROW(n + 2) * d, *p3 = n < 0 ? r3 : A + ROW(n + 3) * d;
+    v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    int64_t j = 0;
+    for (; j < d8; j += 8) {
+      if (n >= 0 && (j & 15) == 0) { PREFETCH(p0 + j); PREFETCH(p1 + j); PREFETCH(p2 + j); PREFETCH(p3 + j); }
+      v8 x = ld(h + j);
+      s0 += ld(r0 + j) * x; s1 += ld(r1 + j) * x; s2 += ld(r2 + j) * x; s3 += ld(r3 + j) * x;
+    }
+    float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
+    for (; j < d; j++) { t0 += r0[j] * h[j]; t1 += r1[j] * h[j]; t2 += r2[j] * h[j]; t3 += r3[j] * h[j]; }
+    finish(act, hsum(s0) + t0 + BA(i0), 0.f, out_a, 0, k);
+    finish(act, hsum(s1) + t1 + BA(i1), 0.f, out_a, 0, k + 1);
+    finish(act, hsum(s2) + t2 + BA(i2), 0.f, out_a, 0, k + 2);
+    finish(act, hsum(s3) + t3 + BA(i3), 0.f, out_a, 0, k + 3);
+  }
+  for (; k < K; k++) finish(act, dot(A + ROW(k) * d, h, d) + BA(ROW(k)), 0.f, out_a, 0, k);
+  return 0;
+}
+
+/* out[:d] = bias + sum_k a[k] * T[idx[k]]   (T: [rows, d] row-major, the transposed down/fc2;
+   bias may be NULL). */
+int dejavu_gathered_rows_sum(const float* T, const float* bias, const int64_t* idx, int64_t K, int64_t rows,
+                             int64_t d, const float* a, float* out, int64_t pf) {
+  if (bad_index(idx, K, rows)) return 1;
+  memset(out, 0, (size_t)d * sizeof(float));
+  int64_t k = 0, d8 = d - d % 8;
+  for (; k + 4 <= K; k += 4) {
+    const float *r0 = T + idx[k] * d, *r1 = T + idx[k + 1] * d, *r2 = T + idx[k + 2] * d, *r3 = T + idx[k + 3] * d;
+    int64_t n = (pf > 0 && k + 2 * pf + 3 < K) ? k + 2 * pf : -1;
+    const float *p0 = n < 0 ? r0 : T + idx[n] * d, *p1 = n < 0 ? r1 : T + idx[n + 1] * d;
+    const float *p2 = n < 0 ? r2 : T + idx[n + 2] * d, *p3 = n < 0 ? r3 : T + idx[n + 3] * d;
+    float c0 = a[k], c1 = a[k + 1], c2 = a[k + 2], c3 = a[k + 3];
+    v8 w0 = {0}, w1 = {0}, w2 = {0}, w3 = {0};
+    w0 += c0; w1 += c1; w2 += c2; w3 += c3;
+    int64_t j = 0;
+    for (; j < d8; j += 8) {
+      if (n >= 0 && (j & 15) == 0) { PREFETCH(p0 + j); PREFETCH(p1 + j); PREFETCH(p2 + j); PREFETCH(p3 + j); }
+      st(out + j, ld(out + j) + w0 * ld(r0 + j) + w1 * ld(r1 + j) + w2 * ld(r2 + j) + w3 * ld(r3 + j));
+    }
+    for (; j < d; j++) out[j] += c0 * r0[j] + c1 * r1[j] + c2 * r2[j] + c3 * r3[j];
+  }
+  for (; k < K; k++) {
+    const float* r = T + idx[k] * d; float c = a[k]; v8 w = {0}; w += c;
+    int64_t j = 0;
+    for (; j < d8; j += 8) st(out + j, ld(out + j) + w * ld(r + j));
+    for (; j < d; j++) out[j] += c * r[j];
+  }
+  if (bias) for (int64_t j = 0; j < d; j++) out[j] += bias[j];
+  return 0;
+}
+
+/* ------------------------------------------------------------------------------------------
+   One Llama decoder layer for one token: x_out = x + attn(norm(x)), then + mlp(norm(.)).
+   The layer's new key and value are written at position t of its cache; the query attends
+   to positions 0..t whose key_valid is set (key_valid NULL: all; position t always). */
+typedef struct {
+  const float *attn_norm, *q, *k, *v, *o, *q_bias, *k_bias, *v_bias, *o_bias;
+  const float *mlp_norm, *gate, *up, *down, *gate_bias, *up_bias, *down_bias;
+  int64_t hidden, heads, kv_heads, head_dim, inner;
+  float attn_eps, mlp_eps;
+} llama_layer;
+
+static void rms_norm(const float* x, const float* w, int64_t d, float eps, float* out) {
+  double s = 0.0;
+  for (int64_t j = 0; j < d; j++) s += (double)x[j] * x[j];
+  float r = 1.f / sqrtf((float)(s / d) + eps);
+  for (int64_t j = 0; j < d; j++) out[j] = w[j] * (x[j] * r);
+}
+
+/* x * cos + roll(x, half) * signed_sin (signed_sin = [-sin_lo, sin_hi]): Llama's RoPE */
+static void rope(float* x, const float* cos, const float* ssin, int64_t hd) {
+  int64_t half = hd / 2;
+  for (int64_t j = 0; j < half; j++) {
+    float lo = x[j], hi = x[j + half];
+    x[j] = lo * cos[j] + hi * ssin[j];
+    x[j + half] = hi * cos[j + half] + lo * ssin[j + half];
+  }
+}
+
+static void gemv(const float* w, const float* bias, int64_t rows, int64_t d, const float* h, float* out) {
+  dejavu_gathered_dots(w, 0, bias, 0, 0, rows, rows, d, h, out, 0, 0, 0);
+}
+
+int dejavu_llama_decode_layer(const llama_layer* L, const float* x, float* x_out, float* k_cache,
+                              float* v_cache, int64_t head_stride, int64_t t, const float* cos,
+                              const float* ssin, const uint8_t* key_valid, float scale) {
+  int64_t d = L->hidden, hd = L->head_dim, nh = L->heads, nkv = L->kv_heads, inner = L->inner;
+  if (nkv <= 0 || nh % nkv || hd % 2 || t < 0 || (t + 1) * hd > head_stride) return 1;
+  int64_t qd = nh * hd, kvd = nkv * hd, group = nh / nkv;
+  float* scratch = malloc(sizeof(float) * (size_t)(2 * d + 2 * qd + 2 * kvd + inner + t + 1));
+  if (!scratch) return 2;
+  float *xn = scratch, *q = xn + d, *k = q + qd, *v = k + kvd, *heads = v + kvd, *act = heads + qd;
+  float *mlp_out = act + inner, *p = mlp_out + d;
+
+  rms_norm(x, L->attn_norm, d, L->attn_eps, xn);
+  gemv(L->q, L->q_bias, qd, d, xn, q);
+  gemv(L->k, L->k_bias, kvd, d, xn, k);
+  gemv(L->v, L->v_bias, kvd, d, xn, v);
+  for (int64_t h = 0; h < nh; h++) rope(q + h * hd, cos, ssin, hd);
+  for (int64_t g = 0; g < nkv; g++) {
+    rope(k + g * hd, cos, ssin, hd);
+    memcpy(k_cache + g * head_stride + t * hd, k + g * hd, sizeof(float) * hd);
+    memcpy(v_cache + g * head_stride + t * hd, v + g * hd, sizeof(float) * hd);
+  }
+  for (int64_t h = 0; h < nh; h++) {
+    const float *qh = q + h * hd, *keys = k_cache + (h / group) * head_stride, *values = v_cache + (h / group) * head_stride;
+    float best = -INFINITY, total = 0.f, *out = heads + h * hd;
+    for (int64_t i = 0; i <= t; i++) {
+      int valid = i == t || !key_valid || key_valid[i];
+      p[i] = valid ? scale * dot(qh, keys + i * hd, hd) : -INFINITY;
+      if (p[i] > best) best = p[i];
+    }
+    for (int64_t i = 0; i <= t; i++) { p[i] = p[i] == -INFINITY ? 0.f : expf(p[i] - best); total += p[i]; }
+    memset(out, 0, sizeof(float) * hd);
+    for (int64_t i = 0; i <= t; i++) {
+      if (p[i] == 0.f) continue;
+      const float* row = values + i * hd; float c = p[i] / total;
+      for (int64_t j = 0; j < hd; j++) out[j] += c * row[j];
+    }
+  }
+  gemv(L->o, L->o_bias, d, qd, heads, x_out);
+  for (int64_t j = 0; j < d; j++) x_out[j] += x[j];
+
+  rms_norm(x_out, L->mlp_norm, d, L->mlp_eps, xn);
+  dejavu_gathered_dots(L->gate, L->up, L->gate_bias, L->up_bias, 0, inner, inner, d, xn, act, 0, 1, 0);
+  gemv(L->down, L->down_bias, d, inner, act, mlp_out);
+  for (int64_t j = 0; j < d; j++) x_out[j] += mlp_out[j];
+  free(scratch);
+  return 0;
+}
+
+/* ------------------------------------------------------------------------------------------
+   DejaVu's predicted sparse MLP for one token, in one call:
+     scores = P2 (P1 xp)                      the low-rank predictor (no biases)
+     kept   = the K highest scores, in index order (neurons, if given, receives them)
+     out    = bias + sum over kept i of act_i * T[i]   (T: down/fc2 transposed, [inner, d])
+   act_i = silu(A[i].h + a_bias) * (B[i].h + b_bias) with B (Llama), relu(A[i].h + a_bias)
+   without (OPT). */
+static void swap_f(float* a, float* b) { float t = *a; *a = *b; *b = t; }
+
+/* The k-th largest (k >= 1) of v[0..n), reordering v (quickselect, median of three). */
+static float kth_largest(float* v, int64_t n, int64_t k) {
+  int64_t lo = 0, hi = n - 1, target = k - 1;
+  while (lo < hi) {
+    int64_t mid = lo + (hi - lo) / 2;
+    if (v[mid] > v[lo]) swap_f(v + mid, v + lo);
+    if (v[hi] > v[lo]) swap_f(v + hi, v + lo);
+    if (v[mid] > v[hi]) swap_f(v + mid, v + hi);
+    float pivot = v[hi];                      /* the median of the three */
+    int64_t i = lo, j = hi - 1;
+    for (;;) {                                /* descending: > pivot left, < pivot right */
+      while (i <= j && v[i] > pivot) i++;
+      while (i <= j && v[j] < pivot) j--;
+      if (i >= j) break;
+      swap_f(v + i, v + j); i++; j--;
+    }
+    swap_f(v + i, v + hi);                    /* pivot to its final place i */
+    if (i == target) return v[i];
+    if (i < target) lo = i + 1; else hi = i - 1;
+  }
+  return v[lo];
+}
+
+int dejavu_predicted_mlp(const float* xp, int64_t dp, const float* p1, int64_t rank, const float* p2,
+                         const float* h, int64_t d, const float* A, const float* B, const float* a_bias,
+                         const float* b_bias, const float* T, const float* bias, int64_t inner, int64_t K,
+                         float* out, int64_t* neurons) {
+  if (K < 1 || K > inner) return 1;
+  float* scratch = malloc(sizeof(float) * (size_t)(rank + 3 * inner) + sizeof(int64_t) * (size_t)K);
+  if (!scratch) return 2;
+  float *low = scratch, *scores = low + rank, *sorted = scores + inner, *act = sorted + inner;
+  int64_t* kept = (int64_t*)(act + inner);
+  gemv(p1, 0, rank, dp, xp, low);
+  gemv(p2, 0, inner, rank, low, scores);
+  for (int64_t i = 0; i < inner; i++) {
+    if (scores[i] != scores[i]) scores[i] = INFINITY;  /* NaN ranks first, as in torch.topk */
+    sorted[i] = scores[i];
+  }
+  float threshold = kth_largest(sorted, inner, K);
+  int64_t above = 0, count = 0;
+  for (int64_t i = 0; i < inner; i++) above += scores[i] > threshold;
+  for (int64_t i = 0, ties = K - above; i < inner && count < K; i++) {
+    if (scores[i] > threshold) kept[count++] = i;
+    else if (scores[i] == threshold && ties > 0) { kept[count++] = i; ties--; }
+  }
+  int status = dejavu_gathered_dots(A, B, a_bias, b_bias, kept, K, inner, d, h, act, 0, B ? 1 : 2, 0);
+  if (!status) status = dejavu_gathered_rows_sum(T, bias, kept, K, inner, d, act, out, 0);
+  if (!status && neurons) memcpy(neurons, kept, sizeof(int64_t) * (size_t)K);
+  free(scratch);
+  return status;
+}
