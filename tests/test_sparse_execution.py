@@ -104,16 +104,25 @@ def test_predicted_decode_gathers_and_matches_masking(tmp_path):
 @pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("keep", [1, 0.1, 0.5, 1.0])
 @pytest.mark.parametrize("tied", [False, True])
-def test_predicted_mlp_kernel_matches_torch_steps(tmp_path, family, keep, tied):
+@pytest.mark.parametrize("packed", [False, True])
+def test_predicted_mlp_kernel_matches_torch_steps(tmp_path, family, keep, tied, packed):
     """The one-call predicted MLP (predictor, top-K, gathered MLP) against the same steps in torch
-    ops. With tied scores (repeated predictor rows) the kernel keeps the lowest indices."""
+    ops, on the checkpoint's layout and on the packed one. With tied scores (repeated predictor
+    rows) the kernel keeps the lowest indices."""
     from modules import cpu_kernels
     from modules.sparse_execution import kept_count
+    from modules.sparse_gather import pack_mlp_neurons
 
     if cpu_kernels.kernel_library() is None:
         pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
     model = LocalModel.from_checkpoint(build(family, tmp_path), f"{family}-ml-att-sparse")
     block, d, width = model.blocks[1], model.config.hidden_size, mlp_width(model.config)
+    if packed:
+        before = {key: value.clone() for key, value in block.state_dict().items()}
+        assert pack_mlp_neurons(*block.neuron_linears()[:3])
+        after = block.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[key], after[key]) for key in before)
+        assert not block.neuron_linears()[0].weight.is_contiguous()  # really the interleaved views
     torch.manual_seed(2)
     predictor = nn.Sequential(nn.Linear(d, 8, bias=False), nn.Linear(8, width, bias=False)).requires_grad_(False)
     if tied:  # every score appears four times

@@ -36,13 +36,18 @@ class LlamaLayer(ctypes.Structure):
         ("attn_eps", _float), ("mlp_eps", _float)]
 
 
+_P, _N = _pointer, _size
 _SIGNATURES = {
-    "dejavu_gathered_dots": [_pointer] * 5 + [_size] * 3 + [_pointer] * 3 + [_size] * 2,
-    "dejavu_gathered_rows_sum": [_pointer] * 3 + [_size] * 3 + [_pointer] * 2 + [_size],
-    "dejavu_llama_decode_layer": [ctypes.POINTER(LlamaLayer)] + [_pointer] * 4 + [_size] * 2 + [_pointer] * 3
-                                 + [_float],
-    "dejavu_predicted_mlp": [_pointer, _size, _pointer, _size, _pointer, _pointer, _size] + [_pointer] * 6
-                            + [_size] * 2 + [_pointer] * 2,
+    # A, lda, B, ldb, bias_a, bias_b, idx, K, rows, d, h, out_a, out_b, act
+    "dejavu_gathered_dots": [_P, _N, _P, _N, _P, _P, _P, _N, _N, _N, _P, _P, _P, _N],
+    # T, ldt, bias, idx, K, rows, d, a, out
+    "dejavu_gathered_rows_sum": [_P, _N, _P, _P, _N, _N, _N, _P, _P],
+    # A, lda, B, ldb, a_bias, b_bias, T, ldt, bias, idx, K, rows, d, h, out
+    "dejavu_gathered_mlp": [_P, _N, _P, _N, _P, _P, _P, _N, _P, _P, _N, _N, _N, _P, _P],
+    # xp, dp, p1, rank, p2, A, lda, B, ldb, a_bias, b_bias, T, ldt, bias, inner, K, d, h, out, neurons
+    "dejavu_predicted_mlp": [_P, _N, _P, _N, _P, _P, _N, _P, _N, _P, _P, _P, _N, _P, _N, _N, _N, _P, _P, _P],
+    # layer, x, x_out, k_cache, v_cache, head_stride, t, cos, signed_sin, key_valid, scale
+    "dejavu_llama_decode_layer": [ctypes.POINTER(LlamaLayer), _P, _P, _P, _P, _N, _N, _P, _P, _P, _float],
 }
 
 

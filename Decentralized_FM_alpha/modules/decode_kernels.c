@@ -8,7 +8,6 @@ typedef float v8 __attribute__((vector_size(32)));
 static inline v8 ld(const float* p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float* p, v8 v) { memcpy(p, &v, sizeof v); }
 static inline float hsum(v8 v) { float s = 0.f; for (int i = 0; i < 8; i++) s += v[i]; return s; }
-#define PREFETCH(p) __builtin_prefetch((p), 0, 0)
 
 static int bad_index(const int64_t* idx, int64_t K, int64_t rows) {
   if (!idx) return K > rows;
@@ -23,98 +22,92 @@ static float dot(const float* w, const float* h, int64_t d) {
   return hsum(s) + t;
 }
 
-/* act 0: out_a[k] = A[i].h + bias_a[i], out_b[k] = B[i].h + bias_b[i]   (i = idx[k])
-   act 1: out_a[k] = silu(A[i].h + bias_a[i]) * (B[i].h + bias_b[i])
-   act 2: out_a[k] = relu(A[i].h + bias_a[i])
-   A, B: [rows, d] row-major; B, biases may be NULL; pf: neurons ahead to prefetch (0: none).
-   idx NULL: every row in order (i = k), the dense product DecodeLinear uses for one input row. */
-#define ROW(k) (idx ? idx[(k)] : (k))
-static inline void finish(int act, float a, float b, float* out_a, float* out_b, int64_t k) {
-  if (act == 1) out_a[k] = a / (1.f + expf(-a)) * b;
-  else if (act == 2) out_a[k] = a > 0.f ? a : 0.f;
-  else { out_a[k] = a; if (out_b) out_b[k] = b; }
+#define ACT_NONE 0
+#define ACT_SILU_GLU 1
+#define ACT_RELU 2
+static inline float activate(int64_t act, float a, float b) {
+  if (act == ACT_SILU_GLU) return a / (1.f + expf(-a)) * b;
+  if (act == ACT_RELU) return a > 0.f ? a : 0.f;
+  return a;
 }
 
-int dejavu_gathered_dots(const float* A, const float* B, const float* bias_a, const float* bias_b,
-                         const int64_t* idx, int64_t K, int64_t rows, int64_t d, const float* h,
-                         float* out_a, float* out_b, int64_t act, int64_t pf) {
-  if (bad_index(idx, K, rows)) return 1;
-  int64_t k = 0, d8 = d - d % 8;
+/* Rows i = idx[k] (idx NULL: i = k, every row in order) of A [rows, d] (row stride lda) and
+   B (row stride ldb; may be NULL) against h [d]:
+     act 0: out_a[k] = A[i].h + bias_a[i], out_b[k] = B[i].h + bias_b[i]
+     act 1: out_a[k] = silu(A[i].h + bias_a[i]) * (B[i].h + bias_b[i])
+     act 2: out_a[k] = relu(A[i].h + bias_a[i])
+   Biases may be NULL. Four rows (two of A and two of B) stream at once. */
+#define ROW(k) (idx ? idx[(k)] : (k))
 #define BA(i) (bias_a ? bias_a[i] : 0.f)
 #define BB(i) (bias_b ? bias_b[i] : 0.f)
+int dejavu_gathered_dots(const float* A, int64_t lda, const float* B, int64_t ldb, const float* bias_a,
+                         const float* bias_b, const int64_t* idx, int64_t K, int64_t rows, int64_t d,
+                         const float* h, float* out_a, float* out_b, int64_t act) {
+  if (bad_index(idx, K, rows)) return 1;
+  int64_t k = 0, d8 = d - d % 8;
   if (B) {
     for (; k + 2 <= K; k += 2) {
       int64_t i0 = ROW(k), i1 = ROW(k + 1);
-      const float *a0 = A + i0 * d, *b0 = B + i0 * d, *a1 = A + i1 * d, *b1 = B + i1 * d;
-      int64_t n = (pf > 0 && k + pf + 1 < K) ? k + pf : -1;
-      const float *pa0 = n < 0 ? a0 : A + ROW(n) * d, *pb0 = n < 0 ? b0 : B + ROW(n) * d;
-      const float *pa1 = n < 0 ? a1 : A + ROW(n + 1) * d, *pb1 = n < 0 ? b1 : B + ROW(n + 1) * d;
+      const float *a0 = A + i0 * lda, *b0 = B + i0 * ldb, *a1 = A + i1 * lda, *b1 = B + i1 * ldb;
       v8 sa0 = {0}, sb0 = {0}, sa1 = {0}, sb1 = {0};
       int64_t j = 0;
       for (; j < d8; j += 8) {
-        if (n >= 0 && (j & 15) == 0) { PREFETCH(pa0 + j); PREFETCH(pb0 + j); PREFETCH(pa1 + j); PREFETCH(pb1 + j); }
         v8 x = ld(h + j);
         sa0 += ld(a0 + j) * x; sb0 += ld(b0 + j) * x; sa1 += ld(a1 + j) * x; sb1 += ld(b1 + j) * x;
       }
       float ta0 = 0.f, tb0 = 0.f, ta1 = 0.f, tb1 = 0.f;
       for (; j < d; j++) { ta0 += a0[j] * h[j]; tb0 += b0[j] * h[j]; ta1 += a1[j] * h[j]; tb1 += b1[j] * h[j]; }
-      finish(act, hsum(sa0) + ta0 + BA(i0), hsum(sb0) + tb0 + BB(i0), out_a, out_b, k);
-      finish(act, hsum(sa1) + ta1 + BA(i1), hsum(sb1) + tb1 + BB(i1), out_a, out_b, k + 1);
+      float va0 = hsum(sa0) + ta0 + BA(i0), vb0 = hsum(sb0) + tb0 + BB(i0);
+      float va1 = hsum(sa1) + ta1 + BA(i1), vb1 = hsum(sb1) + tb1 + BB(i1);
+      out_a[k] = activate(act, va0, vb0); out_a[k + 1] = activate(act, va1, vb1);
+      if (act == ACT_NONE && out_b) { out_b[k] = vb0; out_b[k + 1] = vb1; }
     }
     for (; k < K; k++) {
       int64_t i = ROW(k);
-      finish(act, dot(A + i * d, h, d) + BA(i), dot(B + i * d, h, d) + BB(i), out_a, out_b, k);
+      float va = dot(A + i * lda, h, d) + BA(i), vb = dot(B + i * ldb, h, d) + BB(i);
+      out_a[k] = activate(act, va, vb);
+      if (act == ACT_NONE && out_b) out_b[k] = vb;
     }
     return 0;
   }
   for (; k + 4 <= K; k += 4) {
     int64_t i0 = ROW(k), i1 = ROW(k + 1), i2 = ROW(k + 2), i3 = ROW(k + 3);
-    const float *r0 = A + i0 * d, *r1 = A + i1 * d, *r2 = A + i2 * d, *r3 = A + i3 * d;
-    int64_t n = (pf > 0 && k + 2 * pf + 3 < K) ? k + 2 * pf : -1;
-    const float *p0 = n < 0 ? r0 : A + ROW(n) * d, *p1 = n < 0 ? r1 : A + ROW(n + 1) * d;
-    const float *p2 = n < 0 ? r2 : A + ROW(n + 2) * d, *p3 = n < 0 ? r3 : A + ROW(n + 3) * d;
+    const float *r0 = A + i0 * lda, *r1 = A + i1 * lda, *r2 = A + i2 * lda, *r3 = A + i3 * lda;
     v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
     int64_t j = 0;
     for (; j < d8; j += 8) {
-      if (n >= 0 && (j & 15) == 0) { PREFETCH(p0 + j); PREFETCH(p1 + j); PREFETCH(p2 + j); PREFETCH(p3 + j); }
       v8 x = ld(h + j);
       s0 += ld(r0 + j) * x; s1 += ld(r1 + j) * x; s2 += ld(r2 + j) * x; s3 += ld(r3 + j) * x;
     }
     float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
     for (; j < d; j++) { t0 += r0[j] * h[j]; t1 += r1[j] * h[j]; t2 += r2[j] * h[j]; t3 += r3[j] * h[j]; }
-    finish(act, hsum(s0) + t0 + BA(i0), 0.f, out_a, 0, k);
-    finish(act, hsum(s1) + t1 + BA(i1), 0.f, out_a, 0, k + 1);
-    finish(act, hsum(s2) + t2 + BA(i2), 0.f, out_a, 0, k + 2);
-    finish(act, hsum(s3) + t3 + BA(i3), 0.f, out_a, 0, k + 3);
+    out_a[k] = activate(act, hsum(s0) + t0 + BA(i0), 0.f);
+    out_a[k + 1] = activate(act, hsum(s1) + t1 + BA(i1), 0.f);
+    out_a[k + 2] = activate(act, hsum(s2) + t2 + BA(i2), 0.f);
+    out_a[k + 3] = activate(act, hsum(s3) + t3 + BA(i3), 0.f);
   }
-  for (; k < K; k++) finish(act, dot(A + ROW(k) * d, h, d) + BA(ROW(k)), 0.f, out_a, 0, k);
+  for (; k < K; k++) out_a[k] = activate(act, dot(A + ROW(k) * lda, h, d) + BA(ROW(k)), 0.f);
   return 0;
 }
 
-/* out[:d] = bias + sum_k a[k] * T[idx[k]]   (T: [rows, d] row-major, the transposed down/fc2;
-   bias may be NULL). */
-int dejavu_gathered_rows_sum(const float* T, const float* bias, const int64_t* idx, int64_t K, int64_t rows,
-                             int64_t d, const float* a, float* out, int64_t pf) {
+/* out[:d] = bias + sum_k a[k] * T[idx[k]]   (T: [rows, d], row stride ldt: the transposed
+   down/fc2; bias may be NULL). */
+int dejavu_gathered_rows_sum(const float* T, int64_t ldt, const float* bias, const int64_t* idx, int64_t K,
+                             int64_t rows, int64_t d, const float* a, float* out) {
   if (bad_index(idx, K, rows)) return 1;
   memset(out, 0, (size_t)d * sizeof(float));
   int64_t k = 0, d8 = d - d % 8;
   for (; k + 4 <= K; k += 4) {
-    const float *r0 = T + idx[k] * d, *r1 = T + idx[k + 1] * d, *r2 = T + idx[k + 2] * d, *r3 = T + idx[k + 3] * d;
-    int64_t n = (pf > 0 && k + 2 * pf + 3 < K) ? k + 2 * pf : -1;
-    const float *p0 = n < 0 ? r0 : T + idx[n] * d, *p1 = n < 0 ? r1 : T + idx[n + 1] * d;
-    const float *p2 = n < 0 ? r2 : T + idx[n + 2] * d, *p3 = n < 0 ? r3 : T + idx[n + 3] * d;
+    const float *r0 = T + idx[k] * ldt, *r1 = T + idx[k + 1] * ldt, *r2 = T + idx[k + 2] * ldt, *r3 = T + idx[k + 3] * ldt;
     float c0 = a[k], c1 = a[k + 1], c2 = a[k + 2], c3 = a[k + 3];
     v8 w0 = {0}, w1 = {0}, w2 = {0}, w3 = {0};
     w0 += c0; w1 += c1; w2 += c2; w3 += c3;
     int64_t j = 0;
-    for (; j < d8; j += 8) {
-      if (n >= 0 && (j & 15) == 0) { PREFETCH(p0 + j); PREFETCH(p1 + j); PREFETCH(p2 + j); PREFETCH(p3 + j); }
-      st(out + j, ld(out + j) + w0 * ld(r0 + j) + w1 * ld(r1 + j) + w2 * ld(r2 + j) + w3 * ld(r3 + j));
-    }
+    for (; j < d8; j += 8) st(out + j, ld(out + j) + w0 * ld(r0 + j) + w1 * ld(r1 + j) + w2 * ld(r2 + j) + w3 * ld(r3 + j));
     for (; j < d; j++) out[j] += c0 * r0[j] + c1 * r1[j] + c2 * r2[j] + c3 * r3[j];
   }
   for (; k < K; k++) {
-    const float* r = T + idx[k] * d; float c = a[k]; v8 w = {0}; w += c;
+    const float* r = T + idx[k] * ldt; float c = a[k]; v8 w = {0}; w += c;
     int64_t j = 0;
     for (; j < d8; j += 8) st(out + j, ld(out + j) + w * ld(r + j));
     for (; j < d; j++) out[j] += c * r[j];
@@ -152,7 +145,7 @@ static void rope(float* x, const float* cos, const float* ssin, int64_t hd) {
 }
 
 static void gemv(const float* w, const float* bias, int64_t rows, int64_t d, const float* h, float* out) {
-  dejavu_gathered_dots(w, 0, bias, 0, 0, rows, rows, d, h, out, 0, 0, 0);
+  dejavu_gathered_dots(w, d, 0, 0, bias, 0, 0, rows, rows, d, h, out, 0, ACT_NONE);
 }
 
 int dejavu_llama_decode_layer(const llama_layer* L, const float* x, float* x_out, float* k_cache,
@@ -196,7 +189,7 @@ int dejavu_llama_decode_layer(const llama_layer* L, const float* x, float* x_out
   for (int64_t j = 0; j < d; j++) x_out[j] += x[j];
 
   rms_norm(x_out, L->mlp_norm, d, L->mlp_eps, xn);
-  dejavu_gathered_dots(L->gate, L->up, L->gate_bias, L->up_bias, 0, inner, inner, d, xn, act, 0, 1, 0);
+  dejavu_gathered_dots(L->gate, d, L->up, d, L->gate_bias, L->up_bias, 0, inner, inner, d, xn, act, 0, ACT_SILU_GLU);
   gemv(L->down, L->down_bias, d, inner, act, mlp_out);
   for (int64_t j = 0; j < d; j++) x_out[j] += mlp_out[j];
   free(scratch);
@@ -204,12 +197,7 @@ int dejavu_llama_decode_layer(const llama_layer* L, const float* x, float* x_out
 }
 
 /* ------------------------------------------------------------------------------------------
-   DejaVu's predicted sparse MLP for one token, in one call:
-     scores = P2 (P1 xp)                      the low-rank predictor (no biases)
-     kept   = the K highest scores, in index order (neurons, if given, receives them)
-     out    = bias + sum over kept i of act_i * T[i]   (T: down/fc2 transposed, [inner, d])
-   act_i = silu(A[i].h + a_bias) * (B[i].h + b_bias) with B (Llama), relu(A[i].h + a_bias)
-   without (OPT). */
+   The sparse MLP of decoding. */
 static void swap_f(float* a, float* b) { float t = *a; *a = *b; *b = t; }
 
 /* The k-th largest (k >= 1) of v[0..n), reordering v (quickselect, median of three). */
@@ -235,15 +223,44 @@ static float kth_largest(float* v, int64_t n, int64_t k) {
   return v[lo];
 }
 
+/* The MLP on the kept neurons i = idx[k] only, in one pass over them:
+     out = bias + sum_k act_k * T[i],  act_k = activate(A[i].h + a_bias[i], B[i].h + b_bias[i])
+   (B NULL: ReLU, else SiLU-gated). T is down/fc2 transposed, [rows, d]. When A, B and T are
+   the interleaved views of one [rows, 3, d] buffer (pack_mlp_neurons), a kept neuron's weights
+   are one contiguous run of memory. */
+int dejavu_gathered_mlp(const float* A, int64_t lda, const float* B, int64_t ldb, const float* a_bias,
+                        const float* b_bias, const float* T, int64_t ldt, const float* bias, const int64_t* idx,
+                        int64_t K, int64_t rows, int64_t d, const float* h, float* out) {
+  if (bad_index(idx, K, rows)) return 1;
+  int64_t act = B ? ACT_SILU_GLU : ACT_RELU, d8 = d - d % 8, k = 0;
+  if (bias) memcpy(out, bias, sizeof(float) * (size_t)d); else memset(out, 0, sizeof(float) * (size_t)d);
+  for (; k < K; k += 2) {
+    int64_t i0 = idx[k], i1 = k + 1 < K ? idx[k + 1] : -1;
+    float c[2];
+    if (i1 >= 0) dejavu_gathered_dots(A, lda, B, ldb, a_bias, b_bias, idx + k, 2, rows, d, h, c, 0, act);
+    else { dejavu_gathered_dots(A, lda, B, ldb, a_bias, b_bias, idx + k, 1, rows, d, h, c, 0, act); c[1] = 0.f; }
+    const float *r0 = T + i0 * ldt, *r1 = T + (i1 >= 0 ? i1 : i0) * ldt;
+    v8 w0 = {0}, w1 = {0};
+    w0 += c[0]; w1 += c[1];
+    int64_t j = 0;
+    for (; j < d8; j += 8) st(out + j, ld(out + j) + w0 * ld(r0 + j) + w1 * ld(r1 + j));
+    for (; j < d; j++) out[j] += c[0] * r0[j] + c[1] * r1[j];
+  }
+  return 0;
+}
+
+/* DejaVu's predicted MLP for one token: scores = P2 (P1 xp) (the low-rank predictor, no
+   biases); the K highest scores are kept, in index order (ties: lowest index first; neurons,
+   if given, receives them); then dejavu_gathered_mlp on them. */
 int dejavu_predicted_mlp(const float* xp, int64_t dp, const float* p1, int64_t rank, const float* p2,
-                         const float* h, int64_t d, const float* A, const float* B, const float* a_bias,
-                         const float* b_bias, const float* T, const float* bias, int64_t inner, int64_t K,
-                         float* out, int64_t* neurons) {
+                         const float* A, int64_t lda, const float* B, int64_t ldb, const float* a_bias,
+                         const float* b_bias, const float* T, int64_t ldt, const float* bias, int64_t inner,
+                         int64_t K, int64_t d, const float* h, float* out, int64_t* neurons) {
   if (K < 1 || K > inner) return 1;
-  float* scratch = malloc(sizeof(float) * (size_t)(rank + 3 * inner) + sizeof(int64_t) * (size_t)K);
+  float* scratch = malloc(sizeof(float) * (size_t)(rank + 2 * inner) + sizeof(int64_t) * (size_t)K);
   if (!scratch) return 2;
-  float *low = scratch, *scores = low + rank, *sorted = scores + inner, *act = sorted + inner;
-  int64_t* kept = (int64_t*)(act + inner);
+  float *low = scratch, *scores = low + rank, *sorted = scores + inner;
+  int64_t* kept = (int64_t*)(sorted + inner);
   gemv(p1, 0, rank, dp, xp, low);
   gemv(p2, 0, inner, rank, low, scores);
   for (int64_t i = 0; i < inner; i++) {
@@ -257,8 +274,7 @@ int dejavu_predicted_mlp(const float* xp, int64_t dp, const float* p1, int64_t r
     if (scores[i] > threshold) kept[count++] = i;
     else if (scores[i] == threshold && ties > 0) { kept[count++] = i; ties--; }
   }
-  int status = dejavu_gathered_dots(A, B, a_bias, b_bias, kept, K, inner, d, h, act, 0, B ? 1 : 2, 0);
-  if (!status) status = dejavu_gathered_rows_sum(T, bias, kept, K, inner, d, act, out, 0);
+  int status = dejavu_gathered_mlp(A, lda, B, ldb, a_bias, b_bias, T, ldt, bias, kept, K, inner, d, h, out);
   if (!status && neurons) memcpy(neurons, kept, sizeof(int64_t) * (size_t)K);
   free(scratch);
   return status;

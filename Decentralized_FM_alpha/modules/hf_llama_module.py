@@ -16,7 +16,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from . import cpu_kernels
-from .sparse_gather import DecodeLinear, gathered_glu, gathered_output, is_silu, predicted_gathered_mlp
+from .sparse_gather import DecodeLinear, is_silu
 from .common import (
     KVCache,
     TappedModule,
@@ -197,16 +197,9 @@ class LlamaBlock(TappedModule):
     def mlp_output(self, act):
         return self.down_proj(act)
 
-    def gathered_mlp(self, h, neurons):
-        """The MLP computed on the kept neurons only: h [B, 1, d], neurons [B, K]."""
-
-        act = gathered_glu(h, neurons, self.gate_proj, self.up_proj, self.act_fn)  # [B, 1, K]
-        return gathered_output(self.down_proj, act, neurons)  # [B, 1, d]
-
-    def fused_predicted_mlp(self, h, x_pred, predictor, k):
-        """Predictor, top-k and gathered MLP in one kernel call per row, or None (see predicted_gathered_mlp)."""
-        return predicted_gathered_mlp(h, x_pred, predictor, k, self.gate_proj, self.up_proj, self.down_proj,
-                                      self.act_fn)
+    def neuron_linears(self):
+        """(first, second, output, activation) of the MLP, as the gathered kernels take them."""
+        return self.gate_proj, self.up_proj, self.down_proj, self.act_fn
 
     def fused_decode(self, x, layer_past, mask):
         """(x, present) for one token at batch 1 in one call of the C decoder layer, or None

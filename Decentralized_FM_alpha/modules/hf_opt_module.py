@@ -12,7 +12,7 @@ from torch import nn
 from transformers import OPTConfig
 from transformers.activations import ACT2FN
 
-from .sparse_gather import DecodeLinear, gathered_activation, gathered_output, predicted_gathered_mlp
+from .sparse_gather import DecodeLinear
 from .common import (
     TappedModule,
     build_from_checkpoint,
@@ -133,15 +133,9 @@ class OPTBlock(TappedModule):
     def mlp_output(self, act):
         return self.fc2(act)
 
-    def gathered_mlp(self, h, neurons):
-        """The MLP computed on the kept neurons only: h [B, 1, d], neurons [B, K]."""
-
-        act = gathered_activation(h, neurons, self.fc1, self.act_fn)  # [B, 1, K]
-        return gathered_output(self.fc2, act, neurons)  # [B, 1, d]
-
-    def fused_predicted_mlp(self, h, x_pred, predictor, k):
-        """Predictor, top-k and gathered MLP in one kernel call per row, or None (see predicted_gathered_mlp)."""
-        return predicted_gathered_mlp(h, x_pred, predictor, k, self.fc1, None, self.fc2, self.act_fn)
+    def neuron_linears(self):
+        """(first, second, output, activation) of the MLP, as the gathered kernels take them."""
+        return self.fc1, None, self.fc2, self.act_fn
 
     def forward(self, x, layer_past=None, mask=None):
         token_mask = token_mask_of(mask, x.shape[1])

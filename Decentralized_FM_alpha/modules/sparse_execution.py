@@ -20,7 +20,7 @@ import sys
 import torch
 from torch import nn
 
-from .sparse_gather import linear_forward
+from .sparse_gather import gathered_mlp, linear_forward, pack_mlp_neurons, predicted_gathered_mlp
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,14 @@ class SparseBlockMixin:
         if self.sparse_mode == "oracle":
             return top_k_mask(heads.float().norm(dim=-1), kept_count(self.att_keep, self.num_heads))
         return self.select(self.att_predictor, self.predictor_input("att"), self.att_keep, self.num_heads)
+
+    def gathered_mlp(self, h, neurons):
+        """The MLP computed on the kept neurons only: h [B, 1, d], neurons [B, K] -> [B, 1, d]."""
+        return gathered_mlp(h, neurons, *self.neuron_linears())
+
+    def fused_predicted_mlp(self, h, x_pred, predictor, k):
+        """Predictor, top-k and gathered MLP in one kernel call per row, or None (see predicted_gathered_mlp)."""
+        return predicted_gathered_mlp(h, x_pred, predictor, k, *self.neuron_linears())
 
     def mlp(self, h, token_mask):
         if self.sparse_mode == "dense" or (self.sparse_mode == "predicted" and self.mlp_predictor is None):
@@ -225,6 +233,10 @@ def configure_sparse(blocks, mode, sparse_path=None, mlp_keep=None, att_keep=Non
             module = module.to(next(block.parameters()).device)
             object.__setattr__(block, f"{kind}_predictor", module)
             object.__setattr__(block, f"{kind}_input", input_mode)
+            if kind == "mlp" and use_gather and not block.__dict__.get("mlp_packed"):
+                # decoding reads a kept neuron's gate, up and down weights as one run of memory
+                first, second, output, _ = block.neuron_linears()
+                block.__dict__["mlp_packed"] = pack_mlp_neurons(first, second, output)
             if kind == "att":
                 if input_mode == "prev" and block.previous_block is None:
                     raise SparseSetupError(

@@ -1,6 +1,24 @@
-"""Single-row products for decoding: gathered (sparse) MLP pieces that read only the kept
-neurons' weight rows, and DecodeLinear, the dense Linear whose one-row products stream the
-whole weight through the same kernel."""
+"""Single-row products for decoding: the gathered (sparse) MLP that reads only the kept
+neurons' weights, DejaVu's predicted MLP in one call, and DecodeLinear, the dense Linear whose
+one-row products stream the whole weight through the same kernel.
+
+gathered_mlp(h, neurons, first, second, output)     the MLP on the kept neurons (one pass)
+predicted_gathered_mlp(h, x_pred, predictor, k, ...) predictor, top-k and gathered MLP at once
+gathered_dots / gathered_glu / gathered_activation  pieces of it: the kept rows of Linear(d, I)s
+gathered_output(linear, act, neurons)               a Linear(I, d) on the input columns `neurons`
+pack_mlp_neurons(first, second, output)             one neuron's weights side by side in memory
+DecodeLinear / linear_forward(linear, x)            a dense Linear; one input row goes through the kernel
+
+`first`, `second`, `output` are Llama's gate, up, down (SiLU-gated) or OPT's fc1, None, fc2
+(ReLU). On CPU in float32 without autograd these run the C kernels of cpu_kernels.py, which
+read the kept rows in place (nothing is materialised) and apply biases and the activation on
+the fly. Rows may be strided, so the interleaved views pack_mlp_neurons leaves are read as
+they lie; a column gather of an unpacked down/fc2 reads a transposed copy made once per
+weight version (+1/3 of the MLP's weights in memory). Anywhere else (no compiler, other
+dtypes or devices, autograd) torch ops give the same numbers.
+"""
+
+from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
@@ -8,23 +26,11 @@ from torch import nn
 
 from . import cpu_kernels
 
-# ---------------------------------------------------------------------------------------------
-# Gathered (sparse) MLP for decoding: only the kept neurons' weights are read.
-#
-# gathered_glu(h, neurons, gate, up, act_fn)    act_fn(gate(h)) * up(h) on the kept neurons (Llama)
-# gathered_activation(h, neurons, fc1, act_fn)  act_fn(fc1(h)) on the kept neurons (OPT)
-# gathered_dots(h, neurons, *linears)           the rows `neurons` of Linear(d, I)s applied to h
-# gathered_output(linear, act, neurons)         a Linear(I, d) restricted to the input columns `neurons`
-# DecodeLinear / linear_forward(linear, x)      a dense Linear; one input row goes through the kernel
-#
-# On CPU in float32 (no autograd) these run the C kernels of cpu_kernels.py that read the
-# kept rows in place: nothing is materialised, several rows stream at once, gate and up are
-# read in one pass and SiLU-gating / ReLU and biases are applied on the fly. Column gathers
-# of down/fc2 read a contiguous transposed copy of its weight, made once per weight version
-# and kept on the Linear (a plain attribute, not in the state dict: +1/3 of the MLP weights
-# in memory). Anywhere else (no compiler, other dtypes or devices, autograd) torch ops give
-# the same results.
-# ---------------------------------------------------------------------------------------------
+_ACT_NONE, _ACT_SILU_GLU, _ACT_RELU = 0, 1, 2
+
+# A weight as the kernel reads it: `rows` rows of `width` floats, `stride` floats apart.
+KernelPlan = namedtuple("KernelPlan", "table pointer rows width stride bias bias_pointer")
+
 
 def gather_kernel():
     """The compiled CPU kernels (cpu_kernels.kernel_library()), or None."""
@@ -32,10 +38,10 @@ def gather_kernel():
 
 
 def _kernel_plan(linear, transposed):
-    """(table, pointer, rows, width, bias pointer) for the kernel -- the weight itself ([out, in])
-    or, when `transposed`, a contiguous copy of its transpose ([in, out]) -- or None where the
-    kernel does not apply (not float32 on CPU). Cached on the Linear per weight and bias (object,
-    version, address), so an updated or replaced weight is picked up."""
+    """The kernel's view of the weight ([out, in]; with `transposed`, of weight.t(), [in, out]),
+    or None where the kernel does not apply (not float32 on CPU). Rows with unit stride are read
+    in place; otherwise a contiguous copy is made. Cached on the Linear per weight and bias
+    (object, version, address), so an updated or replaced weight is picked up."""
     weight, bias = linear.weight, linear.bias
     # ids are safe in the key: the cache entry holds the objects, so their ids cannot be reused
     key = (id(weight), weight._version, weight.data_ptr(),
@@ -48,19 +54,21 @@ def _kernel_plan(linear, transposed):
     if weight.device.type == "cpu" and weight.dtype == torch.float32 and (
             bias is None or (bias.device.type == "cpu" and bias.dtype == torch.float32)):
         with torch.no_grad():
-            table = weight.detach().t().contiguous() if transposed else weight.detach().contiguous()
+            table = weight.detach().t() if transposed else weight.detach()
+            if table.stride(1) != 1 or table.stride(0) < table.shape[1]:
+                table = table.contiguous()
             bias_table = None if bias is None else bias.detach().contiguous()
-        plan = (table, table.data_ptr(), table.shape[0], table.shape[1],
-                None if bias_table is None else bias_table.data_ptr(), bias_table)
+        plan = KernelPlan(table, table.data_ptr(), table.shape[0], table.shape[1], table.stride(0), bias_table,
+                          None if bias_table is None else bias_table.data_ptr())
     linear.__dict__[slot] = (key, plan, weight, bias)
     return plan
 
 
 def transposed_weight(linear):
-    """A contiguous copy of `linear.weight.t()` ([in, out]), made once per weight version."""
+    """`linear.weight.t()` ([in, out]) with unit-stride rows, made once per weight version."""
     plan = _kernel_plan(linear, True)
     if plan is not None:
-        return plan[0]
+        return plan.table
     weight = linear.weight
     key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device)
     cached = linear.__dict__.get("_gather_weight_t")
@@ -73,7 +81,8 @@ def transposed_weight(linear):
 
 def _autograd(x, *linears):
     return torch.is_grad_enabled() and (x.requires_grad or any(
-        p is not None and p.requires_grad for linear in linears for p in (linear.weight, linear.bias)))
+        p is not None and p.requires_grad for linear in linears if linear is not None
+        for p in (linear.weight, linear.bias)))
 
 
 def _kernel_input(x):
@@ -88,41 +97,44 @@ def _kernel_index(neurons):
         else neurons.to(torch.int64).contiguous()
 
 
-_ACT_NONE, _ACT_SILU_GLU, _ACT_RELU = 0, 1, 2
-
-
 def is_silu(act_fn):
     return act_fn is F.silu or isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
 
 
-def _is_relu(act_fn):
+def is_relu(act_fn):
     return act_fn is F.relu or act_fn is torch.relu or isinstance(act_fn, nn.ReLU)
 
 
-def _kernel_dots(h, neurons, linears, act):
-    """The kernel's gathered dot products (see dejavu_gathered_dots), or None where it does not apply:
-    [count, B, 1, K] with count = 1 when `act` is fused, else len(linears)."""
+def _row_plans(h, linears):
+    """(library, plans, contiguous h) for gathering rows of `linears` from h, or None."""
     lib = gather_kernel()
     if lib is None or _autograd(h, *linears):
         return None
     plans = [_kernel_plan(linear, False) for linear in linears]
     hs = _kernel_input(h) if None not in plans else None
-    if hs is None:
+    return None if hs is None else (lib, plans, hs)
+
+
+def _kernel_dots(h, neurons, linears, act):
+    """The kernel's gathered dot products (see dejavu_gathered_dots), or None where it does not apply:
+    [count, B, 1, K] with count = 1 when `act` is fused, else len(linears)."""
+    setup = _row_plans(h, linears)
+    if setup is None:
         return None
+    lib, plans, hs = setup
     batch, k = neurons.shape
     index = _kernel_index(neurons)
-    count = 1 if act != _ACT_NONE else len(linears)
+    count = 1 if act != _ACT_NONE else len(plans)
     out = torch.empty(count, batch, 1, k)
-    (_, a, rows, d, bias_a, _), second = plans[0], plans[1] if len(plans) == 2 else None
-    b, bias_b = (second[1], second[4]) if second is not None else (None, None)
-    idx_ptr, h_ptr, out_ptr = index.data_ptr(), hs.data_ptr(), out.data_ptr()
-    out_b = batch * k * 4 if count == 2 else None
+    a, b = plans[0], plans[1] if len(plans) == 2 else None
+    idx_ptr, h_ptr, out_ptr, d = index.data_ptr(), hs.data_ptr(), out.data_ptr(), a.width
     for row in range(batch):
-        status = lib.dejavu_gathered_dots(a, b, bias_a, bias_b, idx_ptr + row * k * 8, k, rows, d, h_ptr + row * d * 4,
-                                          out_ptr + row * k * 4, None if out_b is None else out_ptr + out_b + row * k * 4,
-                                          act, 0)
+        out_b = out_ptr + (batch + row) * k * 4 if count == 2 else None
+        status = lib.dejavu_gathered_dots(
+            a.pointer, a.stride, b and b.pointer, b.stride if b else 0, a.bias_pointer, b and b.bias_pointer,
+            idx_ptr + row * k * 8, k, a.rows, d, h_ptr + row * d * 4, out_ptr + row * k * 4, out_b, act)
         if status:
-            raise IndexError(f"gathered MLP: a neuron index is outside [0, {rows})")
+            raise IndexError(f"gathered MLP: a neuron index is outside [0, {a.rows})")
     return out
 
 
@@ -157,7 +169,7 @@ def gathered_glu(h, neurons, gate, up, act_fn):
 
 def gathered_activation(h, neurons, linear, act_fn):
     """act_fn(linear(h)) on the kept neurons only: [B, 1, K] (OPT's fc1)."""
-    if _is_relu(act_fn):
+    if is_relu(act_fn):
         out = _kernel_dots(h, neurons, (linear,), _ACT_RELU)
         if out is not None:
             return out[0]
@@ -174,20 +186,120 @@ def gathered_output(linear, act, neurons):
     plan = _kernel_plan(linear, True) if lib is not None else None
     weights = _kernel_input(act) if plan is not None else None
     if weights is None:
-        # Reads only the K rows of the transposed copy, without materialising them.
+        # Reads only the K rows of the transposed weight, without materialising them.
         out = F.embedding_bag(neurons, transposed_weight(linear), per_sample_weights=act.reshape(batch, k),
                               mode="sum").view(batch, 1, -1)
         return out if linear.bias is None else out + linear.bias
-    _, table_ptr, rows, d, bias_ptr, _ = plan
     index = _kernel_index(neurons)
-    out = torch.empty(batch, 1, d)
-    idx_ptr, w_ptr, out_ptr = index.data_ptr(), weights.data_ptr(), out.data_ptr()
+    out = torch.empty(batch, 1, plan.width)
+    idx_ptr, w_ptr, out_ptr, d = index.data_ptr(), weights.data_ptr(), out.data_ptr(), plan.width
     for row in range(batch):
-        status = lib.dejavu_gathered_rows_sum(table_ptr, bias_ptr, idx_ptr + row * k * 8, k, rows, d,
-                                              w_ptr + row * k * 4, out_ptr + row * d * 4, 0)
+        status = lib.dejavu_gathered_rows_sum(plan.pointer, plan.stride, plan.bias_pointer, idx_ptr + row * k * 8, k,
+                                              plan.rows, d, w_ptr + row * k * 4, out_ptr + row * d * 4)
         if status:
-            raise IndexError(f"gathered MLP: a neuron index is outside [0, {rows})")
+            raise IndexError(f"gathered MLP: a neuron index is outside [0, {plan.rows})")
     return out
+
+
+def _activation_matches(second, act_fn):
+    return is_silu(act_fn) if second is not None else is_relu(act_fn)
+
+
+def _mlp_plans(h, first, second, output, act_fn):
+    """(library, [first, second or None, output transposed] plans, contiguous h), or None."""
+    if not _activation_matches(second, act_fn):
+        return None
+    linears = (first, second) if second is not None else (first,)
+    setup = _row_plans(h, linears)
+    if setup is None or _autograd(h, output):
+        return None
+    lib, plans, hs = setup
+    down = _kernel_plan(output, True)
+    if down is None:
+        return None
+    return lib, (plans[0], plans[1] if second is not None else None, down), hs
+
+
+def gathered_mlp(h, neurons, first, second, output, act_fn):
+    """output(act(first(h), second(h))) on the kept neurons only, one pass over them:
+    h [B, 1, d], neurons [B, K] -> [B, 1, d]."""
+    setup = _mlp_plans(h, first, second, output, act_fn)
+    if setup is not None:
+        lib, (a, b, t), hs = setup
+        index = _kernel_index(neurons)
+        batch, k = neurons.shape
+        out = torch.empty(batch, 1, t.width)
+        idx_ptr, h_ptr, out_ptr = index.data_ptr(), hs.data_ptr(), out.data_ptr()
+        for row in range(batch):
+            status = lib.dejavu_gathered_mlp(
+                a.pointer, a.stride, b and b.pointer, b.stride if b else 0, a.bias_pointer, b and b.bias_pointer,
+                t.pointer, t.stride, t.bias_pointer, idx_ptr + row * k * 8, k, a.rows, a.width,
+                h_ptr + row * a.width * 4, out_ptr + row * t.width * 4)
+            if status:
+                raise IndexError(f"gathered MLP: a neuron index is outside [0, {a.rows})")
+        return out
+    act = gathered_glu(h, neurons, first, second, act_fn) if second is not None \
+        else gathered_activation(h, neurons, first, act_fn)
+    return gathered_output(output, act, neurons)
+
+
+def _predictor_plans(predictor):
+    """Kernel plans of a Sequential(Linear(d, D), Linear(D, I)) predictor without biases, or None."""
+    if not (isinstance(predictor, nn.Sequential) and len(predictor) == 2
+            and all(type(layer) in (nn.Linear, DecodeLinear) and layer.bias is None for layer in predictor)):
+        return None
+    plans = [_decode_plan(layer) for layer in predictor]
+    return None if None in plans or any(p.stride != p.width for p in plans) else plans
+
+
+def predicted_gathered_mlp(h, x_pred, predictor, k, first, second, output, act_fn):
+    """DejaVu's predicted MLP for one token per row, one kernel call per row: the predictor
+    scores the I neurons from x_pred, the k best are kept (as topk + sort would; ties go to
+    the lowest index), and gathered_mlp runs on them. h, x_pred [B, 1, d] -> [B, 1, d], or
+    None where the kernel does not apply (the caller then runs the same steps in torch ops)."""
+    setup = _mlp_plans(h, first, second, output, act_fn)
+    tables = _predictor_plans(predictor) if setup is not None else None
+    xs = _kernel_input(x_pred) if tables is not None else None
+    if xs is None or _autograd(x_pred, *predictor):
+        return None
+    lib, (a, b, t), hs = setup
+    p1, p2 = tables
+    batch = h.shape[0]
+    if (h.shape[1] != 1 or x_pred.shape[:2] != (batch, 1) or x_pred.shape[-1] != p1.width or p1.rows != p2.width
+            or p2.rows != a.rows or not 1 <= k <= a.rows):
+        return None
+    out = torch.empty(batch, 1, t.width)
+    x_ptr, h_ptr, out_ptr = xs.data_ptr(), hs.data_ptr(), out.data_ptr()
+    for row in range(batch):
+        status = lib.dejavu_predicted_mlp(
+            x_ptr + row * p1.width * 4, p1.width, p1.pointer, p1.rows, p2.pointer,
+            a.pointer, a.stride, b and b.pointer, b.stride if b else 0, a.bias_pointer, b and b.bias_pointer,
+            t.pointer, t.stride, t.bias_pointer, a.rows, k, a.width, h_ptr + row * a.width * 4,
+            out_ptr + row * t.width * 4, None)
+        if status:
+            raise RuntimeError(f"predicted MLP kernel refused its input (status {status})")
+    return out
+
+
+def pack_mlp_neurons(first, second, output):
+    """Lay each neuron's weights side by side: one [I, n, d] buffer holding row i of first
+    (and second) and column i of output, with the Linears' weights re-pointed to strided views
+    of it (same values, shapes and state-dict keys; no second copy is kept). A kept neuron is
+    then one contiguous run of memory for the gathered MLP. No-op unless all are float32 CPU."""
+    linears = [first, second, output] if second is not None else [first, output]
+    weights = [linear.weight for linear in linears]
+    if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
+        return False
+    with torch.no_grad():
+        inner, width = first.weight.shape
+        packed = torch.empty(inner, len(linears), width)
+        for slot, linear in enumerate(linears[:-1]):
+            packed[:, slot] = linear.weight
+        packed[:, -1] = output.weight.t()
+        for slot, linear in enumerate(linears[:-1]):
+            linear.weight = nn.Parameter(packed[:, slot], requires_grad=linear.weight.requires_grad)
+        output.weight = nn.Parameter(packed[:, -1].t(), requires_grad=output.weight.requires_grad)
+    return True
 
 
 def _decode_plan(linear):
@@ -210,10 +322,9 @@ def linear_forward(linear, x):
             plan = _decode_plan(linear)
             hs = _kernel_input(x) if plan is not None else None
             if hs is not None:
-                _, weight_ptr, rows, d, bias_ptr, _ = plan
-                out = torch.empty(*x.shape[:-1], rows)
-                lib.dejavu_gathered_dots(weight_ptr, None, bias_ptr, None, None, rows, rows, d, hs.data_ptr(),
-                                         out.data_ptr(), None, _ACT_NONE, 0)
+                out = torch.empty(*x.shape[:-1], plan.rows)
+                lib.dejavu_gathered_dots(plan.pointer, plan.stride, None, 0, plan.bias_pointer, None, None, plan.rows,
+                                         plan.rows, plan.width, hs.data_ptr(), out.data_ptr(), None, _ACT_NONE)
                 return out
     return F.linear(x, linear.weight, linear.bias)
 
@@ -223,47 +334,3 @@ class DecodeLinear(nn.Linear):
 
     def forward(self, x):
         return linear_forward(self, x)
-
-
-def _predictor_tables(predictor):
-    """(first, second) kernel plans of a Sequential(Linear(d, D), Linear(D, I)) predictor without
-    biases, or None for any other predictor."""
-    if not (isinstance(predictor, nn.Sequential) and len(predictor) == 2
-            and all(type(layer) in (nn.Linear, DecodeLinear) and layer.bias is None for layer in predictor)):
-        return None
-    plans = [_decode_plan(layer) for layer in predictor]
-    return None if None in plans else plans
-
-
-def predicted_gathered_mlp(h, x_pred, predictor, k, first, second, output, act_fn):
-    """DejaVu's predicted MLP for one token per row in one kernel call per row: the predictor
-    scores the I neurons from x_pred, the k best are kept (as topk + sort would), and
-    output(act(first(h), second(h))) is computed on them alone. Llama: first = gate, second =
-    up, SiLU-gated; OPT: first = fc1, second None, ReLU. h, x_pred [B, 1, d] -> [B, 1, d], or
-    None where the kernel does not apply (the caller then runs the same steps in torch ops)."""
-    lib = gather_kernel()
-    if lib is None or not (is_silu(act_fn) if second is not None else _is_relu(act_fn)):
-        return None
-    linears = (first, output) if second is None else (first, second, output)
-    if _autograd(h, *linears) or _autograd(x_pred, *predictor):
-        return None
-    tables = _predictor_tables(predictor)
-    plans = [_kernel_plan(linear, False) for linear in (first, second) if linear is not None]
-    down = _kernel_plan(output, True)
-    hs, xs = _kernel_input(h), _kernel_input(x_pred)
-    if tables is None or None in plans or down is None or hs is None or xs is None:
-        return None
-    (_, p1, rank, dp, _, _), (_, p2, inner, _, _, _) = tables
-    (_, a, rows, d, a_bias, _), (b, b_bias) = plans[0], (plans[1][1], plans[1][4]) if second is not None else (None, None)
-    _, table, _, width, bias, _ = down
-    batch = h.shape[0]
-    if h.shape[1] != 1 or x_pred.shape[:2] != (batch, 1) or x_pred.shape[-1] != dp or rows != inner or not 1 <= k <= inner:
-        return None
-    out = torch.empty(batch, 1, width)
-    for row in range(batch):
-        status = lib.dejavu_predicted_mlp(xs.data_ptr() + row * dp * 4, dp, p1, rank, p2, hs.data_ptr() + row * d * 4, d,
-                                          a, b, a_bias, b_bias, table, bias, inner, k, out.data_ptr() + row * width * 4,
-                                          None)
-        if status:
-            raise RuntimeError(f"predicted MLP kernel refused its input (status {status})")
-    return out
