@@ -6,6 +6,8 @@ import os
 import torch
 from torch import nn
 
+from .huge_pages import move_to_huge_pages
+
 logger = logging.getLogger(__name__)
 
 TAP_NAMES = ("att_x", "mlp_x", "mlp_act", "head_out")
@@ -81,6 +83,7 @@ def build_from_checkpoint(cls, path, dtype=None, device=None, **kwargs):
     with torch.device("meta"):
         module = cls(**kwargs)
     load_strict(module, path, dtype=dtype, device=device)
+    move_to_huge_pages(module)  # out of the mmap'd file: decoding streams these weights every token
     materialize = getattr(module, "materialize_buffers", None)
     if materialize is not None:
         materialize(device=device)

@@ -37,15 +37,30 @@ class LlamaLayer(ctypes.Structure):
 
 
 _P, _N = _pointer, _size
+class MlpWeights(ctypes.Structure):
+    """Mirror of decode_kernels.c's mlp_weights: a sparse MLP's rows as the gathered kernels read them."""
+
+    _fields_ = [(name, _pointer) for name in ("A", "B", "a_bias", "b_bias", "T", "bias")] + [
+        (name, _size) for name in ("lda", "ldb", "ldt", "rows", "d")]
+
+
+class PredictorWeights(ctypes.Structure):
+    """Mirror of decode_kernels.c's predictor_weights: P1 [rank, d] and P2 transposed [rank, rows]."""
+
+    _fields_ = [("p1", _pointer), ("p2t", _pointer), ("rank", _size), ("d", _size), ("rows", _size)]
+
+
 _SIGNATURES = {
     # A, lda, B, ldb, bias_a, bias_b, idx, K, rows, d, h, out_a, out_b, act
     "dejavu_gathered_dots": [_P, _N, _P, _N, _P, _P, _P, _N, _N, _N, _P, _P, _P, _N],
     # T, ldt, bias, idx, K, rows, d, a, out
     "dejavu_gathered_rows_sum": [_P, _N, _P, _P, _N, _N, _N, _P, _P],
-    # A, lda, B, ldb, a_bias, b_bias, T, ldt, bias, idx, K, rows, d, h, out
-    "dejavu_gathered_mlp": [_P, _N, _P, _N, _P, _P, _P, _N, _P, _P, _N, _N, _N, _P, _P],
-    # xp, dp, p1, rank, p2, A, lda, B, ldb, a_bias, b_bias, T, ldt, bias, inner, K, d, h, out, neurons
-    "dejavu_predicted_mlp": [_P, _N, _P, _N, _P, _P, _N, _P, _N, _P, _P, _P, _N, _P, _N, _N, _N, _P, _P, _P],
+    # weights, idx, K, h, out
+    "dejavu_gathered_mlp": [ctypes.POINTER(MlpWeights), _P, _N, _P, _P],
+    # A, lda, B, ldb, a_bias, b_bias, W, ldw, bias, inner, d, h, out, scratch
+    "dejavu_dense_mlp": [_P, _N, _P, _N, _P, _P, _P, _N, _P, _N, _N, _P, _P, _P],
+    # weights, predictor, xp, K, h, out, neurons
+    "dejavu_predicted_mlp": [ctypes.POINTER(MlpWeights), ctypes.POINTER(PredictorWeights), _P, _N, _P, _P, _P],
     # layer, x, x_out, k_cache, v_cache, head_stride, t, cos, signed_sin, key_valid, scale
     "dejavu_llama_decode_layer": [ctypes.POINTER(LlamaLayer), _P, _P, _P, _P, _N, _N, _P, _P, _P, _float],
 }

@@ -90,15 +90,16 @@ int dejavu_gathered_dots(const float* A, int64_t lda, const float* B, int64_t ld
   return 0;
 }
 
-/* out[:d] = bias + sum_k a[k] * T[idx[k]]   (T: [rows, d], row stride ldt: the transposed
-   down/fc2; bias may be NULL). */
+/* out[:d] = bias + sum_k a[k] * T[i]  (i = idx[k]; idx NULL: i = k, every row in order).
+   T: [rows, d], row stride ldt: the transposed down/fc2, or a predictor's second layer stored
+   transposed. bias may be NULL. */
 int dejavu_gathered_rows_sum(const float* T, int64_t ldt, const float* bias, const int64_t* idx, int64_t K,
                              int64_t rows, int64_t d, const float* a, float* out) {
   if (bad_index(idx, K, rows)) return 1;
   memset(out, 0, (size_t)d * sizeof(float));
   int64_t k = 0, d8 = d - d % 8;
   for (; k + 4 <= K; k += 4) {
-    const float *r0 = T + idx[k] * ldt, *r1 = T + idx[k + 1] * ldt, *r2 = T + idx[k + 2] * ldt, *r3 = T + idx[k + 3] * ldt;
+    const float *r0 = T + ROW(k) * ldt, *r1 = T + ROW(k + 1) * ldt, *r2 = T + ROW(k + 2) * ldt, *r3 = T + ROW(k + 3) * ldt;
     float c0 = a[k], c1 = a[k + 1], c2 = a[k + 2], c3 = a[k + 3];
     v8 w0 = {0}, w1 = {0}, w2 = {0}, w3 = {0};
     w0 += c0; w1 += c1; w2 += c2; w3 += c3;
@@ -107,13 +108,25 @@ int dejavu_gathered_rows_sum(const float* T, int64_t ldt, const float* bias, con
     for (; j < d; j++) out[j] += c0 * r0[j] + c1 * r1[j] + c2 * r2[j] + c3 * r3[j];
   }
   for (; k < K; k++) {
-    const float* r = T + idx[k] * ldt; float c = a[k]; v8 w = {0}; w += c;
+    const float* r = T + ROW(k) * ldt; float c = a[k]; v8 w = {0}; w += c;
     int64_t j = 0;
     for (; j < d8; j += 8) st(out + j, ld(out + j) + w * ld(r + j));
     for (; j < d; j++) out[j] += c * r[j];
   }
   if (bias) for (int64_t j = 0; j < d; j++) out[j] += bias[j];
   return 0;
+}
+
+/* The dense MLP for one token: out = output(act(first(h), second(h))), as in
+   dejavu_gathered_mlp but over every neuron (A, B: [inner, d]; W: output [d, inner], row
+   stride ldw). scratch: inner floats. */
+int dejavu_dense_mlp(const float* A, int64_t lda, const float* B, int64_t ldb, const float* a_bias,
+                     const float* b_bias, const float* W, int64_t ldw, const float* bias, int64_t inner, int64_t d,
+                     const float* h, float* out, float* scratch) {
+  int status = dejavu_gathered_dots(A, lda, B, ldb, a_bias, b_bias, 0, inner, inner, d, h, scratch, 0,
+                                    B ? ACT_SILU_GLU : ACT_RELU);
+  if (!status) status = dejavu_gathered_dots(W, ldw, 0, 0, bias, 0, 0, d, d, inner, scratch, out, 0, ACT_NONE);
+  return status;
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -189,8 +202,8 @@ int dejavu_llama_decode_layer(const llama_layer* L, const float* x, float* x_out
   for (int64_t j = 0; j < d; j++) x_out[j] += x[j];
 
   rms_norm(x_out, L->mlp_norm, d, L->mlp_eps, xn);
-  dejavu_gathered_dots(L->gate, d, L->up, d, L->gate_bias, L->up_bias, 0, inner, inner, d, xn, act, 0, ACT_SILU_GLU);
-  gemv(L->down, L->down_bias, d, inner, act, mlp_out);
+  dejavu_dense_mlp(L->gate, d, L->up, d, L->gate_bias, L->up_bias, L->down, inner, L->down_bias, inner, d, xn,
+                   mlp_out, act);
   for (int64_t j = 0; j < d; j++) x_out[j] += mlp_out[j];
   free(scratch);
   return 0;
@@ -223,46 +236,89 @@ static float kth_largest(float* v, int64_t n, int64_t k) {
   return v[lo];
 }
 
+/* A sparse MLP's weights as the gathered kernels read them: rows i of A and B (first and
+   second: gate and up, or fc1 and no B) and of T (output transposed: down/fc2 [rows, d]), each
+   with its own row stride (the packed layout interleaves them); biases may be NULL. B NULL
+   means ReLU(A h + a_bias), else SiLU(A h + a_bias) * (B h + b_bias). */
+typedef struct {
+  const float *A, *B, *a_bias, *b_bias, *T, *bias;
+  int64_t lda, ldb, ldt, rows, d;
+} mlp_weights;
+
+/* DejaVu's low-rank predictor: scores = P2 (P1 x), P1 [rank, d] row-major, P2 given
+   transposed (p2t [rank, rows] row-major, so its short rows become long ones). */
+typedef struct {
+  const float *p1, *p2t;
+  int64_t rank, d, rows;
+} predictor_weights;
+
 /* The MLP on the kept neurons i = idx[k] only, in one pass over them:
-     out = bias + sum_k act_k * T[i],  act_k = activate(A[i].h + a_bias[i], B[i].h + b_bias[i])
-   (B NULL: ReLU, else SiLU-gated). T is down/fc2 transposed, [rows, d]. When A, B and T are
-   the interleaved views of one [rows, 3, d] buffer (pack_mlp_neurons), a kept neuron's weights
-   are one contiguous run of memory. */
-int dejavu_gathered_mlp(const float* A, int64_t lda, const float* B, int64_t ldb, const float* a_bias,
-                        const float* b_bias, const float* T, int64_t ldt, const float* bias, const int64_t* idx,
-                        int64_t K, int64_t rows, int64_t d, const float* h, float* out) {
-  if (bad_index(idx, K, rows)) return 1;
-  int64_t act = B ? ACT_SILU_GLU : ACT_RELU, d8 = d - d % 8, k = 0;
-  if (bias) memcpy(out, bias, sizeof(float) * (size_t)d); else memset(out, 0, sizeof(float) * (size_t)d);
-  for (; k < K; k += 2) {
-    int64_t i0 = idx[k], i1 = k + 1 < K ? idx[k + 1] : -1;
-    float c[2];
-    if (i1 >= 0) dejavu_gathered_dots(A, lda, B, ldb, a_bias, b_bias, idx + k, 2, rows, d, h, c, 0, act);
-    else { dejavu_gathered_dots(A, lda, B, ldb, a_bias, b_bias, idx + k, 1, rows, d, h, c, 0, act); c[1] = 0.f; }
-    const float *r0 = T + i0 * ldt, *r1 = T + (i1 >= 0 ? i1 : i0) * ldt;
-    v8 w0 = {0}, w1 = {0};
-    w0 += c[0]; w1 += c[1];
+     out = bias + sum_k act_k * T[i],  act_k = activation of (A[i].h + a_bias[i], B[i].h + b_bias[i]).
+   With the packed layout (pack_mlp_neurons) a kept neuron's weights are one run of memory. */
+int dejavu_gathered_mlp(const mlp_weights* W, const int64_t* idx, int64_t K, const float* h, float* out) {
+  if (bad_index(idx, K, W->rows)) return 1;
+  int64_t act = W->B ? ACT_SILU_GLU : ACT_RELU, d = W->d, d8 = d - d % 8, k = 0;
+  if (W->bias) memcpy(out, W->bias, sizeof(float) * (size_t)d); else memset(out, 0, sizeof(float) * (size_t)d);
+  /* Four neurons at a time: eight (or four) rows stream at once, which keeps more reads in
+     flight than two; then their four output rows. */
+  for (; k + 4 <= K; k += 4) {
+    const int64_t* i = idx + k;
+    const float *a0 = W->A + i[0] * W->lda, *a1 = W->A + i[1] * W->lda, *a2 = W->A + i[2] * W->lda, *a3 = W->A + i[3] * W->lda;
+    v8 sa0 = {0}, sa1 = {0}, sa2 = {0}, sa3 = {0}, sb0 = {0}, sb1 = {0}, sb2 = {0}, sb3 = {0};
     int64_t j = 0;
-    for (; j < d8; j += 8) st(out + j, ld(out + j) + w0 * ld(r0 + j) + w1 * ld(r1 + j));
-    for (; j < d; j++) out[j] += c[0] * r0[j] + c[1] * r1[j];
+    float ta[4] = {0.f, 0.f, 0.f, 0.f}, tb[4] = {0.f, 0.f, 0.f, 0.f};
+    if (W->B) {
+      const float *b0 = W->B + i[0] * W->ldb, *b1 = W->B + i[1] * W->ldb, *b2 = W->B + i[2] * W->ldb, *b3 = W->B + i[3] * W->ldb;
+      for (; j < d8; j += 8) {
+        v8 x = ld(h + j);
+        sa0 += ld(a0 + j) * x; sb0 += ld(b0 + j) * x; sa1 += ld(a1 + j) * x; sb1 += ld(b1 + j) * x;
+        sa2 += ld(a2 + j) * x; sb2 += ld(b2 + j) * x; sa3 += ld(a3 + j) * x; sb3 += ld(b3 + j) * x;
+      }
+      for (; j < d; j++) {
+        ta[0] += a0[j] * h[j]; ta[1] += a1[j] * h[j]; ta[2] += a2[j] * h[j]; ta[3] += a3[j] * h[j];
+        tb[0] += b0[j] * h[j]; tb[1] += b1[j] * h[j]; tb[2] += b2[j] * h[j]; tb[3] += b3[j] * h[j];
+      }
+    } else {
+      for (; j < d8; j += 8) {
+        v8 x = ld(h + j);
+        sa0 += ld(a0 + j) * x; sa1 += ld(a1 + j) * x; sa2 += ld(a2 + j) * x; sa3 += ld(a3 + j) * x;
+      }
+      for (; j < d; j++) { ta[0] += a0[j] * h[j]; ta[1] += a1[j] * h[j]; ta[2] += a2[j] * h[j]; ta[3] += a3[j] * h[j]; }
+    }
+    v8 sa[4] = {sa0, sa1, sa2, sa3}, sb[4] = {sb0, sb1, sb2, sb3}, w[4];
+    for (int q = 0; q < 4; q++) {
+      float va = hsum(sa[q]) + ta[q] + (W->a_bias ? W->a_bias[i[q]] : 0.f);
+      float vb = hsum(sb[q]) + tb[q] + (W->b_bias ? W->b_bias[i[q]] : 0.f);
+      v8 c = {0};
+      w[q] = c + activate(act, va, vb);
+    }
+    const float *r0 = W->T + i[0] * W->ldt, *r1 = W->T + i[1] * W->ldt, *r2 = W->T + i[2] * W->ldt, *r3 = W->T + i[3] * W->ldt;
+    for (j = 0; j < d8; j += 8)
+      st(out + j, ld(out + j) + w[0] * ld(r0 + j) + w[1] * ld(r1 + j) + w[2] * ld(r2 + j) + w[3] * ld(r3 + j));
+    for (; j < d; j++) out[j] += w[0][0] * r0[j] + w[1][0] * r1[j] + w[2][0] * r2[j] + w[3][0] * r3[j];
+  }
+  for (; k < K; k++) {
+    float c;
+    dejavu_gathered_dots(W->A, W->lda, W->B, W->ldb, W->a_bias, W->b_bias, idx + k, 1, W->rows, d, h, &c, 0, act);
+    const float* r = W->T + idx[k] * W->ldt;
+    for (int64_t j = 0; j < d; j++) out[j] += c * r[j];
   }
   return 0;
 }
 
-/* DejaVu's predicted MLP for one token: scores = P2 (P1 xp) (the low-rank predictor, no
-   biases); the K highest scores are kept, in index order (ties: lowest index first; neurons,
-   if given, receives them); then dejavu_gathered_mlp on them. */
-int dejavu_predicted_mlp(const float* xp, int64_t dp, const float* p1, int64_t rank, const float* p2,
-                         const float* A, int64_t lda, const float* B, int64_t ldb, const float* a_bias,
-                         const float* b_bias, const float* T, int64_t ldt, const float* bias, int64_t inner,
-                         int64_t K, int64_t d, const float* h, float* out, int64_t* neurons) {
-  if (K < 1 || K > inner) return 1;
-  float* scratch = malloc(sizeof(float) * (size_t)(rank + 2 * inner) + sizeof(int64_t) * (size_t)K);
+/* DejaVu's predicted MLP for one token: the predictor scores the neurons from xp, the K
+   highest are kept, in index order (ties: lowest index first; neurons, if given, receives
+   them), then dejavu_gathered_mlp on them. */
+int dejavu_predicted_mlp(const mlp_weights* W, const predictor_weights* P, const float* xp, int64_t K,
+                         const float* h, float* out, int64_t* neurons) {
+  int64_t inner = W->rows;
+  if (K < 1 || K > inner || P->rows != inner) return 1;
+  float* scratch = malloc(sizeof(float) * (size_t)(P->rank + 2 * inner) + sizeof(int64_t) * (size_t)K);
   if (!scratch) return 2;
-  float *low = scratch, *scores = low + rank, *sorted = scores + inner;
+  float *low = scratch, *scores = low + P->rank, *sorted = scores + inner;
   int64_t* kept = (int64_t*)(sorted + inner);
-  gemv(p1, 0, rank, dp, xp, low);
-  gemv(p2, 0, inner, rank, low, scores);
+  gemv(P->p1, 0, P->rank, P->d, xp, low);
+  dejavu_gathered_rows_sum(P->p2t, inner, 0, 0, P->rank, P->rank, inner, low, scores);
   for (int64_t i = 0; i < inner; i++) {
     if (scores[i] != scores[i]) scores[i] = INFINITY;  /* NaN ranks first, as in torch.topk */
     sorted[i] = scores[i];
@@ -274,7 +330,7 @@ int dejavu_predicted_mlp(const float* xp, int64_t dp, const float* p1, int64_t r
     if (scores[i] > threshold) kept[count++] = i;
     else if (scores[i] == threshold && ties > 0) { kept[count++] = i; ties--; }
   }
-  int status = dejavu_gathered_mlp(A, lda, B, ldb, a_bias, b_bias, T, ldt, bias, kept, K, inner, d, h, out);
+  int status = dejavu_gathered_mlp(W, kept, K, h, out);
   if (!status && neurons) memcpy(neurons, kept, sizeof(int64_t) * (size_t)K);
   free(scratch);
   return status;

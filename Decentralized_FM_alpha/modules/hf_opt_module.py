@@ -135,7 +135,8 @@ class OPTBlock(TappedModule):
 
     def neuron_linears(self):
         """(first, second, output, activation) of the MLP, as the gathered kernels take them."""
-        return self.fc1, None, self.fc2, self.act_fn
+        modules = self._modules  # not through Module.__getattr__: this runs for every layer of every token
+        return modules["fc1"], None, modules["fc2"], self.act_fn
 
     def forward(self, x, layer_past=None, mask=None):
         token_mask = token_mask_of(mask, x.shape[1])

@@ -20,7 +20,8 @@ import sys
 import torch
 from torch import nn
 
-from .sparse_gather import gathered_mlp, linear_forward, pack_mlp_neurons, predicted_gathered_mlp
+from .sparse_gather import (gathered_mlp, linear_forward, pack_mlp_neurons, predicted_gathered_mlp,
+                            store_predictor_transposed)
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +234,8 @@ def configure_sparse(blocks, mode, sparse_path=None, mlp_keep=None, att_keep=Non
             module = module.to(next(block.parameters()).device)
             object.__setattr__(block, f"{kind}_predictor", module)
             object.__setattr__(block, f"{kind}_input", input_mode)
+            if kind == "mlp" and use_gather:
+                store_predictor_transposed(module)
             if kind == "mlp" and use_gather and not block.__dict__.get("mlp_packed"):
                 # decoding reads a kept neuron's gate, up and down weights as one run of memory
                 first, second, output, _ = block.neuron_linears()

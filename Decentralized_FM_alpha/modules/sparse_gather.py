@@ -18,6 +18,7 @@ weight version (+1/3 of the MLP's weights in memory). Anywhere else (no compiler
 dtypes or devices, autograd) torch ops give the same numbers.
 """
 
+import ctypes
 from collections import namedtuple
 
 import torch
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
+from .huge_pages import huge_page_buffer
 
 _ACT_NONE, _ACT_SILU_GLU, _ACT_RELU = 0, 1, 2
 
@@ -205,51 +207,102 @@ def _activation_matches(second, act_fn):
     return is_silu(act_fn) if second is not None else is_relu(act_fn)
 
 
-def _mlp_plans(h, first, second, output, act_fn):
-    """(library, [first, second or None, output transposed] plans, contiguous h), or None."""
-    if not _activation_matches(second, act_fn):
+def _linear_state(linear):
+    """Identity, version and address of a Linear's weight and bias: what a cached kernel view
+    of it depends on (read from _parameters: this runs for every layer of every token)."""
+    params = linear._parameters
+    weight, bias = params["weight"], params["bias"]
+    state = (id(weight), weight._version, weight.data_ptr())
+    return state if bias is None else state + (id(bias), bias._version, bias.data_ptr())
+
+
+def _mlp_weights(first, second, output, act_fn):
+    """(cpu_kernels.MlpWeights, a ctypes reference to it) of an MLP for the gathered kernels, or
+    None where they cannot read it. Cached on `first` while every weight and bias is the same
+    object, version and memory."""
+    key = (_linear_state(first), _linear_state(output), None if second is None else _linear_state(second),
+           id(second), id(output))
+    cached = first.__dict__.get("_mlp_weights")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    found = None
+    plans = [_kernel_plan(first, False), _kernel_plan(second, False) if second is not None else None,
+             _kernel_plan(output, True)]
+    a, b, t = plans
+    if (_activation_matches(second, act_fn) and a is not None and t is not None and (second is None or b is not None)
+            and (t.rows, t.width) == (a.rows, a.width) and (b is None or (b.rows, b.width) == (a.rows, a.width))):
+        weights = cpu_kernels.MlpWeights(
+            A=a.pointer, B=b and b.pointer, a_bias=a.bias_pointer, b_bias=b and b.bias_pointer, T=t.pointer,
+            bias=t.bias_pointer, lda=a.stride, ldb=b.stride if b else 0, ldt=t.stride, rows=a.rows, d=a.width)
+        found = (weights, ctypes.byref(weights))
+    # The entry holds the Linears and plans, so the ids in the key and the pointers stay valid.
+    first.__dict__["_mlp_weights"] = (key, found, (first, second, output), plans)
+    return found
+
+
+def _rows_input(x, rows, width):
+    """x [rows, 1, width] as a contiguous float32 CPU tensor for the kernel, or None."""
+    if x.shape != (rows, 1, width) or x.dtype != torch.float32 or x.device.type != "cpu":
         return None
-    linears = (first, second) if second is not None else (first,)
-    setup = _row_plans(h, linears)
-    if setup is None or _autograd(h, output):
-        return None
-    lib, plans, hs = setup
-    down = _kernel_plan(output, True)
-    if down is None:
-        return None
-    return lib, (plans[0], plans[1] if second is not None else None, down), hs
+    return x if x.is_contiguous() else x.contiguous()
 
 
 def gathered_mlp(h, neurons, first, second, output, act_fn):
     """output(act(first(h), second(h))) on the kept neurons only, one pass over them:
     h [B, 1, d], neurons [B, K] -> [B, 1, d]."""
-    setup = _mlp_plans(h, first, second, output, act_fn)
-    if setup is not None:
-        lib, (a, b, t), hs = setup
-        index = _kernel_index(neurons)
-        batch, k = neurons.shape
-        out = torch.empty(batch, 1, t.width)
+    lib = gather_kernel()
+    found = _mlp_weights(first, second, output, act_fn) if lib is not None else None
+    batch, k = neurons.shape
+    hs = _rows_input(h, batch, found[0].d) if found is not None else None
+    if hs is not None and not _autograd(h, first, second, output):
+        (weights, pointer), index = found, _kernel_index(neurons)
+        out = torch.empty(batch, 1, weights.d)
         idx_ptr, h_ptr, out_ptr = index.data_ptr(), hs.data_ptr(), out.data_ptr()
         for row in range(batch):
-            status = lib.dejavu_gathered_mlp(
-                a.pointer, a.stride, b and b.pointer, b.stride if b else 0, a.bias_pointer, b and b.bias_pointer,
-                t.pointer, t.stride, t.bias_pointer, idx_ptr + row * k * 8, k, a.rows, a.width,
-                h_ptr + row * a.width * 4, out_ptr + row * t.width * 4)
+            status = lib.dejavu_gathered_mlp(pointer, idx_ptr + row * k * 8, k, h_ptr + row * weights.d * 4,
+                                             out_ptr + row * weights.d * 4)
             if status:
-                raise IndexError(f"gathered MLP: a neuron index is outside [0, {a.rows})")
+                raise IndexError(f"gathered MLP: a neuron index is outside [0, {weights.rows})")
         return out
     act = gathered_glu(h, neurons, first, second, act_fn) if second is not None \
         else gathered_activation(h, neurons, first, act_fn)
     return gathered_output(output, act, neurons)
 
 
-def _predictor_plans(predictor):
-    """Kernel plans of a Sequential(Linear(d, D), Linear(D, I)) predictor without biases, or None."""
-    if not (isinstance(predictor, nn.Sequential) and len(predictor) == 2
-            and all(type(layer) in (nn.Linear, DecodeLinear) and layer.bias is None for layer in predictor)):
+def _predictor_weights(predictor):
+    """(cpu_kernels.PredictorWeights, a ctypes reference to it) of a Sequential(Linear(d, D),
+    Linear(D, I)) without biases (cached on it while its weights are unchanged), or None."""
+    layers = predictor._modules if isinstance(predictor, nn.Sequential) else {}
+    if len(layers) != 2:
         return None
-    plans = [_decode_plan(layer) for layer in predictor]
-    return None if None in plans or any(p.stride != p.width for p in plans) else plans
+    first, second = layers.values()
+    if type(first) not in (nn.Linear, DecodeLinear) or type(second) not in (nn.Linear, DecodeLinear):
+        return None
+    key = (id(first), _linear_state(first), id(second), _linear_state(second))
+    cached = predictor.__dict__.get("_predictor_weights")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    plans = [_kernel_plan(first, False), _kernel_plan(second, True)]  # the second read transposed: long rows
+    found = None
+    if (first.bias is None and second.bias is None and None not in plans and all(p.stride == p.width for p in plans)
+            and plans[0].rows == plans[1].rows):
+        weights = cpu_kernels.PredictorWeights(p1=plans[0].pointer, p2t=plans[1].pointer, rank=plans[0].rows,
+                                               d=plans[0].width, rows=plans[1].width)
+        found = (weights, ctypes.byref(weights))
+    predictor.__dict__["_predictor_weights"] = (key, found, (first, second), plans)
+    return found
+
+
+def store_predictor_transposed(predictor):
+    """Keep the second layer's weight [I, D] as the transpose of a [D, I] buffer (same values
+    and state dict): the predicted-MLP kernel then reads it in place, as long rows."""
+    if not (isinstance(predictor, nn.Sequential) and len(predictor) == 2 and isinstance(predictor[1], nn.Linear)):
+        return
+    second = predictor[1]
+    if second.weight.dtype != torch.float32 or second.weight.device.type != "cpu" or second.weight.stride(0) == 1:
+        return
+    with torch.no_grad():
+        second.weight = nn.Parameter(second.weight.t().contiguous().t(), requires_grad=second.weight.requires_grad)
 
 
 def predicted_gathered_mlp(h, x_pred, predictor, k, first, second, output, act_fn):
@@ -257,27 +310,44 @@ def predicted_gathered_mlp(h, x_pred, predictor, k, first, second, output, act_f
     scores the I neurons from x_pred, the k best are kept (as topk + sort would; ties go to
     the lowest index), and gathered_mlp runs on them. h, x_pred [B, 1, d] -> [B, 1, d], or
     None where the kernel does not apply (the caller then runs the same steps in torch ops)."""
-    setup = _mlp_plans(h, first, second, output, act_fn)
-    tables = _predictor_plans(predictor) if setup is not None else None
-    xs = _kernel_input(x_pred) if tables is not None else None
-    if xs is None or _autograd(x_pred, *predictor):
+    lib = gather_kernel()
+    found = _mlp_weights(first, second, output, act_fn) if lib is not None else None
+    scorer = _predictor_weights(predictor) if found is not None else None
+    if scorer is None:
         return None
-    lib, (a, b, t), hs = setup
-    p1, p2 = tables
+    (weights, mlp_ref), (table, table_ref) = found, scorer
     batch = h.shape[0]
-    if (h.shape[1] != 1 or x_pred.shape[:2] != (batch, 1) or x_pred.shape[-1] != p1.width or p1.rows != p2.width
-            or p2.rows != a.rows or not 1 <= k <= a.rows):
+    if table.rows != weights.rows or not 1 <= k <= weights.rows:
         return None
-    out = torch.empty(batch, 1, t.width)
+    hs, xs = _rows_input(h, batch, weights.d), _rows_input(x_pred, batch, table.d)
+    if hs is None or xs is None or (torch.is_grad_enabled() and (
+            _autograd(h, first, second, output) or _autograd(x_pred, *predictor))):
+        return None
+    out = torch.empty(batch, 1, weights.d)
     x_ptr, h_ptr, out_ptr = xs.data_ptr(), hs.data_ptr(), out.data_ptr()
     for row in range(batch):
-        status = lib.dejavu_predicted_mlp(
-            x_ptr + row * p1.width * 4, p1.width, p1.pointer, p1.rows, p2.pointer,
-            a.pointer, a.stride, b and b.pointer, b.stride if b else 0, a.bias_pointer, b and b.bias_pointer,
-            t.pointer, t.stride, t.bias_pointer, a.rows, k, a.width, h_ptr + row * a.width * 4,
-            out_ptr + row * t.width * 4, None)
+        status = lib.dejavu_predicted_mlp(mlp_ref, table_ref, x_ptr + row * table.d * 4, k,
+                                          h_ptr + row * weights.d * 4, out_ptr + row * weights.d * 4, None)
         if status:
             raise RuntimeError(f"predicted MLP kernel refused its input (status {status})")
+    return out
+
+
+def dense_mlp(h, first, second, output, act_fn):
+    """The dense MLP of one token as the fused decoder layer runs it (one kernel call): h [1, 1, d]
+    -> [1, 1, d], or None where the kernel does not apply."""
+    if not _activation_matches(second, act_fn) or h.numel() != first.in_features:
+        return None
+    setup = _row_plans(h, (first, second) if second is not None else (first,))
+    plan = _decode_plan(output) if setup is not None else None
+    if plan is None or _autograd(h, output):
+        return None
+    lib, plans, hs = setup
+    a, b = plans[0], plans[1] if second is not None else None
+    out, scratch = torch.empty(1, 1, plan.rows), torch.empty(a.rows)
+    lib.dejavu_dense_mlp(a.pointer, a.stride, b and b.pointer, b.stride if b else 0, a.bias_pointer,
+                         b and b.bias_pointer, plan.pointer, plan.stride, plan.bias_pointer, a.rows, a.width,
+                         hs.data_ptr(), out.data_ptr(), scratch.data_ptr())
     return out
 
 
@@ -292,7 +362,7 @@ def pack_mlp_neurons(first, second, output):
         return False
     with torch.no_grad():
         inner, width = first.weight.shape
-        packed = torch.empty(inner, len(linears), width)
+        packed = huge_page_buffer(inner * len(linears) * width * 4).view(torch.float32).view(inner, len(linears), width)
         for slot, linear in enumerate(linears[:-1]):
             packed[:, slot] = linear.weight
         packed[:, -1] = output.weight.t()
