@@ -60,6 +60,7 @@ def build_blocks(d, inter, layers, heads, kv_heads, generator):
     """Sparse Llama blocks with real MLP and norm weights; attention stays on the meta device."""
     from transformers import LlamaConfig
 
+    from modules.huge_pages import move_to_huge_pages
     from pipeline_parallel.model_registry import load_model_module
 
     config = LlamaConfig(hidden_size=d, intermediate_size=inter, num_attention_heads=heads,
@@ -75,6 +76,7 @@ def build_blocks(d, inter, layers, heads, kv_heads, generator):
         for linear in (block.gate_proj, block.up_proj, block.down_proj):
             weight = torch.empty(linear.out_features, linear.in_features)
             linear.weight = nn.Parameter(weight.normal_(0.0, 0.02, generator=generator), requires_grad=False)
+        move_to_huge_pages(block)  # as the checkpoint loaders do
         block.materialize_buffers()
         blocks.append(block.eval())
     return blocks
@@ -90,6 +92,7 @@ def build_predictor(d, D, inter, generator):
 
 def unpacked_copy(first, second, output, act_fn):
     """The MLP's Linears with contiguous copies of their weights (the checkpoint's layout)."""
+    from modules.huge_pages import move_to_huge_pages
     from modules.sparse_gather import DecodeLinear
 
     def copy(linear):
@@ -98,6 +101,7 @@ def unpacked_copy(first, second, output, act_fn):
         with torch.device("meta"):
             twin = DecodeLinear(linear.in_features, linear.out_features, bias=False)
         twin.weight = nn.Parameter(linear.weight.detach().contiguous().clone(), requires_grad=False)
+        move_to_huge_pages(twin)  # as the checkpoint loaders do
         return twin.eval()
 
     return copy(first), copy(second), copy(output), act_fn

@@ -16,7 +16,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from . import cpu_kernels
-from .sparse_gather import DecodeLinear, is_silu
+from .sparse_gather import DecodeLinear, is_silu, linear_state
 from .common import (
     KVCache,
     TappedModule,
@@ -29,7 +29,6 @@ from .common import (
     step_geometry,
     tensor_key,
     token_mask_of,
-    version_of,
 )
 
 _rope_cache = StepCache()  # one step's cos/sin tables, shared by all blocks with equal RoPE
@@ -215,6 +214,7 @@ class LlamaBlock(TappedModule):
         keys = layer_past.buffers.keys
         if layer is None or keys.dtype != torch.float32 or not keys.is_contiguous():
             return None
+        layer_ref = layer[1]
         past_len = layer_past.length
         present = layer_past.grown(1)
         keys, values = present.buffers.keys, present.buffers.values
@@ -224,7 +224,7 @@ class LlamaBlock(TappedModule):
         x = x.contiguous()
         out = torch.empty_like(x)
         status = lib.dejavu_llama_decode_layer(
-            ctypes.byref(layer), x.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(1),
+            layer_ref, x.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(1),
             past_len, cos.data_ptr(), signed_sin.data_ptr(), None if valid is None else valid.data_ptr(),
             self.head_dim**-0.5)
         if status:
@@ -234,15 +234,16 @@ class LlamaBlock(TappedModule):
     def kernel_layer(self):
         """The C kernel's view of this layer's weights (cpu_kernels.LlamaLayer), or None where
         the kernel cannot read them; rebuilt when a weight is replaced or updated in place."""
-        weights = self.self_attn
-        linears = (weights.q_proj, weights.k_proj, weights.v_proj, weights.o_proj,
-                   self.gate_proj, self.up_proj, self.down_proj)
-        tensors = (self.input_layernorm.weight, self.post_attention_layernorm.weight,
-                   *(t for linear in linears for t in (linear.weight, linear.bias)))
-        key = tuple(None if t is None else (id(t), version_of(t), t.data_ptr()) for t in tensors)
+        modules = self._modules  # not through Module.__getattr__: this runs for every layer of every token
+        attention = modules["self_attn"]._modules
+        linears = (attention["q_proj"], attention["k_proj"], attention["v_proj"], attention["o_proj"],
+                   modules["gate_proj"], modules["up_proj"], modules["down_proj"])
+        norms = (modules["input_layernorm"]._parameters["weight"], modules["post_attention_layernorm"]._parameters["weight"])
+        key = (tuple(map(linear_state, linears)), tuple((id(t), t._version, t.data_ptr()) for t in norms))
         cached = self.__dict__.get("_kernel_layer")
         if cached is not None and cached[0] == key:
             return cached[1]
+        tensors = (*norms, *(t for linear in linears for t in (linear.weight, linear.bias)))
         layer = None
         usable = all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
                      for t in tensors)
@@ -256,7 +257,9 @@ class LlamaBlock(TappedModule):
                 up_bias=up_bias, down_bias=down_bias, hidden=self.config.hidden_size, heads=self.num_heads,
                 kv_heads=self.num_kv_heads, head_dim=self.head_dim, inner=self.config.intermediate_size,
                 attn_eps=self.input_layernorm.eps, mlp_eps=self.post_attention_layernorm.eps)
-        self.__dict__["_kernel_layer"] = (key, layer, tensors)  # holds the tensors: their ids stay theirs
+            layer = (layer, ctypes.byref(layer))
+        # The entry holds the Linears and tensors: the ids in the key and the pointers stay theirs.
+        self.__dict__["_kernel_layer"] = (key, layer, linears, tensors)
         return layer
 
     def forward(self, x, layer_past=None, mask=None):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
-from .huge_pages import huge_page_buffer
+from .huge_pages import huge_page_buffer, move_to_huge_pages
 
 _ACT_NONE, _ACT_SILU_GLU, _ACT_RELU = 0, 1, 2
 
@@ -207,7 +207,7 @@ def _activation_matches(second, act_fn):
     return is_silu(act_fn) if second is not None else is_relu(act_fn)
 
 
-def _linear_state(linear):
+def linear_state(linear):
     """Identity, version and address of a Linear's weight and bias: what a cached kernel view
     of it depends on (read from _parameters: this runs for every layer of every token)."""
     params = linear._parameters
@@ -220,7 +220,7 @@ def _mlp_weights(first, second, output, act_fn):
     """(cpu_kernels.MlpWeights, a ctypes reference to it) of an MLP for the gathered kernels, or
     None where they cannot read it. Cached on `first` while every weight and bias is the same
     object, version and memory."""
-    key = (_linear_state(first), _linear_state(output), None if second is None else _linear_state(second),
+    key = (linear_state(first), linear_state(output), None if second is None else linear_state(second),
            id(second), id(output))
     cached = first.__dict__.get("_mlp_weights")
     if cached is not None and cached[0] == key:
@@ -278,7 +278,7 @@ def _predictor_weights(predictor):
     first, second = layers.values()
     if type(first) not in (nn.Linear, DecodeLinear) or type(second) not in (nn.Linear, DecodeLinear):
         return None
-    key = (id(first), _linear_state(first), id(second), _linear_state(second))
+    key = (id(first), linear_state(first), id(second), linear_state(second))
     cached = predictor.__dict__.get("_predictor_weights")
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -301,8 +301,13 @@ def store_predictor_transposed(predictor):
     second = predictor[1]
     if second.weight.dtype != torch.float32 or second.weight.device.type != "cpu" or second.weight.stride(0) == 1:
         return
+    move_to_huge_pages(predictor)  # read for every token, like the model's weights
+    weight = second.weight
     with torch.no_grad():
-        second.weight = nn.Parameter(second.weight.t().contiguous().t(), requires_grad=second.weight.requires_grad)
+        rows, rank = weight.shape
+        stored = huge_page_buffer(rows * rank * 4).view(torch.float32).view(rank, rows)
+        stored.copy_(weight.t())
+        second.weight = nn.Parameter(stored.t(), requires_grad=weight.requires_grad)
 
 
 def predicted_gathered_mlp(h, x_pred, predictor, k, first, second, output, act_fn):
