@@ -36,6 +36,41 @@ def make_prompts(tokenizer, batch, length):
     raise SystemExit(f"not enough offline documents of {length} tokens")
 
 
+def sparse_runs(checkpoint, prompts, settings, args):
+    """(name, run) per kept fraction: the same engine on llama-ml-att-sparse blocks whose MLP is
+    predicted (random predictors of width --sparse-D: speed only, the tokens mean nothing)."""
+    import torch
+    from torch import nn
+
+    from comm.comm_utils import LocalCommunicator
+    from modules.local_model import LocalModel
+    from modules.sparse_execution import configure_sparse
+    from pipeline_parallel.dist_pipeline_inference_mask_greedy_token_pipe_sync import DistInferenceMaskTokenPipeSync
+
+    model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse", dtype=torch.float32)
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    predictors = {}
+    for layer in range(config.num_hidden_layers):
+        predictor = nn.Sequential(nn.Linear(config.hidden_size, args.sparse_D, bias=False),
+                                  nn.Linear(args.sparse_D, config.intermediate_size, bias=False)).requires_grad_(False)
+        for linear in predictor:
+            linear.weight.normal_(0.0, linear.in_features ** -0.5, generator=generator)
+        predictors["mlp", layer] = (predictor, "same")
+    engine = DistInferenceMaskTokenPipeSync(
+        LocalCommunicator(), 0, 1, model.embeddings, model.blocks, model.head, config.hidden_size, "cpu",
+        torch.float32, micro_batch_size=args.batch,
+    )
+    runs = []
+    for keep in args.sparse_keeps:
+        def run(new, keep=keep):
+            configure_sparse(list(model.blocks), "predicted", mlp_keep=keep, predictors=predictors,
+                             sparse_attention=False)
+            return engine.inference_batch(prompts, new, settings)
+        runs.append((f"sparse MLP keep {keep} (D={args.sparse_D})", run))
+    return runs
+
+
 def timed(fn, repeats):
     times = []
     result = None
@@ -54,6 +89,10 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sparse-keeps", type=float, nargs="*", default=[0.5, 0.25],
+                        help="also time decoding with the MLP predicted-sparse at these kept fractions (none: skip)")
+    parser.add_argument("--sparse-D", type=int, default=64,
+                        help="predictor width of those runs (64: upstream's share of SmolLM2's MLP)")
     parser.add_argument("--output", default=result_path("engine"))
     args = parser.parse_args(argv)
 
@@ -88,9 +127,13 @@ def main(argv=None):
             return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                                do_sample=False, pad_token_id=0, eos_token_id=None)
 
-    engine_run(2), hf_run(2)  # warm-up
+    runs = [("engine", engine_run), ("transformers", hf_run)]
+    if args.sparse_keeps:
+        runs += sparse_runs(checkpoint, prompts, settings, args)
+    for _, run in runs:
+        run(2)  # warm-up
     figures = {}
-    for name, run in (("engine", engine_run), ("transformers", hf_run)):
+    for name, run in runs:
         prompt_time, _ = timed(lambda: run(1), args.repeats)
         full_time, result = timed(lambda: run(1 + args.new_tokens), args.repeats)
         decode_time = max(full_time - prompt_time, 1e-9)
@@ -101,7 +144,7 @@ def main(argv=None):
         }
         if name == "engine":
             engine_tokens = [row["generated"] for row in result]
-        else:
+        elif name == "transformers":
             hf_tokens = result[:, ids.shape[1]:].tolist()
     report = {
         "model": "SmolLM2-135M-Instruct (float32)", "checkpoint": checkpoint, "batch": args.batch,
@@ -111,13 +154,16 @@ def main(argv=None):
         "ratio_prompt": figures["engine"]["prompt_tokens_per_s"] / figures["transformers"]["prompt_tokens_per_s"],
         "ratio_decode": figures["engine"]["decode_tokens_per_s"] / figures["transformers"]["decode_tokens_per_s"],
         "same_greedy_tokens": engine_tokens == hf_tokens,
+        "sparse_decode_vs_engine": {name: figures[name]["decode_tokens_per_s"] / figures["engine"]["decode_tokens_per_s"]
+                                    for name in figures if name.startswith("sparse")},
     }
     write_json(report, args.output)
-    for name in ("engine", "transformers"):
-        f = figures[name]
-        print(f"{name:13s} prompt {f['prompt_tokens_per_s']:9.1f} tok/s   decode {f['decode_tokens_per_s']:8.1f} tok/s")
+    for name, f in figures.items():
+        print(f"{name:28s} prompt {f['prompt_tokens_per_s']:9.1f} tok/s   decode {f['decode_tokens_per_s']:8.1f} tok/s")
     print(f"engine / transformers: prompt x{report['ratio_prompt']:.2f}, decode x{report['ratio_decode']:.2f}; "
           f"same greedy tokens: {report['same_greedy_tokens']}")
+    for name, ratio in report["sparse_decode_vs_engine"].items():
+        print(f"{name} / dense engine: decode x{ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,44 @@ def test_predicted_mlp_kernel_matches_torch_steps(tmp_path, family, keep, tied, 
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["predicted", "dense"])
+def test_fused_sparse_decode_matches_torch_path(tmp_path, mode):
+    """Decoding an MLP-sparse Llama through the C kernels (attention half, then the one-call
+    predicted MLP; the whole layer in dense mode) gives the torch path's logits and tokens."""
+    from modules import cpu_kernels
+
+    if cpu_kernels.kernel_library() is None:
+        pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
+    checkpoint = build("llama", tmp_path)
+    torch.manual_seed(3)
+    predictors = {("mlp", layer): (nn.Sequential(nn.Linear(48, 8, bias=False), nn.Linear(8, 112, bias=False)),
+                                   "prev" if layer == 1 else "same") for layer in range(3)}
+    model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse")
+    configure_sparse(list(model.blocks), mode, mlp_keep=0.25, predictors=predictors, sparse_attention=False)
+    prompt = ids(1, 7, 5)
+
+    def decode(kernels):
+        cpu_kernels.ENABLED = kernels
+        try:
+            logits, past = model(prompt)
+            steps = []
+            for token in (11, 12, 13, 14):
+                logits, past = model(torch.tensor([[token]]), past=past)
+                steps.append(logits[:, -1])
+            return torch.cat(steps), model.generate_greedy(prompt, 5)
+        finally:
+            cpu_kernels.ENABLED = True
+
+    (fused_logits, fused_tokens), (torch_logits, torch_tokens) = decode(True), decode(False)
+    layer = model.blocks[1].__dict__["_kernel_layer"][1]
+    assert layer is not None and layer[2] == (mode == "dense")  # the kernel ran; MLP packed when sparse
+    torch.testing.assert_close(fused_logits, torch_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fused_tokens, torch_tokens)
+    if mode == "dense":
+        dense = LocalModel.from_checkpoint(checkpoint, "llama")
+        assert torch.equal(dense.generate_greedy(prompt, 5), fused_tokens)
+
+
 def test_lookahead_predictor_on_first_layer_of_stage_is_refused(tmp_path):
     checkpoint = build("llama", tmp_path)
     model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse")

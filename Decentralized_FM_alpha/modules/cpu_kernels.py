@@ -61,8 +61,8 @@ _SIGNATURES = {
     "dejavu_dense_mlp": [_P, _N, _P, _N, _P, _P, _P, _N, _P, _N, _N, _P, _P, _P],
     # weights, predictor, xp, K, h, out, neurons
     "dejavu_predicted_mlp": [ctypes.POINTER(MlpWeights), ctypes.POINTER(PredictorWeights), _P, _N, _P, _P, _P],
-    # layer, x, x_out, k_cache, v_cache, head_stride, t, cos, signed_sin, key_valid, scale
-    "dejavu_llama_decode_layer": [ctypes.POINTER(LlamaLayer), _P, _P, _P, _P, _N, _N, _P, _P, _P, _float],
+    # layer, x, x_out, k_cache, v_cache, head_stride, t, cos, signed_sin, key_valid, scale, with_mlp, mlp_input
+    "dejavu_llama_decode_layer": [ctypes.POINTER(LlamaLayer), _P, _P, _P, _P, _N, _N, _P, _P, _P, _float, _N, _P],
 }
 
 

@@ -132,7 +132,9 @@ int dejavu_dense_mlp(const float* A, int64_t lda, const float* B, int64_t ldb, c
 /* ------------------------------------------------------------------------------------------
    One Llama decoder layer for one token: x_out = x + attn(norm(x)), then + mlp(norm(.)).
    The layer's new key and value are written at position t of its cache; the query attends
-   to positions 0..t whose key_valid is set (key_valid NULL: all; position t always). */
+   to positions 0..t whose key_valid is set (key_valid NULL: all; position t always).
+   with_mlp 0: stop after the attention half (x_out = x + attn(norm(x))) and write the MLP's
+   input norm(x_out) into mlp_input, for a sparse MLP to follow. */
 typedef struct {
   const float *attn_norm, *q, *k, *v, *o, *q_bias, *k_bias, *v_bias, *o_bias;
   const float *mlp_norm, *gate, *up, *down, *gate_bias, *up_bias, *down_bias;
@@ -163,7 +165,8 @@ static void gemv(const float* w, const float* bias, int64_t rows, int64_t d, con
 
 int dejavu_llama_decode_layer(const llama_layer* L, const float* x, float* x_out, float* k_cache,
                               float* v_cache, int64_t head_stride, int64_t t, const float* cos,
-                              const float* ssin, const uint8_t* key_valid, float scale) {
+                              const float* ssin, const uint8_t* key_valid, float scale, int64_t with_mlp,
+                              float* mlp_input) {
   int64_t d = L->hidden, hd = L->head_dim, nh = L->heads, nkv = L->kv_heads, inner = L->inner;
   if (nkv <= 0 || nh % nkv || hd % 2 || t < 0 || (t + 1) * hd > head_stride) return 1;
   int64_t qd = nh * hd, kvd = nkv * hd, group = nh / nkv;
@@ -202,6 +205,11 @@ int dejavu_llama_decode_layer(const llama_layer* L, const float* x, float* x_out
   for (int64_t j = 0; j < d; j++) x_out[j] += x[j];
 
   rms_norm(x_out, L->mlp_norm, d, L->mlp_eps, xn);
+  if (!with_mlp) {
+    if (mlp_input) memcpy(mlp_input, xn, sizeof(float) * (size_t)d);
+    free(scratch);
+    return 0;
+  }
   dejavu_dense_mlp(L->gate, d, L->up, d, L->gate_bias, L->up_bias, L->down, inner, L->down_bias, inner, d, xn,
                    mlp_out, act);
   for (int64_t j = 0; j < d; j++) x_out[j] += mlp_out[j];

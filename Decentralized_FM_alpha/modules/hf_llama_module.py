@@ -205,16 +205,22 @@ class LlamaBlock(TappedModule):
         """(x, present) for one token at batch 1 in one call of the C decoder layer, or None
         where it does not apply (not float32 on CPU, no KVCache yet, taps or autograd in use,
         kernels off): then the torch ops below run instead, with the same numbers."""
+        if type(self).tap is not TappedModule.tap:  # the save and sparse variants see the torch ops
+            return None
+        return self.fused_step(x, layer_past, mask)
+
+    def fused_step(self, x, layer_past, mask, with_mlp=True):
+        """The C decoder layer for one token at batch 1, taps not called: (x, present), or with
+        with_mlp False only its attention half, (x + attn, the MLP's normalised input, present)
+        for a sparse MLP to follow. None where the kernel does not apply."""
         if (x.shape[:2] != (1, 1) or x.dtype != torch.float32 or x.device.type != "cpu"
-                or not isinstance(layer_past, KVCache) or type(self).tap is not TappedModule.tap
-                or torch.is_grad_enabled()):
+                or not isinstance(layer_past, KVCache) or torch.is_grad_enabled()):
             return None
         lib = cpu_kernels.kernel_library()
         layer = self.kernel_layer() if lib is not None else None
         keys = layer_past.buffers.keys
-        if layer is None or keys.dtype != torch.float32 or not keys.is_contiguous():
+        if layer is None or (with_mlp and not layer[2]) or keys.dtype != torch.float32 or not keys.is_contiguous():
             return None
-        layer_ref = layer[1]
         past_len = layer_past.length
         present = layer_past.grown(1)
         keys, values = present.buffers.keys, present.buffers.values
@@ -223,13 +229,14 @@ class LlamaBlock(TappedModule):
         valid = key_validity(mask, past_len + 1)
         x = x.contiguous()
         out = torch.empty_like(x)
+        mlp_input = None if with_mlp else torch.empty_like(x)
         status = lib.dejavu_llama_decode_layer(
-            layer_ref, x.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(1),
+            layer[1], x.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(1),
             past_len, cos.data_ptr(), signed_sin.data_ptr(), None if valid is None else valid.data_ptr(),
-            self.head_dim**-0.5)
+            self.head_dim**-0.5, int(with_mlp), None if with_mlp else mlp_input.data_ptr())
         if status:
             raise RuntimeError(f"layer {self.layer_index}: the C decoder layer refused its input (status {status})")
-        return out, present
+        return (out, present) if with_mlp else (out, mlp_input, present)
 
     def kernel_layer(self):
         """The C kernel's view of this layer's weights (cpu_kernels.LlamaLayer), or None where
@@ -245,10 +252,18 @@ class LlamaBlock(TappedModule):
             return cached[1]
         tensors = (*norms, *(t for linear in linears for t in (linear.weight, linear.bias)))
         layer = None
-        usable = all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
-                     for t in tensors)
-        if usable and is_silu(self.act_fn):
+
+        def readable(group):
+            return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+                       for t in group)
+
+        # The attention half needs its weights as they are in the checkpoint; the MLP half also
+        # the MLP's (a sparse block packs them per neuron, and then runs its own MLP).
+        if readable(tensors[:10]):
+            mlp_ready = readable(tensors[10:]) and is_silu(self.act_fn)
             address = [None if t is None else t.data_ptr() for t in tensors]
+            if not mlp_ready:
+                address[10:] = [None] * 6
             (attn_norm, mlp_norm, q, q_bias, k, k_bias, v, v_bias, o, o_bias,
              gate, gate_bias, up, up_bias, down, down_bias) = address
             layer = cpu_kernels.LlamaLayer(
@@ -257,7 +272,7 @@ class LlamaBlock(TappedModule):
                 up_bias=up_bias, down_bias=down_bias, hidden=self.config.hidden_size, heads=self.num_heads,
                 kv_heads=self.num_kv_heads, head_dim=self.head_dim, inner=self.config.intermediate_size,
                 attn_eps=self.input_layernorm.eps, mlp_eps=self.post_attention_layernorm.eps)
-            layer = (layer, ctypes.byref(layer))
+            layer = (layer, ctypes.byref(layer), mlp_ready)
         # The entry holds the Linears and tensors: the ids in the key and the pointers stay theirs.
         self.__dict__["_kernel_layer"] = (key, layer, linears, tensors)
         return layer

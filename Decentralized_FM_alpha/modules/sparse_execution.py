@@ -79,7 +79,35 @@ class SparseBlockMixin:
 
     def forward(self, x, layer_past=None, mask=None):
         self.current_inputs = {}
+        fused = self.fused_sparse_step(x, layer_past, mask)
+        if fused is not None:
+            return fused
         return super().forward(x, layer_past=layer_past, mask=mask)
+
+    def fused_sparse_step(self, x, layer_past, mask):
+        """One decoding token through the C kernels where the family has a fused decoder layer
+        (Llama) and the heads stay dense: the whole layer when the MLP is dense too, else the
+        attention half and then the predicted MLP in one call each. None where that does not
+        apply: then the torch path (with its taps) runs, with the same numbers."""
+        step = getattr(self, "fused_step", None)
+        if step is None or self.sparse_heads or self.sparse_mode == "oracle":
+            return None
+        dense = self.sparse_mode == "dense" or self.mlp_predictor is None
+        k = None if dense else kept_count(self.mlp_keep, self.mlp_width)
+        if not dense and (not self.use_gather or k is None):
+            return None
+        result = step(x, layer_past, mask, with_mlp=dense)
+        if result is None:
+            return None
+        self.last_att_x = x  # the next layer's look-ahead input, as the att_x tap records it
+        if dense:
+            return result
+        x_mid, h, present = result
+        self.current_inputs = {"att_x": x, "mlp_x": x_mid}
+        mlp_out = self.fused_predicted_mlp(h, self.predictor_input("mlp"), self.mlp_predictor, k)
+        if mlp_out is None:  # the cache already holds this token: finish the layer in torch ops
+            mlp_out = self.mlp(h, None)
+        return x_mid + mlp_out, present
 
     def tap(self, name, value, token_mask):
         if name in ("att_x", "mlp_x"):
