@@ -32,33 +32,39 @@ static inline float activate(int64_t act, float a, float b) {
 }
 
 /* Rows i = idx[k] (idx NULL: i = k, every row in order) of A [rows, d] (row stride lda) and
-   B (row stride ldb; may be NULL) against h [d]:
+   B (row stride ldb; may be NULL) against h [d], four rows streaming at once:
      act 0: out_a[k] = A[i].h + bias_a[i], out_b[k] = B[i].h + bias_b[i]
      act 1: out_a[k] = silu(A[i].h + bias_a[i]) * (B[i].h + bias_b[i])
      act 2: out_a[k] = relu(A[i].h + bias_a[i])
-   Biases may be NULL. Four rows (two of A and two of B) stream at once. */
+   Biases may be NULL. */
 #define ROW(k) (idx ? idx[(k)] : (k))
 #define BA(i) (bias_a ? bias_a[i] : 0.f)
 #define BB(i) (bias_b ? bias_b[i] : 0.f)
+/* out[q] = r[q] . h for four rows at once: four streams keep more reads in flight than one. */
+static inline void dot4(const float* r0, const float* r1, const float* r2, const float* r3, const float* h,
+                        int64_t d, float* out) {
+  v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+  int64_t j = 0, d8 = d - d % 8;
+  for (; j < d8; j += 8) {
+    v8 x = ld(h + j);
+    s0 += ld(r0 + j) * x; s1 += ld(r1 + j) * x; s2 += ld(r2 + j) * x; s3 += ld(r3 + j) * x;
+  }
+  float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
+  for (; j < d; j++) { t0 += r0[j] * h[j]; t1 += r1[j] * h[j]; t2 += r2[j] * h[j]; t3 += r3[j] * h[j]; }
+  out[0] = hsum(s0) + t0; out[1] = hsum(s1) + t1; out[2] = hsum(s2) + t2; out[3] = hsum(s3) + t3;
+}
+
 int dejavu_gathered_dots(const float* A, int64_t lda, const float* B, int64_t ldb, const float* bias_a,
                          const float* bias_b, const int64_t* idx, int64_t K, int64_t rows, int64_t d,
                          const float* h, float* out_a, float* out_b, int64_t act) {
   if (bad_index(idx, K, rows)) return 1;
-  int64_t k = 0, d8 = d - d % 8;
-  if (B) {
+  int64_t k = 0;
+  float v[4];
+  if (B) {  /* two neurons of A and B at a time */
     for (; k + 2 <= K; k += 2) {
       int64_t i0 = ROW(k), i1 = ROW(k + 1);
-      const float *a0 = A + i0 * lda, *b0 = B + i0 * ldb, *a1 = A + i1 * lda, *b1 = B + i1 * ldb;
-      v8 sa0 = {0}, sb0 = {0}, sa1 = {0}, sb1 = {0};
-      int64_t j = 0;
-      for (; j < d8; j += 8) {
-        v8 x = ld(h + j);
-        sa0 += ld(a0 + j) * x; sb0 += ld(b0 + j) * x; sa1 += ld(a1 + j) * x; sb1 += ld(b1 + j) * x;
-      }
-      float ta0 = 0.f, tb0 = 0.f, ta1 = 0.f, tb1 = 0.f;
-      for (; j < d; j++) { ta0 += a0[j] * h[j]; tb0 += b0[j] * h[j]; ta1 += a1[j] * h[j]; tb1 += b1[j] * h[j]; }
-      float va0 = hsum(sa0) + ta0 + BA(i0), vb0 = hsum(sb0) + tb0 + BB(i0);
-      float va1 = hsum(sa1) + ta1 + BA(i1), vb1 = hsum(sb1) + tb1 + BB(i1);
+      dot4(A + i0 * lda, B + i0 * ldb, A + i1 * lda, B + i1 * ldb, h, d, v);
+      float va0 = v[0] + BA(i0), vb0 = v[1] + BB(i0), va1 = v[2] + BA(i1), vb1 = v[3] + BB(i1);
       out_a[k] = activate(act, va0, vb0); out_a[k + 1] = activate(act, va1, vb1);
       if (act == ACT_NONE && out_b) { out_b[k] = vb0; out_b[k + 1] = vb1; }
     }
@@ -72,19 +78,11 @@ int dejavu_gathered_dots(const float* A, int64_t lda, const float* B, int64_t ld
   }
   for (; k + 4 <= K; k += 4) {
     int64_t i0 = ROW(k), i1 = ROW(k + 1), i2 = ROW(k + 2), i3 = ROW(k + 3);
-    const float *r0 = A + i0 * lda, *r1 = A + i1 * lda, *r2 = A + i2 * lda, *r3 = A + i3 * lda;
-    v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-    int64_t j = 0;
-    for (; j < d8; j += 8) {
-      v8 x = ld(h + j);
-      s0 += ld(r0 + j) * x; s1 += ld(r1 + j) * x; s2 += ld(r2 + j) * x; s3 += ld(r3 + j) * x;
-    }
-    float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
-    for (; j < d; j++) { t0 += r0[j] * h[j]; t1 += r1[j] * h[j]; t2 += r2[j] * h[j]; t3 += r3[j] * h[j]; }
-    out_a[k] = activate(act, hsum(s0) + t0 + BA(i0), 0.f);
-    out_a[k + 1] = activate(act, hsum(s1) + t1 + BA(i1), 0.f);
-    out_a[k + 2] = activate(act, hsum(s2) + t2 + BA(i2), 0.f);
-    out_a[k + 3] = activate(act, hsum(s3) + t3 + BA(i3), 0.f);
+    dot4(A + i0 * lda, A + i1 * lda, A + i2 * lda, A + i3 * lda, h, d, v);
+    out_a[k] = activate(act, v[0] + BA(i0), 0.f);
+    out_a[k + 1] = activate(act, v[1] + BA(i1), 0.f);
+    out_a[k + 2] = activate(act, v[2] + BA(i2), 0.f);
+    out_a[k + 3] = activate(act, v[3] + BA(i3), 0.f);
   }
   for (; k < K; k++) out_a[k] = activate(act, dot(A + ROW(k) * lda, h, d) + BA(ROW(k)), 0.f);
   return 0;
