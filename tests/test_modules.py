@@ -262,3 +262,27 @@ def test_fused_decode_layer_matches_torch_ops(tmp_path, name):
     fused, reference = decode(steps, True), decode(steps, False)
     assert ours.blocks[0].__dict__["_kernel_layer"][1] is not None  # the C layer really ran
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_move_to_huge_pages_keeps_values_keys_and_sharing():
+    from torch import nn
+
+    from modules.huge_pages import HUGE_PAGE, move_to_huge_pages
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(512, 1024), nn.LayerNorm(1024), nn.Linear(1024, 512, bias=False))
+    module[2].weight = nn.Parameter(module[0].weight.t())  # shared storage must stay shared
+    module.register_buffer("steps", torch.arange(5))  # not floating point: left where it is
+    before = {key: value.clone() for key, value in module.state_dict().items()}
+    moved = move_to_huge_pages(module)
+    after = module.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(isinstance(p, nn.Parameter) for p in module.parameters())
+    from modules import huge_pages
+    if not huge_pages.ENABLED:
+        assert moved == 0
+        return
+    assert 512 * 1024 * 4 <= moved < 2 * 512 * 1024 * 4  # the shared weight is copied once
+    assert module[0].weight.data_ptr() % HUGE_PAGE == 0  # the first storage starts the buffer
+    module[2].weight.data.mul_(2)  # the shared weight is still one tensor
+    assert torch.equal(module[0].weight.t(), module[2].weight)

@@ -49,31 +49,40 @@ def huge_page_buffer(nbytes):
 
 
 def move_to_huge_pages(module):
-    """Copy the module's CPU floating-point parameters and buffers into one huge-page buffer
-    (same values, shapes, strides-as-contiguous and state-dict keys). Returns the bytes moved."""
+    """Copy the storages behind the module's CPU floating-point parameters and buffers into one
+    huge-page buffer and point every tensor at its copy with its own offset, shape and strides:
+    same values, layouts and state-dict keys, and tensors that shared memory (tied weights,
+    views of one buffer) still share it. Returns the bytes moved."""
     if not ENABLED:
         return 0
-    slots, sizes, seen = [], {}, set()
+    slots, storages = [], {}
     for owner in module.modules():
         for table in (owner._parameters, owner._buffers):
             for name, tensor in table.items():
                 if tensor is None or tensor.device.type != "cpu" or not tensor.is_floating_point():
                     continue
                 slots.append((table, name, tensor))
-                if id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    sizes[id(tensor)] = tensor.numel() * tensor.element_size()
-    total = sum((size + 63) // 64 * 64 for size in sizes.values())
+                storage = tensor.untyped_storage()
+                storages.setdefault(storage.data_ptr(), storage)
+    total = sum((storage.nbytes() + 63) // 64 * 64 for storage in storages.values())
     if total < HUGE_PAGE:
         return 0
-    buffer, offset, moved = huge_page_buffer(total), 0, {}
+    buffer = huge_page_buffer(total)
+    base = buffer.data_ptr() - buffer.untyped_storage().data_ptr()  # bytes into the buffer's storage
+    starts, offset = {}, 0
     with torch.no_grad():
+        for address, storage in storages.items():
+            old = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),), (1,))
+            buffer[offset:offset + storage.nbytes()].copy_(old)
+            starts[address] = base + offset
+            offset += (storage.nbytes() + 63) // 64 * 64
+        moved = {}
         for table, name, tensor in slots:
             if id(tensor) not in moved:
-                nbytes = sizes[id(tensor)]
-                view = buffer[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
-                view.copy_(tensor)
-                offset += (nbytes + 63) // 64 * 64
+                size = tensor.element_size()
+                start = starts[tensor.untyped_storage().data_ptr()] // size + tensor.storage_offset()
+                view = torch.empty(0, dtype=tensor.dtype).set_(buffer.untyped_storage(), start, tensor.shape,
+                                                               tensor.stride())
                 if isinstance(tensor, torch.nn.Parameter):
                     view = torch.nn.Parameter(view, requires_grad=tensor.requires_grad)
                 moved[id(tensor)] = view
