@@ -228,16 +228,17 @@ def test_decode_linear_single_row_matches_torch(rows, width, bias):
         assert "_decode_plan" in layer.__dict__
 
 
-@pytest.mark.parametrize("name", list(LLAMA_CASES))
-def test_fused_decode_layer_matches_torch_ops(tmp_path, name):
-    """The C decoder layer (one token, batch 1) against the torch ops on the same model: GQA/MHA,
-    biases, head_dim, RoPE scaling, a left-padded prompt, and a branch off an older cache."""
+@pytest.mark.parametrize("family,name,overrides", ALL_CASES, ids=[f"{f}-{n}" for f, n, _ in ALL_CASES])
+def test_fused_decode_layer_matches_torch_ops(tmp_path, family, name, overrides):
+    """The C decoder layer (one token, batch 1) against the torch ops on the same model: Llama's
+    GQA/MHA, biases, head_dim, RoPE scaling; OPT pre-LN and post-LN; a left-padded prompt, and
+    a branch off an older cache."""
     from modules import cpu_kernels
 
     if cpu_kernels.kernel_library() is None:
         pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
-    _, checkpoint = tiny_llama(tmp_path, **LLAMA_CASES[name])
-    ours = LocalModel.from_checkpoint(checkpoint, "llama")
+    _, checkpoint = build(family, tmp_path, overrides)
+    ours = LocalModel.from_checkpoint(checkpoint, family)
     prompt = random_ids(1, 9, seed=5)
     mask = torch.ones_like(prompt)
     mask[0, :3] = 0

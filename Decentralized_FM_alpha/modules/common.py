@@ -162,6 +162,16 @@ class KVCache:
         return present
 
 
+def fusable_step(x, layer_past):
+    """Whether a decoder-layer kernel can take this step: x one float32 CPU token at batch 1
+    over a KVCache of contiguous float32 CPU buffers, without autograd."""
+    if (x.shape[:2] != (1, 1) or x.dtype != torch.float32 or x.device.type != "cpu"
+            or not isinstance(layer_past, KVCache) or torch.is_grad_enabled()):
+        return False
+    keys = layer_past.buffers.keys
+    return keys.dtype == torch.float32 and keys.device.type == "cpu" and keys.is_contiguous()
+
+
 def extend_cache(layer_past, k, v):
     """(present, all keys, all values): `layer_past` (None, a KVCache or a (k, v) pair) plus k, v."""
     if layer_past is None:

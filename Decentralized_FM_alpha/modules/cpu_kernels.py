@@ -1,7 +1,8 @@
 """The C kernels of CPU decoding (decode_kernels.c beside this file), loaded through ctypes.
 
 They run one token at batch 1 in float32 on the CPU: DecodeLinear's one-row products, the
-gathered (sparse) MLP, DejaVu's predicted MLP in one call, and a whole Llama decoder layer.
+gathered (sparse) MLP, DejaVu's predicted MLP in one call, and a whole Llama or OPT decoder
+layer.
 The source is compiled once with the system C compiler (about 1 s) into a per-machine cache
 ($DEJAVU_KERNEL_CACHE, default $TMPDIR/dejavu_kernels_<uid>); where there is no compiler the
 callers fall back to torch ops, which give the same numbers. DEJAVU_CPU_KERNELS=0 (or
@@ -37,6 +38,16 @@ class LlamaLayer(ctypes.Structure):
 
 
 _P, _N = _pointer, _size
+class OptLayer(ctypes.Structure):
+    """Mirror of decode_kernels.c's opt_layer: one OPT decoder layer's weights (NULL: no bias or affine)."""
+
+    _fields_ = [(name, _pointer) for name in (
+        "attn_norm", "attn_norm_bias", "q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias",
+        "mlp_norm", "mlp_norm_bias", "fc1", "fc2", "fc1_bias", "fc2_bias")] + [
+        (name, _size) for name in ("hidden", "heads", "head_dim", "inner", "norm_first")] + [
+        ("attn_eps", _float), ("mlp_eps", _float)]
+
+
 class MlpWeights(ctypes.Structure):
     """Mirror of decode_kernels.c's mlp_weights: a sparse MLP's rows as the gathered kernels read them."""
 
@@ -63,6 +74,8 @@ _SIGNATURES = {
     "dejavu_predicted_mlp": [ctypes.POINTER(MlpWeights), ctypes.POINTER(PredictorWeights), _P, _N, _P, _P, _P],
     # layer, x, x_out, k_cache, v_cache, head_stride, t, cos, signed_sin, key_valid, scale, with_mlp, mlp_input
     "dejavu_llama_decode_layer": [ctypes.POINTER(LlamaLayer), _P, _P, _P, _P, _N, _N, _P, _P, _P, _float, _N, _P],
+    # layer, x, x_out, k_cache, v_cache, head_stride, t, key_valid, scale
+    "dejavu_opt_decode_layer": [ctypes.POINTER(OptLayer), _P, _P, _P, _P, _N, _N, _P, _float],
 }
 
 

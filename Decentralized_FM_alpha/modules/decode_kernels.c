@@ -161,31 +161,17 @@ static void gemv(const float* w, const float* bias, int64_t rows, int64_t d, con
   dejavu_gathered_dots(w, d, 0, 0, bias, 0, 0, rows, rows, d, h, out, 0, ACT_NONE);
 }
 
-int dejavu_llama_decode_layer(const llama_layer* L, const float* x, float* x_out, float* k_cache,
-                              float* v_cache, int64_t head_stride, int64_t t, const float* cos,
-                              const float* ssin, const uint8_t* key_valid, float scale, int64_t with_mlp,
-                              float* mlp_input) {
-  int64_t d = L->hidden, hd = L->head_dim, nh = L->heads, nkv = L->kv_heads, inner = L->inner;
-  if (nkv <= 0 || nh % nkv || hd % 2 || t < 0 || (t + 1) * hd > head_stride) return 1;
-  int64_t qd = nh * hd, kvd = nkv * hd, group = nh / nkv;
-  float* scratch = malloc(sizeof(float) * (size_t)(2 * d + 2 * qd + 2 * kvd + inner + t + 1));
-  if (!scratch) return 2;
-  float *xn = scratch, *q = xn + d, *k = q + qd, *v = k + kvd, *heads = v + kvd, *act = heads + qd;
-  float *mlp_out = act + inner, *p = mlp_out + d;
-
-  rms_norm(x, L->attn_norm, d, L->attn_eps, xn);
-  gemv(L->q, L->q_bias, qd, d, xn, q);
-  gemv(L->k, L->k_bias, kvd, d, xn, k);
-  gemv(L->v, L->v_bias, kvd, d, xn, v);
-  for (int64_t h = 0; h < nh; h++) rope(q + h * hd, cos, ssin, hd);
-  for (int64_t g = 0; g < nkv; g++) {
-    rope(k + g * hd, cos, ssin, hd);
-    memcpy(k_cache + g * head_stride + t * hd, k + g * hd, sizeof(float) * hd);
-    memcpy(v_cache + g * head_stride + t * hd, v + g * hd, sizeof(float) * hd);
-  }
+/* The attention of one query token over cache positions 0..t (key_valid NULL: all; position
+   t always): heads_out[h] = softmax(scale * q_h . K) V for each query head h, whose KV head
+   is h / (heads / kv_heads). K, V: [kv_heads, capacity, hd], head_stride floats apart.
+   p: t + 1 floats of scratch. */
+static void attend(const float* q, const float* k_cache, const float* v_cache, int64_t head_stride, int64_t t,
+                   int64_t nh, int64_t nkv, int64_t hd, const uint8_t* key_valid, float scale, float* p,
+                   float* heads_out) {
+  int64_t group = nh / nkv;
   for (int64_t h = 0; h < nh; h++) {
     const float *qh = q + h * hd, *keys = k_cache + (h / group) * head_stride, *values = v_cache + (h / group) * head_stride;
-    float best = -INFINITY, total = 0.f, *out = heads + h * hd;
+    float best = -INFINITY, total = 0.f, *out = heads_out + h * hd;
     for (int64_t i = 0; i <= t; i++) {
       int valid = i == t || !key_valid || key_valid[i];
       p[i] = valid ? scale * dot(qh, keys + i * hd, hd) : -INFINITY;
@@ -199,6 +185,36 @@ int dejavu_llama_decode_layer(const llama_layer* L, const float* x, float* x_out
       for (int64_t j = 0; j < hd; j++) out[j] += c * row[j];
     }
   }
+}
+
+static void write_cache(const float* k, const float* v, float* k_cache, float* v_cache, int64_t head_stride,
+                        int64_t t, int64_t nkv, int64_t hd) {
+  for (int64_t g = 0; g < nkv; g++) {
+    memcpy(k_cache + g * head_stride + t * hd, k + g * hd, sizeof(float) * hd);
+    memcpy(v_cache + g * head_stride + t * hd, v + g * hd, sizeof(float) * hd);
+  }
+}
+
+int dejavu_llama_decode_layer(const llama_layer* L, const float* x, float* x_out, float* k_cache,
+                              float* v_cache, int64_t head_stride, int64_t t, const float* cos,
+                              const float* ssin, const uint8_t* key_valid, float scale, int64_t with_mlp,
+                              float* mlp_input) {
+  int64_t d = L->hidden, hd = L->head_dim, nh = L->heads, nkv = L->kv_heads, inner = L->inner;
+  if (nkv <= 0 || nh % nkv || hd % 2 || t < 0 || (t + 1) * hd > head_stride) return 1;
+  int64_t qd = nh * hd, kvd = nkv * hd;
+  float* scratch = malloc(sizeof(float) * (size_t)(2 * d + 2 * qd + 2 * kvd + inner + t + 1));
+  if (!scratch) return 2;
+  float *xn = scratch, *q = xn + d, *k = q + qd, *v = k + kvd, *heads = v + kvd, *act = heads + qd;
+  float *mlp_out = act + inner, *p = mlp_out + d;
+
+  rms_norm(x, L->attn_norm, d, L->attn_eps, xn);
+  gemv(L->q, L->q_bias, qd, d, xn, q);
+  gemv(L->k, L->k_bias, kvd, d, xn, k);
+  gemv(L->v, L->v_bias, kvd, d, xn, v);
+  for (int64_t h = 0; h < nh; h++) rope(q + h * hd, cos, ssin, hd);
+  for (int64_t g = 0; g < nkv; g++) rope(k + g * hd, cos, ssin, hd);
+  write_cache(k, v, k_cache, v_cache, head_stride, t, nkv, hd);
+  attend(q, k_cache, v_cache, head_stride, t, nh, nkv, hd, key_valid, scale, p, heads);
   gemv(L->o, L->o_bias, d, qd, heads, x_out);
   for (int64_t j = 0; j < d; j++) x_out[j] += x[j];
 
@@ -211,6 +227,53 @@ int dejavu_llama_decode_layer(const llama_layer* L, const float* x, float* x_out
   dejavu_dense_mlp(L->gate, d, L->up, d, L->gate_bias, L->up_bias, L->down, inner, L->down_bias, inner, d, xn,
                    mlp_out, act);
   for (int64_t j = 0; j < d; j++) x_out[j] += mlp_out[j];
+  free(scratch);
+  return 0;
+}
+
+/* One OPT decoder layer for one token (see dejavu_llama_decode_layer for the cache and mask):
+   pre-LN (norm_first): x += out(attn(LN1(x))); x += fc2(relu(fc1(LN2(x))))
+   post-LN:             x = LN1(x + out(attn(x))); x = LN2(x + fc2(relu(fc1(x))))
+   LayerNorm weights and biases may be NULL (no affine). */
+typedef struct {
+  const float *attn_norm, *attn_norm_bias, *q, *k, *v, *o, *q_bias, *k_bias, *v_bias, *o_bias;
+  const float *mlp_norm, *mlp_norm_bias, *fc1, *fc2, *fc1_bias, *fc2_bias;
+  int64_t hidden, heads, head_dim, inner, norm_first;
+  float attn_eps, mlp_eps;
+} opt_layer;
+
+static void layer_norm(const float* x, const float* w, const float* b, int64_t d, float eps, float* out) {
+  double s = 0.0, s2 = 0.0;
+  for (int64_t j = 0; j < d; j++) s += x[j];
+  float mean = (float)(s / d);
+  for (int64_t j = 0; j < d; j++) { double c = x[j] - mean; s2 += c * c; }
+  float r = 1.f / sqrtf((float)(s2 / d) + eps);
+  for (int64_t j = 0; j < d; j++) out[j] = (x[j] - mean) * r * (w ? w[j] : 1.f) + (b ? b[j] : 0.f);
+}
+
+int dejavu_opt_decode_layer(const opt_layer* L, const float* x, float* x_out, float* k_cache, float* v_cache,
+                            int64_t head_stride, int64_t t, const uint8_t* key_valid, float scale) {
+  int64_t d = L->hidden, hd = L->head_dim, nh = L->heads, inner = L->inner;
+  if (nh * hd != d || t < 0 || (t + 1) * hd > head_stride) return 1;
+  float* scratch = malloc(sizeof(float) * (size_t)(6 * d + inner + t + 1));
+  if (!scratch) return 2;
+  float *xn = scratch, *q = xn + d, *k = q + d, *v = k + d, *heads = v + d, *mlp_out = heads + d;
+  float *act = mlp_out + d, *p = act + inner;
+  const float* h = x;
+  if (L->norm_first) { layer_norm(x, L->attn_norm, L->attn_norm_bias, d, L->attn_eps, xn); h = xn; }
+  gemv(L->q, L->q_bias, d, d, h, q);
+  gemv(L->k, L->k_bias, d, d, h, k);
+  gemv(L->v, L->v_bias, d, d, h, v);
+  write_cache(k, v, k_cache, v_cache, head_stride, t, nh, hd);
+  attend(q, k_cache, v_cache, head_stride, t, nh, nh, hd, key_valid, scale, p, heads);
+  gemv(L->o, L->o_bias, d, d, heads, x_out);
+  for (int64_t j = 0; j < d; j++) x_out[j] += x[j];
+  if (!L->norm_first) { layer_norm(x_out, L->attn_norm, L->attn_norm_bias, d, L->attn_eps, xn); memcpy(x_out, xn, sizeof(float) * d); }
+  h = x_out;
+  if (L->norm_first) { layer_norm(x_out, L->mlp_norm, L->mlp_norm_bias, d, L->mlp_eps, xn); h = xn; }
+  dejavu_dense_mlp(L->fc1, d, 0, 0, L->fc1_bias, 0, L->fc2, inner, L->fc2_bias, inner, d, h, mlp_out, act);
+  for (int64_t j = 0; j < d; j++) x_out[j] += mlp_out[j];
+  if (!L->norm_first) { layer_norm(x_out, L->mlp_norm, L->mlp_norm_bias, d, L->mlp_eps, xn); memcpy(x_out, xn, sizeof(float) * d); }
   free(scratch);
   return 0;
 }

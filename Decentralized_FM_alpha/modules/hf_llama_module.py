@@ -18,10 +18,10 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from . import cpu_kernels
 from .sparse_gather import DecodeLinear, is_silu, linear_state
 from .common import (
-    KVCache,
     TappedModule,
     build_from_checkpoint,
     extend_cache,
+    fusable_step,
     key_validity,
     load_config,
     past_length,
@@ -213,16 +213,11 @@ class LlamaBlock(TappedModule):
         """The C decoder layer for one token at batch 1, taps not called: (x, present), or with
         with_mlp False only its attention half, (x + attn, the MLP's normalised input, present)
         for a sparse MLP to follow. None where the kernel does not apply."""
-        if (x.shape[:2] != (1, 1) or x.dtype != torch.float32 or x.device.type != "cpu"
-                or not isinstance(layer_past, KVCache) or torch.is_grad_enabled()):
-            return None
-        lib = cpu_kernels.kernel_library()
+        lib = cpu_kernels.kernel_library() if fusable_step(x, layer_past) else None
         layer = self.kernel_layer() if lib is not None else None
-        keys = layer_past.buffers.keys
-        if layer is None or (with_mlp and not layer[2]) or keys.dtype != torch.float32 or not keys.is_contiguous():
+        if layer is None or (with_mlp and not layer[2]):
             return None
-        past_len = layer_past.length
-        present = layer_past.grown(1)
+        past_len, present = layer_past.length, layer_past.grown(1)
         keys, values = present.buffers.keys, present.buffers.values
         positions, _ = step_geometry(mask, past_len, 1, x.device)
         cos, _, signed_sin = self.rope_tables(positions, torch.float32)

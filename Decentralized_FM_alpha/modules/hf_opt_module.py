@@ -4,6 +4,7 @@ Learned absolute positions (offset 2) added at the embedding, LayerNorm with bia
 projections, ReLU MLP. Pre-LN (125m, 1.3b, ...) and post-LN with project_in/project_out (350m).
 """
 
+import ctypes
 import os
 
 import torch
@@ -12,11 +13,14 @@ from torch import nn
 from transformers import OPTConfig
 from transformers.activations import ACT2FN
 
-from .sparse_gather import DecodeLinear
+from . import cpu_kernels
+from .sparse_gather import DecodeLinear, is_relu, linear_state
 from .common import (
     TappedModule,
     build_from_checkpoint,
     extend_cache,
+    fusable_step,
+    key_validity,
     load_config,
     past_length,
     step_geometry,
@@ -138,7 +142,64 @@ class OPTBlock(TappedModule):
         modules = self._modules  # not through Module.__getattr__: this runs for every layer of every token
         return modules["fc1"], None, modules["fc2"], self.act_fn
 
+    def fused_decode(self, x, layer_past, mask):
+        """(x, present) for one token at batch 1 in one call of the C decoder layer, or None
+        where it does not apply (not float32 on CPU, no KVCache yet, taps or autograd in use,
+        not ReLU, kernels off): then the torch ops below run instead, with the same numbers."""
+        if type(self).tap is not TappedModule.tap or not fusable_step(x, layer_past):
+            return None
+        lib = cpu_kernels.kernel_library()
+        layer = self.kernel_layer() if lib is not None else None
+        if layer is None:
+            return None
+        past_len, present = layer_past.length, layer_past.grown(1)
+        keys, values = present.buffers.keys, present.buffers.values
+        valid = key_validity(mask, past_len + 1)
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        status = lib.dejavu_opt_decode_layer(
+            layer[1], x.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(1), past_len,
+            None if valid is None else valid.data_ptr(), self.head_dim**-0.5)
+        if status:
+            raise RuntimeError(f"layer {self.layer_index}: the C decoder layer refused its input (status {status})")
+        return out, present
+
+    def kernel_layer(self):
+        """The C kernel's view of this layer's weights (cpu_kernels.OptLayer, a reference to it),
+        or None where the kernel cannot read them; rebuilt when a weight changes."""
+        modules = self._modules  # not through Module.__getattr__: this runs for every layer of every token
+        attention = modules["self_attn"]._modules
+        linears = (attention["q_proj"], attention["k_proj"], attention["v_proj"], attention["out_proj"],
+                   modules["fc1"], modules["fc2"])
+        norms = (modules["self_attn_layer_norm"], modules["final_layer_norm"])
+        norm_tensors = tuple(t for norm in norms for t in (norm._parameters.get("weight"), norm._parameters.get("bias")))
+        key = (tuple(map(linear_state, linears)),
+               tuple(None if t is None else (id(t), t._version, t.data_ptr()) for t in norm_tensors))
+        cached = self.__dict__.get("_kernel_layer")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        tensors = (*norm_tensors, *(t for linear in linears for t in (linear.weight, linear.bias)))
+        layer = None
+        if is_relu(self.act_fn) and all(
+                t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+                for t in tensors):
+            (attn_norm, attn_norm_bias, mlp_norm, mlp_norm_bias, q, q_bias, k, k_bias, v, v_bias, o, o_bias,
+             fc1, fc1_bias, fc2, fc2_bias) = [None if t is None else t.data_ptr() for t in tensors]
+            layer = cpu_kernels.OptLayer(
+                attn_norm=attn_norm, attn_norm_bias=attn_norm_bias, q=q, k=k, v=v, o=o, q_bias=q_bias,
+                k_bias=k_bias, v_bias=v_bias, o_bias=o_bias, mlp_norm=mlp_norm, mlp_norm_bias=mlp_norm_bias,
+                fc1=fc1, fc2=fc2, fc1_bias=fc1_bias, fc2_bias=fc2_bias, hidden=self.config.hidden_size,
+                heads=self.num_heads, head_dim=self.head_dim, inner=self.config.ffn_dim,
+                norm_first=int(self.norm_first), attn_eps=norms[0].eps, mlp_eps=norms[1].eps)
+            layer = (layer, ctypes.byref(layer))
+        # The entry holds the modules and tensors: the ids in the key and the pointers stay theirs.
+        self.__dict__["_kernel_layer"] = (key, layer, linears, norms, tensors)
+        return layer
+
     def forward(self, x, layer_past=None, mask=None):
+        fused = self.fused_decode(x, layer_past, mask)
+        if fused is not None:
+            return fused
         token_mask = token_mask_of(mask, x.shape[1])
         x = self.tap("att_x", x, token_mask)
         h = self.self_attn_layer_norm(x) if self.norm_first else x
