@@ -61,11 +61,12 @@ def sparse_runs(checkpoint, prompts, settings, args):
         LocalCommunicator(), 0, 1, model.embeddings, model.blocks, model.head, config.hidden_size, "cpu",
         torch.float32, micro_batch_size=args.batch,
     )
+    configure_sparse(list(model.blocks), "predicted", predictors=predictors, sparse_attention=False)
     runs = []
     for keep in args.sparse_keeps:
         def run(new, keep=keep):
-            configure_sparse(list(model.blocks), "predicted", mlp_keep=keep, predictors=predictors,
-                             sparse_attention=False)
+            for block in model.blocks:
+                block.mlp_keep = keep
             return engine.inference_batch(prompts, new, settings)
         runs.append((f"sparse MLP keep {keep} (D={args.sparse_D})", run))
     return runs

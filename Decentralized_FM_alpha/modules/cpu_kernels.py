@@ -62,10 +62,8 @@ class PredictorWeights(ctypes.Structure):
 
 
 _SIGNATURES = {
-    # A, lda, B, ldb, bias_a, bias_b, idx, K, rows, d, h, out_a, out_b, act
-    "dejavu_gathered_dots": [_P, _N, _P, _N, _P, _P, _P, _N, _N, _N, _P, _P, _P, _N],
-    # T, ldt, bias, idx, K, rows, d, a, out
-    "dejavu_gathered_rows_sum": [_P, _N, _P, _P, _N, _N, _N, _P, _P],
+    # A, lda, B, ldb, bias_a, bias_b, idx, K, rows, d, h, out_a, act
+    "dejavu_gathered_dots": [_P, _N, _P, _N, _P, _P, _P, _N, _N, _N, _P, _P, _N],
     # weights, idx, K, h, out
     "dejavu_gathered_mlp": [ctypes.POINTER(MlpWeights), _P, _N, _P, _P],
     # A, lda, B, ldb, a_bias, b_bias, W, ldw, bias, inner, d, h, out, scratch

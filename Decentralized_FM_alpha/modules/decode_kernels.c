@@ -33,7 +33,7 @@ static inline float activate(int64_t act, float a, float b) {
 
 /* Rows i = idx[k] (idx NULL: i = k, every row in order) of A [rows, d] (row stride lda) and
    B (row stride ldb; may be NULL) against h [d], four rows streaming at once:
-     act 0: out_a[k] = A[i].h + bias_a[i], out_b[k] = B[i].h + bias_b[i]
+     act 0: out_a[k] = A[i].h + bias_a[i]   (B NULL)
      act 1: out_a[k] = silu(A[i].h + bias_a[i]) * (B[i].h + bias_b[i])
      act 2: out_a[k] = relu(A[i].h + bias_a[i])
    Biases may be NULL. */
@@ -56,7 +56,7 @@ static inline void dot4(const float* r0, const float* r1, const float* r2, const
 
 int dejavu_gathered_dots(const float* A, int64_t lda, const float* B, int64_t ldb, const float* bias_a,
                          const float* bias_b, const int64_t* idx, int64_t K, int64_t rows, int64_t d,
-                         const float* h, float* out_a, float* out_b, int64_t act) {
+                         const float* h, float* out_a, int64_t act) {
   if (bad_index(idx, K, rows)) return 1;
   int64_t k = 0;
   float v[4];
@@ -66,13 +66,11 @@ int dejavu_gathered_dots(const float* A, int64_t lda, const float* B, int64_t ld
       dot4(A + i0 * lda, B + i0 * ldb, A + i1 * lda, B + i1 * ldb, h, d, v);
       float va0 = v[0] + BA(i0), vb0 = v[1] + BB(i0), va1 = v[2] + BA(i1), vb1 = v[3] + BB(i1);
       out_a[k] = activate(act, va0, vb0); out_a[k + 1] = activate(act, va1, vb1);
-      if (act == ACT_NONE && out_b) { out_b[k] = vb0; out_b[k + 1] = vb1; }
     }
     for (; k < K; k++) {
       int64_t i = ROW(k);
       float va = dot(A + i * lda, h, d) + BA(i), vb = dot(B + i * ldb, h, d) + BB(i);
       out_a[k] = activate(act, va, vb);
-      if (act == ACT_NONE && out_b) out_b[k] = vb;
     }
     return 0;
   }
@@ -88,16 +86,13 @@ int dejavu_gathered_dots(const float* A, int64_t lda, const float* B, int64_t ld
   return 0;
 }
 
-/* out[:d] = bias + sum_k a[k] * T[i]  (i = idx[k]; idx NULL: i = k, every row in order).
-   T: [rows, d], row stride ldt: the transposed down/fc2, or a predictor's second layer stored
-   transposed. bias may be NULL. */
-int dejavu_gathered_rows_sum(const float* T, int64_t ldt, const float* bias, const int64_t* idx, int64_t K,
-                             int64_t rows, int64_t d, const float* a, float* out) {
-  if (bad_index(idx, K, rows)) return 1;
+/* out[:d] = sum_k a[k] * T[k] over the K rows of T ([K, d], row stride ldt): a product with
+   a transposed weight, streaming its long rows (a predictor's second layer stored [D, I]). */
+static void gemv_transposed(const float* T, int64_t ldt, int64_t K, int64_t d, const float* a, float* out) {
   memset(out, 0, (size_t)d * sizeof(float));
   int64_t k = 0, d8 = d - d % 8;
   for (; k + 4 <= K; k += 4) {
-    const float *r0 = T + ROW(k) * ldt, *r1 = T + ROW(k + 1) * ldt, *r2 = T + ROW(k + 2) * ldt, *r3 = T + ROW(k + 3) * ldt;
+    const float *r0 = T + k * ldt, *r1 = r0 + ldt, *r2 = r1 + ldt, *r3 = r2 + ldt;
     float c0 = a[k], c1 = a[k + 1], c2 = a[k + 2], c3 = a[k + 3];
     v8 w0 = {0}, w1 = {0}, w2 = {0}, w3 = {0};
     w0 += c0; w1 += c1; w2 += c2; w3 += c3;
@@ -106,13 +101,11 @@ int dejavu_gathered_rows_sum(const float* T, int64_t ldt, const float* bias, con
     for (; j < d; j++) out[j] += c0 * r0[j] + c1 * r1[j] + c2 * r2[j] + c3 * r3[j];
   }
   for (; k < K; k++) {
-    const float* r = T + ROW(k) * ldt; float c = a[k]; v8 w = {0}; w += c;
+    const float* r = T + k * ldt; float c = a[k]; v8 w = {0}; w += c;
     int64_t j = 0;
     for (; j < d8; j += 8) st(out + j, ld(out + j) + w * ld(r + j));
     for (; j < d; j++) out[j] += c * r[j];
   }
-  if (bias) for (int64_t j = 0; j < d; j++) out[j] += bias[j];
-  return 0;
 }
 
 /* The dense MLP for one token: out = output(act(first(h), second(h))), as in
@@ -121,9 +114,9 @@ int dejavu_gathered_rows_sum(const float* T, int64_t ldt, const float* bias, con
 int dejavu_dense_mlp(const float* A, int64_t lda, const float* B, int64_t ldb, const float* a_bias,
                      const float* b_bias, const float* W, int64_t ldw, const float* bias, int64_t inner, int64_t d,
                      const float* h, float* out, float* scratch) {
-  int status = dejavu_gathered_dots(A, lda, B, ldb, a_bias, b_bias, 0, inner, inner, d, h, scratch, 0,
+  int status = dejavu_gathered_dots(A, lda, B, ldb, a_bias, b_bias, 0, inner, inner, d, h, scratch,
                                     B ? ACT_SILU_GLU : ACT_RELU);
-  if (!status) status = dejavu_gathered_dots(W, ldw, 0, 0, bias, 0, 0, d, d, inner, scratch, out, 0, ACT_NONE);
+  if (!status) status = dejavu_gathered_dots(W, ldw, 0, 0, bias, 0, 0, d, d, inner, scratch, out, ACT_NONE);
   return status;
 }
 
@@ -158,7 +151,7 @@ static void rope(float* x, const float* cos, const float* ssin, int64_t hd) {
 }
 
 static void gemv(const float* w, const float* bias, int64_t rows, int64_t d, const float* h, float* out) {
-  dejavu_gathered_dots(w, d, 0, 0, bias, 0, 0, rows, rows, d, h, out, 0, ACT_NONE);
+  dejavu_gathered_dots(w, d, 0, 0, bias, 0, 0, rows, rows, d, h, out, ACT_NONE);
 }
 
 /* The attention of one query token over cache positions 0..t (key_valid NULL: all; position
@@ -368,7 +361,7 @@ int dejavu_gathered_mlp(const mlp_weights* W, const int64_t* idx, int64_t K, con
   }
   for (; k < K; k++) {
     float c;
-    dejavu_gathered_dots(W->A, W->lda, W->B, W->ldb, W->a_bias, W->b_bias, idx + k, 1, W->rows, d, h, &c, 0, act);
+    dejavu_gathered_dots(W->A, W->lda, W->B, W->ldb, W->a_bias, W->b_bias, idx + k, 1, W->rows, d, h, &c, act);
     const float* r = W->T + idx[k] * W->ldt;
     for (int64_t j = 0; j < d; j++) out[j] += c * r[j];
   }
@@ -387,7 +380,7 @@ int dejavu_predicted_mlp(const mlp_weights* W, const predictor_weights* P, const
   float *low = scratch, *scores = low + P->rank, *sorted = scores + inner;
   int64_t* kept = (int64_t*)(sorted + inner);
   gemv(P->p1, 0, P->rank, P->d, xp, low);
-  dejavu_gathered_rows_sum(P->p2t, inner, 0, 0, P->rank, P->rank, inner, low, scores);
+  gemv_transposed(P->p2t, inner, P->rank, inner, low, scores);
   for (int64_t i = 0; i < inner; i++) {
     if (scores[i] != scores[i]) scores[i] = INFINITY;  /* NaN ranks first, as in torch.topk */
     sorted[i] = scores[i];

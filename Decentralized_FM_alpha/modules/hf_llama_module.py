@@ -16,7 +16,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from . import cpu_kernels
-from .sparse_gather import DecodeLinear, is_silu, linear_state
+from .sparse_gather import DecodeLinear, addresses, cached_layer_view, is_silu, kernel_readable
 from .common import (
     TappedModule,
     build_from_checkpoint,
@@ -234,43 +234,33 @@ class LlamaBlock(TappedModule):
         return (out, present) if with_mlp else (out, mlp_input, present)
 
     def kernel_layer(self):
-        """The C kernel's view of this layer's weights (cpu_kernels.LlamaLayer), or None where
-        the kernel cannot read them; rebuilt when a weight is replaced or updated in place."""
+        """(cpu_kernels.LlamaLayer, a reference to it, whether it holds the MLP too) for this
+        layer's weights, or None where the kernel cannot read them."""
         modules = self._modules  # not through Module.__getattr__: this runs for every layer of every token
         attention = modules["self_attn"]._modules
         linears = (attention["q_proj"], attention["k_proj"], attention["v_proj"], attention["o_proj"],
                    modules["gate_proj"], modules["up_proj"], modules["down_proj"])
         norms = (modules["input_layernorm"]._parameters["weight"], modules["post_attention_layernorm"]._parameters["weight"])
-        key = (tuple(map(linear_state, linears)), tuple((id(t), t._version, t.data_ptr()) for t in norms))
-        cached = self.__dict__.get("_kernel_layer")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        tensors = (*norms, *(t for linear in linears for t in (linear.weight, linear.bias)))
-        layer = None
+        return cached_layer_view(self, linears, norms, self._build_kernel_layer)
 
-        def readable(group):
-            return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
-                       for t in group)
-
+    def _build_kernel_layer(self, tensors):
         # The attention half needs its weights as they are in the checkpoint; the MLP half also
         # the MLP's (a sparse block packs them per neuron, and then runs its own MLP).
-        if readable(tensors[:10]):
-            mlp_ready = readable(tensors[10:]) and is_silu(self.act_fn)
-            address = [None if t is None else t.data_ptr() for t in tensors]
-            if not mlp_ready:
-                address[10:] = [None] * 6
-            (attn_norm, mlp_norm, q, q_bias, k, k_bias, v, v_bias, o, o_bias,
-             gate, gate_bias, up, up_bias, down, down_bias) = address
-            layer = cpu_kernels.LlamaLayer(
-                attn_norm=attn_norm, q=q, k=k, v=v, o=o, q_bias=q_bias, k_bias=k_bias, v_bias=v_bias,
-                o_bias=o_bias, mlp_norm=mlp_norm, gate=gate, up=up, down=down, gate_bias=gate_bias,
-                up_bias=up_bias, down_bias=down_bias, hidden=self.config.hidden_size, heads=self.num_heads,
-                kv_heads=self.num_kv_heads, head_dim=self.head_dim, inner=self.config.intermediate_size,
-                attn_eps=self.input_layernorm.eps, mlp_eps=self.post_attention_layernorm.eps)
-            layer = (layer, ctypes.byref(layer), mlp_ready)
-        # The entry holds the Linears and tensors: the ids in the key and the pointers stay theirs.
-        self.__dict__["_kernel_layer"] = (key, layer, linears, tensors)
-        return layer
+        if not kernel_readable(tensors[:10]):
+            return None
+        mlp_ready = kernel_readable(tensors[10:]) and is_silu(self.act_fn)
+        address = addresses(tensors)
+        if not mlp_ready:
+            address[10:] = [None] * 6
+        (attn_norm, mlp_norm, q, q_bias, k, k_bias, v, v_bias, o, o_bias,
+         gate, gate_bias, up, up_bias, down, down_bias) = address
+        layer = cpu_kernels.LlamaLayer(
+            attn_norm=attn_norm, q=q, k=k, v=v, o=o, q_bias=q_bias, k_bias=k_bias, v_bias=v_bias,
+            o_bias=o_bias, mlp_norm=mlp_norm, gate=gate, up=up, down=down, gate_bias=gate_bias,
+            up_bias=up_bias, down_bias=down_bias, hidden=self.config.hidden_size, heads=self.num_heads,
+            kv_heads=self.num_kv_heads, head_dim=self.head_dim, inner=self.config.intermediate_size,
+            attn_eps=self.input_layernorm.eps, mlp_eps=self.post_attention_layernorm.eps)
+        return layer, ctypes.byref(layer), mlp_ready
 
     def forward(self, x, layer_past=None, mask=None):
         fused = self.fused_decode(x, layer_past, mask)

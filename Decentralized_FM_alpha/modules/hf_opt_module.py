@@ -14,7 +14,7 @@ from transformers import OPTConfig
 from transformers.activations import ACT2FN
 
 from . import cpu_kernels
-from .sparse_gather import DecodeLinear, is_relu, linear_state
+from .sparse_gather import DecodeLinear, addresses, cached_layer_view, is_relu, kernel_readable
 from .common import (
     TappedModule,
     build_from_checkpoint,
@@ -165,36 +165,28 @@ class OPTBlock(TappedModule):
         return out, present
 
     def kernel_layer(self):
-        """The C kernel's view of this layer's weights (cpu_kernels.OptLayer, a reference to it),
-        or None where the kernel cannot read them; rebuilt when a weight changes."""
+        """(cpu_kernels.OptLayer, a reference to it) for this layer's weights, or None where the
+        kernel cannot read them."""
         modules = self._modules  # not through Module.__getattr__: this runs for every layer of every token
         attention = modules["self_attn"]._modules
         linears = (attention["q_proj"], attention["k_proj"], attention["v_proj"], attention["out_proj"],
                    modules["fc1"], modules["fc2"])
-        norms = (modules["self_attn_layer_norm"], modules["final_layer_norm"])
-        norm_tensors = tuple(t for norm in norms for t in (norm._parameters.get("weight"), norm._parameters.get("bias")))
-        key = (tuple(map(linear_state, linears)),
-               tuple(None if t is None else (id(t), t._version, t.data_ptr()) for t in norm_tensors))
-        cached = self.__dict__.get("_kernel_layer")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        tensors = (*norm_tensors, *(t for linear in linears for t in (linear.weight, linear.bias)))
-        layer = None
-        if is_relu(self.act_fn) and all(
-                t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
-                for t in tensors):
-            (attn_norm, attn_norm_bias, mlp_norm, mlp_norm_bias, q, q_bias, k, k_bias, v, v_bias, o, o_bias,
-             fc1, fc1_bias, fc2, fc2_bias) = [None if t is None else t.data_ptr() for t in tensors]
-            layer = cpu_kernels.OptLayer(
-                attn_norm=attn_norm, attn_norm_bias=attn_norm_bias, q=q, k=k, v=v, o=o, q_bias=q_bias,
-                k_bias=k_bias, v_bias=v_bias, o_bias=o_bias, mlp_norm=mlp_norm, mlp_norm_bias=mlp_norm_bias,
-                fc1=fc1, fc2=fc2, fc1_bias=fc1_bias, fc2_bias=fc2_bias, hidden=self.config.hidden_size,
-                heads=self.num_heads, head_dim=self.head_dim, inner=self.config.ffn_dim,
-                norm_first=int(self.norm_first), attn_eps=norms[0].eps, mlp_eps=norms[1].eps)
-            layer = (layer, ctypes.byref(layer))
-        # The entry holds the modules and tensors: the ids in the key and the pointers stay theirs.
-        self.__dict__["_kernel_layer"] = (key, layer, linears, norms, tensors)
-        return layer
+        norms = tuple(norm._parameters.get(name) for norm in (modules["self_attn_layer_norm"],
+                                                              modules["final_layer_norm"]) for name in ("weight", "bias"))
+        return cached_layer_view(self, linears, norms, self._build_kernel_layer)
+
+    def _build_kernel_layer(self, tensors):
+        if not (is_relu(self.act_fn) and kernel_readable(tensors)):
+            return None
+        (attn_norm, attn_norm_bias, mlp_norm, mlp_norm_bias, q, q_bias, k, k_bias, v, v_bias, o, o_bias,
+         fc1, fc1_bias, fc2, fc2_bias) = addresses(tensors)
+        layer = cpu_kernels.OptLayer(
+            attn_norm=attn_norm, attn_norm_bias=attn_norm_bias, q=q, k=k, v=v, o=o, q_bias=q_bias,
+            k_bias=k_bias, v_bias=v_bias, o_bias=o_bias, mlp_norm=mlp_norm, mlp_norm_bias=mlp_norm_bias,
+            fc1=fc1, fc2=fc2, fc1_bias=fc1_bias, fc2_bias=fc2_bias, hidden=self.config.hidden_size,
+            heads=self.num_heads, head_dim=self.head_dim, inner=self.config.ffn_dim,
+            norm_first=int(self.norm_first), attn_eps=self.self_attn_layer_norm.eps, mlp_eps=self.final_layer_norm.eps)
+        return layer, ctypes.byref(layer)
 
     def forward(self, x, layer_past=None, mask=None):
         fused = self.fused_decode(x, layer_past, mask)

@@ -2,20 +2,20 @@
 neurons' weights, DejaVu's predicted MLP in one call, and DecodeLinear, the dense Linear whose
 one-row products stream the whole weight through the same kernel.
 
-gathered_mlp(h, neurons, first, second, output)     the MLP on the kept neurons (one pass)
-predicted_gathered_mlp(h, x_pred, predictor, k, ...) predictor, top-k and gathered MLP at once
-gathered_dots / gathered_glu / gathered_activation  pieces of it: the kept rows of Linear(d, I)s
-gathered_output(linear, act, neurons)               a Linear(I, d) on the input columns `neurons`
-pack_mlp_neurons(first, second, output)             one neuron's weights side by side in memory
-DecodeLinear / linear_forward(linear, x)            a dense Linear; one input row goes through the kernel
+gathered_mlp(h, neurons, first, second, output, act)     the MLP on the kept neurons (one pass)
+predicted_gathered_mlp(h, x_pred, predictor, k, ...)     predictor, top-k and gathered MLP at once
+dense_mlp(h, first, second, output, act)                 the dense MLP of one token in one call
+pack_mlp_neurons(first, second, output)                  one neuron's weights side by side in memory
+DecodeLinear / linear_forward(linear, x)                 a dense Linear; one input row goes through the kernel
+cached_layer_view(block, linears, tensors, build)        a decoder layer's weights as a kernel struct
 
 `first`, `second`, `output` are Llama's gate, up, down (SiLU-gated) or OPT's fc1, None, fc2
 (ReLU). On CPU in float32 without autograd these run the C kernels of cpu_kernels.py, which
 read the kept rows in place (nothing is materialised) and apply biases and the activation on
 the fly. Rows may be strided, so the interleaved views pack_mlp_neurons leaves are read as
-they lie; a column gather of an unpacked down/fc2 reads a transposed copy made once per
-weight version (+1/3 of the MLP's weights in memory). Anywhere else (no compiler, other
-dtypes or devices, autograd) torch ops give the same numbers.
+they lie; an unpacked down/fc2 is read through a transposed copy made once per weight version
+(+1/3 of the MLP's weights in memory). Anywhere else (no compiler, other dtypes or devices,
+autograd) torch ops give the same numbers.
 """
 
 import ctypes
@@ -28,30 +28,37 @@ from torch import nn
 from . import cpu_kernels
 from .huge_pages import huge_page_buffer, move_to_huge_pages
 
-_ACT_NONE, _ACT_SILU_GLU, _ACT_RELU = 0, 1, 2
+_ACT_NONE = 0  # decode_kernels.c: no activation
 
 # A weight as the kernel reads it: `rows` rows of `width` floats, `stride` floats apart.
 KernelPlan = namedtuple("KernelPlan", "table pointer rows width stride bias bias_pointer")
 
 
-def gather_kernel():
-    """The compiled CPU kernels (cpu_kernels.kernel_library()), or None."""
-    return cpu_kernels.kernel_library()
+def linear_state(linear):
+    """Identity, version and address of a Linear's weight and bias: what a cached kernel view
+    of it depends on (read from _parameters: this runs for every layer of every token)."""
+    params = linear._parameters
+    weight, bias = params["weight"], params["bias"]
+    state = (id(weight), weight._version, weight.data_ptr())
+    return state if bias is None else state + (id(bias), bias._version, bias.data_ptr())
+
+
+def tensor_state(tensor):
+    return None if tensor is None else (id(tensor), tensor._version, tensor.data_ptr())
 
 
 def _kernel_plan(linear, transposed):
     """The kernel's view of the weight ([out, in]; with `transposed`, of weight.t(), [in, out]),
     or None where the kernel does not apply (not float32 on CPU). Rows with unit stride are read
-    in place; otherwise a contiguous copy is made. Cached on the Linear per weight and bias
-    (object, version, address), so an updated or replaced weight is picked up."""
-    weight, bias = linear.weight, linear.bias
+    in place; otherwise a contiguous copy is made. Cached on the Linear while its weight and
+    bias are the same objects, versions and memory."""
     # ids are safe in the key: the cache entry holds the objects, so their ids cannot be reused
-    key = (id(weight), weight._version, weight.data_ptr(),
-           id(bias), None if bias is None else bias._version, None if bias is None else bias.data_ptr())
-    slot = "_gather_plan_t" if transposed else "_gather_plan"
+    key = linear_state(linear)
+    slot = "_decode_plan_t" if transposed else "_decode_plan"
     cached = linear.__dict__.get(slot)
     if cached is not None and cached[0] == key:
         return cached[1]
+    weight, bias = linear.weight, linear.bias
     plan = None
     if weight.device.type == "cpu" and weight.dtype == torch.float32 and (
             bias is None or (bias.device.type == "cpu" and bias.dtype == torch.float32)):
@@ -107,113 +114,30 @@ def is_relu(act_fn):
     return act_fn is F.relu or act_fn is torch.relu or isinstance(act_fn, nn.ReLU)
 
 
-def _row_plans(h, linears):
-    """(library, plans, contiguous h) for gathering rows of `linears` from h, or None."""
-    lib = gather_kernel()
-    if lib is None or _autograd(h, *linears):
-        return None
-    plans = [_kernel_plan(linear, False) for linear in linears]
-    hs = _kernel_input(h) if None not in plans else None
-    return None if hs is None else (lib, plans, hs)
-
-
-def _kernel_dots(h, neurons, linears, act):
-    """The kernel's gathered dot products (see dejavu_gathered_dots), or None where it does not apply:
-    [count, B, 1, K] with count = 1 when `act` is fused, else len(linears)."""
-    setup = _row_plans(h, linears)
-    if setup is None:
-        return None
-    lib, plans, hs = setup
+def _gathered_mlp_torch(h, neurons, first, second, output, act_fn):
+    """gathered_mlp in torch ops: the kept rows are gathered, the down/fc2 columns read through
+    embedding_bag on the transposed weight (only the K rows, nothing materialised)."""
     batch, k = neurons.shape
-    index = _kernel_index(neurons)
-    count = 1 if act != _ACT_NONE else len(plans)
-    out = torch.empty(count, batch, 1, k)
-    a, b = plans[0], plans[1] if len(plans) == 2 else None
-    idx_ptr, h_ptr, out_ptr, d = index.data_ptr(), hs.data_ptr(), out.data_ptr(), a.width
-    for row in range(batch):
-        out_b = out_ptr + (batch + row) * k * 4 if count == 2 else None
-        status = lib.dejavu_gathered_dots(
-            a.pointer, a.stride, b and b.pointer, b.stride if b else 0, a.bias_pointer, b and b.bias_pointer,
-            idx_ptr + row * k * 8, k, a.rows, d, h_ptr + row * d * 4, out_ptr + row * k * 4, out_b, act)
-        if status:
-            raise IndexError(f"gathered MLP: a neuron index is outside [0, {a.rows})")
-    return out
 
-
-def gathered_dots(h, neurons, *linears):
-    """[linear_i restricted to output rows `neurons`](h) for each Linear(d, I): h [B, 1, d],
-    neurons [B, K] -> one [B, 1, K] per linear (biases included). Rows of two linears are
-    read together (Llama's gate and up in one pass)."""
-    out = _kernel_dots(h, neurons, linears, _ACT_NONE) if len(linears) <= 2 else None
-    if out is not None:
-        return list(out.unbind(0))
-    batch, k = neurons.shape
-    outs = []
-    for linear in linears:
+    def kept_rows(linear):
         weight, bias = linear.weight, linear.bias
         if batch == 1:
             out = torch.mv(weight.index_select(0, neurons[0]), h.reshape(-1)).view(1, 1, k)
         else:
             out = torch.bmm(h, weight[neurons].transpose(1, 2))
-        outs.append(out if bias is None else out + bias[neurons][:, None])
-    return outs
+        return out if bias is None else out + bias[neurons][:, None]
 
-
-def gathered_glu(h, neurons, gate, up, act_fn):
-    """act_fn(gate(h)) * up(h) on the kept neurons only: [B, 1, K] (Llama's gated MLP)."""
-    if is_silu(act_fn):
-        out = _kernel_dots(h, neurons, (gate, up), _ACT_SILU_GLU)
-        if out is not None:
-            return out[0]
-    gate_out, up_out = gathered_dots(h, neurons, gate, up)
-    return act_fn(gate_out) * up_out
-
-
-def gathered_activation(h, neurons, linear, act_fn):
-    """act_fn(linear(h)) on the kept neurons only: [B, 1, K] (OPT's fc1)."""
-    if is_relu(act_fn):
-        out = _kernel_dots(h, neurons, (linear,), _ACT_RELU)
-        if out is not None:
-            return out[0]
-    return act_fn(gathered_dots(h, neurons, linear)[0])
-
-
-def gathered_output(linear, act, neurons):
-    """Linear(I, d) restricted to the input columns `neurons`: act [B, 1, K] -> [B, 1, d]."""
-    batch, k = neurons.shape
-    lib = gather_kernel()
-    if _autograd(act, linear):
-        out = torch.bmm(act, linear.weight.t()[neurons])  # autograd reaches the weight itself
-        return out if linear.bias is None else out + linear.bias
-    plan = _kernel_plan(linear, True) if lib is not None else None
-    weights = _kernel_input(act) if plan is not None else None
-    if weights is None:
-        # Reads only the K rows of the transposed weight, without materialising them.
-        out = F.embedding_bag(neurons, transposed_weight(linear), per_sample_weights=act.reshape(batch, k),
+    act = act_fn(kept_rows(first)) if second is None else act_fn(kept_rows(first)) * kept_rows(second)
+    if _autograd(act, output):
+        out = torch.bmm(act, output.weight.t()[neurons])  # autograd reaches the weight itself
+    else:
+        out = F.embedding_bag(neurons, transposed_weight(output), per_sample_weights=act.reshape(batch, k),
                               mode="sum").view(batch, 1, -1)
-        return out if linear.bias is None else out + linear.bias
-    index = _kernel_index(neurons)
-    out = torch.empty(batch, 1, plan.width)
-    idx_ptr, w_ptr, out_ptr, d = index.data_ptr(), weights.data_ptr(), out.data_ptr(), plan.width
-    for row in range(batch):
-        status = lib.dejavu_gathered_rows_sum(plan.pointer, plan.stride, plan.bias_pointer, idx_ptr + row * k * 8, k,
-                                              plan.rows, d, w_ptr + row * k * 4, out_ptr + row * d * 4)
-        if status:
-            raise IndexError(f"gathered MLP: a neuron index is outside [0, {plan.rows})")
-    return out
+    return out if output.bias is None else out + output.bias
 
 
 def _activation_matches(second, act_fn):
     return is_silu(act_fn) if second is not None else is_relu(act_fn)
-
-
-def linear_state(linear):
-    """Identity, version and address of a Linear's weight and bias: what a cached kernel view
-    of it depends on (read from _parameters: this runs for every layer of every token)."""
-    params = linear._parameters
-    weight, bias = params["weight"], params["bias"]
-    state = (id(weight), weight._version, weight.data_ptr())
-    return state if bias is None else state + (id(bias), bias._version, bias.data_ptr())
 
 
 def _mlp_weights(first, second, output, act_fn):
@@ -250,7 +174,7 @@ def _rows_input(x, rows, width):
 def gathered_mlp(h, neurons, first, second, output, act_fn):
     """output(act(first(h), second(h))) on the kept neurons only, one pass over them:
     h [B, 1, d], neurons [B, K] -> [B, 1, d]."""
-    lib = gather_kernel()
+    lib = cpu_kernels.kernel_library()
     found = _mlp_weights(first, second, output, act_fn) if lib is not None else None
     batch, k = neurons.shape
     hs = _rows_input(h, batch, found[0].d) if found is not None else None
@@ -264,9 +188,7 @@ def gathered_mlp(h, neurons, first, second, output, act_fn):
             if status:
                 raise IndexError(f"gathered MLP: a neuron index is outside [0, {weights.rows})")
         return out
-    act = gathered_glu(h, neurons, first, second, act_fn) if second is not None \
-        else gathered_activation(h, neurons, first, act_fn)
-    return gathered_output(output, act, neurons)
+    return _gathered_mlp_torch(h, neurons, first, second, output, act_fn)
 
 
 def _predictor_weights(predictor):
@@ -315,7 +237,7 @@ def predicted_gathered_mlp(h, x_pred, predictor, k, first, second, output, act_f
     scores the I neurons from x_pred, the k best are kept (as topk + sort would; ties go to
     the lowest index), and gathered_mlp runs on them. h, x_pred [B, 1, d] -> [B, 1, d], or
     None where the kernel does not apply (the caller then runs the same steps in torch ops)."""
-    lib = gather_kernel()
+    lib = cpu_kernels.kernel_library()
     found = _mlp_weights(first, second, output, act_fn) if lib is not None else None
     scorer = _predictor_weights(predictor) if found is not None else None
     if scorer is None:
@@ -341,17 +263,18 @@ def predicted_gathered_mlp(h, x_pred, predictor, k, first, second, output, act_f
 def dense_mlp(h, first, second, output, act_fn):
     """The dense MLP of one token as the fused decoder layer runs it (one kernel call): h [1, 1, d]
     -> [1, 1, d], or None where the kernel does not apply."""
-    if not _activation_matches(second, act_fn) or h.numel() != first.in_features:
+    lib = cpu_kernels.kernel_library()
+    if lib is None or not _activation_matches(second, act_fn) or h.numel() != first.in_features \
+            or _autograd(h, first, second, output):
         return None
-    setup = _row_plans(h, (first, second) if second is not None else (first,))
-    plan = _decode_plan(output) if setup is not None else None
-    if plan is None or _autograd(h, output):
+    a, b, w = (_kernel_plan(first, False), _kernel_plan(second, False) if second is not None else None,
+               _kernel_plan(output, False))
+    hs = _kernel_input(h)
+    if a is None or w is None or hs is None or (second is not None and b is None):
         return None
-    lib, plans, hs = setup
-    a, b = plans[0], plans[1] if second is not None else None
-    out, scratch = torch.empty(1, 1, plan.rows), torch.empty(a.rows)
+    out, scratch = torch.empty(1, 1, w.rows), torch.empty(a.rows)
     lib.dejavu_dense_mlp(a.pointer, a.stride, b and b.pointer, b.stride if b else 0, a.bias_pointer,
-                         b and b.bias_pointer, plan.pointer, plan.stride, plan.bias_pointer, a.rows, a.width,
+                         b and b.bias_pointer, w.pointer, w.stride, w.bias_pointer, a.rows, a.width,
                          hs.data_ptr(), out.data_ptr(), scratch.data_ptr())
     return out
 
@@ -377,29 +300,42 @@ def pack_mlp_neurons(first, second, output):
     return True
 
 
-def _decode_plan(linear):
-    """_kernel_plan(linear, False), looked up cheaply: this runs for every Linear of every token."""
-    weight, bias = linear.weight, linear.bias
-    cached = linear.__dict__.get("_decode_plan")
-    if (cached is not None and cached[0] is weight and cached[1] == weight._version and cached[2] is bias
-            and (bias is None or cached[3] == bias._version)):
-        return cached[4]
-    plan = _kernel_plan(linear, False)
-    linear.__dict__["_decode_plan"] = (weight, weight._version, bias, None if bias is None else bias._version, plan)
-    return plan
+def cached_layer_view(block, linears, tensors, build):
+    """build(all) for a decoder layer's kernel struct, where `all` is `tensors` (norms) followed
+    by each Linear's weight and bias; cached on the block while every one of them is the same
+    object, version and memory, so a replaced or updated weight is picked up."""
+    key = (tuple(map(linear_state, linears)), tuple(map(tensor_state, tensors)))
+    cached = block.__dict__.get("_kernel_layer")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    every = (*tensors, *(t for linear in linears for t in (linear.weight, linear.bias)))
+    view = build(every)
+    # The entry holds the Linears and tensors: the ids in the key and the pointers stay theirs.
+    block.__dict__["_kernel_layer"] = (key, view, linears, every)
+    return view
+
+
+def kernel_readable(tensors):
+    """Whether the decoder-layer kernels can read these (None, or contiguous float32 on CPU)."""
+    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+               for t in tensors)
+
+
+def addresses(tensors):
+    return [None if t is None else t.data_ptr() for t in tensors]
 
 
 def linear_forward(linear, x):
     """linear(x); a single input row (decoding at batch 1) goes through the streaming kernel."""
     if x.numel() == linear.in_features and x.dim() > 0 and x.dtype == torch.float32 and x.device.type == "cpu":
-        lib = gather_kernel()
+        lib = cpu_kernels.kernel_library()
         if lib is not None and not _autograd(x, linear):
-            plan = _decode_plan(linear)
+            plan = _kernel_plan(linear, False)
             hs = _kernel_input(x) if plan is not None else None
             if hs is not None:
                 out = torch.empty(*x.shape[:-1], plan.rows)
                 lib.dejavu_gathered_dots(plan.pointer, plan.stride, None, 0, plan.bias_pointer, None, None, plan.rows,
-                                         plan.rows, plan.width, hs.data_ptr(), out.data_ptr(), None, _ACT_NONE)
+                                         plan.rows, plan.width, hs.data_ptr(), out.data_ptr(), _ACT_NONE)
                 return out
     return F.linear(x, linear.weight, linear.bias)
 
