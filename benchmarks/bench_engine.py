@@ -37,14 +37,18 @@ def make_prompts(tokenizer, batch, length):
 
 
 def sparse_runs(checkpoint, prompts, settings, args):
-    """(name, run) per kept fraction: the same engine on llama-ml-att-sparse blocks whose MLP is
-    predicted (random predictors of width --sparse-D: speed only, the tokens mean nothing)."""
+    """(name, run) per predictor dtype and kept fraction: the same engine on llama-ml-att-sparse
+    blocks whose MLP is predicted (random predictors of width --sparse-D: speed only, the
+    tokens mean nothing), with the predictors in float32 and rounded to float16."""
+    import copy
+
     import torch
     from torch import nn
 
     from comm.comm_utils import LocalCommunicator
     from modules.local_model import LocalModel
     from modules.sparse_execution import configure_sparse
+    from modules.sparse_gather import store_predictor_half
     from pipeline_parallel.dist_pipeline_inference_mask_greedy_token_pipe_sync import DistInferenceMaskTokenPipeSync
 
     model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse", dtype=torch.float32)
@@ -62,13 +66,21 @@ def sparse_runs(checkpoint, prompts, settings, args):
         torch.float32, micro_batch_size=args.batch,
     )
     configure_sparse(list(model.blocks), "predicted", predictors=predictors, sparse_attention=False)
+    sets = {"float32": [predictors["mlp", layer][0] for layer in range(config.num_hidden_layers)]}
+    if "float16" in args.sparse_predictor_dtypes:
+        sets["float16"] = [copy.deepcopy(predictor) for predictor in sets["float32"]]
+        for predictor in sets["float16"]:
+            store_predictor_half(predictor)  # as configure_sparse(..., predictor_dtype="float16") does
     runs = []
-    for keep in args.sparse_keeps:
-        def run(new, keep=keep):
-            for block in model.blocks:
-                block.mlp_keep = keep
-            return engine.inference_batch(prompts, new, settings)
-        runs.append((f"sparse MLP keep {keep} (D={args.sparse_D})", run))
+    for dtype in args.sparse_predictor_dtypes:
+        for keep in args.sparse_keeps:
+            def run(new, keep=keep, chosen=sets[dtype]):
+                for block, predictor in zip(model.blocks, chosen):
+                    object.__setattr__(block, "mlp_predictor", predictor)
+                    block.mlp_keep = keep
+                return engine.inference_batch(prompts, new, settings)
+            suffix = "" if dtype == "float32" else ", float16"
+            runs.append((f"sparse MLP keep {keep} (D={args.sparse_D}{suffix})", run))
     return runs
 
 
@@ -94,6 +106,8 @@ def main(argv=None):
                         help="also time decoding with the MLP predicted-sparse at these kept fractions (none: skip)")
     parser.add_argument("--sparse-D", type=int, default=64,
                         help="predictor width of those runs (64: upstream's share of SmolLM2's MLP)")
+    parser.add_argument("--sparse-predictor-dtypes", nargs="+", choices=("float32", "float16"),
+                        default=["float32", "float16"], help="predictor weights of those runs")
     parser.add_argument("--output", default=result_path("engine"))
     args = parser.parse_args(argv)
 

@@ -8,7 +8,9 @@ random weights; attention weights are never built) is timed
   dense, torch path   block.mlp in sparse mode "dense" (three DecodeLinears and torch ops)
   sparse     block.mlp in predicted mode: the low-rank predictor Linear(d, D) -> Linear(D, I),
              top-K of its scores, then the gathered MLP on the K kept neurons -- the exact
-             code path of decoding, the predictor's own cost included
+             code path of decoding, the predictor's own cost included; with the predictor's
+             weights in float32 (as trained) and rounded to float16 (--predictor-dtype
+             float16, as upstream runs its predictors: half the predictor's bytes)
   gather     block.gathered_mlp alone on fixed kept neurons (no predictor)
   predictor  the predictor and the selection of the K neurons alone (torch ops)
   torch ops  the sparse path with the C kernels switched off (the fallback)
@@ -110,7 +112,7 @@ def unpacked_copy(first, second, output, act_fn):
 def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
     from modules import cpu_kernels
     from modules.sparse_execution import configure_sparse, kept_count
-    from modules.sparse_gather import dense_mlp, store_predictor_transposed
+    from modules.sparse_gather import dense_mlp, store_predictor_half
 
     d, inter, layers = spec["d"], spec["inter"], spec["layers"]
     widths = {"matched": spec["D"], "reference": spec["reference_D"]}
@@ -118,10 +120,11 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
     started = time.perf_counter()
     blocks = build_blocks(d, inter, layers, spec["heads"], spec["kv_heads"], generator)
     predictors = {kind: [build_predictor(d, D, inter, generator) for _ in range(layers)] for kind, D in widths.items()}
+    predictors["matched float16"] = [build_predictor(d, widths["matched"], inter, generator) for _ in range(layers)]
+    for predictor in predictors["matched float16"]:
+        store_predictor_half(predictor)  # as configure_sparse(..., predictor_dtype="float16") does
     configure_sparse(blocks, "predicted", mlp_keep=0.5, sparse_attention=False,
                      predictors={("mlp", i): (predictors["matched"][i], "same") for i in range(layers)})
-    for predictor in predictors["reference"]:
-        store_predictor_transposed(predictor)  # as configure_sparse does
     x = torch.randn(1, 1, d, generator=generator)
     h = blocks[0].post_attention_layernorm(x)
     for block in blocks:
@@ -174,6 +177,7 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
     variants = {("dense", None): dense, ("dense torch path", None): dense_torch_path}
     for keep in KEEPS:
         variants[("sparse", keep)] = sparse(keep)
+        variants[("sparse float16", keep)] = sparse(keep, "matched float16")
         variants[("sparse reference", keep)] = sparse(keep, "reference")
         variants[("gather", keep)] = gather(keep)
         if with_torch_ops:
@@ -210,13 +214,14 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
     matched, reference = widths["matched"], widths["reference"]
     labels = {"dense torch path": "dense MLP, torch path (3 DecodeLinears + ops)",
               "sparse": f"sparse MLP, predictor D={matched} included",
+              "sparse float16": f"sparse MLP, predictor D={matched} in float16 included",
               "sparse reference": f"sparse MLP, predictor D={reference} included (reference)",
               "gather": "gathered MLP only (no predictor)",
               "torch ops": f"sparse MLP, D={matched}, torch ops (no C kernel)",
               "predictor": f"predictor D={matched} + top-K only (torch ops)",
               "predictor reference": f"predictor D={reference} + top-K only (torch ops)"}
     keys = [("dense torch path", None)] + [(kind, keep) for keep in KEEPS for kind in (
-        "sparse", "sparse reference", "gather", "torch ops")] + [("predictor", 0.25), ("predictor reference", 0.25)]
+        "sparse", "sparse float16", "sparse reference", "gather", "torch ops")] + [("predictor", 0.25), ("predictor reference", 0.25)]
     for kind, keep in keys:
         if (kind, keep) not in times:
             continue
@@ -225,7 +230,7 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
         row = dict(benchmark="sparse_mlp", case=case if keep is None else f"{case} keep={keep}", measure=labels[kind],
                    keep=keep, value=statistics.median(samples) * 1e6, unit="us/layer", baseline="dense MLP",
                    baseline_value=dense_median * 1e6, ratio=ratio)
-        if kind == "sparse" and keep in TARGETS:
+        if kind in ("sparse", "sparse float16") and keep in TARGETS:
             row.update(target=f"<= {TARGETS[keep]}", met=ratio <= TARGETS[keep])
         if kind.startswith("predictor"):
             share = predictor_bytes["matched" if kind == "predictor" else "reference"] / mlp_bytes

@@ -105,13 +105,15 @@ def test_predicted_decode_gathers_and_matches_masking(tmp_path):
 @pytest.mark.parametrize("keep", [1, 0.1, 0.5, 1.0])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
-def test_predicted_mlp_kernel_matches_torch_steps(tmp_path, family, keep, tied, packed):
+@pytest.mark.parametrize("half", [False, True])
+def test_predicted_mlp_kernel_matches_torch_steps(tmp_path, family, keep, tied, packed, half):
     """The one-call predicted MLP (predictor, top-K, gathered MLP) against the same steps in torch
-    ops, on the checkpoint's layout and on the packed one. With tied scores (repeated predictor
+    ops, on the checkpoint's layout and on the packed one, with the predictor in float32 (rank
+    8) and in float16 (rank 5: the tiles are padded). With tied scores (repeated predictor
     rows) the kernel keeps the lowest indices."""
     from modules import cpu_kernels
     from modules.sparse_execution import kept_count
-    from modules.sparse_gather import pack_mlp_neurons
+    from modules.sparse_gather import pack_mlp_neurons, store_predictor_half
 
     if cpu_kernels.kernel_library() is None:
         pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
@@ -124,14 +126,19 @@ def test_predicted_mlp_kernel_matches_torch_steps(tmp_path, family, keep, tied, 
         assert before.keys() == after.keys() and all(torch.equal(before[key], after[key]) for key in before)
         assert not block.neuron_linears()[0].weight.is_contiguous()  # really the interleaved views
     torch.manual_seed(2)
-    predictor = nn.Sequential(nn.Linear(d, 8, bias=False), nn.Linear(8, width, bias=False)).requires_grad_(False)
+    rank = 5 if half else 8
+    predictor = nn.Sequential(nn.Linear(d, rank, bias=False), nn.Linear(rank, width, bias=False)).requires_grad_(False)
     if tied:  # every score appears four times
         predictor[1].weight.copy_(predictor[1].weight[: width // 4].repeat(4, 1))
+    if half:
+        assert store_predictor_half(predictor)
+        assert all(torch.equal(w, w.half().float()) for w in (predictor[0].weight, predictor[1].weight))
     h, x_pred = torch.randn(3, 1, d), torch.randn(3, 1, d)
     k = kept_count(keep, width)
     with torch.no_grad():
         fused = block.fused_predicted_mlp(h, x_pred, predictor, k)
     assert fused is not None
+    assert predictor.__dict__["_predicted_call"][5][1][0].dtype == (torch.float16 if half else torch.float32)
     scores = predictor(x_pred)[:, 0]
     order = torch.sort(-scores, dim=-1, stable=True).indices  # descending, lowest index first on ties
     neurons = order[:, :k].sort(dim=-1).values
@@ -144,10 +151,11 @@ def test_predicted_mlp_kernel_matches_torch_steps(tmp_path, family, keep, tied, 
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["predicted", "dense"])
+@pytest.mark.parametrize("mode", ["predicted", "predicted float16", "dense"])
 def test_fused_sparse_decode_matches_torch_path(tmp_path, mode):
     """Decoding an MLP-sparse Llama through the C kernels (attention half, then the one-call
-    predicted MLP; the whole layer in dense mode) gives the torch path's logits and tokens."""
+    predicted MLP with the residual added; the whole layer in dense mode) gives the torch
+    path's logits and tokens, with the predictors in float32 and in float16."""
     from modules import cpu_kernels
 
     if cpu_kernels.kernel_library() is None:
@@ -157,7 +165,8 @@ def test_fused_sparse_decode_matches_torch_path(tmp_path, mode):
     predictors = {("mlp", layer): (nn.Sequential(nn.Linear(48, 8, bias=False), nn.Linear(8, 112, bias=False)),
                                    "prev" if layer == 1 else "same") for layer in range(3)}
     model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse")
-    configure_sparse(list(model.blocks), mode, mlp_keep=0.25, predictors=predictors, sparse_attention=False)
+    configure_sparse(list(model.blocks), mode.split()[0], mlp_keep=0.25, predictors=predictors, sparse_attention=False,
+                     predictor_dtype="float16" if "float16" in mode else "float32")
     prompt = ids(1, 7, 5)
 
     def decode(kernels):
@@ -201,3 +210,78 @@ def test_top_k_mask_counts():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.3], [4.0, 3.0, 2.0, 1.0]])
     assert top_k_mask(scores, 2).tolist() == [[False, True, True, False], [True, True, False, False]]
     assert top_k_mask(scores, 10).all()
+
+
+def test_predicted_mlp_kernel_follows_changed_predictor_weights():
+    """The kernel's tiles are copies: a predictor changed in place is picked up, and a float16
+    predictor whose weights stop being float16 values falls back to float32 tiles."""
+    from modules import cpu_kernels
+    from modules.sparse_gather import DecodeLinear, predicted_gathered_mlp, store_predictor_half
+
+    if cpu_kernels.kernel_library() is None:
+        pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
+    torch.manual_seed(4)
+    d, width, k = 16, 13, 4  # a width that is not a multiple of the tiles' eight rows
+    gate, up, down = DecodeLinear(d, width, bias=False), DecodeLinear(d, width, bias=False), DecodeLinear(width, d, bias=False)
+    predictor = nn.Sequential(nn.Linear(d, 3, bias=False), nn.Linear(3, width, bias=False))
+    h, x_pred = torch.randn(1, 1, d), torch.randn(1, 1, d)
+
+    def both():
+        with torch.no_grad():
+            fused = predicted_gathered_mlp(h, x_pred, predictor, k, gate, up, down, nn.SiLU())
+            neurons = predictor(x_pred)[:, 0].topk(k).indices.sort().values
+            act = nn.functional.silu(gate(h)) * up(h)
+            mask = torch.zeros(1, 1, width).index_fill_(-1, neurons[0], 1.0)
+            return fused, down(act * mask), predictor.__dict__["_predicted_call"][5][1][0].dtype
+
+    for change in (lambda: None, lambda: predictor[1].weight.mul_(-1.0), lambda: predictor[0].weight.add_(0.5)):
+        with torch.no_grad():
+            change()
+        fused, expected, _ = both()
+        torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    assert store_predictor_half(predictor)
+    assert both()[2] == torch.float16
+    with torch.no_grad():
+        predictor[1].weight.add_(1e-4)  # no longer float16 values
+    fused, expected, dtype = both()
+    assert dtype == torch.float32
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_predictor_dtype_is_checked(tmp_path):
+    model = LocalModel.from_checkpoint(build("llama", tmp_path), "llama-ml-att-sparse")
+    predictors = {("mlp", layer): (nn.Sequential(nn.Linear(48, 8, bias=False), nn.Linear(8, 112, bias=False)), "same")
+                  for layer in range(3)}
+    with pytest.raises(SparseSetupError, match="bfloat16"):
+        configure_sparse(list(model.blocks), "predicted", predictors=predictors, sparse_attention=False,
+                         predictor_dtype="bfloat16")
+    with torch.no_grad():
+        predictors["mlp", 2][0][0].weight[0, 0] = 1e6
+    with pytest.raises(SparseSetupError, match="layer 2.*float16's range"):
+        configure_sparse(list(model.blocks), "predicted", predictors=predictors, sparse_attention=False,
+                         predictor_dtype="float16")
+
+
+def test_predictor_dtype_flag_reaches_the_predictors(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from modules.sparse_execution import add_arguments, prepare_stage
+
+    model = LocalModel.from_checkpoint(build("llama", tmp_path), "llama-ml-att-sparse")
+    torch.manual_seed(6)
+    for layer in range(3):
+        torch.save(nn.Sequential(nn.Linear(48, 8, bias=False), nn.Linear(8, 112, bias=False)).state_dict(),
+                   tmp_path / f"c4_layer{layer}.pt")
+    monkeypatch.setenv("PREDICTOR_DTYPE", "float16")  # the defaults are read when the parser is built
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    common = ["--sparse-path", str(tmp_path), "--mlp-keep", "0.25", "--sparse-attention", "off"]
+    args = parser.parse_args(common)
+    assert args.predictor_dtype == "float16"
+    prepare_stage(list(model.blocks), args, model.config)
+    for block in model.blocks:
+        assert block.mlp_predictor.__dict__.get("kernel_half")
+        assert all(torch.equal(w, w.half().float()) for w in block.mlp_predictor.parameters())
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(common + ["--predictor-dtype", "bf16"])
+    assert exit_info.value.code == 2 and "--predictor-dtype" in capsys.readouterr().err

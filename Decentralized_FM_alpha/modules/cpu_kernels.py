@@ -56,9 +56,10 @@ class MlpWeights(ctypes.Structure):
 
 
 class PredictorWeights(ctypes.Structure):
-    """Mirror of decode_kernels.c's predictor_weights: P1 [rank, d] and P2 transposed [rank, rows]."""
+    """Mirror of decode_kernels.c's predictor_weights: P1 [rank, d] and P2 [rows, rank], tiled
+    (eight rows at a time, column by column), float32, or float16 where `half` is 1."""
 
-    _fields_ = [("p1", _pointer), ("p2t", _pointer), ("rank", _size), ("d", _size), ("rows", _size)]
+    _fields_ = [("p1", _pointer), ("p2", _pointer)] + [(name, _size) for name in ("rank", "d", "rows", "half")]
 
 
 _SIGNATURES = {
@@ -68,8 +69,8 @@ _SIGNATURES = {
     "dejavu_gathered_mlp": [ctypes.POINTER(MlpWeights), _P, _N, _P, _P],
     # A, lda, B, ldb, a_bias, b_bias, W, ldw, bias, inner, d, h, out, scratch
     "dejavu_dense_mlp": [_P, _N, _P, _N, _P, _P, _P, _N, _P, _N, _N, _P, _P, _P],
-    # weights, predictor, xp, K, h, out, neurons
-    "dejavu_predicted_mlp": [ctypes.POINTER(MlpWeights), ctypes.POINTER(PredictorWeights), _P, _N, _P, _P, _P],
+    # weights, predictor, xp, K, h, residual, out, neurons
+    "dejavu_predicted_mlp": [ctypes.POINTER(MlpWeights), ctypes.POINTER(PredictorWeights), _P, _N, _P, _P, _P, _P],
     # layer, x, x_out, k_cache, v_cache, head_stride, t, cos, signed_sin, key_valid, scale, with_mlp, mlp_input
     "dejavu_llama_decode_layer": [ctypes.POINTER(LlamaLayer), _P, _P, _P, _P, _N, _N, _P, _P, _P, _float, _N, _P],
     # layer, x, x_out, k_cache, v_cache, head_stride, t, key_valid, scale

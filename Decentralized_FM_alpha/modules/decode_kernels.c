@@ -86,28 +86,6 @@ int dejavu_gathered_dots(const float* A, int64_t lda, const float* B, int64_t ld
   return 0;
 }
 
-/* out[:d] = sum_k a[k] * T[k] over the K rows of T ([K, d], row stride ldt): a product with
-   a transposed weight, streaming its long rows (a predictor's second layer stored [D, I]). */
-static void gemv_transposed(const float* T, int64_t ldt, int64_t K, int64_t d, const float* a, float* out) {
-  memset(out, 0, (size_t)d * sizeof(float));
-  int64_t k = 0, d8 = d - d % 8;
-  for (; k + 4 <= K; k += 4) {
-    const float *r0 = T + k * ldt, *r1 = r0 + ldt, *r2 = r1 + ldt, *r3 = r2 + ldt;
-    float c0 = a[k], c1 = a[k + 1], c2 = a[k + 2], c3 = a[k + 3];
-    v8 w0 = {0}, w1 = {0}, w2 = {0}, w3 = {0};
-    w0 += c0; w1 += c1; w2 += c2; w3 += c3;
-    int64_t j = 0;
-    for (; j < d8; j += 8) st(out + j, ld(out + j) + w0 * ld(r0 + j) + w1 * ld(r1 + j) + w2 * ld(r2 + j) + w3 * ld(r3 + j));
-    for (; j < d; j++) out[j] += c0 * r0[j] + c1 * r1[j] + c2 * r2[j] + c3 * r3[j];
-  }
-  for (; k < K; k++) {
-    const float* r = T + k * ldt; float c = a[k]; v8 w = {0}; w += c;
-    int64_t j = 0;
-    for (; j < d8; j += 8) st(out + j, ld(out + j) + w * ld(r + j));
-    for (; j < d; j++) out[j] += c * r[j];
-  }
-}
-
 /* The dense MLP for one token: out = output(act(first(h), second(h))), as in
    dejavu_gathered_mlp but over every neuron (A, B: [inner, d]; W: output [d, inner], row
    stride ldw). scratch: inner floats. */
@@ -307,20 +285,68 @@ typedef struct {
   int64_t lda, ldb, ldt, rows, d;
 } mlp_weights;
 
-/* DejaVu's low-rank predictor: scores = P2 (P1 x), P1 [rank, d] row-major, P2 given
-   transposed (p2t [rank, rows] row-major, so its short rows become long ones). */
+/* DejaVu's low-rank predictor, scores = P2 (P1 x) with P1 [rank, d] and P2 [rows, rank], each
+   stored tiled: eight output rows at a time, column by column (tile b holds W[8b + q][j] at
+   [b][j][q]; rows padded to a multiple of 8 with zeros), so a product is one sequential read
+   accumulating eight outputs in a vector. half: IEEE float16 (half the bytes), else float32. */
 typedef struct {
-  const float *p1, *p2t;
-  int64_t rank, d, rows;
+  const void *p1, *p2;
+  int64_t rank, d, rows, half;
 } predictor_weights;
+
+/* Eight float16 values as floats (F16C where the compiler targets it). */
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline v8 ldh(const uint16_t* p) { return (v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+static inline float half_float(uint16_t u) { return _cvtsh_ss(u); }
+#else
+static inline float half_float(uint16_t u) {
+  uint32_t sign = (uint32_t)(u & 0x8000) << 16, exp = (u >> 10) & 0x1f, man = u & 0x3ff, bits;
+  if (exp == 0x1f) bits = sign | 0x7f800000u | (man << 13);             /* inf, NaN */
+  else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);         /* normal */
+  else if (!man) bits = sign;                                            /* zero */
+  else {                                                                 /* subnormal */
+    float f = (float)man * (1.f / 16777216.f);                           /* man * 2^-24 */
+    memcpy(&bits, &f, 4); bits |= sign;
+  }
+  float f; memcpy(&f, &bits, 4); return f;
+}
+static inline v8 ldh(const uint16_t* p) { v8 v; for (int i = 0; i < 8; i++) v[i] = half_float(p[i]); return v; }
+#endif
+
+/* out[n] = W x, W [n, m] tiled as predictor_weights describes (float16 where half). */
+static void tiled_gemv(const void* W, int64_t half, int64_t n, int64_t m, const float* x, float* out) {
+  for (int64_t b = 0; b * 8 < n; b++) {
+    v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};  /* four chains hide the multiply-add latency */
+    int64_t j = 0;
+    if (half) {
+      const uint16_t* w = (const uint16_t*)W + b * m * 8;
+      for (; j + 4 <= m; j += 4) {
+        s0 += ldh(w + 8 * j) * x[j]; s1 += ldh(w + 8 * j + 8) * x[j + 1];
+        s2 += ldh(w + 8 * j + 16) * x[j + 2]; s3 += ldh(w + 8 * j + 24) * x[j + 3];
+      }
+      for (; j < m; j++) s0 += ldh(w + 8 * j) * x[j];
+    } else {
+      const float* w = (const float*)W + b * m * 8;
+      for (; j + 4 <= m; j += 4) {
+        s0 += ld(w + 8 * j) * x[j]; s1 += ld(w + 8 * j + 8) * x[j + 1];
+        s2 += ld(w + 8 * j + 16) * x[j + 2]; s3 += ld(w + 8 * j + 24) * x[j + 3];
+      }
+      for (; j < m; j++) s0 += ld(w + 8 * j) * x[j];
+    }
+    v8 sum = (s0 + s1) + (s2 + s3);
+    for (int64_t q = 0; q < 8 && b * 8 + q < n; q++) out[b * 8 + q] = sum[q];
+  }
+}
 
 /* The MLP on the kept neurons i = idx[k] only, in one pass over them:
      out = bias + sum_k act_k * T[i],  act_k = activation of (A[i].h + a_bias[i], B[i].h + b_bias[i]).
    With the packed layout (pack_mlp_neurons) a kept neuron's weights are one run of memory. */
-int dejavu_gathered_mlp(const mlp_weights* W, const int64_t* idx, int64_t K, const float* h, float* out) {
+static int gathered_mlp(const mlp_weights* W, const int64_t* idx, int64_t K, const float* h, const float* residual,
+                        float* out) {
   if (bad_index(idx, K, W->rows)) return 1;
   int64_t act = W->B ? ACT_SILU_GLU : ACT_RELU, d = W->d, d8 = d - d % 8, k = 0;
-  if (W->bias) memcpy(out, W->bias, sizeof(float) * (size_t)d); else memset(out, 0, sizeof(float) * (size_t)d);
+  for (int64_t j = 0; j < d; j++) out[j] = (W->bias ? W->bias[j] : 0.f) + (residual ? residual[j] : 0.f);
   /* Four neurons at a time: eight (or four) rows stream at once, which keeps more reads in
      flight than two; then their four output rows. */
   for (; k + 4 <= K; k += 4) {
@@ -368,19 +394,23 @@ int dejavu_gathered_mlp(const mlp_weights* W, const int64_t* idx, int64_t K, con
   return 0;
 }
 
+int dejavu_gathered_mlp(const mlp_weights* W, const int64_t* idx, int64_t K, const float* h, float* out) {
+  return gathered_mlp(W, idx, K, h, 0, out);
+}
+
 /* DejaVu's predicted MLP for one token: the predictor scores the neurons from xp, the K
    highest are kept, in index order (ties: lowest index first; neurons, if given, receives
-   them), then dejavu_gathered_mlp on them. */
+   them), then the gathered MLP on them: out = residual (NULL: 0) + mlp(h). */
 int dejavu_predicted_mlp(const mlp_weights* W, const predictor_weights* P, const float* xp, int64_t K,
-                         const float* h, float* out, int64_t* neurons) {
+                         const float* h, const float* residual, float* out, int64_t* neurons) {
   int64_t inner = W->rows;
   if (K < 1 || K > inner || P->rows != inner) return 1;
   float* scratch = malloc(sizeof(float) * (size_t)(P->rank + 2 * inner) + sizeof(int64_t) * (size_t)K);
   if (!scratch) return 2;
   float *low = scratch, *scores = low + P->rank, *sorted = scores + inner;
   int64_t* kept = (int64_t*)(sorted + inner);
-  gemv(P->p1, 0, P->rank, P->d, xp, low);
-  gemv_transposed(P->p2t, inner, P->rank, inner, low, scores);
+  tiled_gemv(P->p1, P->half, P->rank, P->d, xp, low);
+  tiled_gemv(P->p2, P->half, inner, P->rank, low, scores);
   for (int64_t i = 0; i < inner; i++) {
     if (scores[i] != scores[i]) scores[i] = INFINITY;  /* NaN ranks first, as in torch.topk */
     sorted[i] = scores[i];
@@ -392,7 +422,7 @@ int dejavu_predicted_mlp(const mlp_weights* W, const predictor_weights* P, const
     if (scores[i] > threshold) kept[count++] = i;
     else if (scores[i] == threshold && ties > 0) { kept[count++] = i; ties--; }
   }
-  int status = dejavu_gathered_mlp(W, kept, K, h, out);
+  int status = gathered_mlp(W, kept, K, h, residual, out);
   if (!status && neurons) memcpy(neurons, kept, sizeof(int64_t) * (size_t)K);
   free(scratch);
   return status;

@@ -199,7 +199,8 @@ class LlamaBlock(TappedModule):
     def neuron_linears(self):
         """(first, second, output, activation) of the MLP, as the gathered kernels take them."""
         modules = self._modules  # not through Module.__getattr__: this runs for every layer of every token
-        return modules["gate_proj"], modules["up_proj"], modules["down_proj"], self.act_fn
+        act_fn = modules.get("act_fn") or self.act_fn  # a module, or a plain function
+        return modules["gate_proj"], modules["up_proj"], modules["down_proj"], act_fn
 
     def fused_decode(self, x, layer_past, mask):
         """(x, present) for one token at batch 1 in one call of the C decoder layer, or None

@@ -140,7 +140,8 @@ class OPTBlock(TappedModule):
     def neuron_linears(self):
         """(first, second, output, activation) of the MLP, as the gathered kernels take them."""
         modules = self._modules  # not through Module.__getattr__: this runs for every layer of every token
-        return modules["fc1"], None, modules["fc2"], self.act_fn
+        act_fn = modules.get("act_fn") or self.act_fn  # a module, or a plain function
+        return modules["fc1"], None, modules["fc2"], act_fn
 
     def fused_decode(self, x, layer_past, mask):
         """(x, present) for one token at batch 1 in one call of the C decoder layer, or None

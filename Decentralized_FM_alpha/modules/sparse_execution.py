@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from .sparse_gather import (gathered_mlp, linear_forward, pack_mlp_neurons, predicted_gathered_mlp,
-                            store_predictor_transposed)
+                            store_predictor_half)
 
 logger = logging.getLogger(__name__)
 
 SPARSE_MODES = ("predicted", "oracle", "dense")
+PREDICTOR_DTYPES = ("float32", "float16")
 PREDICTOR_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                              "sparse_predictor")
 
@@ -104,10 +105,10 @@ class SparseBlockMixin:
             return result
         x_mid, h, present = result
         self.current_inputs = {"att_x": x, "mlp_x": x_mid}
-        mlp_out = self.fused_predicted_mlp(h, self.predictor_input("mlp"), self.mlp_predictor, k)
-        if mlp_out is None:  # the cache already holds this token: finish the layer in torch ops
-            mlp_out = self.mlp(h, None)
-        return x_mid + mlp_out, present
+        out = self.fused_predicted_mlp(h, self.predictor_input("mlp"), self.mlp_predictor, k, residual=x_mid)
+        if out is None:  # the cache already holds this token: finish the layer in torch ops
+            out = x_mid + self.mlp(h, None)
+        return out, present
 
     def tap(self, name, value, token_mask):
         if name in ("att_x", "mlp_x"):
@@ -155,9 +156,10 @@ class SparseBlockMixin:
         """The MLP computed on the kept neurons only: h [B, 1, d], neurons [B, K] -> [B, 1, d]."""
         return gathered_mlp(h, neurons, *self.neuron_linears())
 
-    def fused_predicted_mlp(self, h, x_pred, predictor, k):
-        """Predictor, top-k and gathered MLP in one kernel call per row, or None (see predicted_gathered_mlp)."""
-        return predicted_gathered_mlp(h, x_pred, predictor, k, *self.neuron_linears())
+    def fused_predicted_mlp(self, h, x_pred, predictor, k, residual=None):
+        """Predictor, top-k and gathered MLP (plus residual) in one kernel call per row, or None
+        (see predicted_gathered_mlp)."""
+        return predicted_gathered_mlp(h, x_pred, predictor, k, *self.neuron_linears(), residual=residual)
 
     def mlp(self, h, token_mask):
         if self.sparse_mode == "dense" or (self.sparse_mode == "predicted" and self.mlp_predictor is None):
@@ -197,6 +199,10 @@ def add_arguments(parser):
     group.add_argument("--sparse-attention", choices=("on", "off"), default="on")
     group.add_argument("--sparse-mlp", choices=("on", "off"), default="on")
     group.add_argument("--no-gather", action="store_true", help="always mask, never gather, the MLP")
+    group.add_argument("--predictor-dtype", choices=PREDICTOR_DTYPES, default=env.get("PREDICTOR_DTYPE", "float32"),
+                       help="weights the predictors run with: float32 as trained, or rounded to float16 "
+                            "as upstream runs them (half the bytes per token on the CPU; default: "
+                            "$PREDICTOR_DTYPE or float32)")
 
 
 def _float_env(name):
@@ -227,10 +233,14 @@ def load_predictors(folder, kind, layer):
 
 
 def configure_sparse(blocks, mode, sparse_path=None, mlp_keep=None, att_keep=None, layers=None,
-                     sparse_mlp=True, sparse_attention=True, use_gather=True, predictors=None):
-    """Set up a stage's blocks. `predictors` {(kind, layer): (module, input mode)} overrides files."""
+                     sparse_mlp=True, sparse_attention=True, use_gather=True, predictors=None,
+                     predictor_dtype="float32"):
+    """Set up a stage's blocks. `predictors` {(kind, layer): (module, input mode)} overrides files.
+    predictor_dtype "float16" rounds the predictors' weights to float16 (store_predictor_half)."""
     if mode not in SPARSE_MODES:
         raise SparseSetupError(f"unknown sparse mode {mode!r}; known: {', '.join(SPARSE_MODES)}")
+    if predictor_dtype not in PREDICTOR_DTYPES:
+        raise SparseSetupError(f"unknown predictor dtype {predictor_dtype!r}; known: {', '.join(PREDICTOR_DTYPES)}")
     predictors = dict(predictors or {})
     for position, block in enumerate(blocks):
         # Plain attributes, not submodules: the predictors and the neighbour are not weights of
@@ -262,8 +272,9 @@ def configure_sparse(blocks, mode, sparse_path=None, mlp_keep=None, att_keep=Non
             module = module.to(next(block.parameters()).device)
             object.__setattr__(block, f"{kind}_predictor", module)
             object.__setattr__(block, f"{kind}_input", input_mode)
-            if kind == "mlp" and use_gather:
-                store_predictor_transposed(module)
+            if predictor_dtype == "float16" and not store_predictor_half(module):
+                raise SparseSetupError(f"layer {block.layer_index}: the {kind} predictor has a weight outside "
+                                       "float16's range; use --predictor-dtype float32")
             if kind == "mlp" and use_gather and not block.__dict__.get("mlp_packed"):
                 # decoding reads a kept neuron's gate, up and down weights as one run of memory
                 first, second, output, _ = block.neuron_linears()
@@ -293,7 +304,8 @@ def prepare_stage(blocks, args, config):
         sparse_mlp=args.sparse_mlp == "on",
         sparse_attention=args.sparse_attention == "on",
         use_gather=not args.no_gather,
+        predictor_dtype=args.predictor_dtype,
     )
-    logger.info("sparse execution: mode %s, MLP keep %s, heads keep %s, layers %s",
-                args.sparse_mode, args.mlp_keep, args.att_keep, args.sparse_layers)
+    logger.info("sparse execution: mode %s, MLP keep %s, heads keep %s, layers %s, predictors in %s",
+                args.sparse_mode, args.mlp_keep, args.att_keep, args.sparse_layers, args.predictor_dtype)
     return _Closer()

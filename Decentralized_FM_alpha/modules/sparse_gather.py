@@ -4,6 +4,7 @@ one-row products stream the whole weight through the same kernel.
 
 gathered_mlp(h, neurons, first, second, output, act)     the MLP on the kept neurons (one pass)
 predicted_gathered_mlp(h, x_pred, predictor, k, ...)     predictor, top-k and gathered MLP at once
+store_predictor_half(predictor)                          run a predictor with float16 weights
 dense_mlp(h, first, second, output, act)                 the dense MLP of one token in one call
 pack_mlp_neurons(first, second, output)                  one neuron's weights side by side in memory
 DecodeLinear / linear_forward(linear, x)                 a dense Linear; one input row goes through the kernel
@@ -14,8 +15,9 @@ cached_layer_view(block, linears, tensors, build)        a decoder layer's weigh
 read the kept rows in place (nothing is materialised) and apply biases and the activation on
 the fly. Rows may be strided, so the interleaved views pack_mlp_neurons leaves are read as
 they lie; an unpacked down/fc2 is read through a transposed copy made once per weight version
-(+1/3 of the MLP's weights in memory). Anywhere else (no compiler, other dtypes or devices,
-autograd) torch ops give the same numbers.
+(+1/3 of the MLP's weights in memory). The predictor is read from a tiled copy of its weights
+(float32, or float16 after store_predictor_half), made once per weight version. Anywhere else
+(no compiler, other dtypes or devices, autograd) torch ops give the same numbers.
 """
 
 import ctypes
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
-from .huge_pages import huge_page_buffer, move_to_huge_pages
+from .huge_pages import huge_page_buffer
 
 _ACT_NONE = 0  # decode_kernels.c: no activation
 
@@ -166,7 +168,7 @@ def _mlp_weights(first, second, output, act_fn):
 
 def _rows_input(x, rows, width):
     """x [rows, 1, width] as a contiguous float32 CPU tensor for the kernel, or None."""
-    if x.shape != (rows, 1, width) or x.dtype != torch.float32 or x.device.type != "cpu":
+    if x.dtype != torch.float32 or not x.is_cpu or x.shape != (rows, 1, width):
         return None
     return x if x.is_contiguous() else x.contiguous()
 
@@ -191,70 +193,143 @@ def gathered_mlp(h, neurons, first, second, output, act_fn):
     return _gathered_mlp_torch(h, neurons, first, second, output, act_fn)
 
 
-def _predictor_weights(predictor):
-    """(cpu_kernels.PredictorWeights, a ctypes reference to it) of a Sequential(Linear(d, D),
-    Linear(D, I)) without biases (cached on it while its weights are unchanged), or None."""
+def _predictor_layers(predictor):
+    """(first, second) Linears of a Sequential(Linear(d, D), Linear(D, I)), or None."""
     layers = predictor._modules if isinstance(predictor, nn.Sequential) else {}
     if len(layers) != 2:
         return None
     first, second = layers.values()
     if type(first) not in (nn.Linear, DecodeLinear) or type(second) not in (nn.Linear, DecodeLinear):
         return None
-    key = (id(first), linear_state(first), id(second), linear_state(second))
-    cached = predictor.__dict__.get("_predictor_weights")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    plans = [_kernel_plan(first, False), _kernel_plan(second, True)]  # the second read transposed: long rows
-    found = None
-    if (first.bias is None and second.bias is None and None not in plans and all(p.stride == p.width for p in plans)
-            and plans[0].rows == plans[1].rows):
-        weights = cpu_kernels.PredictorWeights(p1=plans[0].pointer, p2t=plans[1].pointer, rank=plans[0].rows,
-                                               d=plans[0].width, rows=plans[1].width)
-        found = (weights, ctypes.byref(weights))
-    predictor.__dict__["_predictor_weights"] = (key, found, (first, second), plans)
-    return found
+    return first, second
 
 
-def store_predictor_transposed(predictor):
-    """Keep the second layer's weight [I, D] as the transpose of a [D, I] buffer (same values
-    and state dict): the predicted-MLP kernel then reads it in place, as long rows."""
-    if not (isinstance(predictor, nn.Sequential) and len(predictor) == 2 and isinstance(predictor[1], nn.Linear)):
-        return
-    second = predictor[1]
-    if second.weight.dtype != torch.float32 or second.weight.device.type != "cpu" or second.weight.stride(0) == 1:
-        return
-    move_to_huge_pages(predictor)  # read for every token, like the model's weights
-    weight = second.weight
+def _tiled(weights, dtype):
+    """Each weight [n, m] as the predicted-MLP kernel reads it: tiles of eight rows stored
+    column by column ([ceil(n / 8), m, 8], rows padded with zeros), all in one buffer."""
+    shapes = [(-(-w.shape[0] // 8), w.shape[1], 8) for w in weights]
+    sizes = [blocks * m * 8 for blocks, m, _ in shapes]
+    buffer = huge_page_buffer(sum(sizes) * dtype.itemsize).view(dtype)
+    tiles, offset = [], 0
     with torch.no_grad():
-        rows, rank = weight.shape
-        stored = huge_page_buffer(rows * rank * 4).view(torch.float32).view(rank, rows)
-        stored.copy_(weight.t())
-        second.weight = nn.Parameter(stored.t(), requires_grad=weight.requires_grad)
+        for weight, shape, size in zip(weights, shapes, sizes):
+            padded = weight.new_zeros(shape[0] * 8, shape[1])
+            padded[:weight.shape[0]] = weight
+            tile = buffer[offset:offset + size].view(shape)
+            tile.copy_(padded.view(shape[0], 8, shape[1]).transpose(1, 2))
+            tiles.append(tile)
+            offset += size
+    return tiles
 
 
-def predicted_gathered_mlp(h, x_pred, predictor, k, first, second, output, act_fn):
+def _predictor_weights(predictor, first, second):
+    """(cpu_kernels.PredictorWeights, its tiles) of the predictor's two bias-free float32 CPU
+    Linears, or None. The tiles are float16 where store_predictor_half asked for it and the
+    weights are exactly float16 values (then the kernel computes with the very numbers the
+    torch path does), else float32."""
+    if first.bias is not None or second.bias is not None or first.out_features != second.in_features:
+        return None
+    weights = (first.weight.detach(), second.weight.detach())
+    if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
+        return None
+    half = predictor.__dict__.get("kernel_half", False) and all(
+        torch.equal(w, w.half().float()) for w in weights)
+    tiles = _tiled(weights, torch.float16 if half else torch.float32)
+    table = cpu_kernels.PredictorWeights(p1=tiles[0].data_ptr(), p2=tiles[1].data_ptr(), rank=first.out_features,
+                                         d=first.in_features, rows=second.out_features, half=int(half))
+    return table, tiles
+
+
+# A prepared call of dejavu_predicted_mlp: ctypes references to the MLP's and the predictor's
+# structs, the MLP's width d and neuron count, and the predictor's input width.
+PredictedCall = namedtuple("PredictedCall", "mlp_ref predictor_ref d rows x_width")
+
+
+def _watch(owners):
+    """What _unchanged checks: each (table, name) slot's current object, and for tensors their
+    version and address."""
+    watched = []
+    for table, name in owners:
+        item = table[name]
+        is_tensor = isinstance(item, torch.Tensor)
+        watched.append((table, name, item, item._version if is_tensor else None, item.data_ptr() if is_tensor else None))
+    return watched
+
+
+def _unchanged(watched):
+    for table, name, item, version, pointer in watched:
+        current = table[name]
+        if current is not item or (version is not None and (current._version != version or current.data_ptr() != pointer)):
+            return False
+    return True
+
+
+def _predicted_call(predictor, first, second, output, act_fn):
+    """The PredictedCall of this predictor and MLP, or None where the kernel cannot read them.
+    Cached on the predictor while the same Linears hold the same weights and biases (same
+    objects, versions and memory). This runs for every layer of every decoded token, after
+    the layer's weights have pushed it out of the CPU's caches: it touches as few objects as
+    it can."""
+    cached = predictor.__dict__.get("_predicted_call")
+    if cached is not None and cached[0] is first and cached[1] is second and cached[2] is output \
+            and _unchanged(cached[3]):
+        return cached[4]
+    layers = _predictor_layers(predictor)
+    linears = [linear for linear in (first, second, output, *(layers or ())) if linear is not None]
+    watched = _watch([(predictor._modules, name) for name in predictor._modules]
+                     + [(linear._parameters, name) for linear in linears for name in ("weight", "bias")])
+    call = None
+    found = _mlp_weights(first, second, output, act_fn) if layers is not None else None
+    scorer = _predictor_weights(predictor, *layers) if found is not None else None
+    if scorer is not None and scorer[0].rows == found[0].rows:
+        table = scorer[0]
+        call = PredictedCall(found[1], ctypes.byref(table), found[0].d, found[0].rows, table.d)
+    # The entry holds the modules, weights, struct and tiles: the pointers stay valid.
+    predictor.__dict__["_predicted_call"] = (first, second, output, watched, call, scorer)
+    return call
+
+
+def store_predictor_half(predictor):
+    """Run the predictor with float16 weights, as upstream runs its predictors (in the fp16
+    model): its float32 parameters are rounded to float16's values in place, so the torch path
+    computes with the very numbers the predicted-MLP kernel then reads from float16 tiles (half
+    the bytes per token). False, with nothing changed, where a parameter lies outside float16's
+    range."""
+    tensors = [t for t in predictor.parameters() if t.dtype == torch.float32]
+    limit = torch.finfo(torch.float16).max
+    if any(t.numel() and t.detach().abs().max().item() > limit for t in tensors):
+        return False
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(t.half())
+    predictor.__dict__["kernel_half"] = True
+    return True
+
+
+def predicted_gathered_mlp(h, x_pred, predictor, k, first, second, output, act_fn, residual=None):
     """DejaVu's predicted MLP for one token per row, one kernel call per row: the predictor
     scores the I neurons from x_pred, the k best are kept (as topk + sort would; ties go to
-    the lowest index), and gathered_mlp runs on them. h, x_pred [B, 1, d] -> [B, 1, d], or
-    None where the kernel does not apply (the caller then runs the same steps in torch ops)."""
+    the lowest index), and gathered_mlp runs on them; with `residual`, residual + that.
+    h, x_pred, residual [B, 1, d] -> [B, 1, d], or None where the kernel does not apply (the
+    caller then runs the same steps in torch ops)."""
     lib = cpu_kernels.kernel_library()
-    found = _mlp_weights(first, second, output, act_fn) if lib is not None else None
-    scorer = _predictor_weights(predictor) if found is not None else None
-    if scorer is None:
+    call = _predicted_call(predictor, first, second, output, act_fn) if lib is not None else None
+    if call is None or not 1 <= k <= call.rows:
         return None
-    (weights, mlp_ref), (table, table_ref) = found, scorer
-    batch = h.shape[0]
-    if table.rows != weights.rows or not 1 <= k <= weights.rows:
+    batch, d = h.shape[0], call.d
+    hs, xs = _rows_input(h, batch, d), _rows_input(x_pred, batch, call.x_width)
+    rs = None if residual is None else _rows_input(residual, batch, d)
+    if hs is None or xs is None or (residual is not None and rs is None) or (torch.is_grad_enabled() and (
+            _autograd(h, first, second, output) or _autograd(x_pred, *predictor)
+            or (residual is not None and residual.requires_grad))):
         return None
-    hs, xs = _rows_input(h, batch, weights.d), _rows_input(x_pred, batch, table.d)
-    if hs is None or xs is None or (torch.is_grad_enabled() and (
-            _autograd(h, first, second, output) or _autograd(x_pred, *predictor))):
-        return None
-    out = torch.empty(batch, 1, weights.d)
+    out = torch.empty(batch, 1, d)
     x_ptr, h_ptr, out_ptr = xs.data_ptr(), hs.data_ptr(), out.data_ptr()
+    r_ptr = None if rs is None else rs.data_ptr()
     for row in range(batch):
-        status = lib.dejavu_predicted_mlp(mlp_ref, table_ref, x_ptr + row * table.d * 4, k,
-                                          h_ptr + row * weights.d * 4, out_ptr + row * weights.d * 4, None)
+        status = lib.dejavu_predicted_mlp(call.mlp_ref, call.predictor_ref, x_ptr + row * call.x_width * 4, k,
+                                          h_ptr + row * d * 4, r_ptr and r_ptr + row * d * 4,
+                                          out_ptr + row * d * 4, None)
         if status:
             raise RuntimeError(f"predicted MLP kernel refused its input (status {status})")
     return out
