@@ -288,3 +288,52 @@ def test_move_to_huge_pages_keeps_values_keys_and_sharing():
     assert module[0].weight.data_ptr() % HUGE_PAGE == 0  # the first storage starts the buffer
     module[2].weight.data.mul_(2)  # the shared weight is still one tensor
     assert torch.equal(module[0].weight.t(), module[2].weight)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_fused_decode_layer_follows_changed_weights(tmp_path, family):
+    """The C layer's cached view of the weights is dropped when a weight is replaced, re-pointed
+    (.data =) or a whole Linear swapped: each change shows in its logits as in the torch ops'."""
+    from modules import cpu_kernels
+    from modules.sparse_gather import DecodeLinear
+
+    if cpu_kernels.kernel_library() is None:
+        pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
+    _, checkpoint = build(family, tmp_path, {})
+    ours = LocalModel.from_checkpoint(checkpoint, family)
+    block, prompt = ours.blocks[1], random_ids(1, 5, seed=8)
+    attention = block.self_attn
+    first_mlp = block.gate_proj if family == "llama" else block.fc1
+    query = attention.q_proj
+
+    def step(kernels):
+        cpu_kernels.ENABLED = kernels
+        try:
+            with torch.no_grad():
+                _, past = ours(prompt)
+                return ours(torch.tensor([[9]]), past=past)[0][:, -1]
+        finally:
+            cpu_kernels.ENABLED = True
+
+    def swap_linear():
+        twin = DecodeLinear(query.in_features, query.out_features, bias=query.bias is not None)
+        with torch.no_grad():
+            twin.weight.copy_(query.weight.flip(0))
+            if twin.bias is not None:
+                twin.bias.copy_(query.bias)
+        attention.q_proj = twin
+
+    changes = [
+        lambda: None,
+        lambda: setattr(first_mlp, "weight", torch.nn.Parameter(first_mlp.weight.detach() * 2.0, requires_grad=False)),
+        lambda: setattr(query.weight, "data", query.weight.detach() * -1.0),
+        swap_linear,
+    ]
+    before = None
+    for change in changes:
+        change()
+        fused = step(True)
+        assert block.__dict__["_kernel_layer"][1] is not None  # the C layer really ran
+        torch.testing.assert_close(fused, step(False), rtol=1e-5, atol=1e-5)
+        assert before is None or not torch.allclose(fused, before)  # the change mattered
+        before = fused

@@ -16,7 +16,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from . import cpu_kernels
-from .sparse_gather import DecodeLinear, addresses, cached_layer_view, is_silu, kernel_readable
+from .sparse_gather import DecodeLinear, addresses, cached_layer_view, is_silu, kernel_readable, linear_slots
 from .common import (
     TappedModule,
     build_from_checkpoint,
@@ -237,12 +237,18 @@ class LlamaBlock(TappedModule):
     def kernel_layer(self):
         """(cpu_kernels.LlamaLayer, a reference to it, whether it holds the MLP too) for this
         layer's weights, or None where the kernel cannot read them."""
-        modules = self._modules  # not through Module.__getattr__: this runs for every layer of every token
+        return cached_layer_view(self, self._kernel_slots, self._build_kernel_layer)
+
+    def _kernel_slots(self):
+        modules = self._modules
         attention = modules["self_attn"]._modules
-        linears = (attention["q_proj"], attention["k_proj"], attention["v_proj"], attention["o_proj"],
-                   modules["gate_proj"], modules["up_proj"], modules["down_proj"])
-        norms = (modules["input_layernorm"]._parameters["weight"], modules["post_attention_layernorm"]._parameters["weight"])
-        return cached_layer_view(self, linears, norms, self._build_kernel_layer)
+        structure = [(modules, name) for name in ("self_attn", "input_layernorm", "post_attention_layernorm",
+                                                  "gate_proj", "up_proj", "down_proj")]
+        structure += [(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        norms = [(modules[name]._parameters, "weight") for name in ("input_layernorm", "post_attention_layernorm")]
+        linears = [attention[name] for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        linears += [modules[name] for name in ("gate_proj", "up_proj", "down_proj")]
+        return structure, norms + linear_slots(linears)
 
     def _build_kernel_layer(self, tensors):
         # The attention half needs its weights as they are in the checkpoint; the MLP half also

@@ -14,7 +14,7 @@ from transformers import OPTConfig
 from transformers.activations import ACT2FN
 
 from . import cpu_kernels
-from .sparse_gather import DecodeLinear, addresses, cached_layer_view, is_relu, kernel_readable
+from .sparse_gather import DecodeLinear, addresses, cached_layer_view, is_relu, kernel_readable, linear_slots
 from .common import (
     TappedModule,
     build_from_checkpoint,
@@ -168,13 +168,18 @@ class OPTBlock(TappedModule):
     def kernel_layer(self):
         """(cpu_kernels.OptLayer, a reference to it) for this layer's weights, or None where the
         kernel cannot read them."""
-        modules = self._modules  # not through Module.__getattr__: this runs for every layer of every token
+        return cached_layer_view(self, self._kernel_slots, self._build_kernel_layer)
+
+    def _kernel_slots(self):
+        modules = self._modules
         attention = modules["self_attn"]._modules
-        linears = (attention["q_proj"], attention["k_proj"], attention["v_proj"], attention["out_proj"],
-                   modules["fc1"], modules["fc2"])
-        norms = tuple(norm._parameters.get(name) for norm in (modules["self_attn_layer_norm"],
-                                                              modules["final_layer_norm"]) for name in ("weight", "bias"))
-        return cached_layer_view(self, linears, norms, self._build_kernel_layer)
+        structure = [(modules, name) for name in ("self_attn", "self_attn_layer_norm", "final_layer_norm", "fc1", "fc2")]
+        structure += [(attention, name) for name in ("q_proj", "k_proj", "v_proj", "out_proj")]
+        norms = [(modules[norm]._parameters, name) for norm in ("self_attn_layer_norm", "final_layer_norm")
+                 for name in ("weight", "bias")]
+        linears = [attention[name] for name in ("q_proj", "k_proj", "v_proj", "out_proj")]
+        linears += [modules["fc1"], modules["fc2"]]
+        return structure, norms + linear_slots(linears)
 
     def _build_kernel_layer(self, tensors):
         if not (is_relu(self.act_fn) and kernel_readable(tensors)):

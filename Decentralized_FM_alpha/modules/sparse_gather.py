@@ -8,7 +8,7 @@ store_predictor_half(predictor)                          run a predictor with fl
 dense_mlp(h, first, second, output, act)                 the dense MLP of one token in one call
 pack_mlp_neurons(first, second, output)                  one neuron's weights side by side in memory
 DecodeLinear / linear_forward(linear, x)                 a dense Linear; one input row goes through the kernel
-cached_layer_view(block, linears, tensors, build)        a decoder layer's weights as a kernel struct
+cached_layer_view(block, slots, build)                   a decoder layer's weights as a kernel struct
 
 `first`, `second`, `output` are Llama's gate, up, down (SiLU-gated) or OPT's fc1, None, fc2
 (ReLU). On CPU in float32 without autograd these run the C kernels of cpu_kernels.py, which
@@ -43,10 +43,6 @@ def linear_state(linear):
     weight, bias = params["weight"], params["bias"]
     state = (id(weight), weight._version, weight.data_ptr())
     return state if bias is None else state + (id(bias), bias._version, bias.data_ptr())
-
-
-def tensor_state(tensor):
-    return None if tensor is None else (id(tensor), tensor._version, tensor.data_ptr())
 
 
 def _kernel_plan(linear, transposed):
@@ -250,7 +246,7 @@ def _watch(owners):
     version and address."""
     watched = []
     for table, name in owners:
-        item = table[name]
+        item = table.get(name)
         is_tensor = isinstance(item, torch.Tensor)
         watched.append((table, name, item, item._version if is_tensor else None, item.data_ptr() if is_tensor else None))
     return watched
@@ -258,7 +254,7 @@ def _watch(owners):
 
 def _unchanged(watched):
     for table, name, item, version, pointer in watched:
-        current = table[name]
+        current = table.get(name)
         if current is not item or (version is not None and (current._version != version or current.data_ptr() != pointer)):
             return False
     return True
@@ -375,19 +371,26 @@ def pack_mlp_neurons(first, second, output):
     return True
 
 
-def cached_layer_view(block, linears, tensors, build):
-    """build(all) for a decoder layer's kernel struct, where `all` is `tensors` (norms) followed
-    by each Linear's weight and bias; cached on the block while every one of them is the same
-    object, version and memory, so a replaced or updated weight is picked up."""
-    key = (tuple(map(linear_state, linears)), tuple(map(tensor_state, tensors)))
+def cached_layer_view(block, slots, build):
+    """build(tensors) for a decoder layer's kernel struct, cached on the block while every slot
+    that slots() names still holds the same object (tensors: same version and memory), so a
+    replaced module or weight, or one updated in place, is picked up. slots() returns the
+    module slots the layer's structure hangs on and the tensor slots whose values build gets,
+    each a (table, name) pair such as (linear._parameters, "weight"). The check runs for every
+    layer of every decoded token and touches only those slots."""
     cached = block.__dict__.get("_kernel_layer")
-    if cached is not None and cached[0] == key:
+    if cached is not None and _unchanged(cached[0]):
         return cached[1]
-    every = (*tensors, *(t for linear in linears for t in (linear.weight, linear.bias)))
-    view = build(every)
-    # The entry holds the Linears and tensors: the ids in the key and the pointers stay theirs.
-    block.__dict__["_kernel_layer"] = (key, view, linears, every)
+    structure, tensors = slots()
+    watched = _watch(structure + tensors)  # holds the tensors: the struct's pointers stay theirs
+    view = build([table.get(name) for table, name in tensors])
+    block.__dict__["_kernel_layer"] = (watched, view)
     return view
+
+
+def linear_slots(linears):
+    """The weight and bias slots of each Linear, in order."""
+    return [(linear._parameters, name) for linear in linears for name in ("weight", "bias")]
 
 
 def kernel_readable(tensors):
