@@ -287,8 +287,9 @@ typedef struct {
 
 /* DejaVu's low-rank predictor, scores = P2 (P1 x) with P1 [rank, d] and P2 [rows, rank], each
    stored tiled: eight output rows at a time, column by column (tile b holds W[8b + q][j] at
-   [b][j][q]; rows padded to a multiple of 8 with zeros), so a product is one sequential read
-   accumulating eight outputs in a vector. half: IEEE float16 (half the bytes), else float32. */
+   [b][j][q]; rows padded to a multiple of 8 with zeros), so a product reads long sequential
+   runs and accumulates eight outputs in a vector. half: IEEE float16 (half the bytes), else
+   float32. */
 typedef struct {
   const void *p1, *p2;
   int64_t rank, d, rows, half;
