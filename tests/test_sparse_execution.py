@@ -138,7 +138,7 @@ def test_predicted_mlp_kernel_matches_torch_steps(tmp_path, family, keep, tied, 
     with torch.no_grad():
         fused = block.fused_predicted_mlp(h, x_pred, predictor, k)
     assert fused is not None
-    assert predictor.__dict__["_predicted_call"][5][1][0].dtype == (torch.float16 if half else torch.float32)
+    assert predictor.__dict__["_predicted_call"][1][1][1][0].dtype == (torch.float16 if half else torch.float32)
     scores = predictor(x_pred)[:, 0]
     order = torch.sort(-scores, dim=-1, stable=True).indices  # descending, lowest index first on ties
     neurons = order[:, :k].sort(dim=-1).values
@@ -232,7 +232,7 @@ def test_predicted_mlp_kernel_follows_changed_predictor_weights():
             neurons = predictor(x_pred)[:, 0].topk(k).indices.sort().values
             act = nn.functional.silu(gate(h)) * up(h)
             mask = torch.zeros(1, 1, width).index_fill_(-1, neurons[0], 1.0)
-            return fused, down(act * mask), predictor.__dict__["_predicted_call"][5][1][0].dtype
+            return fused, down(act * mask), predictor.__dict__["_predicted_call"][1][1][1][0].dtype
 
     for change in (lambda: None, lambda: predictor[1].weight.mul_(-1.0), lambda: predictor[0].weight.add_(0.5)):
         with torch.no_grad():

@@ -16,7 +16,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from . import cpu_kernels
-from .sparse_gather import DecodeLinear, addresses, cached_layer_view, is_silu, kernel_readable, linear_slots
+from .sparse_gather import DecodeLinear, addresses, cached_view, is_silu, kernel_readable, linear_slots
 from .common import (
     TappedModule,
     build_from_checkpoint,
@@ -237,7 +237,9 @@ class LlamaBlock(TappedModule):
     def kernel_layer(self):
         """(cpu_kernels.LlamaLayer, a reference to it, whether it holds the MLP too) for this
         layer's weights, or None where the kernel cannot read them."""
-        return cached_layer_view(self, self._kernel_slots, self._build_kernel_layer)
+        # the slots: the 16 tensors the struct points at, then the modules they hang on
+        return cached_view(self, "_kernel_layer", (), self._kernel_slots,
+                           lambda values: self._build_kernel_layer(values[:16]))
 
     def _kernel_slots(self):
         modules = self._modules
@@ -248,7 +250,7 @@ class LlamaBlock(TappedModule):
         norms = [(modules[name]._parameters, "weight") for name in ("input_layernorm", "post_attention_layernorm")]
         linears = [attention[name] for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
         linears += [modules[name] for name in ("gate_proj", "up_proj", "down_proj")]
-        return structure, norms + linear_slots(linears)
+        return norms + linear_slots(linears) + structure
 
     def _build_kernel_layer(self, tensors):
         # The attention half needs its weights as they are in the checkpoint; the MLP half also

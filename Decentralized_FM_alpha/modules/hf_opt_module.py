@@ -14,7 +14,7 @@ from transformers import OPTConfig
 from transformers.activations import ACT2FN
 
 from . import cpu_kernels
-from .sparse_gather import DecodeLinear, addresses, cached_layer_view, is_relu, kernel_readable, linear_slots
+from .sparse_gather import DecodeLinear, addresses, cached_view, is_relu, kernel_readable, linear_slots
 from .common import (
     TappedModule,
     build_from_checkpoint,
@@ -168,7 +168,9 @@ class OPTBlock(TappedModule):
     def kernel_layer(self):
         """(cpu_kernels.OptLayer, a reference to it) for this layer's weights, or None where the
         kernel cannot read them."""
-        return cached_layer_view(self, self._kernel_slots, self._build_kernel_layer)
+        # the slots: the 16 tensors the struct points at, then the modules they hang on
+        return cached_view(self, "_kernel_layer", (), self._kernel_slots,
+                           lambda values: self._build_kernel_layer(values[:16]))
 
     def _kernel_slots(self):
         modules = self._modules
@@ -179,7 +181,7 @@ class OPTBlock(TappedModule):
                  for name in ("weight", "bias")]
         linears = [attention[name] for name in ("q_proj", "k_proj", "v_proj", "out_proj")]
         linears += [modules["fc1"], modules["fc2"]]
-        return structure, norms + linear_slots(linears)
+        return norms + linear_slots(linears) + structure
 
     def _build_kernel_layer(self, tensors):
         if not (is_relu(self.act_fn) and kernel_readable(tensors)):

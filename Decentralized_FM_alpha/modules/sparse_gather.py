@@ -8,7 +8,7 @@ store_predictor_half(predictor)                          run a predictor with fl
 dense_mlp(h, first, second, output, act)                 the dense MLP of one token in one call
 pack_mlp_neurons(first, second, output)                  one neuron's weights side by side in memory
 DecodeLinear / linear_forward(linear, x)                 a dense Linear; one input row goes through the kernel
-cached_layer_view(block, slots, build)                   a decoder layer's weights as a kernel struct
+cached_view(owner, name, sources, slots, build)          a kernel's view of weights, checked every call
 
 `first`, `second`, `output` are Llama's gate, up, down (SiLU-gated) or OPT's fc1, None, fc2
 (ReLU). On CPU in float32 without autograd these run the C kernels of cpu_kernels.py, which
@@ -21,6 +21,7 @@ they lie; an unpacked down/fc2 is read through a transposed copy made once per w
 """
 
 import ctypes
+import operator
 from collections import namedtuple
 
 import torch
@@ -36,39 +37,67 @@ _ACT_NONE = 0  # decode_kernels.c: no activation
 KernelPlan = namedtuple("KernelPlan", "table pointer rows width stride bias bias_pointer")
 
 
-def linear_state(linear):
-    """Identity, version and address of a Linear's weight and bias: what a cached kernel view
-    of it depends on (read from _parameters: this runs for every layer of every token)."""
-    params = linear._parameters
-    weight, bias = params["weight"], params["bias"]
-    state = (id(weight), weight._version, weight.data_ptr())
-    return state if bias is None else state + (id(bias), bias._version, bias.data_ptr())
+def _watch(slots):
+    """What _unchanged checks: each (table, name) slot's current object, and for a tensor its
+    version and address."""
+    watched = []
+    for table, name in slots:
+        item = table.get(name)
+        is_tensor = isinstance(item, torch.Tensor)
+        watched.append((table, name, item, item._version if is_tensor else None, item.data_ptr() if is_tensor else None))
+    return watched
+
+
+def _unchanged(watched):
+    for table, name, item, version, pointer in watched:
+        current = table.get(name)
+        if current is not item or (version is not None and (current._version != version or current.data_ptr() != pointer)):
+            return False
+    return True
+
+
+def cached_view(owner, name, sources, slots, build):
+    """build(values) for a kernel's view of some weights, kept in owner.__dict__[name] while it is
+    asked for the same `sources` (compared by identity) and every (table, key) slot that slots()
+    lists, e.g. (linear._parameters, "weight"), still holds the same object, and each tensor
+    there the same version and memory: a replaced module or weight, one re-pointed (.data =) or
+    changed in place is picked up. `values` are the slots' current objects, in order. The check
+    runs for every layer of every decoded token, after the layer's weights have pushed these
+    objects out of the CPU's caches, so it touches only those slots."""
+    cached = owner.__dict__.get(name)
+    if cached is not None and len(cached[2]) == len(sources) and all(map(operator.is_, cached[2], sources)) \
+            and _unchanged(cached[0]):
+        return cached[1]
+    watched = _watch(slots())  # holds the objects: the view's pointers and the ids stay theirs
+    view = build([item for _, _, item, _, _ in watched])
+    owner.__dict__[name] = (watched, view, tuple(sources))
+    return view
+
+
+def linear_slots(linears):
+    """The weight and bias slots of each Linear (None: skipped), in order."""
+    return [(linear._parameters, name) for linear in linears if linear is not None for name in ("weight", "bias")]
 
 
 def _kernel_plan(linear, transposed):
     """The kernel's view of the weight ([out, in]; with `transposed`, of weight.t(), [in, out]),
     or None where the kernel does not apply (not float32 on CPU). Rows with unit stride are read
-    in place; otherwise a contiguous copy is made. Cached on the Linear while its weight and
-    bias are the same objects, versions and memory."""
-    # ids are safe in the key: the cache entry holds the objects, so their ids cannot be reused
-    key = linear_state(linear)
-    slot = "_decode_plan_t" if transposed else "_decode_plan"
-    cached = linear.__dict__.get(slot)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    weight, bias = linear.weight, linear.bias
-    plan = None
-    if weight.device.type == "cpu" and weight.dtype == torch.float32 and (
-            bias is None or (bias.device.type == "cpu" and bias.dtype == torch.float32)):
-        with torch.no_grad():
-            table = weight.detach().t() if transposed else weight.detach()
-            if table.stride(1) != 1 or table.stride(0) < table.shape[1]:
-                table = table.contiguous()
-            bias_table = None if bias is None else bias.detach().contiguous()
-        plan = KernelPlan(table, table.data_ptr(), table.shape[0], table.shape[1], table.stride(0), bias_table,
-                          None if bias_table is None else bias_table.data_ptr())
-    linear.__dict__[slot] = (key, plan, weight, bias)
-    return plan
+    in place; otherwise a contiguous copy is made. Cached on the Linear (cached_view)."""
+    return cached_view(linear, "_decode_plan_t" if transposed else "_decode_plan", (),
+                       lambda: linear_slots([linear]), lambda values: _build_plan(*values, transposed))
+
+
+def _build_plan(weight, bias, transposed):
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or (
+            bias is not None and (bias.device.type != "cpu" or bias.dtype != torch.float32)):
+        return None
+    with torch.no_grad():
+        table = weight.detach().t() if transposed else weight.detach()
+        if table.stride(1) != 1 or table.stride(0) < table.shape[1]:
+            table = table.contiguous()
+        bias_table = None if bias is None else bias.detach().contiguous()
+    return KernelPlan(table, table.data_ptr(), table.shape[0], table.shape[1], table.stride(0), bias_table,
+                      None if bias_table is None else bias_table.data_ptr())
 
 
 def transposed_weight(linear):
@@ -76,14 +105,8 @@ def transposed_weight(linear):
     plan = _kernel_plan(linear, True)
     if plan is not None:
         return plan.table
-    weight = linear.weight
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device)
-    cached = linear.__dict__.get("_gather_weight_t")
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cached = (key, weight.detach().t().contiguous())
-        linear.__dict__["_gather_weight_t"] = cached
-    return cached[1]
+    return cached_view(linear, "_gather_weight_t", (), lambda: linear_slots([linear]),
+                       lambda values: values[0].detach().t().contiguous())
 
 
 def _autograd(x, *linears):
@@ -140,26 +163,23 @@ def _activation_matches(second, act_fn):
 
 def _mlp_weights(first, second, output, act_fn):
     """(cpu_kernels.MlpWeights, a ctypes reference to it) of an MLP for the gathered kernels, or
-    None where they cannot read it. Cached on `first` while every weight and bias is the same
-    object, version and memory."""
-    key = (linear_state(first), linear_state(output), None if second is None else linear_state(second),
-           id(second), id(output))
-    cached = first.__dict__.get("_mlp_weights")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    found = None
+    None where they cannot read it. Cached on `first` (cached_view)."""
+    return cached_view(first, "_mlp_weights", (second, output), lambda: linear_slots([first, second, output]),
+                       lambda values: _build_mlp_weights(first, second, output, act_fn))[0]
+
+
+def _build_mlp_weights(first, second, output, act_fn):
+    """(found, plans): the plans stay with the view, so the tables its pointers name stay alive."""
     plans = [_kernel_plan(first, False), _kernel_plan(second, False) if second is not None else None,
              _kernel_plan(output, True)]
     a, b, t = plans
-    if (_activation_matches(second, act_fn) and a is not None and t is not None and (second is None or b is not None)
+    if not (_activation_matches(second, act_fn) and a is not None and t is not None and (second is None or b is not None)
             and (t.rows, t.width) == (a.rows, a.width) and (b is None or (b.rows, b.width) == (a.rows, a.width))):
-        weights = cpu_kernels.MlpWeights(
-            A=a.pointer, B=b and b.pointer, a_bias=a.bias_pointer, b_bias=b and b.bias_pointer, T=t.pointer,
-            bias=t.bias_pointer, lda=a.stride, ldb=b.stride if b else 0, ldt=t.stride, rows=a.rows, d=a.width)
-        found = (weights, ctypes.byref(weights))
-    # The entry holds the Linears and plans, so the ids in the key and the pointers stay valid.
-    first.__dict__["_mlp_weights"] = (key, found, (first, second, output), plans)
-    return found
+        return None, plans
+    weights = cpu_kernels.MlpWeights(
+        A=a.pointer, B=b and b.pointer, a_bias=a.bias_pointer, b_bias=b and b.bias_pointer, T=t.pointer,
+        bias=t.bias_pointer, lda=a.stride, ldb=b.stride if b else 0, ldt=t.stride, rows=a.rows, d=a.width)
+    return (weights, ctypes.byref(weights)), plans
 
 
 def _rows_input(x, rows, width):
@@ -241,48 +261,27 @@ def _predictor_weights(predictor, first, second):
 PredictedCall = namedtuple("PredictedCall", "mlp_ref predictor_ref d rows x_width")
 
 
-def _watch(owners):
-    """What _unchanged checks: each (table, name) slot's current object, and for tensors their
-    version and address."""
-    watched = []
-    for table, name in owners:
-        item = table.get(name)
-        is_tensor = isinstance(item, torch.Tensor)
-        watched.append((table, name, item, item._version if is_tensor else None, item.data_ptr() if is_tensor else None))
-    return watched
-
-
-def _unchanged(watched):
-    for table, name, item, version, pointer in watched:
-        current = table.get(name)
-        if current is not item or (version is not None and (current._version != version or current.data_ptr() != pointer)):
-            return False
-    return True
-
-
 def _predicted_call(predictor, first, second, output, act_fn):
     """The PredictedCall of this predictor and MLP, or None where the kernel cannot read them.
-    Cached on the predictor while the same Linears hold the same weights and biases (same
-    objects, versions and memory). This runs for every layer of every decoded token, after
-    the layer's weights have pushed it out of the CPU's caches: it touches as few objects as
-    it can."""
-    cached = predictor.__dict__.get("_predicted_call")
-    if cached is not None and cached[0] is first and cached[1] is second and cached[2] is output \
-            and _unchanged(cached[3]):
-        return cached[4]
+    Cached on the predictor (cached_view) with the predictor's tiles."""
+    def slots():
+        layers = _predictor_layers(predictor) or ()
+        return [(predictor._modules, name) for name in predictor._modules] + linear_slots(
+            [first, second, output, *layers])
+
+    return cached_view(predictor, "_predicted_call", (first, second, output), slots,
+                       lambda values: _build_predicted_call(predictor, first, second, output, act_fn))[0]
+
+
+def _build_predicted_call(predictor, first, second, output, act_fn):
+    """(call, the predictor's struct and tiles): the tiles stay with the view."""
     layers = _predictor_layers(predictor)
-    linears = [linear for linear in (first, second, output, *(layers or ())) if linear is not None]
-    watched = _watch([(predictor._modules, name) for name in predictor._modules]
-                     + [(linear._parameters, name) for linear in linears for name in ("weight", "bias")])
-    call = None
     found = _mlp_weights(first, second, output, act_fn) if layers is not None else None
     scorer = _predictor_weights(predictor, *layers) if found is not None else None
-    if scorer is not None and scorer[0].rows == found[0].rows:
-        table = scorer[0]
-        call = PredictedCall(found[1], ctypes.byref(table), found[0].d, found[0].rows, table.d)
-    # The entry holds the modules, weights, struct and tiles: the pointers stay valid.
-    predictor.__dict__["_predicted_call"] = (first, second, output, watched, call, scorer)
-    return call
+    if scorer is None or scorer[0].rows != found[0].rows:
+        return None, scorer
+    table = scorer[0]
+    return PredictedCall(found[1], ctypes.byref(table), found[0].d, found[0].rows, table.d), scorer
 
 
 def store_predictor_half(predictor):
@@ -369,28 +368,6 @@ def pack_mlp_neurons(first, second, output):
             linear.weight = nn.Parameter(packed[:, slot], requires_grad=linear.weight.requires_grad)
         output.weight = nn.Parameter(packed[:, -1].t(), requires_grad=output.weight.requires_grad)
     return True
-
-
-def cached_layer_view(block, slots, build):
-    """build(tensors) for a decoder layer's kernel struct, cached on the block while every slot
-    that slots() names still holds the same object (tensors: same version and memory), so a
-    replaced module or weight, or one updated in place, is picked up. slots() returns the
-    module slots the layer's structure hangs on and the tensor slots whose values build gets,
-    each a (table, name) pair such as (linear._parameters, "weight"). The check runs for every
-    layer of every decoded token and touches only those slots."""
-    cached = block.__dict__.get("_kernel_layer")
-    if cached is not None and _unchanged(cached[0]):
-        return cached[1]
-    structure, tensors = slots()
-    watched = _watch(structure + tensors)  # holds the tensors: the struct's pointers stay theirs
-    view = build([table.get(name) for table, name in tensors])
-    block.__dict__["_kernel_layer"] = (watched, view)
-    return view
-
-
-def linear_slots(linears):
-    """The weight and bias slots of each Linear, in order."""
-    return [(linear._parameters, name) for linear in linears for name in ("weight", "bias")]
 
 
 def kernel_readable(tensors):
