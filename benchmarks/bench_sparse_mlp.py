@@ -1,19 +1,22 @@
 """Sparse MLP time against dense MLP time at batch 1 (one decoded token), float32, CPU.
 
-For each model's dimensions a stack of MLP layers (the project's `llama-ml-att-sparse` block,
-random weights; attention weights are never built) is timed
+Decoding runs a Llama layer in one kernel call: the attention half, then the dense MLP, or in a
+sparse block (`llama-ml-att-sparse`, predicted mode) DejaVu's predicted MLP: the low-rank
+predictor Linear(d, D) -> Linear(D, I), the top K of its scores and the MLP on the K kept
+neurons. The MLP's time as decoding runs it is what it adds to the layer:
 
-  dense      the dense MLP as the engine decodes it: one kernel call (the MLP part of the
-             fused decoder layer) -- the baseline of every ratio
-  dense, torch path   block.mlp in sparse mode "dense" (three DecodeLinears and torch ops)
-  sparse     block.mlp in predicted mode: the low-rank predictor Linear(d, D) -> Linear(D, I),
-             top-K of its scores, then the gathered MLP on the K kept neurons -- the exact
-             code path of decoding, the predictor's own cost included; with the predictor's
-             weights in float32 (as trained) and rounded to float16 (--predictor-dtype
-             float16, as upstream runs its predictors: half the predictor's bytes)
-  gather     block.gathered_mlp alone on fixed kept neurons (no predictor)
-  predictor  the predictor and the selection of the K neurons alone (torch ops)
-  torch ops  the sparse path with the C kernels switched off (the fallback)
+  in the layer    (layer with that MLP) - (the same layer's attention half alone), both timed
+                  through the entry decoding calls (dense: fused_decode, sparse:
+                  fused_sparse_step, attention half: fused_step(with_mlp=False)), every check
+                  and allocation included. Dense is the baseline of the target ratios. The sparse
+                  rows run with the predictor's weights in float32 (as trained) and rounded to
+                  float16 (--predictor-dtype float16, as upstream runs its predictors: half the
+                  predictor's bytes).
+  standalone      one MLP on its own, one call per layer: the dense MLP kernel, and block.mlp in
+                  predicted mode (the torch path's entry, which calls the same one-call kernel)
+  gather          block.gathered_mlp alone on fixed kept neurons (no predictor)
+  predictor       the predictor and the selection of the K neurons alone (torch ops)
+  torch ops       block.mlp with the C kernels switched off (the fallback)
 
 Predictor width. The predictor's weights are read for every token, so its width D decides
 what the sparse MLP can save. Upstream's D = 1000 on OPT-175B (d = 12288) reads 5.1% of the
@@ -22,11 +25,13 @@ MLP's bytes; the target rows use the D that costs the same share of these models
 dims (upstream's number as is: 14.9% of the MLP's bytes) and the study's default
 min(1000, d) = 576 for SmolLM2 (46%).
 
-Each layer of the stack has its own weights, and a pass goes over all of them, as a decoded
-token does: the weights stream from memory instead of sitting in cache (SmolLM2: 30 layers,
-the model's own count; Llama-3.2-3B: 2 layers of 302 MB MLP weights each). The variants are
-interleaved round by round; every ratio is the median over rounds of (variant / dense of the
-same round), so load on the machine hits both alike.
+Each layer of the stack has its own weights (random; the dense and the sparse layers the same
+values, the sparse ones packed per neuron by configure_sparse) and a KV cache of CONTEXT
+positions; a pass decodes one token through all of them, so the weights stream from memory
+instead of sitting in cache (SmolLM2: 30 layers, the model's own count; Llama-3.2-3B: 2 layers
+of 302 MB of MLP and 101 MB of attention weights). Each timed step decodes the same position
+again. The variants are interleaved round by round; every ratio is the median over rounds of
+(variant / baseline of the same round), so load on the machine hits both alike.
 
     .venv/bin/python benchmarks/bench_sparse_mlp.py [--quick] [--threads 1] [--json PATH]
 """
@@ -44,12 +49,13 @@ from support import format_table, result_path, write_json
 
 KEEPS = (0.5, 0.25, 0.1)
 TARGETS = {0.5: 0.6, 0.25: 0.35}  # sparse / dense at most
+CONTEXT = 128  # positions in each layer's KV cache
 # Upstream DejaVu's predictor on OPT-175B: D = 1000, d = 12288, I = 4d, an MLP of two matrices.
 UPSTREAM_SHARE = 1000 * (12288 + 4 * 12288) / (2 * 12288 * 4 * 12288)
-# name: hidden d, intermediate I, reference predictor width, layers in the stack, heads, kv heads
+# name: hidden d, intermediate I, reference predictor width, layers in the stack, heads, kv heads, head dim
 CONFIGS = {
-    "smollm2-135m": dict(d=576, inter=1536, reference_D=576, layers=30, heads=9, kv_heads=3),
-    "llama-3.2-3b": dict(d=3072, inter=8192, reference_D=1000, layers=2, heads=24, kv_heads=8),
+    "smollm2-135m": dict(d=576, inter=1536, reference_D=576, layers=30, heads=9, kv_heads=3, head_dim=64),
+    "llama-3.2-3b": dict(d=3072, inter=8192, reference_D=1000, layers=2, heads=24, kv_heads=8, head_dim=128),
 }
 
 
@@ -58,30 +64,37 @@ def matched_D(d, inter):
     return round(UPSTREAM_SHARE * 3 * d * inter / (d + inter))
 
 
-def build_blocks(d, inter, layers, heads, kv_heads, generator):
-    """Sparse Llama blocks with real MLP and norm weights; attention stays on the meta device."""
+def build_layers(spec, generator):
+    """(dense `llama` blocks, sparse `llama-ml-att-sparse` blocks, KV caches): decoder layers with
+    the same random weights, in huge pages as the checkpoint loaders leave them, and a KV cache
+    of CONTEXT positions per layer (filled by a prompt pass of the dense layer)."""
     from transformers import LlamaConfig
 
     from modules.huge_pages import move_to_huge_pages
     from pipeline_parallel.model_registry import load_model_module
 
-    config = LlamaConfig(hidden_size=d, intermediate_size=inter, num_attention_heads=heads,
-                         num_key_value_heads=kv_heads, head_dim=64, num_hidden_layers=layers,
-                         hidden_act="silu", vocab_size=32)
-    block_class = load_model_module("llama-ml-att-sparse").GPTBlock
-    blocks = []
-    for index in range(layers):
-        with torch.device("meta"):
-            block = block_class(config, layer_index=index)
-        for norm in (block.input_layernorm, block.post_attention_layernorm):
-            norm.weight = nn.Parameter(torch.ones(d), requires_grad=False)
-        for linear in (block.gate_proj, block.up_proj, block.down_proj):
-            weight = torch.empty(linear.out_features, linear.in_features)
-            linear.weight = nn.Parameter(weight.normal_(0.0, 0.02, generator=generator), requires_grad=False)
-        move_to_huge_pages(block)  # as the checkpoint loaders do
-        block.materialize_buffers()
-        blocks.append(block.eval())
-    return blocks
+    d = spec["d"]
+    config = LlamaConfig(hidden_size=d, intermediate_size=spec["inter"], num_attention_heads=spec["heads"],
+                         num_key_value_heads=spec["kv_heads"], head_dim=spec["head_dim"],
+                         num_hidden_layers=spec["layers"], hidden_act="silu", vocab_size=32)
+    classes = [load_model_module(kind).GPTBlock for kind in ("llama", "llama-ml-att-sparse")]
+    dense_blocks, sparse_blocks, caches = [], [], []
+    for index in range(spec["layers"]):
+        weights = None
+        for block_class, blocks in zip(classes, (dense_blocks, sparse_blocks)):
+            with torch.device("meta"):
+                block = block_class(config, layer_index=index)
+            if weights is None:  # norms 1, matrices N(0, 0.02)
+                weights = {name: torch.ones(p.shape) if p.dim() == 1 else torch.empty(p.shape).normal_(
+                    0.0, 0.02, generator=generator) for name, p in block.named_parameters()}
+            block.load_state_dict({name: w.clone() for name, w in weights.items()}, assign=True)
+            block.requires_grad_(False)
+            move_to_huge_pages(block)
+            block.materialize_buffers()
+            blocks.append(block.eval())
+        with torch.inference_mode():
+            caches.append(dense_blocks[-1](torch.randn(1, CONTEXT, d, generator=generator))[1])
+    return dense_blocks, sparse_blocks, caches
 
 
 def build_predictor(d, D, inter, generator):
@@ -92,21 +105,10 @@ def build_predictor(d, D, inter, generator):
     return predictor.eval()
 
 
-def unpacked_copy(first, second, output, act_fn):
-    """The MLP's Linears with contiguous copies of their weights (the checkpoint's layout)."""
-    from modules.huge_pages import move_to_huge_pages
-    from modules.sparse_gather import DecodeLinear
-
-    def copy(linear):
-        if linear is None:
-            return None
-        with torch.device("meta"):
-            twin = DecodeLinear(linear.in_features, linear.out_features, bias=False)
-        twin.weight = nn.Parameter(linear.weight.detach().contiguous().clone(), requires_grad=False)
-        move_to_huge_pages(twin)  # as the checkpoint loaders do
-        return twin.eval()
-
-    return copy(first), copy(second), copy(output), act_fn
+def rewind(cache):
+    """Let the next step decode the cache's next position again (KVCache.grown copies a cache
+    whose buffers already hold a later position)."""
+    cache.buffers.filled = cache.length
 
 
 def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
@@ -118,7 +120,7 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
     widths = {"matched": spec["D"], "reference": spec["reference_D"]}
     generator = torch.Generator().manual_seed(0)
     started = time.perf_counter()
-    blocks = build_blocks(d, inter, layers, spec["heads"], spec["kv_heads"], generator)
+    dense_blocks, blocks, caches = build_layers(spec, generator)
     predictors = {kind: [build_predictor(d, D, inter, generator) for _ in range(layers)] for kind, D in widths.items()}
     predictors["matched float16"] = [build_predictor(d, widths["matched"], inter, generator) for _ in range(layers)]
     for predictor in predictors["matched float16"]:
@@ -128,32 +130,53 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
     x = torch.randn(1, 1, d, generator=generator)
     h = blocks[0].post_attention_layernorm(x)
     for block in blocks:
-        block.current_inputs = {"mlp_x": x}  # what the predictor reads (set by the tap in forward)
+        block.current_inputs = {"mlp_x": x}  # what the standalone block.mlp's predictor reads
     fixed = {keep: torch.randperm(inter, generator=generator)[: kept_count(keep, inter)].sort().values[None]
              for keep in KEEPS}
     log(f"  {name}: built {layers} layers (d={d}, I={inter}, D={widths['matched']} and {widths['reference']}) "
         f"in {time.perf_counter() - started:.1f} s")
 
-    # The dense baseline reads the checkpoint's layout (contiguous gate, up, down), as the dense
-    # model does; the sparse blocks hold the same values packed per neuron (configure_sparse).
-    dense_parts = [unpacked_copy(*block.neuron_linears()) for block in blocks]
+    def use(keep, width):
+        """Untimed: install the predictors and K, and let each layer prepare its kernel view (as
+        the first decoded token would)."""
+        def setup():
+            for block, predictor in zip(blocks, predictors[width]):
+                object.__setattr__(block, "mlp_predictor", predictor)
+                block.sparse_mode, block.mlp_keep = "predicted", keep
+                block.kernel_layer()
+        return setup
 
+    # In the layer: what decoding runs.
+    def layer_dense():
+        for block, cache in zip(dense_blocks, caches):
+            rewind(cache)
+            block.fused_decode(x, cache, None)
+
+    def layer_attention():
+        for block, cache in zip(blocks, caches):
+            rewind(cache)
+            block.fused_step(x, cache, None, with_mlp=False)
+
+    def layer_sparse():
+        for block, cache in zip(blocks, caches):
+            rewind(cache)
+            block.fused_sparse_step(x, cache, None)
+
+    # Standalone: one MLP per call. The dense one reads the dense layers' own (checkpoint) layout.
     def dense():
-        for parts in dense_parts:
-            dense_mlp(h, *parts)
+        for block in dense_blocks:
+            dense_mlp(h, *block.neuron_linears())
 
     def dense_torch_path():
         for block in blocks:
             block.sparse_mode = "dense"
             block.mlp(h, None)
 
-    def sparse(keep, width="matched", kernel=True):
+    def sparse(kernel=True):
         def run():
             cpu_kernels.ENABLED = kernel
             try:
-                for block, predictor in zip(blocks, predictors[width]):
-                    object.__setattr__(block, "mlp_predictor", predictor)
-                    block.sparse_mode, block.mlp_keep = "predicted", keep
+                for block in blocks:
                     block.mlp(h, None)
             finally:
                 cpu_kernels.ENABLED = True
@@ -174,72 +197,114 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
                 mask[:, 0].nonzero()[:, 1].view(1, k)
         return run
 
-    variants = {("dense", None): dense, ("dense torch path", None): dense_torch_path}
+    def nothing():
+        pass
+
+    # (kind, keep): (untimed setup, timed run)
+    variants = {("layer dense", None): (nothing, layer_dense), ("layer attention", None): (nothing, layer_attention),
+                ("dense", None): (nothing, dense), ("dense torch path", None): (nothing, dense_torch_path)}
     for keep in KEEPS:
-        variants[("sparse", keep)] = sparse(keep)
-        variants[("sparse float16", keep)] = sparse(keep, "matched float16")
-        variants[("sparse reference", keep)] = sparse(keep, "reference")
-        variants[("gather", keep)] = gather(keep)
+        for kind, width in (("", "matched"), (" float16", "matched float16"), (" reference", "reference")):
+            variants[("layer sparse" + kind, keep)] = (use(keep, width), layer_sparse)
+            variants[("sparse" + kind, keep)] = (use(keep, width), sparse())
+        variants[("gather", keep)] = (nothing, gather(keep))
         if with_torch_ops:
-            variants[("torch ops", keep)] = sparse(keep, kernel=False)
-    variants[("predictor", 0.25)] = predictor_only(0.25, "matched")
-    variants[("predictor reference", 0.25)] = predictor_only(0.25, "reference")
+            variants[("torch ops", keep)] = (use(keep, "matched"), sparse(kernel=False))
+    variants[("predictor", 0.25)] = (nothing, predictor_only(0.25, "matched"))
+    variants[("predictor reference", 0.25)] = (nothing, predictor_only(0.25, "reference"))
 
     times = {key: [] for key in variants}
     with torch.inference_mode():
-        # The paths timed compute the right thing: gathered = masked MLP, kernel dense = torch dense.
+        # The paths timed compute the right thing: gathered = masked MLP, kernel dense = torch
+        # dense, and the layer with the predicted MLP = its attention half + the predicted MLP.
         block = blocks[0]
         keep_mask = torch.zeros(1, 1, inter, dtype=torch.bool).scatter_(-1, fixed[0.25][:, None], True)
         masked = block.mlp_output(block.mlp_activation(h) * keep_mask)
         error = (block.gathered_mlp(h, fixed[0.25]) - masked).abs().max().item()
-        fast_dense = dense_mlp(h, *dense_parts[0])
+        fast_dense = dense_mlp(h, *dense_blocks[0].neuron_linears())
         if fast_dense is None:
             raise SystemExit(f"the dense MLP kernel does not run here: {cpu_kernels.unavailable_reason()}")
         dense_error = (fast_dense - block.mlp_output(block.mlp_activation(h))).abs().max().item()
+        use(0.25, "matched")()
+        rewind(caches[0])
+        whole = block.fused_sparse_step(x, caches[0], None)
+        rewind(caches[0])
+        x_mid, h_mid, _ = block.fused_step(x, caches[0], None, with_mlp=False)
+        block.current_inputs = {"mlp_x": x_mid}
+        layer_error = (whole[0] - (x_mid + block.mlp(h_mid, None))).abs().max().item()
+        block.current_inputs = {"mlp_x": x}
         for round_index in range(warmup + rounds):
-            for key, run in variants.items():
+            for key, (setup, run) in variants.items():
+                setup()
                 start = time.perf_counter()
                 run()
                 if round_index >= warmup:
                     times[key].append((time.perf_counter() - start) / layers)
-    dense_times = times[("dense", None)]
-    dense_median = statistics.median(dense_times)
+    # The MLP in the layer, per round: the layer minus its attention half.
+    attention = times[("layer attention", None)]
+    in_layer = {key: [t - a for t, a in zip(samples, attention)] for key, samples in times.items()
+                if key[0].startswith("layer ") and key[0] != "layer attention"}
     mlp_bytes = 3 * d * inter * 4
     predictor_bytes = {kind: (d * D + D * inter) * 4 for kind, D in widths.items()}
-    rows = []
-    case = f"{name} d={d} I={inter}"
-    rows.append(dict(benchmark="sparse_mlp", case=case, measure="dense MLP (one kernel call, as decoding runs it)",
-                     keep=1.0, value=dense_median * 1e6, unit="us/layer", baseline=None, baseline_value=None,
-                     ratio=None, note=f"{mlp_bytes / dense_median / 1e9:.1f} GB/s of MLP weights"))
     matched, reference = widths["matched"], widths["reference"]
-    labels = {"dense torch path": "dense MLP, torch path (3 DecodeLinears + ops)",
-              "sparse": f"sparse MLP, predictor D={matched} included",
-              "sparse float16": f"sparse MLP, predictor D={matched} in float16 included",
-              "sparse reference": f"sparse MLP, predictor D={reference} included (reference)",
-              "gather": "gathered MLP only (no predictor)",
-              "torch ops": f"sparse MLP, D={matched}, torch ops (no C kernel)",
+    case = f"{name} d={d} I={inter}"
+
+    def median_us(samples):
+        return statistics.median(samples) * 1e6
+
+    layer_dense_mlp = in_layer[("layer dense", None)]
+    rows = [
+        dict(benchmark="sparse_mlp", case=case, measure="decoder layer, dense MLP (one kernel call)", keep=1.0,
+             value=median_us(times[("layer dense", None)]), unit="us/layer", baseline=None, baseline_value=None,
+             ratio=None),
+        dict(benchmark="sparse_mlp", case=case, measure="decoder layer, attention half only", keep=None,
+             value=median_us(attention), unit="us/layer", baseline=None, baseline_value=None, ratio=None),
+        dict(benchmark="sparse_mlp", case=case, measure="dense MLP in the layer (layer - attention half)", keep=1.0,
+             value=median_us(layer_dense_mlp), unit="us/layer", baseline=None, baseline_value=None, ratio=None,
+             note=f"{mlp_bytes / statistics.median(layer_dense_mlp) / 1e9:.1f} GB/s of MLP weights"),
+        dict(benchmark="sparse_mlp", case=case, measure="dense MLP standalone (one kernel call)", keep=1.0,
+             value=median_us(times[("dense", None)]), unit="us/layer", baseline=None, baseline_value=None,
+             ratio=None),
+    ]
+    labels = {"layer sparse": f"sparse MLP in the layer, predictor D={matched} included",
+              "layer sparse float16": f"sparse MLP in the layer, predictor D={matched} in float16 included",
+              "layer sparse reference": f"sparse MLP in the layer, predictor D={reference} included (reference)",
+              "dense torch path": "dense MLP standalone, torch path (3 DecodeLinears + ops)",
+              "sparse": f"sparse MLP standalone (block.mlp), D={matched}",
+              "sparse float16": f"sparse MLP standalone (block.mlp), D={matched} in float16",
+              "sparse reference": f"sparse MLP standalone (block.mlp), D={reference} (reference)",
+              "gather": "gathered MLP standalone, no predictor",
+              "torch ops": f"sparse MLP standalone, D={matched}, torch ops (no C kernel)",
               "predictor": f"predictor D={matched} + top-K only (torch ops)",
               "predictor reference": f"predictor D={reference} + top-K only (torch ops)"}
     keys = [("dense torch path", None)] + [(kind, keep) for keep in KEEPS for kind in (
-        "sparse", "sparse float16", "sparse reference", "gather", "torch ops")] + [("predictor", 0.25), ("predictor reference", 0.25)]
+        "layer sparse", "layer sparse float16", "layer sparse reference", "sparse", "sparse float16",
+        "sparse reference", "gather", "torch ops")] + [("predictor", 0.25), ("predictor reference", 0.25)]
     for kind, keep in keys:
         if (kind, keep) not in times:
             continue
-        samples = times[kind, keep]
-        ratio = statistics.median(a / b for a, b in zip(samples, dense_times))
+        in_the_layer = kind.startswith("layer ")
+        samples = in_layer[kind, keep] if in_the_layer else times[kind, keep]
+        baseline = layer_dense_mlp if in_the_layer else times[("dense", None)]
+        ratio = statistics.median(a / b for a, b in zip(samples, baseline))
         row = dict(benchmark="sparse_mlp", case=case if keep is None else f"{case} keep={keep}", measure=labels[kind],
-                   keep=keep, value=statistics.median(samples) * 1e6, unit="us/layer", baseline="dense MLP",
-                   baseline_value=dense_median * 1e6, ratio=ratio)
-        if kind in ("sparse", "sparse float16") and keep in TARGETS:
+                   keep=keep, value=median_us(samples), unit="us/layer",
+                   baseline="dense MLP in the layer" if in_the_layer else "dense MLP standalone",
+                   baseline_value=median_us(baseline), ratio=ratio)
+        if kind in ("layer sparse", "layer sparse float16") and keep in TARGETS:
             row.update(target=f"<= {TARGETS[keep]}", met=ratio <= TARGETS[keep])
+        if kind.startswith("layer sparse") and kind != "layer sparse reference":
+            layer_ratio = statistics.median(a / b for a, b in zip(times[kind, keep], times[("layer dense", None)]))
+            row["note"] = f"whole layer {layer_ratio:.3f} of the dense layer"
         if kind.startswith("predictor"):
             share = predictor_bytes["matched" if kind == "predictor" else "reference"] / mlp_bytes
             row["note"] = f"predictor weights = {share:.3f} of the MLP's"
         rows.append(row)
-    info = dict(d=d, I=inter, D=matched, reference_D=reference, layers=layers, rounds=rounds, warmup=warmup,
-                mlp_bytes=mlp_bytes, predictor_bytes=predictor_bytes["matched"],
+    info = dict(d=d, I=inter, D=matched, reference_D=reference, layers=layers, context=CONTEXT, rounds=rounds,
+                warmup=warmup, mlp_bytes=mlp_bytes, predictor_bytes=predictor_bytes["matched"],
                 reference_predictor_bytes=predictor_bytes["reference"], upstream_share=UPSTREAM_SHARE,
-                gathered_vs_masked_max_abs_error=error, kernel_dense_vs_torch_max_abs_error=dense_error)
+                gathered_vs_masked_max_abs_error=error, kernel_dense_vs_torch_max_abs_error=dense_error,
+                predicted_layer_vs_its_steps_max_abs_error=layer_error)
     return rows, info
 
 

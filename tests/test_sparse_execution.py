@@ -138,7 +138,7 @@ def test_predicted_mlp_kernel_matches_torch_steps(tmp_path, family, keep, tied, 
     with torch.no_grad():
         fused = block.fused_predicted_mlp(h, x_pred, predictor, k)
     assert fused is not None
-    assert predictor.__dict__["_predicted_call"][1][1][1][0].dtype == (torch.float16 if half else torch.float32)
+    assert predictor.__dict__["_predicted_call"][1].held[1][1][0].dtype == (torch.float16 if half else torch.float32)
     scores = predictor(x_pred)[:, 0]
     order = torch.sort(-scores, dim=-1, stable=True).indices  # descending, lowest index first on ties
     neurons = order[:, :k].sort(dim=-1).values
@@ -191,6 +191,59 @@ def test_fused_sparse_decode_matches_torch_path(tmp_path, mode):
         assert torch.equal(dense.generate_greedy(prompt, 5), fused_tokens)
 
 
+def test_fused_sparse_layer_follows_changed_predictor(tmp_path):
+    """The decoder layer's kernel view holds the predicted-MLP call, checked once per token with
+    the layer's weights: a predictor changed in place, replaced, given another Linear, or a
+    changed MLP weight each show in the logits as in the torch path's."""
+    from modules import cpu_kernels
+    from modules.sparse_gather import DecodeLinear
+
+    if cpu_kernels.kernel_library() is None:
+        pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
+    checkpoint = build("llama", tmp_path)
+    torch.manual_seed(6)
+
+    def predictor():
+        return nn.Sequential(nn.Linear(48, 8, bias=False), nn.Linear(8, 112, bias=False)).requires_grad_(False)
+
+    model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse")
+    configure_sparse(list(model.blocks), "predicted", mlp_keep=0.25, sparse_attention=False,
+                     predictors={("mlp", layer): (predictor(), "same") for layer in range(3)})
+    block, prompt = model.blocks[1], ids(1, 6, 7)
+
+    def step(kernels):
+        cpu_kernels.ENABLED = kernels
+        try:
+            with torch.no_grad():
+                _, past = model(prompt)
+                return model(torch.tensor([[9]]), past=past)[0][:, -1]
+        finally:
+            cpu_kernels.ENABLED = True
+
+    def new_linear():
+        twin = DecodeLinear(8, 112, bias=False).requires_grad_(False)
+        twin.weight.copy_(block.mlp_predictor[1].weight.flip(0))
+        block.mlp_predictor[1] = twin
+
+    changes = [
+        lambda: None,
+        lambda: block.mlp_predictor[1].weight.mul_(-1.0),
+        lambda: object.__setattr__(block, "mlp_predictor", predictor()),
+        new_linear,
+        lambda: setattr(block.down_proj.weight, "data", block.down_proj.weight.detach() * 3.0),
+    ]
+    before = None
+    for change in changes:
+        with torch.no_grad():
+            change()
+        fused = step(True)
+        view = block.__dict__["_kernel_layer"][1]
+        assert view is not None and view[3] is not None  # the layer ran with the predicted MLP inside
+        torch.testing.assert_close(fused, step(False), rtol=1e-5, atol=1e-5)
+        assert before is None or not torch.allclose(fused, before)  # the change mattered
+        before = fused
+
+
 def test_lookahead_predictor_on_first_layer_of_stage_is_refused(tmp_path):
     checkpoint = build("llama", tmp_path)
     model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse")
@@ -210,6 +263,50 @@ def test_top_k_mask_counts():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.3], [4.0, 3.0, 2.0, 1.0]])
     assert top_k_mask(scores, 2).tolist() == [[False, True, True, False], [True, True, False, False]]
     assert top_k_mask(scores, 10).all()
+
+
+@pytest.mark.parametrize("scores", ["ties", "special", "equal"])
+def test_predicted_mlp_kernel_selects_as_topk(scores):
+    """The kernel's top-K of the predictor's scores, read back from the call: the K highest, NaN
+    above +inf (as torch.topk), ties at the K-th value to the lowest indices, in index order, for
+    K from 1 to all; 300 neurons, many sharing their first bytes."""
+    import ctypes
+
+    from modules import cpu_kernels
+    from modules.sparse_gather import DecodeLinear, predicted_call
+
+    lib = cpu_kernels.kernel_library()
+    if lib is None:
+        pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
+    width, d = 300, 8
+    generator = torch.Generator().manual_seed(5)
+    values = {
+        "ties": (torch.randn(width, generator=generator) * 20).round() / 100,  # about 100 distinct values
+        "special": torch.randn(width, generator=generator) * 1e-3,
+        "equal": torch.full((width,), 0.25),
+    }[scores]
+    if scores == "special":
+        values[[3, 40, 41, 200]] = float("nan")
+        values[[5, 6, 250]] = float("inf")
+        values[[7, 299]] = float("-inf")
+        values[[8, 9, 10]] = torch.tensor([-0.0, 0.0, 1e-42])  # a float32 subnormal
+        values[100:120] = 3.0
+    gate, up, down = DecodeLinear(d, width, bias=False), DecodeLinear(d, width, bias=False), DecodeLinear(width, d, bias=False)
+    predictor = nn.Sequential(nn.Linear(d, 1, bias=False), nn.Linear(1, width, bias=False)).requires_grad_(False)
+    with torch.no_grad():  # scores = values exactly: P1 picks x[0] = 1, P2's column is the values
+        predictor[0].weight.zero_()[0, 0] = 1.0
+        predictor[1].weight.copy_(values[:, None])
+    call = predicted_call(predictor, gate, up, down, nn.SiLU())
+    assert call is not None
+    x_pred, h, out = torch.zeros(d), torch.randn(d, generator=generator), torch.empty(d)
+    x_pred[0] = 1.0
+    rank = sorted(range(width), key=lambda i: (not values[i].isnan(), -values[i].nan_to_num(0.0).item(), i))
+    for k in (1, 2, 7, 23, 150, 299, 300):
+        neurons = torch.full((k,), -1, dtype=torch.int64)
+        status = lib.dejavu_predicted_mlp(call.mlp_ref, call.predictor_ref, x_pred.data_ptr(), k, h.data_ptr(),
+                                          None, out.data_ptr(), neurons.data_ptr())
+        assert status == 0
+        assert neurons.tolist() == sorted(rank[:k]), f"K={k}"
 
 
 def test_predicted_mlp_kernel_follows_changed_predictor_weights():
@@ -232,7 +329,7 @@ def test_predicted_mlp_kernel_follows_changed_predictor_weights():
             neurons = predictor(x_pred)[:, 0].topk(k).indices.sort().values
             act = nn.functional.silu(gate(h)) * up(h)
             mask = torch.zeros(1, 1, width).index_fill_(-1, neurons[0], 1.0)
-            return fused, down(act * mask), predictor.__dict__["_predicted_call"][1][1][1][0].dtype
+            return fused, down(act * mask), predictor.__dict__["_predicted_call"][1].held[1][1][0].dtype
 
     for change in (lambda: None, lambda: predictor[1].weight.mul_(-1.0), lambda: predictor[0].weight.add_(0.5)):
         with torch.no_grad():

@@ -2,7 +2,7 @@
 
 They run one token at batch 1 in float32 on the CPU: DecodeLinear's one-row products, the
 gathered (sparse) MLP, DejaVu's predicted MLP in one call, and a whole Llama or OPT decoder
-layer.
+layer (Llama's also with the predicted MLP in place of the dense one).
 The source is compiled once with the system C compiler (about 1 s) into a per-machine cache
 ($DEJAVU_KERNEL_CACHE, default $TMPDIR/dejavu_kernels_<uid>); where there is no compiler the
 callers fall back to torch ops, which give the same numbers. DEJAVU_CPU_KERNELS=0 (or
@@ -73,6 +73,11 @@ _SIGNATURES = {
     "dejavu_predicted_mlp": [ctypes.POINTER(MlpWeights), ctypes.POINTER(PredictorWeights), _P, _N, _P, _P, _P, _P],
     # layer, x, x_out, k_cache, v_cache, head_stride, t, cos, signed_sin, key_valid, scale, with_mlp, mlp_input
     "dejavu_llama_decode_layer": [ctypes.POINTER(LlamaLayer), _P, _P, _P, _P, _N, _N, _P, _P, _P, _float, _N, _P],
+    # layer, mlp, predictor, K, predict_from_input, x, x_out, k_cache, v_cache, head_stride, t, cos, signed_sin,
+    # key_valid, scale
+    "dejavu_llama_predicted_decode_layer": [ctypes.POINTER(LlamaLayer), ctypes.POINTER(MlpWeights),
+                                            ctypes.POINTER(PredictorWeights), _N, _N, _P, _P, _P, _P, _N, _N, _P,
+                                            _P, _P, _float],
     # layer, x, x_out, k_cache, v_cache, head_stride, t, key_valid, scale
     "dejavu_opt_decode_layer": [ctypes.POINTER(OptLayer), _P, _P, _P, _P, _N, _N, _P, _float],
 }

@@ -103,7 +103,7 @@ int dejavu_dense_mlp(const float* A, int64_t lda, const float* B, int64_t ldb, c
    The layer's new key and value are written at position t of its cache; the query attends
    to positions 0..t whose key_valid is set (key_valid NULL: all; position t always).
    with_mlp 0: stop after the attention half (x_out = x + attn(norm(x))) and write the MLP's
-   input norm(x_out) into mlp_input, for a sparse MLP to follow. */
+   input norm(x_out) into mlp_input (unless NULL), for a sparse MLP to follow. */
 typedef struct {
   const float *attn_norm, *q, *k, *v, *o, *q_bias, *k_bias, *v_bias, *o_bias;
   const float *mlp_norm, *gate, *up, *down, *gate_bias, *up_bias, *down_bias;
@@ -166,18 +166,16 @@ static void write_cache(const float* k, const float* v, float* k_cache, float* v
   }
 }
 
-int dejavu_llama_decode_layer(const llama_layer* L, const float* x, float* x_out, float* k_cache,
-                              float* v_cache, int64_t head_stride, int64_t t, const float* cos,
-                              const float* ssin, const uint8_t* key_valid, float scale, int64_t with_mlp,
-                              float* mlp_input) {
-  int64_t d = L->hidden, hd = L->head_dim, nh = L->heads, nkv = L->kv_heads, inner = L->inner;
+/* The attention half: x_out = x + attn(norm(x)), and xn = the MLP's input norm(x_out). */
+static int llama_attention_half(const llama_layer* L, const float* x, float* x_out, float* k_cache, float* v_cache,
+                                int64_t head_stride, int64_t t, const float* cos, const float* ssin,
+                                const uint8_t* key_valid, float scale, float* xn) {
+  int64_t d = L->hidden, hd = L->head_dim, nh = L->heads, nkv = L->kv_heads;
   if (nkv <= 0 || nh % nkv || hd % 2 || t < 0 || (t + 1) * hd > head_stride) return 1;
   int64_t qd = nh * hd, kvd = nkv * hd;
-  float* scratch = malloc(sizeof(float) * (size_t)(2 * d + 2 * qd + 2 * kvd + inner + t + 1));
+  float* scratch = malloc(sizeof(float) * (size_t)(2 * qd + 2 * kvd + t + 1));
   if (!scratch) return 2;
-  float *xn = scratch, *q = xn + d, *k = q + qd, *v = k + kvd, *heads = v + kvd, *act = heads + qd;
-  float *mlp_out = act + inner, *p = mlp_out + d;
-
+  float *q = scratch, *k = q + qd, *v = k + kvd, *heads = v + kvd, *p = heads + qd;
   rms_norm(x, L->attn_norm, d, L->attn_eps, xn);
   gemv(L->q, L->q_bias, qd, d, xn, q);
   gemv(L->k, L->k_bias, kvd, d, xn, k);
@@ -188,18 +186,28 @@ int dejavu_llama_decode_layer(const llama_layer* L, const float* x, float* x_out
   attend(q, k_cache, v_cache, head_stride, t, nh, nkv, hd, key_valid, scale, p, heads);
   gemv(L->o, L->o_bias, d, qd, heads, x_out);
   for (int64_t j = 0; j < d; j++) x_out[j] += x[j];
-
   rms_norm(x_out, L->mlp_norm, d, L->mlp_eps, xn);
-  if (!with_mlp) {
-    if (mlp_input) memcpy(mlp_input, xn, sizeof(float) * (size_t)d);
-    free(scratch);
-    return 0;
-  }
-  dejavu_dense_mlp(L->gate, d, L->up, d, L->gate_bias, L->up_bias, L->down, inner, L->down_bias, inner, d, xn,
-                   mlp_out, act);
-  for (int64_t j = 0; j < d; j++) x_out[j] += mlp_out[j];
   free(scratch);
   return 0;
+}
+
+int dejavu_llama_decode_layer(const llama_layer* L, const float* x, float* x_out, float* k_cache,
+                              float* v_cache, int64_t head_stride, int64_t t, const float* cos,
+                              const float* ssin, const uint8_t* key_valid, float scale, int64_t with_mlp,
+                              float* mlp_input) {
+  int64_t d = L->hidden, inner = L->inner;
+  float* scratch = malloc(sizeof(float) * (size_t)(2 * d + inner));
+  if (!scratch) return 2;
+  float *xn = scratch, *mlp_out = xn + d, *act = mlp_out + d;
+  int status = llama_attention_half(L, x, x_out, k_cache, v_cache, head_stride, t, cos, ssin, key_valid, scale, xn);
+  if (!status && !with_mlp && mlp_input) memcpy(mlp_input, xn, sizeof(float) * (size_t)d);
+  if (!status && with_mlp) {
+    dejavu_dense_mlp(L->gate, d, L->up, d, L->gate_bias, L->up_bias, L->down, inner, L->down_bias, inner, d, xn,
+                     mlp_out, act);
+    for (int64_t j = 0; j < d; j++) x_out[j] += mlp_out[j];
+  }
+  free(scratch);
+  return status;
 }
 
 /* One OPT decoder layer for one token (see dejavu_llama_decode_layer for the cache and mask):
@@ -251,29 +259,46 @@ int dejavu_opt_decode_layer(const opt_layer* L, const float* x, float* x_out, fl
 
 /* ------------------------------------------------------------------------------------------
    The sparse MLP of decoding. */
-static void swap_f(float* a, float* b) { float t = *a; *a = *b; *b = t; }
+/* An order-preserving integer key of a score: a > b as floats iff key(a) > key(b). NaN ranks
+   above +inf (as in torch.topk) and -0 ties with +0. */
+static inline uint32_t order_key(float f) {
+  if (f != f) return 0xffffffffu;
+  f += 0.f;
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return u & 0x80000000u ? ~u : u | 0x80000000u;
+}
 
-/* The k-th largest (k >= 1) of v[0..n), reordering v (quickselect, median of three). */
-static float kth_largest(float* v, int64_t n, int64_t k) {
-  int64_t lo = 0, hi = n - 1, target = k - 1;
-  while (lo < hi) {
-    int64_t mid = lo + (hi - lo) / 2;
-    if (v[mid] > v[lo]) swap_f(v + mid, v + lo);
-    if (v[hi] > v[lo]) swap_f(v + hi, v + lo);
-    if (v[mid] > v[hi]) swap_f(v + mid, v + hi);
-    float pivot = v[hi];                      /* the median of the three */
-    int64_t i = lo, j = hi - 1;
-    for (;;) {                                /* descending: > pivot left, < pivot right */
-      while (i <= j && v[i] > pivot) i++;
-      while (i <= j && v[j] < pivot) j--;
-      if (i >= j) break;
-      swap_f(v + i, v + j); i++; j--;
-    }
-    swap_f(v + i, v + hi);                    /* pivot to its final place i */
-    if (i == target) return v[i];
-    if (i < target) lo = i + 1; else hi = i - 1;
+/* kept[0..K) = the indices of the K highest scores in index order; at the K-th value, ties go to
+   the lowest indices (as topk + sort). A radix select on the keys, a byte at a time from the top,
+   keeping only the keys still in the running: no comparison of a score decides a branch (a
+   quickselect mispredicts on about every other one). keys, candidates: n each; kept: K + 1. */
+static void top_k_indices(const float* scores, int64_t n, int64_t K, uint32_t* keys, uint32_t* candidates,
+                          int64_t* kept) {
+  for (int64_t i = 0; i < n; i++) keys[i] = order_key(scores[i]);
+  const uint32_t* pool = keys;
+  int64_t size = n, need = K;  /* of the keys in pool (they share the bytes found so far), take need */
+  uint32_t prefix = 0, mask = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    int64_t count[256] = {0};
+    for (int64_t i = 0; i < size; i++) count[(pool[i] >> shift) & 255]++;
+    int64_t byte = 255;
+    while (count[byte] < need) need -= count[byte--];
+    prefix |= (uint32_t)byte << shift;
+    mask |= 255u << shift;
+    int64_t next = 0;
+    for (int64_t i = 0; i < size; i++) { candidates[next] = pool[i]; next += (pool[i] & mask) == prefix; }
+    pool = candidates;
+    size = next;
   }
-  return v[lo];
+  /* prefix is now the K-th highest key; `need` of the keys equal to it are kept, lowest index first */
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; i++) {
+    int64_t tie = keys[i] == prefix && need > 0;
+    need -= tie;
+    kept[count] = i;
+    count += keys[i] > prefix || tie;
+  }
 }
 
 /* A sparse MLP's weights as the gathered kernels read them: rows i of A and B (first and
@@ -408,25 +433,33 @@ int dejavu_predicted_mlp(const mlp_weights* W, const predictor_weights* P, const
                          const float* h, const float* residual, float* out, int64_t* neurons) {
   int64_t inner = W->rows;
   if (K < 1 || K > inner || P->rows != inner) return 1;
-  float* scratch = malloc(sizeof(float) * (size_t)(P->rank + 2 * inner) + sizeof(int64_t) * (size_t)K);
-  if (!scratch) return 2;
-  float *low = scratch, *scores = low + P->rank, *sorted = scores + inner;
-  int64_t* kept = (int64_t*)(sorted + inner);
+  int64_t* kept = malloc(sizeof(int64_t) * (size_t)(K + 1) + sizeof(float) * (size_t)(P->rank + 3 * inner));
+  if (!kept) return 2;
+  float *low = (float*)(kept + K + 1), *scores = low + P->rank;
+  uint32_t *keys = (uint32_t*)(scores + inner), *candidates = keys + inner;
   tiled_gemv(P->p1, P->half, P->rank, P->d, xp, low);
   tiled_gemv(P->p2, P->half, inner, P->rank, low, scores);
-  for (int64_t i = 0; i < inner; i++) {
-    if (scores[i] != scores[i]) scores[i] = INFINITY;  /* NaN ranks first, as in torch.topk */
-    sorted[i] = scores[i];
-  }
-  float threshold = kth_largest(sorted, inner, K);
-  int64_t above = 0, count = 0;
-  for (int64_t i = 0; i < inner; i++) above += scores[i] > threshold;
-  for (int64_t i = 0, ties = K - above; i < inner && count < K; i++) {
-    if (scores[i] > threshold) kept[count++] = i;
-    else if (scores[i] == threshold && ties > 0) { kept[count++] = i; ties--; }
-  }
+  top_k_indices(scores, inner, K, keys, candidates, kept);
   int status = gathered_mlp(W, kept, K, h, residual, out);
   if (!status && neurons) memcpy(neurons, kept, sizeof(int64_t) * (size_t)K);
-  free(scratch);
+  free(kept);
+  return status;
+}
+
+/* One Llama decoder layer for one token with DejaVu's predicted MLP (dejavu_predicted_mlp: W,
+   P, K) in place of the dense one: x_out = x_mid + mlp_K(norm(x_mid)), x_mid = x + attn(norm(x)).
+   The predictor reads x_mid, or x with predict_from_input (the look-ahead input). The layer's
+   own MLP weights in L are not read. */
+int dejavu_llama_predicted_decode_layer(const llama_layer* L, const mlp_weights* W, const predictor_weights* P,
+                                        int64_t K, int64_t predict_from_input, const float* x, float* x_out,
+                                        float* k_cache, float* v_cache, int64_t head_stride, int64_t t,
+                                        const float* cos, const float* ssin, const uint8_t* key_valid, float scale) {
+  int64_t d = L->hidden;
+  if (W->d != d || P->d != d) return 1;
+  float* xn = malloc(sizeof(float) * (size_t)d);
+  if (!xn) return 2;
+  int status = llama_attention_half(L, x, x_out, k_cache, v_cache, head_stride, t, cos, ssin, key_valid, scale, xn);
+  if (!status) status = dejavu_predicted_mlp(W, P, predict_from_input ? x : x_out, K, xn, x_out, x_out, 0);
+  free(xn);
   return status;
 }

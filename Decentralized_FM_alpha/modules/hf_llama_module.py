@@ -210,13 +210,23 @@ class LlamaBlock(TappedModule):
             return None
         return self.fused_step(x, layer_past, mask)
 
-    def fused_step(self, x, layer_past, mask, with_mlp=True):
-        """The C decoder layer for one token at batch 1, taps not called: (x, present), or with
-        with_mlp False only its attention half, (x + attn, the MLP's normalised input, present)
-        for a sparse MLP to follow. None where the kernel does not apply."""
+    def fused_step(self, x, layer_past, mask, with_mlp=True, predicted_k=None, predict_from_input=False):
+        """The C decoder layer for one token at batch 1, taps not called: (x, present). With
+        with_mlp False only its attention half, (x + attn, the MLP's normalised input, present),
+        for a sparse MLP to follow. With predicted_k, DejaVu's predicted MLP keeping that many
+        neurons runs in place of the dense one, in the same call, where the kernel view holds a
+        predicted call (SparseBlockMixin); its predictor reads the layer's input with
+        predict_from_input, else the MLP's residual input. Where it holds none, as with_mlp
+        False. None where the kernel does not apply."""
         lib = cpu_kernels.kernel_library() if fusable_step(x, layer_past) else None
         layer = self.kernel_layer() if lib is not None else None
-        if layer is None or (with_mlp and not layer[2]):
+        if layer is None:
+            return None
+        call = layer[3] if predicted_k is not None and len(layer) > 3 else None
+        if call is not None and not 1 <= predicted_k <= call.rows:
+            raise ValueError(f"layer {self.layer_index}: cannot keep {predicted_k} of {call.rows} MLP neurons")
+        with_mlp = call is not None or (with_mlp and predicted_k is None)
+        if with_mlp and call is None and not layer[2]:
             return None
         past_len, present = layer_past.length, layer_past.grown(1)
         keys, values = present.buffers.keys, present.buffers.values
@@ -225,11 +235,16 @@ class LlamaBlock(TappedModule):
         valid = key_validity(mask, past_len + 1)
         x = x.contiguous()
         out = torch.empty_like(x)
-        mlp_input = None if with_mlp else torch.empty_like(x)
-        status = lib.dejavu_llama_decode_layer(
-            layer[1], x.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(1),
-            past_len, cos.data_ptr(), signed_sin.data_ptr(), None if valid is None else valid.data_ptr(),
-            self.head_dim**-0.5, int(with_mlp), None if with_mlp else mlp_input.data_ptr())
+        geometry = (keys.data_ptr(), values.data_ptr(), keys.stride(1), past_len, cos.data_ptr(),
+                    signed_sin.data_ptr(), None if valid is None else valid.data_ptr(), self.head_dim**-0.5)
+        if call is not None:
+            status = lib.dejavu_llama_predicted_decode_layer(layer[1], call.mlp_ref, call.predictor_ref, predicted_k,
+                                                             int(predict_from_input), x.data_ptr(), out.data_ptr(),
+                                                             *geometry)
+        else:
+            mlp_input = None if with_mlp else torch.empty_like(x)
+            status = lib.dejavu_llama_decode_layer(layer[1], x.data_ptr(), out.data_ptr(), *geometry, int(with_mlp),
+                                                   None if with_mlp else mlp_input.data_ptr())
         if status:
             raise RuntimeError(f"layer {self.layer_index}: the C decoder layer refused its input (status {status})")
         return (out, present) if with_mlp else (out, mlp_input, present)
@@ -239,7 +254,7 @@ class LlamaBlock(TappedModule):
         layer's weights, or None where the kernel cannot read them."""
         # the slots: the 16 tensors the struct points at, then the modules they hang on
         return cached_view(self, "_kernel_layer", (), self._kernel_slots,
-                           lambda values: self._build_kernel_layer(values[:16]))
+                           self._build_kernel_layer)
 
     def _kernel_slots(self):
         modules = self._modules
@@ -252,7 +267,8 @@ class LlamaBlock(TappedModule):
         linears += [modules[name] for name in ("gate_proj", "up_proj", "down_proj")]
         return norms + linear_slots(linears) + structure
 
-    def _build_kernel_layer(self, tensors):
+    def _build_kernel_layer(self, values):
+        tensors = values[:16]
         # The attention half needs its weights as they are in the checkpoint; the MLP half also
         # the MLP's (a sparse block packs them per neuron, and then runs its own MLP).
         if not kernel_readable(tensors[:10]):

@@ -170,7 +170,7 @@ class OPTBlock(TappedModule):
         kernel cannot read them."""
         # the slots: the 16 tensors the struct points at, then the modules they hang on
         return cached_view(self, "_kernel_layer", (), self._kernel_slots,
-                           lambda values: self._build_kernel_layer(values[:16]))
+                           self._build_kernel_layer)
 
     def _kernel_slots(self):
         modules = self._modules
@@ -183,7 +183,8 @@ class OPTBlock(TappedModule):
         linears += [modules["fc1"], modules["fc2"]]
         return norms + linear_slots(linears) + structure
 
-    def _build_kernel_layer(self, tensors):
+    def _build_kernel_layer(self, values):
+        tensors = values[:16]
         if not (is_relu(self.act_fn) and kernel_readable(tensors)):
             return None
         (attn_norm, attn_norm_bias, mlp_norm, mlp_norm_bias, q, q_bias, k, k_bias, v, v_bias, o, o_bias,

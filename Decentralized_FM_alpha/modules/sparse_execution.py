@@ -20,8 +20,8 @@ import sys
 import torch
 from torch import nn
 
-from .sparse_gather import (gathered_mlp, linear_forward, pack_mlp_neurons, predicted_gathered_mlp,
-                            store_predictor_half)
+from .sparse_gather import (gathered_mlp, linear_forward, linear_slots, pack_mlp_neurons, predicted_call,
+                            predicted_gathered_mlp, store_predictor_half)
 
 logger = logging.getLogger(__name__)
 
@@ -78,18 +78,21 @@ class SparseBlockMixin:
     previous_block = None
     use_gather = True
 
+    # Per-token state (current_inputs, last_att_x) is written into __dict__ directly: it is no
+    # parameter, buffer or submodule, and Module.__setattr__ would cost microseconds per layer.
     def forward(self, x, layer_past=None, mask=None):
-        self.current_inputs = {}
         fused = self.fused_sparse_step(x, layer_past, mask)
         if fused is not None:
             return fused
+        self.__dict__["current_inputs"] = {}
         return super().forward(x, layer_past=layer_past, mask=mask)
 
     def fused_sparse_step(self, x, layer_past, mask):
         """One decoding token through the C kernels where the family has a fused decoder layer
-        (Llama) and the heads stay dense: the whole layer when the MLP is dense too, else the
-        attention half and then the predicted MLP in one call each. None where that does not
-        apply: then the torch path (with its taps) runs, with the same numbers."""
+        (Llama) and the heads stay dense: the whole layer in one call, with the dense MLP or
+        DejaVu's predicted one; else (a predictor the kernel cannot read) the attention half in
+        one call and the MLP in torch ops. None where that does not apply: then the torch path
+        (with its taps) runs, with the same numbers."""
         step = getattr(self, "fused_step", None)
         if step is None or self.sparse_heads or self.sparse_mode == "oracle":
             return None
@@ -97,24 +100,21 @@ class SparseBlockMixin:
         k = None if dense else kept_count(self.mlp_keep, self.mlp_width)
         if not dense and (not self.use_gather or k is None):
             return None
-        result = step(x, layer_past, mask, with_mlp=dense)
+        result = step(x, layer_past, mask, predicted_k=k, predict_from_input=self.mlp_input != "same")
         if result is None:
             return None
-        self.last_att_x = x  # the next layer's look-ahead input, as the att_x tap records it
-        if dense:
+        self.__dict__["last_att_x"] = x  # the next layer's look-ahead input, as the att_x tap records it
+        if dense or len(result) == 2:
             return result
         x_mid, h, present = result
-        self.current_inputs = {"att_x": x, "mlp_x": x_mid}
-        out = self.fused_predicted_mlp(h, self.predictor_input("mlp"), self.mlp_predictor, k, residual=x_mid)
-        if out is None:  # the cache already holds this token: finish the layer in torch ops
-            out = x_mid + self.mlp(h, None)
-        return out, present
+        self.__dict__["current_inputs"] = {"att_x": x, "mlp_x": x_mid}
+        return x_mid + self.mlp(h, None), present
 
     def tap(self, name, value, token_mask):
         if name in ("att_x", "mlp_x"):
             self.current_inputs[name] = value
             if name == "att_x":
-                self.last_att_x = value  # the next layer's look-ahead input
+                self.__dict__["last_att_x"] = value  # the next layer's look-ahead input
             return value
         if name == "head_out" and self.sparse_heads:
             return value * self.head_mask(value)[..., None].to(value.dtype)
@@ -156,10 +156,31 @@ class SparseBlockMixin:
         """The MLP computed on the kept neurons only: h [B, 1, d], neurons [B, K] -> [B, 1, d]."""
         return gathered_mlp(h, neurons, *self.neuron_linears())
 
-    def fused_predicted_mlp(self, h, x_pred, predictor, k, residual=None):
-        """Predictor, top-k and gathered MLP (plus residual) in one kernel call per row, or None
-        (see predicted_gathered_mlp)."""
-        return predicted_gathered_mlp(h, x_pred, predictor, k, *self.neuron_linears(), residual=residual)
+    def fused_predicted_mlp(self, h, x_pred, predictor, k):
+        """Predictor, top-k and gathered MLP in one kernel call per row, or None (see
+        predicted_gathered_mlp)."""
+        return predicted_gathered_mlp(h, x_pred, predictor, k, *self.neuron_linears())
+
+    def _kernel_slots(self):
+        """The family's kernel-view slots (fused_step), then the MLP predictor's: the view also
+        holds the predicted-MLP call, and one check per token covers both."""
+        slots = super()._kernel_slots() + [(self.__dict__, "mlp_predictor")]
+        predictor = self.__dict__.get("mlp_predictor")
+        if isinstance(predictor, nn.Module):
+            layers = predictor._modules
+            slots += [(layers, name) for name in layers]
+            slots += linear_slots([layer for layer in layers.values() if isinstance(layer, nn.Linear)])
+        return slots
+
+    def _build_kernel_layer(self, values):
+        """The family's view, plus the PredictedCall of the MLP predictor (None where there is
+        none, or the kernel cannot read it)."""
+        view = super()._build_kernel_layer(values)
+        predictor = self.__dict__.get("mlp_predictor")
+        if view is None:
+            return None
+        call = None if predictor is None else predicted_call(predictor, *self.neuron_linears())
+        return (*view, call)
 
     def mlp(self, h, token_mask):
         if self.sparse_mode == "dense" or (self.sparse_mode == "predicted" and self.mlp_predictor is None):

@@ -4,6 +4,7 @@ one-row products stream the whole weight through the same kernel.
 
 gathered_mlp(h, neurons, first, second, output, act)     the MLP on the kept neurons (one pass)
 predicted_gathered_mlp(h, x_pred, predictor, k, ...)     predictor, top-k and gathered MLP at once
+predicted_call(predictor, first, second, output, act)    that kernel call prepared (the decoder layer's too)
 store_predictor_half(predictor)                          run a predictor with float16 weights
 dense_mlp(h, first, second, output, act)                 the dense MLP of one token in one call
 pack_mlp_neurons(first, second, output)                  one neuron's weights side by side in memory
@@ -164,8 +165,13 @@ def _activation_matches(second, act_fn):
 def _mlp_weights(first, second, output, act_fn):
     """(cpu_kernels.MlpWeights, a ctypes reference to it) of an MLP for the gathered kernels, or
     None where they cannot read it. Cached on `first` (cached_view)."""
+    return _mlp_weights_view(first, second, output, act_fn)[0]
+
+
+def _mlp_weights_view(first, second, output, act_fn):
+    """(_mlp_weights' answer, the plans its pointers name)."""
     return cached_view(first, "_mlp_weights", (second, output), lambda: linear_slots([first, second, output]),
-                       lambda values: _build_mlp_weights(first, second, output, act_fn))[0]
+                       lambda values: _build_mlp_weights(first, second, output, act_fn))
 
 
 def _build_mlp_weights(first, second, output, act_fn):
@@ -257,31 +263,31 @@ def _predictor_weights(predictor, first, second):
 
 
 # A prepared call of dejavu_predicted_mlp: ctypes references to the MLP's and the predictor's
-# structs, the MLP's width d and neuron count, and the predictor's input width.
-PredictedCall = namedtuple("PredictedCall", "mlp_ref predictor_ref d rows x_width")
+# structs, the MLP's width d and neuron count, the predictor's input width, and what the structs'
+# pointers name (held: whoever holds the call keeps it alive).
+PredictedCall = namedtuple("PredictedCall", "mlp_ref predictor_ref d rows x_width held")
 
 
-def _predicted_call(predictor, first, second, output, act_fn):
+def predicted_call(predictor, first, second, output, act_fn):
     """The PredictedCall of this predictor and MLP, or None where the kernel cannot read them.
-    Cached on the predictor (cached_view) with the predictor's tiles."""
+    Cached on the predictor (cached_view)."""
     def slots():
         layers = _predictor_layers(predictor) or ()
         return [(predictor._modules, name) for name in predictor._modules] + linear_slots(
             [first, second, output, *layers])
 
     return cached_view(predictor, "_predicted_call", (first, second, output), slots,
-                       lambda values: _build_predicted_call(predictor, first, second, output, act_fn))[0]
+                       lambda values: _build_predicted_call(predictor, first, second, output, act_fn))
 
 
 def _build_predicted_call(predictor, first, second, output, act_fn):
-    """(call, the predictor's struct and tiles): the tiles stay with the view."""
     layers = _predictor_layers(predictor)
-    found = _mlp_weights(first, second, output, act_fn) if layers is not None else None
-    scorer = _predictor_weights(predictor, *layers) if found is not None else None
-    if scorer is None or scorer[0].rows != found[0].rows:
-        return None, scorer
-    table = scorer[0]
-    return PredictedCall(found[1], ctypes.byref(table), found[0].d, found[0].rows, table.d), scorer
+    found = _mlp_weights_view(first, second, output, act_fn) if layers is not None else None
+    scorer = _predictor_weights(predictor, *layers) if found is not None and found[0] is not None else None
+    if scorer is None or scorer[0].rows != found[0][0].rows:
+        return None
+    (weights, pointer), table = found[0], scorer[0]
+    return PredictedCall(pointer, ctypes.byref(table), weights.d, weights.rows, table.d, (found, scorer))
 
 
 def store_predictor_half(predictor):
@@ -301,30 +307,26 @@ def store_predictor_half(predictor):
     return True
 
 
-def predicted_gathered_mlp(h, x_pred, predictor, k, first, second, output, act_fn, residual=None):
+def predicted_gathered_mlp(h, x_pred, predictor, k, first, second, output, act_fn):
     """DejaVu's predicted MLP for one token per row, one kernel call per row: the predictor
     scores the I neurons from x_pred, the k best are kept (as topk + sort would; ties go to
-    the lowest index), and gathered_mlp runs on them; with `residual`, residual + that.
-    h, x_pred, residual [B, 1, d] -> [B, 1, d], or None where the kernel does not apply (the
-    caller then runs the same steps in torch ops)."""
+    the lowest index), and gathered_mlp runs on them. h, x_pred [B, 1, d] -> [B, 1, d], or None
+    where the kernel does not apply (the caller then runs the same steps in torch ops).
+    Decoding runs the same kernel inside the decoder layer's call (SparseBlockMixin)."""
     lib = cpu_kernels.kernel_library()
-    call = _predicted_call(predictor, first, second, output, act_fn) if lib is not None else None
+    call = predicted_call(predictor, first, second, output, act_fn) if lib is not None else None
     if call is None or not 1 <= k <= call.rows:
         return None
     batch, d = h.shape[0], call.d
     hs, xs = _rows_input(h, batch, d), _rows_input(x_pred, batch, call.x_width)
-    rs = None if residual is None else _rows_input(residual, batch, d)
-    if hs is None or xs is None or (residual is not None and rs is None) or (torch.is_grad_enabled() and (
-            _autograd(h, first, second, output) or _autograd(x_pred, *predictor)
-            or (residual is not None and residual.requires_grad))):
+    if hs is None or xs is None or (torch.is_grad_enabled() and (
+            _autograd(h, first, second, output) or _autograd(x_pred, *predictor))):
         return None
     out = torch.empty(batch, 1, d)
     x_ptr, h_ptr, out_ptr = xs.data_ptr(), hs.data_ptr(), out.data_ptr()
-    r_ptr = None if rs is None else rs.data_ptr()
     for row in range(batch):
         status = lib.dejavu_predicted_mlp(call.mlp_ref, call.predictor_ref, x_ptr + row * call.x_width * 4, k,
-                                          h_ptr + row * d * 4, r_ptr and r_ptr + row * d * 4,
-                                          out_ptr + row * d * 4, None)
+                                          h_ptr + row * d * 4, None, out_ptr + row * d * 4, None)
         if status:
             raise RuntimeError(f"predicted MLP kernel refused its input (status {status})")
     return out
