@@ -151,18 +151,20 @@ def test_predicted_mlp_kernel_matches_torch_steps(tmp_path, family, keep, tied, 
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["predicted", "predicted float16", "dense"])
+@pytest.mark.parametrize("mode", ["predicted", "predicted float16", "predicted biased", "dense"])
 def test_fused_sparse_decode_matches_torch_path(tmp_path, mode):
-    """Decoding an MLP-sparse Llama through the C kernels (attention half, then the one-call
-    predicted MLP with the residual added; the whole layer in dense mode) gives the torch
-    path's logits and tokens, with the predictors in float32 and in float16."""
+    """Decoding an MLP-sparse Llama through the C kernels (the layer with the predicted MLP in
+    one call; the whole dense layer in dense mode; with predictors the kernel does not read,
+    biased ones, the attention half and then the MLP in torch ops) gives the torch path's
+    logits and tokens, with the predictors in float32 and in float16."""
     from modules import cpu_kernels
 
     if cpu_kernels.kernel_library() is None:
         pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
     checkpoint = build("llama", tmp_path)
     torch.manual_seed(3)
-    predictors = {("mlp", layer): (nn.Sequential(nn.Linear(48, 8, bias=False), nn.Linear(8, 112, bias=False)),
+    biased = "biased" in mode
+    predictors = {("mlp", layer): (nn.Sequential(nn.Linear(48, 8, bias=biased), nn.Linear(8, 112, bias=biased)),
                                    "prev" if layer == 1 else "same") for layer in range(3)}
     model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse")
     configure_sparse(list(model.blocks), mode.split()[0], mlp_keep=0.25, predictors=predictors, sparse_attention=False,
@@ -184,6 +186,7 @@ def test_fused_sparse_decode_matches_torch_path(tmp_path, mode):
     (fused_logits, fused_tokens), (torch_logits, torch_tokens) = decode(True), decode(False)
     layer = model.blocks[1].__dict__["_kernel_layer"][1]
     assert layer is not None and layer[2] == (mode == "dense")  # the kernel ran; MLP packed when sparse
+    assert (layer[3] is not None) == (mode in ("predicted", "predicted float16"))  # the predicted MLP inside
     torch.testing.assert_close(fused_logits, torch_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(fused_tokens, torch_tokens)
     if mode == "dense":

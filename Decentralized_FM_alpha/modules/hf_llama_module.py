@@ -225,7 +225,8 @@ class LlamaBlock(TappedModule):
         call = layer[3] if predicted_k is not None and len(layer) > 3 else None
         if call is not None and not 1 <= predicted_k <= call.rows:
             raise ValueError(f"layer {self.layer_index}: cannot keep {predicted_k} of {call.rows} MLP neurons")
-        with_mlp = call is not None or (with_mlp and predicted_k is None)
+        if predicted_k is not None and call is None:
+            with_mlp = False  # no predictor the kernel reads: the attention half, then the MLP in torch ops
         if with_mlp and call is None and not layer[2]:
             return None
         past_len, present = layer_past.length, layer_past.grown(1)
@@ -238,6 +239,7 @@ class LlamaBlock(TappedModule):
         geometry = (keys.data_ptr(), values.data_ptr(), keys.stride(1), past_len, cos.data_ptr(),
                     signed_sin.data_ptr(), None if valid is None else valid.data_ptr(), self.head_dim**-0.5)
         if call is not None:
+            with_mlp = True
             status = lib.dejavu_llama_predicted_decode_layer(layer[1], call.mlp_ref, call.predictor_ref, predicted_k,
                                                              int(predict_from_input), x.data_ptr(), out.data_ptr(),
                                                              *geometry)
