@@ -86,7 +86,6 @@ def test_gathered_mlp_equals_masked_mlp(tmp_path, family):
 
 def test_predicted_decode_gathers_and_matches_masking(tmp_path):
     checkpoint = build("llama", tmp_path)
-    config = LocalModel.from_checkpoint(checkpoint, "llama").config
     torch.manual_seed(1)
     predictors = {("mlp", l): (nn.Sequential(nn.Linear(48, 8, bias=False), nn.Linear(8, 112, bias=False)), "same")
                   for l in range(3)}
