@@ -172,6 +172,18 @@ def fusable_step(x, layer_past):
     return keys.dtype == torch.float32 and keys.device.type == "cpu" and keys.is_contiguous()
 
 
+def kernel_step(x, layer_past, mask):
+    """What a decoder-layer kernel's one-token step reads and writes: (x contiguous, its output
+    (empty, like x), present = the cache grown by the token, the cache's (keys, values, head
+    stride, past length) for the kernel, the key-validity pointer or None: all keys)."""
+    past_len, present = layer_past.length, layer_past.grown(1)
+    keys, values = present.buffers.keys, present.buffers.values
+    valid = key_validity(mask, past_len + 1)
+    x = x.contiguous()
+    cache = (keys.data_ptr(), values.data_ptr(), keys.stride(1), past_len)
+    return x, torch.empty_like(x), present, cache, None if valid is None else valid.data_ptr()
+
+
 def extend_cache(layer_past, k, v):
     """(present, all keys, all values): `layer_past` (None, a KVCache or a (k, v) pair) plus k, v."""
     if layer_past is None:

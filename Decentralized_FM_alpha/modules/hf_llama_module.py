@@ -22,7 +22,7 @@ from .common import (
     build_from_checkpoint,
     extend_cache,
     fusable_step,
-    key_validity,
+    kernel_step,
     load_config,
     past_length,
     StepCache,
@@ -229,15 +229,10 @@ class LlamaBlock(TappedModule):
             with_mlp = False  # no predictor the kernel reads: the attention half, then the MLP in torch ops
         if with_mlp and call is None and not layer[2]:
             return None
-        past_len, present = layer_past.length, layer_past.grown(1)
-        keys, values = present.buffers.keys, present.buffers.values
-        positions, _ = step_geometry(mask, past_len, 1, x.device)
+        x, out, present, cache, valid = kernel_step(x, layer_past, mask)
+        positions, _ = step_geometry(mask, layer_past.length, 1, x.device)
         cos, _, signed_sin = self.rope_tables(positions, torch.float32)
-        valid = key_validity(mask, past_len + 1)
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        geometry = (keys.data_ptr(), values.data_ptr(), keys.stride(1), past_len, cos.data_ptr(),
-                    signed_sin.data_ptr(), None if valid is None else valid.data_ptr(), self.head_dim**-0.5)
+        geometry = (*cache, cos.data_ptr(), signed_sin.data_ptr(), valid, self.head_dim**-0.5)
         if call is not None:
             with_mlp = True
             status = lib.dejavu_llama_predicted_decode_layer(layer[1], call.mlp_ref, call.predictor_ref, predicted_k,
@@ -255,8 +250,7 @@ class LlamaBlock(TappedModule):
         """(cpu_kernels.LlamaLayer, a reference to it, whether it holds the MLP too) for this
         layer's weights, or None where the kernel cannot read them."""
         # the slots: the 16 tensors the struct points at, then the modules they hang on
-        return cached_view(self, "_kernel_layer", (), self._kernel_slots,
-                           self._build_kernel_layer)
+        return cached_view(self, "_kernel_layer", (), self._kernel_slots, self._build_kernel_layer)
 
     def _kernel_slots(self):
         modules = self._modules

@@ -20,7 +20,7 @@ from .common import (
     build_from_checkpoint,
     extend_cache,
     fusable_step,
-    key_validity,
+    kernel_step,
     load_config,
     past_length,
     step_geometry,
@@ -153,14 +153,9 @@ class OPTBlock(TappedModule):
         layer = self.kernel_layer() if lib is not None else None
         if layer is None:
             return None
-        past_len, present = layer_past.length, layer_past.grown(1)
-        keys, values = present.buffers.keys, present.buffers.values
-        valid = key_validity(mask, past_len + 1)
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        status = lib.dejavu_opt_decode_layer(
-            layer[1], x.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(1), past_len,
-            None if valid is None else valid.data_ptr(), self.head_dim**-0.5)
+        x, out, present, cache, valid = kernel_step(x, layer_past, mask)
+        status = lib.dejavu_opt_decode_layer(layer[1], x.data_ptr(), out.data_ptr(), *cache, valid,
+                                             self.head_dim**-0.5)
         if status:
             raise RuntimeError(f"layer {self.layer_index}: the C decoder layer refused its input (status {status})")
         return out, present
@@ -169,8 +164,7 @@ class OPTBlock(TappedModule):
         """(cpu_kernels.OptLayer, a reference to it) for this layer's weights, or None where the
         kernel cannot read them."""
         # the slots: the 16 tensors the struct points at, then the modules they hang on
-        return cached_view(self, "_kernel_layer", (), self._kernel_slots,
-                           self._build_kernel_layer)
+        return cached_view(self, "_kernel_layer", (), self._kernel_slots, self._build_kernel_layer)
 
     def _kernel_slots(self):
         modules = self._modules

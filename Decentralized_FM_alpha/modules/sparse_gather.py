@@ -163,13 +163,9 @@ def _activation_matches(second, act_fn):
 
 
 def _mlp_weights(first, second, output, act_fn):
-    """(cpu_kernels.MlpWeights, a ctypes reference to it) of an MLP for the gathered kernels, or
-    None where they cannot read it. Cached on `first` (cached_view)."""
-    return _mlp_weights_view(first, second, output, act_fn)[0]
-
-
-def _mlp_weights_view(first, second, output, act_fn):
-    """(_mlp_weights' answer, the plans its pointers name)."""
+    """((cpu_kernels.MlpWeights, a ctypes reference to it), the plans its pointers name) of an
+    MLP for the gathered kernels; the first item None where they cannot read it. Cached on
+    `first` (cached_view)."""
     return cached_view(first, "_mlp_weights", (second, output), lambda: linear_slots([first, second, output]),
                        lambda values: _build_mlp_weights(first, second, output, act_fn))
 
@@ -199,7 +195,7 @@ def gathered_mlp(h, neurons, first, second, output, act_fn):
     """output(act(first(h), second(h))) on the kept neurons only, one pass over them:
     h [B, 1, d], neurons [B, K] -> [B, 1, d]."""
     lib = cpu_kernels.kernel_library()
-    found = _mlp_weights(first, second, output, act_fn) if lib is not None else None
+    found = _mlp_weights(first, second, output, act_fn)[0] if lib is not None else None
     batch, k = neurons.shape
     hs = _rows_input(h, batch, found[0].d) if found is not None else None
     if hs is not None and not _autograd(h, first, second, output):
@@ -282,7 +278,7 @@ def predicted_call(predictor, first, second, output, act_fn):
 
 def _build_predicted_call(predictor, first, second, output, act_fn):
     layers = _predictor_layers(predictor)
-    found = _mlp_weights_view(first, second, output, act_fn) if layers is not None else None
+    found = _mlp_weights(first, second, output, act_fn) if layers is not None else None
     scorer = _predictor_weights(predictor, *layers) if found is not None and found[0] is not None else None
     if scorer is None or scorer[0].rows != found[0][0].rows:
         return None
