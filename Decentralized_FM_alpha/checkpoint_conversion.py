@@ -18,7 +18,7 @@ import tempfile
 import torch
 from tqdm import tqdm
 
-from modules.common import resolve_dtype
+from dejavu_llama.modules.common import resolve_dtype
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from checkpoint_conversion import (
+from dejavu_llama.checkpoint_conversion import (
     EMBEDDINGS_FILE,
     FORMAT_VERSION,
     LM_HEAD_FILE,
@@ -121,5 +121,10 @@ def main(argv=None):
         logger.info("wrote %d layers to %s", config.num_hidden_layers, args.save_path)
 
 
-if __name__ == "__main__":
+def script_main():
+    """The command line (also the console command)."""
     run_converter(main)
+
+
+if __name__ == "__main__":
+    script_main()

@@ -32,6 +32,8 @@ import os
 import sys
 import time
 
+from dejavu_common.helpers import DEVICE_CHOICES, resolve_device as device_kind
+
 LOG_FORMAT = "%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s"
 PP_MODES = ("pipe_sync_sample_mask_token_pipe", "pipe_sync_greedy_mask_token_pipe")
 
@@ -76,7 +78,7 @@ def build_parser():
                                          "else tcp://127.0.0.1:9000)")
     add("--dist-backend", default="auto", choices=("auto", "nccl", "gloo", "cupy_nccl"),
         help="auto: nccl on CUDA, gloo on CPU; cupy_nccl needs cupy")
-    add("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    add("--device", default="auto", choices=DEVICE_CHOICES)
     add("--pp-mode", default="pipe_sync_sample_mask_token_pipe", choices=PP_MODES,
         help="upstream's engine name; both names run the same engine (greedy is temperature 0)")
     add("--infer-data", required=True, help="request file (JSON lines)")
@@ -109,7 +111,7 @@ def build_parser():
 
 def parse_arguments(argv):
     """Parse in two steps so the model type's own flags (variant hooks) are known."""
-    from pipeline_parallel.model_registry import variant_hooks
+    from dejavu_llama.pipeline_parallel.model_registry import variant_hooks
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model-type", default="llama")
@@ -168,13 +170,11 @@ def resolve_device(args):
     import torch
 
     cuda_id = args.cuda_id if args.cuda_id is not None else int(os.environ.get("LOCAL_RANK", 0))
-    if args.device == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        kind = args.device
+    try:
+        kind = device_kind(args.device)
+    except ValueError as error:
+        raise SetupError(str(error)) from None
     if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise SetupError("--device cuda but no CUDA device is available (use --device cpu or auto)")
         torch.cuda.set_device(cuda_id)
         device = torch.device("cuda", cuda_id)
     else:
@@ -211,7 +211,7 @@ def make_plan(args, config, stages):
     """Rank 0: validated, tokenized requests and the batch plan (or the error all ranks report)."""
     from transformers import AutoTokenizer
 
-    from task_datasets.inference_data import RequestError, load_requests, make_batches
+    from dejavu_llama.task_datasets.inference_data import RequestError, load_requests, make_batches
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model_name)
@@ -234,7 +234,7 @@ def row_settings_of(entry):
 
 
 def load_stage(args, stage, stages, device, dtype):
-    from pipeline_parallel.model_registry import load_model_module
+    from dejavu_llama.pipeline_parallel.model_registry import load_model_module
 
     parts = load_model_module(args.model_type)
     first_layer = stage * args.num_layers
@@ -252,7 +252,7 @@ def load_stage(args, stage, stages, device, dtype):
 def run(args, comm, rank, stages, config, device, dtype, state):
     import torch
 
-    from pipeline_parallel.dist_pipeline_inference_mask_greedy_token_pipe_sync import (
+    from dejavu_llama.pipeline_parallel.dist_pipeline_inference_mask_greedy_token_pipe_sync import (
         DistInferenceMaskTokenPipeSync,
         Profiler,
     )
@@ -311,8 +311,9 @@ def run(args, comm, rank, stages, config, device, dtype, state):
 def write_results(args, config, entries, batches, outputs):
     from transformers import AutoTokenizer
 
-    from task_datasets.inference_data import TokenText, build_result, default_output_path, write_jsonl_atomic
-    from task_datasets.perplexity import perplexity_of_results
+    from dejavu_common.helpers import write_jsonl_atomic
+    from dejavu_llama.task_datasets.inference_data import TokenText, build_result, default_output_path
+    from dejavu_llama.task_datasets.perplexity import perplexity_of_results
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_name)
     token_text = TokenText(tokenizer)
@@ -354,7 +355,7 @@ def main(argv=None):
             raise SetupError(f"--rank {rank} is outside the world of {world} rank(s)")
         device, dtype = resolve_device(args)
 
-        from comm.comm_utils import init_communicator, register_emergency_cleanup
+        from dejavu_llama.comm.comm_utils import init_communicator, register_emergency_cleanup
 
         cleanup = lambda: close_hook(state, ok=False)  # noqa: E731
         register_emergency_cleanup(cleanup)
@@ -373,7 +374,7 @@ def main(argv=None):
         return report_failure(error, comm, state)
     finally:
         if cleanup is not None:
-            from comm.comm_utils import unregister_emergency_cleanup
+            from dejavu_llama.comm.comm_utils import unregister_emergency_cleanup
 
             unregister_emergency_cleanup(cleanup)
 
@@ -385,7 +386,7 @@ def close_hook(state, ok):
 
 
 def report_failure(error, comm, state):
-    from comm.comm_utils import CommError, claim_exit, release_exit
+    from dejavu_llama.comm.comm_utils import CommError, claim_exit, release_exit
 
     if not claim_exit():  # the watchdog is already ending the process
         time.sleep(60)
@@ -400,7 +401,7 @@ def _report_failure(error, comm, state, CommError):
     if isinstance(error, KeyboardInterrupt):
         message = "interrupted"
     elif isinstance(error, (CommError, AgreedFailure, SetupError)) or type(error).__name__ in (
-        "RequestError", "UnknownModelType", "CheckpointError"
+        "RequestError", "UnknownModelType", "CheckpointError", "SparseSetupError", "DumpError"
     ):
         message = str(error)
     else:
@@ -422,7 +423,8 @@ def _report_failure(error, comm, state, CommError):
     return 1
 
 
-if __name__ == "__main__":
+def script_main():
+    """The command line (also the `dejavu-infer` console command)."""
     status = main()
     # Leave without the interpreter's teardown: every file is closed and the process group is
     # gone; tearing down torch's (and NCCL's) threads only costs time and can hang.
@@ -430,3 +432,7 @@ if __name__ == "__main__":
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+if __name__ == "__main__":
+    script_main()

@@ -46,10 +46,10 @@ def main(argv=None):
     import torch
     from transformers import AutoTokenizer
 
-    from comm.comm_utils import LocalCommunicator
-    from modules.local_model import LocalModel
-    from pipeline_parallel.dist_pipeline_inference_mask_greedy_token_pipe_sync import DistInferenceMaskTokenPipeSync
-    from pipeline_parallel.model_registry import load_model_module
+    from dejavu_llama.comm.comm_utils import LocalCommunicator
+    from dejavu_llama.modules.local_model import LocalModel
+    from dejavu_llama.pipeline_parallel.dist_pipeline_inference_mask_greedy_token_pipe_sync import DistInferenceMaskTokenPipeSync
+    from dejavu_llama.pipeline_parallel.model_registry import load_model_module
 
     torch.set_num_threads(args.threads)
     checkpoint = ensure_checkpoint(args.checkpoint)

@@ -21,10 +21,10 @@ import platform
 import statistics
 import time
 
-from support import DEFAULT_CHECKPOINT, GGUF_NAME, ensure_checkpoint, gguf_folder, result_path, write_json
+from support import DEFAULT_CHECKPOINT, embedded_model, ensure_checkpoint, result_path, write_json
 
 def make_prompts(tokenizer, batch, length):
-    from task_datasets.offline_text import offline_documents
+    from dejavu_llama.task_datasets.offline_text import offline_documents
 
     prompts = []
     for _, text in offline_documents(min_words=length):
@@ -45,11 +45,11 @@ def sparse_runs(checkpoint, prompts, settings, args):
     import torch
     from torch import nn
 
-    from comm.comm_utils import LocalCommunicator
-    from modules.local_model import LocalModel
-    from modules.sparse_execution import configure_sparse
-    from modules.sparse_gather import store_predictor_half
-    from pipeline_parallel.dist_pipeline_inference_mask_greedy_token_pipe_sync import DistInferenceMaskTokenPipeSync
+    from dejavu_llama.comm.comm_utils import LocalCommunicator
+    from dejavu_llama.modules.local_model import LocalModel
+    from dejavu_llama.modules.sparse_execution import configure_sparse
+    from dejavu_llama.modules.sparse_gather import store_predictor_half
+    from dejavu_llama.pipeline_parallel.dist_pipeline_inference_mask_greedy_token_pipe_sync import DistInferenceMaskTokenPipeSync
 
     model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse", dtype=torch.float32)
     config = model.config
@@ -114,9 +114,9 @@ def main(argv=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from comm.comm_utils import LocalCommunicator
-    from modules.local_model import LocalModel
-    from pipeline_parallel.dist_pipeline_inference_mask_greedy_token_pipe_sync import DistInferenceMaskTokenPipeSync
+    from dejavu_llama.comm.comm_utils import LocalCommunicator
+    from dejavu_llama.modules.local_model import LocalModel
+    from dejavu_llama.pipeline_parallel.dist_pipeline_inference_mask_greedy_token_pipe_sync import DistInferenceMaskTokenPipeSync
 
     torch.set_num_threads(args.threads)
     checkpoint = ensure_checkpoint(args.checkpoint)
@@ -133,7 +133,8 @@ def main(argv=None):
     def engine_run(new):
         return engine.inference_batch(prompts, new, settings)
 
-    hf = AutoModelForCausalLM.from_pretrained(gguf_folder(), gguf_file=GGUF_NAME, dtype=torch.float32).eval()
+    folder, gguf_file = embedded_model()
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
     ids = torch.tensor(prompts)
 

@@ -48,7 +48,7 @@ def best_time(fn, repeats, warmup=2):
 def copy_bandwidth(megabytes, repeats):
     """GB/s of dst.copy_(src), counting bytes read + bytes written: the best of plain tensors
     and of tensors in transparent huge pages (where the engine keeps its weights)."""
-    from modules.huge_pages import huge_page_buffer
+    from dejavu_llama.modules.huge_pages import huge_page_buffer
 
     count = megabytes * 2**20 // 4
     rates = []
@@ -85,7 +85,7 @@ def decode_bytes(model):
 
 
 def run(quick=False, threads=1, checkpoint=DEFAULT_CHECKPOINT, log=print):
-    from modules.local_model import LocalModel
+    from dejavu_llama.modules.local_model import LocalModel
 
     torch.set_num_threads(threads)
     megabytes, repeats = (128, 5) if quick else (256, 10)

@@ -70,8 +70,8 @@ def build_layers(spec, generator):
     of CONTEXT positions per layer (filled by a prompt pass of the dense layer)."""
     from transformers import LlamaConfig
 
-    from modules.huge_pages import move_to_huge_pages
-    from pipeline_parallel.model_registry import load_model_module
+    from dejavu_llama.modules.huge_pages import move_to_huge_pages
+    from dejavu_llama.pipeline_parallel.model_registry import load_model_module
 
     d = spec["d"]
     config = LlamaConfig(hidden_size=d, intermediate_size=spec["inter"], num_attention_heads=spec["heads"],
@@ -112,9 +112,9 @@ def rewind(cache):
 
 
 def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
-    from modules import cpu_kernels
-    from modules.sparse_execution import configure_sparse, kept_count
-    from modules.sparse_gather import dense_mlp, store_predictor_half
+    from dejavu_llama.modules import cpu_kernels
+    from dejavu_llama.modules.sparse_execution import configure_sparse, kept_count
+    from dejavu_llama.modules.sparse_gather import dense_mlp, store_predictor_half
 
     d, inter, layers = spec["d"], spec["inter"], spec["layers"]
     widths = {"matched": spec["D"], "reference": spec["reference_D"]}
@@ -309,7 +309,7 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
 
 
 def run(quick=False, threads=1, configs=None, smollm2_D=None, llama_D=None, torch_ops=True, log=print):
-    from modules import cpu_kernels
+    from dejavu_llama.modules import cpu_kernels
 
     torch.set_num_threads(threads)
     specs = {name: dict(spec, D=matched_D(spec["d"], spec["inter"]))

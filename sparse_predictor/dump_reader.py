@@ -1,11 +1,4 @@
-"""Reader for activation dumps in the `dejavu-sp-dump` format (see DESIGN.md, "Activation dumps").
-
-A dump folder holds raw float16 np.memmap files without a header plus meta.json:
-
-    att_x_{l}.mmap      [N, hidden_size]        block input (residual stream) of layer l
-    mlp_x_{l}.mmap      [N, hidden_size]        residual after attention of layer l
-    mlp_label_{l}.mmap  [N, intermediate_size]  raw MLP activation
-    att_label_{l}.mmap  [N, num_heads]          L2 norm of each attention head's output
+"""Reader for activation dumps in the `dejavu-sp-dump` format (dejavu_common.dump_format; docs/formats.md).
 
 N is the capacity; only the first rows[str(l)] rows of layer l are valid. Shapes and row counts
 always come from meta.json. Any missing, short or mismatched file raises DumpError naming it.
@@ -19,17 +12,10 @@ from typing import Iterable
 
 import numpy as np
 
-FORMAT_NAME = "dejavu-sp-dump"
-FORMAT_VERSION = 1
-TAPS = ("att_x", "mlp_x", "mlp_label", "att_label")
-REQUIRED_META_KEYS = (
-    "format", "version", "model_type", "dtype", "capacity", "hidden_size",
-    "intermediate_size", "num_heads", "num_layers", "layers", "rows",
-)
+from dejavu_common.helpers import format_layers
+from dejavu_common.dump_format import META_FILE, NUMPY_DTYPE, TAPS, DumpError, check_meta, dump_file, tap_widths
 
-
-class DumpError(Exception):
-    """An expected problem with a dump folder (missing, short or mismatched file, bad meta.json)."""
+__all__ = ["DumpError", "DumpReader", "TAPS", "format_layers"]
 
 
 class DumpReader:
@@ -37,7 +23,7 @@ class DumpReader:
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
-        self.meta_path = os.path.join(self.path, "meta.json")
+        self.meta_path = os.path.join(self.path, META_FILE)
         self.meta = self._read_meta()
         meta = self.meta
         self.model = str(meta.get("model", ""))
@@ -63,25 +49,9 @@ class DumpReader:
                 meta = json.load(f)
         except (OSError, ValueError) as e:
             raise DumpError(f"unreadable dump metadata file {self.meta_path}: {e}") from e
-        if not isinstance(meta, dict):
-            raise DumpError(f"dump metadata file {self.meta_path} is not a JSON object")
-        missing = [k for k in REQUIRED_META_KEYS if k not in meta]
-        if missing:
-            raise DumpError(f"dump metadata file {self.meta_path} lacks keys: {', '.join(missing)}")
-        if meta["format"] != FORMAT_NAME or int(meta["version"]) != FORMAT_VERSION:
-            raise DumpError(
-                f"dump metadata file {self.meta_path}: format {meta['format']!r} version "
-                f"{meta['version']!r}, expected {FORMAT_NAME!r} version {FORMAT_VERSION}")
-        if meta["dtype"] != "float16":
-            raise DumpError(f"dump metadata file {self.meta_path}: dtype {meta['dtype']!r}, expected 'float16'")
-        for key in ("capacity", "hidden_size", "intermediate_size", "num_heads", "num_layers"):
-            if not isinstance(meta[key], int) or meta[key] < 0:
-                raise DumpError(f"dump metadata file {self.meta_path}: {key} must be a non-negative integer")
-        return meta
+        return check_meta(meta, self.meta_path)
 
     def _parse_rows(self, rows: dict) -> dict[int, int]:
-        if not isinstance(rows, dict):
-            raise DumpError(f"dump metadata file {self.meta_path}: 'rows' must be an object")
         parsed = {}
         for key, value in rows.items():
             n = int(value)
@@ -108,13 +78,10 @@ class DumpReader:
 
     # ---- files -------------------------------------------------------------------------------
     def width(self, tap: str) -> int:
-        return {"att_x": self.hidden_size, "mlp_x": self.hidden_size,
-                "mlp_label": self.intermediate_size, "att_label": self.num_heads}[tap]
+        return tap_widths(self.meta)[tap]
 
     def file_path(self, tap: str, layer: int) -> str:
-        if tap not in TAPS:
-            raise ValueError(f"unknown tap {tap!r}; known: {', '.join(TAPS)}")
-        return os.path.join(self.path, f"{tap}_{layer}.mmap")
+        return dump_file(self.path, tap, layer)
 
     def open(self, tap: str, layer: int) -> np.memmap:
         """The whole [capacity, width] memmap of one tap, read-only, after checking its size."""
@@ -137,7 +104,7 @@ class DumpReader:
                     f"(capacity {self.capacity} x width {width} x 2 bytes); meta.json disagrees with the file")
             if expected == 0:
                 raise DumpError(f"empty dump file: {path} (capacity or width is 0 in meta.json)")
-            self._open[key] = np.memmap(path, dtype=np.float16, mode="r", shape=(self.capacity, width))
+            self._open[key] = np.memmap(path, dtype=NUMPY_DTYPE, mode="r", shape=(self.capacity, width))
         return self._open[key]
 
     def validate(self, taps_by_layer: Iterable[tuple[str, int]]) -> None:
@@ -157,10 +124,3 @@ class DumpReader:
     def att_label(self, layer: int) -> np.memmap:
         return self.open("att_label", layer)
 
-
-def format_layers(layers: list[int]) -> str:
-    if not layers:
-        return "none"
-    if layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}-{layers[-1]}"
-    return ",".join(str(l) for l in layers)

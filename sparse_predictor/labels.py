@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .metrics import kept_count
+from dejavu_common.helpers import kept_count
+
 
 LABEL_RULES = ("positive", "topk", "threshold", "target-sparsity")
 # torch.quantile refuses inputs above 2**24 entries; larger training sets are subsampled.
@@ -42,7 +43,7 @@ class LabelRule:
         if self.name not in LABEL_RULES:
             raise ValueError(f"unknown label rule {self.name!r}; known: {', '.join(LABEL_RULES)}")
         if self.name == "topk" and (self.k is None or not 0 < self.k <= 1):
-            raise ValueError(f"label rule topk needs 0 < k <= 1, got {self.k}")
+            raise ValueError(f"label rule topk needs --k in (0, 1], got {self.k}")
         if self.name == "threshold" and (self.threshold is None or self.threshold < 0):
             raise ValueError("label rule threshold needs --threshold >= 0 (compared with |y|)")
         if self.name == "target-sparsity" and (
@@ -81,8 +82,8 @@ class LabelRule:
 
 
 def topk_count(k: float, width: int) -> int:
-    """Units kept per token for fraction k: ceil(k * width), at least 1, at most width."""
-    return kept_count(k, width)
+    """Units kept per token for fraction k (dejavu_common.helpers.kept_count: ceil(k * width), at least 1)."""
+    return kept_count(k, width, "--k")
 
 
 def topk_labels(scores: torch.Tensor, k: float) -> torch.Tensor:

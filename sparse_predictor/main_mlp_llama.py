@@ -6,12 +6,11 @@ Thin entry point: all logic is shared in sparse_predictor/cli.py. Run from anywh
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Before torch loads: idle OpenMP threads sleep instead of spinning, so a busy core (another
 # job on a small machine) does not stall every matmul.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from sparse_predictor.cli import main  # noqa: E402
+from sparse_predictor.cli import main  # noqa: E402  (after OMP_WAIT_POLICY)
 
 if __name__ == "__main__":
     sys.exit(main(kind="mlp", family="llama"))

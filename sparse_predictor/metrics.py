@@ -34,6 +34,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from dejavu_common.helpers import kept_count
 import torch.nn.functional as F
 
 METRIC_NAMES = ("recall", "precision", "f1", "true_sparsity", "classifier_sparsity",
@@ -119,11 +121,6 @@ def weighted_bce_sum(logits: torch.Tensor, labels: torch.Tensor, pos_weight: flo
     target = _as_bool(labels).to(logits.dtype)
     weight = torch.as_tensor(pos_weight, dtype=logits.dtype, device=logits.device)
     return F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight, reduction="sum").item()
-
-
-def kept_count(fraction: float, width: int) -> int:
-    """Units kept per token for a kept fraction: ceil(fraction * width), clamped to [1, width]."""
-    return max(1, min(width, math.ceil(fraction * width - 1e-9)))
 
 
 def metric_sums(logits: torch.Tensor, labels: torch.Tensor, pos_weight: float = 1.0,

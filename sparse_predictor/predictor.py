@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 from torch import nn
+
+from dejavu_common.helpers import atomic_write
 
 KINDS = ("mlp", "att")
 METRICS_FILES = {"mlp": "metrics_mlp.jsonl", "att": "metrics_att.jsonl"}
@@ -47,20 +48,9 @@ def metrics_path(ckpt_dir: str, kind: str) -> str:
 
 def save_predictor(path: str, model: nn.Module) -> None:
     """Write the state dict atomically: a reader never sees a half-written checkpoint."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as handle:
+        torch.save(state, handle)
 
 
 def predictor_dims(state_dict: dict) -> tuple[int, int, int]:

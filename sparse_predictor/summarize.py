@@ -15,10 +15,7 @@ import math
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script from anywhere
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from sparse_predictor.predictor import METRICS_FILES  # noqa: E402
+from sparse_predictor.predictor import METRICS_FILES
 
 COLUMNS = (("recall", "recall"), ("precision", "prec"), ("f1", "f1"), ("true_sparsity", "true_sp"),
            ("classifier_sparsity", "clf_sp"), ("recall_at_matched_k", "rec@K"))

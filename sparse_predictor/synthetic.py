@@ -7,34 +7,31 @@ labels drawn independently of the inputs (any predictor must stay at chance).
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-from .dump_reader import FORMAT_NAME, FORMAT_VERSION
+from dejavu_common.dump_format import META_FILE, NUMPY_DTYPE, dump_file, new_meta, tap_widths
+from dejavu_common.helpers import write_json_atomic
 
 
 def write_dump(path: str, arrays: dict[tuple[str, int], np.ndarray], *, model_type: str, capacity: int,
                hidden_size: int, intermediate_size: int, num_heads: int, layers: list[int],
                rows: dict[int, int], model: str = "synthetic") -> dict:
     """Write arrays[(tap, layer)] ([valid rows, width]) into capacity-row memmaps plus meta.json."""
+    dims = {"hidden_size": hidden_size, "intermediate_size": intermediate_size, "num_heads": num_heads}
+    meta = new_meta(model, model_type, capacity, dims, len(layers), source="synthetic")
+    n_tokens = min(rows.values()) if rows else 0
+    meta.update(layers=list(layers), rows={str(l): int(n) for l, n in rows.items()}, tokens=n_tokens,
+                complete=True, capacity_reached=n_tokens >= capacity, finished_layers=list(layers))
+    widths = tap_widths(meta)
     os.makedirs(path, exist_ok=True)
-    widths = {"att_x": hidden_size, "mlp_x": hidden_size, "mlp_label": intermediate_size, "att_label": num_heads}
     for (tap, layer), values in arrays.items():
-        mm = np.memmap(os.path.join(path, f"{tap}_{layer}.mmap"), dtype=np.float16, mode="w+",
-                       shape=(capacity, widths[tap]))
-        mm[: values.shape[0]] = values.astype(np.float16)
+        mm = np.memmap(dump_file(path, tap, layer), dtype=NUMPY_DTYPE, mode="w+", shape=(capacity, widths[tap]))
+        mm[: values.shape[0]] = values.astype(NUMPY_DTYPE)
         mm.flush()
         del mm
-    n_tokens = min(rows.values()) if rows else 0
-    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model": model, "model_type": model_type,
-            "dtype": "float16", "capacity": capacity, "hidden_size": hidden_size,
-            "intermediate_size": intermediate_size, "num_heads": num_heads, "num_layers": len(layers),
-            "layers": list(layers), "rows": {str(l): int(n) for l, n in rows.items()}, "tokens": n_tokens,
-            "source": "synthetic", "complete": True, "capacity_reached": n_tokens >= capacity}
-    with open(os.path.join(path, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    write_json_atomic(os.path.join(path, META_FILE), meta)
     return meta
 
 

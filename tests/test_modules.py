@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from modules.common import CheckpointError
-from modules.local_model import LocalModel
-from task_datasets.offline_text import offline_documents
+from dejavu_llama.modules.common import CheckpointError
+from dejavu_llama.modules.local_model import LocalModel
+from dejavu_llama.task_datasets.offline_text import offline_documents
 from tiny_models import tiny_llama, tiny_opt
 
 LLAMA_CASES = {
@@ -184,7 +184,7 @@ def test_missing_config_is_named(tmp_path):
 
 
 def test_kv_cache_appends_in_place_and_branches_safely():
-    from modules.common import KVCache, extend_cache
+    from dejavu_llama.modules.common import KVCache, extend_cache
 
     def kv(n, seed):
         g = torch.Generator().manual_seed(seed)
@@ -216,8 +216,8 @@ def test_kv_cache_appends_in_place_and_branches_safely():
 
 @pytest.mark.parametrize("rows,width,bias", [(1536, 576, False), (7, 13, True), (33, 64, True)])
 def test_decode_linear_single_row_matches_torch(rows, width, bias):
-    from modules.cpu_kernels import kernel_library
-    from modules.sparse_gather import DecodeLinear
+    from dejavu_llama.modules.cpu_kernels import kernel_library
+    from dejavu_llama.modules.sparse_gather import DecodeLinear
 
     torch.manual_seed(0)
     layer = DecodeLinear(width, rows, bias=bias)
@@ -234,7 +234,7 @@ def test_fused_decode_layer_matches_torch_ops(tmp_path, family, name, overrides)
     """The C decoder layer (one token, batch 1) against the torch ops on the same model: Llama's
     GQA/MHA, biases, head_dim, RoPE scaling; OPT pre-LN and post-LN; a left-padded prompt, and
     a branch off an older cache."""
-    from modules import cpu_kernels
+    from dejavu_llama.modules import cpu_kernels
 
     if cpu_kernels.kernel_library() is None:
         pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
@@ -269,7 +269,7 @@ def test_fused_decode_layer_matches_torch_ops(tmp_path, family, name, overrides)
 def test_move_to_huge_pages_keeps_values_keys_and_sharing():
     from torch import nn
 
-    from modules.huge_pages import HUGE_PAGE, move_to_huge_pages
+    from dejavu_llama.modules.huge_pages import HUGE_PAGE, move_to_huge_pages
 
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(512, 1024), nn.LayerNorm(1024), nn.Linear(1024, 512, bias=False))
@@ -280,7 +280,7 @@ def test_move_to_huge_pages_keeps_values_keys_and_sharing():
     after = module.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert all(isinstance(p, nn.Parameter) for p in module.parameters())
-    from modules import huge_pages
+    from dejavu_llama.modules import huge_pages
     if not huge_pages.ENABLED:
         assert moved == 0
         return
@@ -294,8 +294,8 @@ def test_move_to_huge_pages_keeps_values_keys_and_sharing():
 def test_fused_decode_layer_follows_changed_weights(tmp_path, family):
     """The C layer's cached view of the weights is dropped when a weight is replaced, re-pointed
     (.data =) or a whole Linear swapped: each change shows in its logits as in the torch ops'."""
-    from modules import cpu_kernels
-    from modules.sparse_gather import DecodeLinear
+    from dejavu_llama.modules import cpu_kernels
+    from dejavu_llama.modules.sparse_gather import DecodeLinear
 
     if cpu_kernels.kernel_library() is None:
         pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")

@@ -91,7 +91,7 @@ def test_multi_stage_results_match_one_stage_and_transformers(tmp_path, family):
         assert ours == hf_greedy(hf_model, tokenizer, request["prompt"], request["max_tokens"]), index
         assert choice["finish_reason"] == "length"
 
-    # Shapes of the result file (DESIGN.md "Requests and results").
+    # Shapes of the result file (docs/formats.md "Requests and results").
     echoed = one[0]["result"]["choices"][0]["logprobs"]
     assert echoed["token_logprobs"][0] is None and echoed["top_logprobs"][0] is None
     assert len(echoed["tokens"]) == 3 + 8 and all(len(t) == 2 for t in echoed["top_logprobs"][1:])

@@ -10,9 +10,9 @@ import torch
 
 from conftest import INFERENCE_DIR, run_python
 from test_pipeline_support import read_jsonl, run_pipeline, runner_args
-from task_datasets.inference_data import Entry, TokenText, build_choice, make_batches
-from task_datasets.perplexity import perplexity_of_results
-from pipeline_parallel.generation_utils import TokenSampler, filter_top_k_top_p
+from dejavu_llama.task_datasets.inference_data import Entry, TokenText, build_choice, make_batches
+from dejavu_llama.task_datasets.perplexity import perplexity_of_results
+from dejavu_llama.pipeline_parallel.generation_utils import TokenSampler, filter_top_k_top_p
 
 NUM_DOCS = 24
 MAX_TOKENS = 64

@@ -96,7 +96,7 @@ def run_pipeline(args, stages, log_dir, name="run", timeout=180):
 
 def run_in_process(args):
     """dist_inference_runner.main(args) in this process (one stage): its exit status."""
-    import dist_inference_runner
+    from dejavu_llama import dist_inference_runner
 
     return dist_inference_runner.main(list(args))
 

@@ -3,18 +3,16 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # works without the repo root on sys.path
-from sparse_predictor.cli import main, parse_layers  # noqa: E402
-from sparse_predictor.predictor import load_predictor, load_predictor_info  # noqa: E402
-from sparse_predictor.summarize import main as summarize_main  # noqa: E402
-from sparse_predictor.synthetic import make_dump  # noqa: E402
+from sparse_predictor.cli import main
+from sparse_predictor.predictor import load_predictor, load_predictor_info
+from sparse_predictor.summarize import main as summarize_main
+from sparse_predictor.synthetic import make_dump
 
 FAST = ["--D", "16", "--epochs", "3", "--lr", "1e-2", "--batch_size", "128", "--no-progress", "--threads", "1"]
 SETTINGS_KEYS = {"model", "dataset", "layer", "kind", "input_mode", "input_source", "label_rule", "D", "lr",
@@ -40,13 +38,23 @@ def read_lines(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def test_parse_layers():
-    assert parse_layers("5", [0, 1]) == [5]
-    assert parse_layers("0-3,9", []) == [0, 1, 2, 3, 9]
-    assert parse_layers("all", [0, 1, 2]) == [0, 1, 2]
-    for bad in ("", "a", "-1", "3-"):
-        with pytest.raises(ValueError):
-            parse_layers(bad, [0])
+@pytest.mark.parametrize("flags, message", [
+    (["--L", "5"], "--L '5': layer(s) [5] not among the available 0-2"),
+    (["--L", "1-x"], "--L '1-x'"),
+])
+def test_bad_layer_spec_is_an_error_naming_it(tmp_path, caplog, flags, message):
+    dump = small_dump(tmp_path / "dump")
+    assert main("mlp", "llama", ["--data-path", str(dump), "--ckpt-dir", str(tmp_path / "ckpt"), *flags, *FAST]) == 1
+    assert message in caplog.text
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("k", ["0", "-0.1", "1.5"])
+def test_bad_label_k_is_an_error_naming_it(tmp_path, capsys, k):
+    dump = small_dump(tmp_path / "dump")
+    with pytest.raises(SystemExit) as exit_info:
+        main("mlp", "llama", ["--data-path", str(dump), "--label", "topk", "--k", k, *FAST])
+    assert exit_info.value.code == 2 and "--k" in capsys.readouterr().err
 
 
 def test_all_layers_in_one_process(tmp_path):

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # works without the repo root on sys.path
-from sparse_predictor.dump_reader import DumpError, DumpReader  # noqa: E402
-from sparse_predictor.synthetic import make_dump, write_dump  # noqa: E402
+from sparse_predictor.dump_reader import DumpError, DumpReader
+from sparse_predictor.synthetic import make_dump, write_dump
 
 
 @pytest.fixture

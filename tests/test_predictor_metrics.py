@@ -1,14 +1,11 @@
 """Predictor metrics and label rules against hand-computed cases."""
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works without the repo root on sys.path
 from sparse_predictor import metrics as M
 from sparse_predictor.labels import LabelRule, calibrate_threshold, topk_count, topk_labels
 

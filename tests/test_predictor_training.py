@@ -2,21 +2,19 @@
 splits are disjoint and seeded, look-ahead inputs are wired for both families."""
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works without the repo root on sys.path
-from sparse_predictor.dump_reader import DumpReader  # noqa: E402
-from sparse_predictor.labels import LabelRule  # noqa: E402
-from sparse_predictor.predictor import checkpoint_name, load_predictor  # noqa: E402
-from sparse_predictor.synthetic import make_dump  # noqa: E402
-from sparse_predictor.trainer_att import AttentionTask  # noqa: E402
-from sparse_predictor.trainer_mlp import MLPTask  # noqa: E402
-from sparse_predictor.training import (  # noqa: E402
+from sparse_predictor.dump_reader import DumpReader
+from sparse_predictor.labels import LabelRule
+from sparse_predictor.predictor import checkpoint_name, load_predictor
+from sparse_predictor.synthetic import make_dump
+from sparse_predictor.trainer_att import AttentionTask
+from sparse_predictor.trainer_mlp import MLPTask
+from sparse_predictor.training import (
     RunSettings, TrainConfig, load_layer_data, split_rows, train_layer)
 
 TASKS = {"mlp": MLPTask(), "att": AttentionTask()}

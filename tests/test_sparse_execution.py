@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from modules.local_model import LocalModel
-from modules.sparse_execution import SparseSetupError, configure_sparse, top_k_mask
+from dejavu_llama.modules.local_model import LocalModel
+from dejavu_llama.modules.sparse_execution import SparseSetupError, configure_sparse, top_k_mask
 from tiny_models import tiny_llama, tiny_opt
 
 
@@ -110,9 +110,9 @@ def test_predicted_mlp_kernel_matches_torch_steps(tmp_path, family, keep, tied, 
     ops, on the checkpoint's layout and on the packed one, with the predictor in float32 (rank
     8) and in float16 (rank 5: the tiles are padded). With tied scores (repeated predictor
     rows) the kernel keeps the lowest indices."""
-    from modules import cpu_kernels
-    from modules.sparse_execution import kept_count
-    from modules.sparse_gather import pack_mlp_neurons, store_predictor_half
+    from dejavu_llama.modules import cpu_kernels
+    from dejavu_llama.modules.sparse_execution import kept_count
+    from dejavu_llama.modules.sparse_gather import pack_mlp_neurons, store_predictor_half
 
     if cpu_kernels.kernel_library() is None:
         pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
@@ -156,7 +156,7 @@ def test_fused_sparse_decode_matches_torch_path(tmp_path, mode):
     one call; the whole dense layer in dense mode; with predictors the kernel does not read,
     biased ones, the attention half and then the MLP in torch ops) gives the torch path's
     logits and tokens, with the predictors in float32 and in float16."""
-    from modules import cpu_kernels
+    from dejavu_llama.modules import cpu_kernels
 
     if cpu_kernels.kernel_library() is None:
         pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
@@ -197,8 +197,8 @@ def test_fused_sparse_layer_follows_changed_predictor(tmp_path):
     """The decoder layer's kernel view holds the predicted-MLP call, checked once per token with
     the layer's weights: a predictor changed in place, replaced, given another Linear, or a
     changed MLP weight each show in the logits as in the torch path's."""
-    from modules import cpu_kernels
-    from modules.sparse_gather import DecodeLinear
+    from dejavu_llama.modules import cpu_kernels
+    from dejavu_llama.modules.sparse_gather import DecodeLinear
 
     if cpu_kernels.kernel_library() is None:
         pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
@@ -274,8 +274,8 @@ def test_predicted_mlp_kernel_selects_as_topk(scores):
     K from 1 to all; 300 neurons, many sharing their first bytes."""
     import ctypes
 
-    from modules import cpu_kernels
-    from modules.sparse_gather import DecodeLinear, predicted_call
+    from dejavu_llama.modules import cpu_kernels
+    from dejavu_llama.modules.sparse_gather import DecodeLinear, predicted_call
 
     lib = cpu_kernels.kernel_library()
     if lib is None:
@@ -314,8 +314,8 @@ def test_predicted_mlp_kernel_selects_as_topk(scores):
 def test_predicted_mlp_kernel_follows_changed_predictor_weights():
     """The kernel's tiles are copies: a predictor changed in place is picked up, and a float16
     predictor whose weights stop being float16 values falls back to float32 tiles."""
-    from modules import cpu_kernels
-    from modules.sparse_gather import DecodeLinear, predicted_gathered_mlp, store_predictor_half
+    from dejavu_llama.modules import cpu_kernels
+    from dejavu_llama.modules.sparse_gather import DecodeLinear, predicted_gathered_mlp, store_predictor_half
 
     if cpu_kernels.kernel_library() is None:
         pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
@@ -364,7 +364,7 @@ def test_predictor_dtype_is_checked(tmp_path):
 def test_predictor_dtype_flag_reaches_the_predictors(tmp_path, monkeypatch, capsys):
     import argparse
 
-    from modules.sparse_execution import add_arguments, prepare_stage
+    from dejavu_llama.modules.sparse_execution import add_arguments, prepare_stage
 
     model = LocalModel.from_checkpoint(build("llama", tmp_path), "llama-ml-att-sparse")
     torch.manual_seed(6)
@@ -384,3 +384,56 @@ def test_predictor_dtype_flag_reaches_the_predictors(tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(common + ["--predictor-dtype", "bf16"])
     assert exit_info.value.code == 2 and "--predictor-dtype" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mlp-keep", "-0.5"], "--mlp-keep"),
+    (["--mlp-keep", "0"], "--mlp-keep"),
+    (["--att-keep", "2.5"], "--att-keep"),
+    (["--sparse-layers", "1-x"], "--sparse-layers"),
+])
+def test_bad_kept_fraction_is_refused_by_the_parser(flags, message, capsys):
+    import argparse
+
+    from dejavu_llama.modules.sparse_execution import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    if flags[0] == "--sparse-layers":  # checked against the model's layers when the stage is built
+        args = parser.parse_args(flags)
+        with pytest.raises(SparseSetupError, match=message):
+            from dejavu_llama.modules.sparse_execution import prepare_stage
+            prepare_stage([], args, type("Config", (), {"num_hidden_layers": 3})())
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_kept_fraction_from_the_environment_is_refused(monkeypatch, capsys):
+    import argparse
+
+    from dejavu_llama.modules.sparse_execution import add_arguments
+
+    monkeypatch.setenv("TOPK", "-0.5")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args([])
+    assert "$TOPK" in capsys.readouterr().err
+
+
+def test_count_above_the_width_is_refused_through_the_runner(tmp_path, caplog):
+    from test_pipeline_support import run_in_process, runner_args, write_requests
+
+    checkpoint = build("llama", tmp_path)  # MLP width 112, 6 heads
+    requests = write_requests(tmp_path / "requests.jsonl", [{"prompt": "w1 w2 w3", "max_tokens": 0, "echo": True,
+                                                             "logprobs": 1}])
+    for flags, message in ((["--mlp-keep", "1000"], "--mlp-keep 1000: keeps 1000 units, but there are only 112"),
+                           (["--att-keep", "7"], "--att-keep 7: keeps 7 units, but there are only 6")):
+        output = tmp_path / "out.jsonl"
+        args = runner_args(checkpoint, "llama-ml-att-sparse", requests, output,
+                           ["--sparse-mode", "oracle", *flags])
+        assert run_in_process(args) == 1
+        assert message in caplog.text
+        assert not output.exists()

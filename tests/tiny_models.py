@@ -5,8 +5,8 @@ import os
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-import convert_llama_checkpoint
-import convert_opt_checkpoint
+from dejavu_llama import convert_llama_checkpoint
+from dejavu_llama import convert_opt_checkpoint
 
 LLAMA_BASE = dict(
     vocab_size=256, hidden_size=48, intermediate_size=112, num_hidden_layers=3,

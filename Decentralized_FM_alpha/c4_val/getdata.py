@@ -6,12 +6,7 @@
 See task_datasets/c4_requests.py for every option.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from task_datasets.c4_requests import script_main  # noqa: E402
+from dejavu_llama.task_datasets.c4_requests import script_main
 
 if __name__ == "__main__":
     script_main("validation", "c4_val.jsonl", default_num_docs=200)

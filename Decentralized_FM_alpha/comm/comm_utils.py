@@ -162,7 +162,7 @@ class TorchCommunicator:
         self.cpu_group = dist.new_group(backend="gloo") if pg_backend != "gloo" else None
         self.p2p = None
         if backend == "cupy_nccl":
-            from comm.cupy_nccl_backend import CupyNCCLPeerToPeer  # cupy only when asked for
+            from dejavu_llama.comm.cupy_nccl_backend import CupyNCCLPeerToPeer  # cupy only when asked for
 
             self.p2p = CupyNCCLPeerToPeer(self.store, rank, world_size, self.device)
         self.watchdog = threading.Thread(target=self._watch, name="pipeline-watchdog", daemon=True)

@@ -1,11 +1,9 @@
 """Activation dumps for predictor training: the save variants' recording blocks and the writer.
 
-Per layer l, raw float16 np.memmap files without header (upstream DejaVu's format):
-    att_x_{l}.mmap [N, d]   mlp_x_{l}.mmap [N, d]   mlp_label_{l}.mmap [N, I]   att_label_{l}.mmap [N, H]
-plus meta.json (the only place readers take shapes and row counts from). Row r is the same
-token in every file of every layer: every stage sees the same prompt micro-batches in the
-same order and writes their real (unpadded) tokens in row-major order. Only prompt tokens
-(prefill, no KV cache yet) are dumped.
+The files and meta.json are defined in dejavu_common.dump_format (upstream DejaVu's float16
+memmaps). Row r is the same token in every file of every layer: every stage sees the same
+prompt micro-batches in the same order and writes their real (unpadded) tokens in row-major
+order. Only prompt tokens (prefill, no KV cache yet) are dumped.
 
 meta.json is rewritten atomically, under a lock shared by the ranks of one machine, after the
 memmaps have been flushed, so its row counts never include rows that were not written. Flushing
@@ -18,46 +16,20 @@ import fcntl
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from dejavu_common.dump_format import (FLOAT16_MAX, META_FILE, TAPS, DumpError, dims_of, dump_file, new_meta,
+                                       tap_widths)
+from dejavu_common.helpers import write_json_atomic
+
 logger = logging.getLogger(__name__)
 
-DUMP_FORMAT = "dejavu-sp-dump"
-DUMP_VERSION = 1
-DUMP_KINDS = ("att_x", "mlp_x", "mlp_label", "att_label")
-FLOAT16_MAX = float(np.finfo(np.float16).max)
 DEFAULT_CAPACITY = 400000
 DEFAULT_COMMIT_SECONDS = 10.0
-
-
-class DumpError(RuntimeError):
-    pass
-
-
-def dump_file(folder, kind, layer):
-    return os.path.join(folder, f"{kind}_{layer}.mmap")
-
-
-def dims_of(config):
-    return {
-        "hidden_size": config.hidden_size,
-        "intermediate_size": getattr(config, "intermediate_size", None) or config.ffn_dim,
-        "num_heads": config.num_attention_heads,
-    }
-
-
-def widths_of(meta):
-    return {
-        "att_x": meta["hidden_size"],
-        "mlp_x": meta["hidden_size"],
-        "mlp_label": meta["intermediate_size"],
-        "att_label": meta["num_heads"],
-    }
 
 
 @contextlib.contextmanager
@@ -71,7 +43,7 @@ def meta_lock(folder):
 
 
 def read_meta(folder):
-    path = os.path.join(folder, "meta.json")
+    path = os.path.join(folder, META_FILE)
     if not os.path.exists(path):
         return None
     try:
@@ -82,12 +54,7 @@ def read_meta(folder):
 
 
 def write_meta(folder, meta):
-    handle, temp = tempfile.mkstemp(prefix=".meta.", suffix=".json", dir=folder)
-    with os.fdopen(handle, "w") as out:
-        json.dump(meta, out, indent=2)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temp, os.path.join(folder, "meta.json"))
+    write_json_atomic(os.path.join(folder, META_FILE), meta, indent=2)
 
 
 @dataclass
@@ -143,11 +110,11 @@ class DumpWriter:
         start = min(meta["rows"].values()) if settings.resume else 0
         self.written = {layer: start for layer in self.layers}
         self.capacity_reached = start >= self.capacity
-        widths = widths_of(meta)
+        widths = tap_widths(meta)
         mode = "r+" if settings.resume else "w+"
         self.files = {}
         for layer in self.layers:
-            for kind in DUMP_KINDS:
+            for kind in TAPS:
                 path = dump_file(self.folder, kind, layer)
                 if settings.resume and not os.path.exists(path):
                     raise DumpError(f"--sp-resume: {path} does not exist")
@@ -179,24 +146,7 @@ class DumpWriter:
                 return
             if meta is not None:
                 logger.warning("overwriting the dump in %s (--sp-resume appends instead)", self.folder)
-            layers = list(range(s.num_layers))
-            write_meta(self.folder, {
-                "format": DUMP_FORMAT,
-                "version": DUMP_VERSION,
-                "model": s.model,
-                "model_type": s.model_type.split("-")[0],
-                "dtype": "float16",
-                "capacity": s.capacity,
-                **self.dims,
-                "num_layers": s.num_layers,
-                "layers": layers,
-                "rows": {str(layer): 0 for layer in layers},
-                "tokens": 0,
-                "source": s.source,
-                "complete": False,
-                "capacity_reached": False,
-                "finished_layers": [],
-            })
+            write_meta(self.folder, new_meta(s.model, s.model_type, s.capacity, self.dims, s.num_layers, s.source))
 
     @property
     def accepting(self):
@@ -208,7 +158,7 @@ class DumpWriter:
         count = min(len(tensors["att_x"]), self.capacity - start)
         if count <= 0:
             return
-        for kind in DUMP_KINDS:
+        for kind in TAPS:
             values = tensors[kind][:count].clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16)
             self.files[kind, layer][start : start + count] = values.cpu().numpy()
         self.written[layer] = start + count

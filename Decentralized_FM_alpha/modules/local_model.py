@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from pipeline_parallel.model_registry import load_model_module
+from dejavu_llama.pipeline_parallel.model_registry import load_model_module
 
 
 class LocalModel(nn.Module):

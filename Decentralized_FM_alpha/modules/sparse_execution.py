@@ -13,12 +13,12 @@ numbers. Heads are always masked after attention (their outputs are set to zero)
 """
 
 import logging
-import math
 import os
-import sys
 
 import torch
 from torch import nn
+
+from dejavu_common.helpers import KeepError, LayerSpecError, check_keep, keep_argument, kept_count, parse_layers
 
 from .sparse_gather import (gathered_mlp, linear_forward, linear_slots, pack_mlp_neurons, predicted_call,
                             predicted_gathered_mlp, store_predictor_half)
@@ -27,20 +27,15 @@ logger = logging.getLogger(__name__)
 
 SPARSE_MODES = ("predicted", "oracle", "dense")
 PREDICTOR_DTYPES = ("float32", "float16")
-PREDICTOR_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                             "sparse_predictor")
 
 
 class SparseSetupError(RuntimeError):
     pass
 
 
-def kept_count(keep, width):
-    """K from a kept fraction (0 < keep <= 1) or an absolute count (keep > 1)."""
-    if keep is None:
-        return None
-    count = int(keep) if keep > 1 else math.ceil(keep * width)
-    return max(1, min(width, count))
+def count_or_none(keep, width):
+    """K for a kept fraction or count (dejavu_common.helpers.kept_count); None keeps no fixed K."""
+    return None if keep is None else kept_count(keep, width)
 
 
 def top_k_mask(scores, k):
@@ -49,20 +44,6 @@ def top_k_mask(scores, k):
         return torch.ones_like(scores, dtype=torch.bool)
     indices = scores.topk(k, dim=-1).indices
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, indices, True)
-
-
-def parse_layers(spec, num_layers):
-    """'all', '4-29', '0,2,5' or '' -> a set of layer indices."""
-    if spec in (None, "", "all"):
-        return set(range(num_layers))
-    layers = set()
-    for part in spec.split(","):
-        if "-" in part:
-            first, last = part.split("-")
-            layers.update(range(int(first), int(last) + 1))
-        else:
-            layers.add(int(part))
-    return layers
 
 
 class SparseBlockMixin:
@@ -97,7 +78,7 @@ class SparseBlockMixin:
         if step is None or self.sparse_heads or self.sparse_mode == "oracle":
             return None
         dense = self.sparse_mode == "dense" or self.mlp_predictor is None
-        k = None if dense else kept_count(self.mlp_keep, self.mlp_width)
+        k = None if dense else count_or_none(self.mlp_keep, self.mlp_width)
         if not dense and (not self.use_gather or k is None):
             return None
         result = step(x, layer_past, mask, predicted_k=k, predict_from_input=self.mlp_input != "same")
@@ -143,13 +124,13 @@ class SparseBlockMixin:
 
     def select(self, predictor, x, keep, width):
         scores = self.predictor_scores(predictor, x)
-        k = kept_count(keep, width)
+        k = count_or_none(keep, width)
         return (scores > 0) if k is None else top_k_mask(scores, k)
 
     def head_mask(self, heads):
         """[B, S, H] boolean: heads kept per token."""
         if self.sparse_mode == "oracle":
-            return top_k_mask(heads.float().norm(dim=-1), kept_count(self.att_keep, self.num_heads))
+            return top_k_mask(heads.float().norm(dim=-1), count_or_none(self.att_keep, self.num_heads))
         return self.select(self.att_predictor, self.predictor_input("att"), self.att_keep, self.num_heads)
 
     def gathered_mlp(self, h, neurons):
@@ -188,9 +169,9 @@ class SparseBlockMixin:
         width = self.mlp_width
         if self.sparse_mode == "oracle":
             act = self.mlp_activation(h)
-            keep = top_k_mask(act.float().abs(), kept_count(self.mlp_keep, width))
+            keep = top_k_mask(act.float().abs(), count_or_none(self.mlp_keep, width))
             return self.mlp_output(act * keep.to(act.dtype))
-        k = kept_count(self.mlp_keep, width)
+        k = count_or_none(self.mlp_keep, width)
         if self.use_gather and h.shape[1] == 1 and k is not None:
             x_pred = self.predictor_input("mlp")
             fused = self.fused_predicted_mlp(h, x_pred, self.mlp_predictor, k)
@@ -210,13 +191,16 @@ def add_arguments(parser):
     group.add_argument("--sparse-mode", choices=SPARSE_MODES, default=env.get("SPARSE_MODE", "predicted"))
     group.add_argument("--sparse-path", default=env.get("SPRARSE_PATH") or env.get("SPARSE_PATH"),
                        help="folder of c4_layer{L}.pt / c4_att_layer{L}.pt (default: $SPRARSE_PATH)")
-    group.add_argument("--mlp-keep", type=float, default=_float_env("TOPK"),
-                       help="MLP neurons kept per token: a fraction (<= 1) or a count (default: $TOPK; "
-                            "predicted mode without it keeps the classifier's positives)")
-    group.add_argument("--att-keep", type=float, default=_float_env("ATTN_TOPK_1"),
-                       help="heads kept per token: a fraction or a count (default: $ATTN_TOPK_1)")
+    # argparse converts string defaults with `type` too, so $TOPK and $ATTN_TOPK_1 are checked like the flags.
+    group.add_argument("--mlp-keep", type=keep_argument("--mlp-keep ($TOPK)"), default=env.get("TOPK") or None,
+                       help="MLP neurons kept per token: a fraction in (0, 1] or a whole count up to the MLP's "
+                            "width (default: $TOPK; predicted mode without it keeps the classifier's positives)")
+    group.add_argument("--att-keep", type=keep_argument("--att-keep ($ATTN_TOPK_1)"),
+                       default=env.get("ATTN_TOPK_1") or None,
+                       help="heads kept per token: a fraction in (0, 1] or a whole count up to the number of "
+                            "heads (default: $ATTN_TOPK_1)")
     group.add_argument("--sparse-layers", default=_layers_env(),
-                       help="'all', '4-29' or '0,3,5' (default: all, or from $LAYER onwards)")
+                       help="'all', '4-29', '4-' (to the last) or '0,3,5' (default: all, or from $LAYER onwards)")
     group.add_argument("--sparse-attention", choices=("on", "off"), default="on")
     group.add_argument("--sparse-mlp", choices=("on", "off"), default="on")
     group.add_argument("--no-gather", action="store_true", help="always mask, never gather, the MLP")
@@ -226,21 +210,14 @@ def add_arguments(parser):
                             "$PREDICTOR_DTYPE or float32)")
 
 
-def _float_env(name):
-    value = os.environ.get(name)
-    return float(value) if value not in (None, "") else None
-
-
 def _layers_env():
     first = os.environ.get("LAYER")
-    return f"{first}-100000" if first not in (None, "") else "all"
+    return f"{first}-" if first not in (None, "") else "all"
 
 
 def load_predictors(folder, kind, layer):
     """(predictor, input mode) for one layer, from the predictor package's files."""
-    if PREDICTOR_DIR not in sys.path:
-        sys.path.insert(0, PREDICTOR_DIR)
-    from predictor import load_predictor, load_predictor_info
+    from sparse_predictor.predictor import load_predictor, load_predictor_info
 
     name = f"c4_layer{layer}.pt" if kind == "mlp" else f"c4_att_layer{layer}.pt"
     path = os.path.join(folder, name)
@@ -263,6 +240,12 @@ def configure_sparse(blocks, mode, sparse_path=None, mlp_keep=None, att_keep=Non
     if predictor_dtype not in PREDICTOR_DTYPES:
         raise SparseSetupError(f"unknown predictor dtype {predictor_dtype!r}; known: {', '.join(PREDICTOR_DTYPES)}")
     predictors = dict(predictors or {})
+    for flag, keep in (("--mlp-keep", mlp_keep), ("--att-keep", att_keep)):
+        if keep is not None:
+            try:
+                check_keep(keep, flag)
+            except KeepError as error:
+                raise SparseSetupError(str(error)) from None
     for position, block in enumerate(blocks):
         # Plain attributes, not submodules: the predictors and the neighbour are not weights of
         # this block (and a registered submodule would hide behind the class defaults).
@@ -274,6 +257,13 @@ def configure_sparse(blocks, mode, sparse_path=None, mlp_keep=None, att_keep=Non
             block.sparse_mode = "dense"
             continue
         block.sparse_mode = mode
+        for flag, keep, width in (("--mlp-keep", mlp_keep, block.mlp_width),
+                                  ("--att-keep", att_keep, block.config.num_attention_heads)):
+            try:
+                if keep is not None:
+                    kept_count(keep, width, flag)  # a count above the width is refused here, not per token
+            except KeepError as error:
+                raise SparseSetupError(f"layer {block.layer_index}: {error}") from None
         block.mlp_keep = mlp_keep if sparse_mlp else None
         block.att_keep = att_keep if sparse_attention else None
         if mode == "oracle":
@@ -315,13 +305,17 @@ class _Closer:
 
 
 def prepare_stage(blocks, args, config):
+    try:
+        layers = parse_layers(args.sparse_layers, config.num_hidden_layers, "--sparse-layers")
+    except LayerSpecError as error:
+        raise SparseSetupError(str(error)) from None
     configure_sparse(
         blocks,
         args.sparse_mode,
         sparse_path=args.sparse_path,
         mlp_keep=args.mlp_keep,
         att_keep=args.att_keep,
-        layers=parse_layers(args.sparse_layers, 10**6),
+        layers=set(layers),
         sparse_mlp=args.sparse_mlp == "on",
         sparse_attention=args.sparse_attention == "on",
         use_gather=not args.no_gather,

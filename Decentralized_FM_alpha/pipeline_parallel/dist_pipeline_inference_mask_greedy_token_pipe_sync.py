@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
-from pipeline_parallel.generation_utils import TokenSampler
+from dejavu_llama.pipeline_parallel.generation_utils import TokenSampler
 
 logger = logging.getLogger(__name__)
 

@@ -3,12 +3,12 @@
 import importlib
 
 MODEL_TYPES = {
-    "opt": "modules.hf_opt_module",
-    "llama": "modules.hf_llama_module",
-    "opt-save": "modules.hf_opt_module_save",
-    "llama-save": "modules.hf_llama_module_save",
-    "opt-ml-att-sparse": "modules.hf_opt_sparse_mlp_attention",
-    "llama-ml-att-sparse": "modules.hf_llama_sparse_mlp_attention",
+    "opt": "dejavu_llama.modules.hf_opt_module",
+    "llama": "dejavu_llama.modules.hf_llama_module",
+    "opt-save": "dejavu_llama.modules.hf_opt_module_save",
+    "llama-save": "dejavu_llama.modules.hf_llama_module_save",
+    "opt-ml-att-sparse": "dejavu_llama.modules.hf_opt_sparse_mlp_attention",
+    "llama-ml-att-sparse": "dejavu_llama.modules.hf_llama_sparse_mlp_attention",
 }
 
 # The dense family each type reads its config and checkpoint as.

@@ -23,8 +23,8 @@ import os
 import random
 import sys
 
-from task_datasets.inference_data import write_jsonl_atomic
-from task_datasets.offline_text import offline_documents
+from dejavu_common.helpers import write_jsonl_atomic
+from dejavu_llama.task_datasets.offline_text import offline_documents
 
 logger = logging.getLogger("getdata")
 

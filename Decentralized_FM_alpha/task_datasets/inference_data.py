@@ -1,4 +1,4 @@
-"""Request files in, result files out (JSON lines, upstream's shape; DESIGN.md "Requests and results").
+"""Request files in, result files out (JSON lines, upstream's shape; docs/formats.md "Requests and results").
 
 Request:  {"prompt": str, "max_tokens": int, "echo": bool, "logprobs": int|null,
            "temperature": float, "top_p": float, "top_k": int, "stop": str|list|null, "n": int,
@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
@@ -345,26 +344,6 @@ def build_result(entry, outputs, token_text, eos_ids):
         choice["index"] = index
         choices.append(choice)
     return {"request": entry.request, "result": {"choices": choices}}
-
-
-def write_jsonl_atomic(path, items):
-    """Write JSON lines to `path` through a temporary file in the same folder and os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            for item in items:
-                handle.write(json.dumps(item, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        if os.path.exists(handle.name):
-            os.unlink(handle.name)
-        raise
 
 
 def default_output_path(infer_data):
