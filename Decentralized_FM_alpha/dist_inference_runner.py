@@ -397,12 +397,16 @@ def report_failure(error, comm, state):
         release_exit()
 
 
+# Errors whose message says it all: logged as one line, without a traceback (matched by name,
+# so the runner imports none of the modules that raise them before it needs them).
+EXPECTED_ERRORS = ("RequestError", "UnknownModelType", "CheckpointError", "SparseSetupError", "DumpError")
+
+
 def _report_failure(error, comm, state, CommError):
+    expected = isinstance(error, (CommError, AgreedFailure, SetupError)) or type(error).__name__ in EXPECTED_ERRORS
     if isinstance(error, KeyboardInterrupt):
         message = "interrupted"
-    elif isinstance(error, (CommError, AgreedFailure, SetupError)) or type(error).__name__ in (
-        "RequestError", "UnknownModelType", "CheckpointError", "SparseSetupError", "DumpError"
-    ):
+    elif expected:
         message = str(error)
     else:
         message = f"{type(error).__name__}: {error}"
@@ -410,9 +414,7 @@ def _report_failure(error, comm, state, CommError):
     if comm is not None and not isinstance(error, AgreedFailure):
         message = comm.abort(message)
     logger.error("%s", message)
-    if not isinstance(error, (CommError, AgreedFailure, SetupError, KeyboardInterrupt)) and type(error).__name__ not in (
-        "RequestError", "UnknownModelType", "CheckpointError"
-    ):
+    if not expected and not isinstance(error, KeyboardInterrupt):
         logger.error("traceback of the failure:", exc_info=error)
     try:
         close_hook(state, ok=False)

@@ -65,5 +65,5 @@ run_pipeline() {
     "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$STAGES" \
       dist_inference_runner.py "${args[@]}" --world-size "$STAGES" "$@" "${extra[@]}"
   fi
-  "$PYTHON" -m task_datasets.perplexity "$output"
+  "$PYTHON" -m dejavu_llama.task_datasets.perplexity "$output"
 }

@@ -49,17 +49,21 @@ def kept_count(keep, width: int, flag: str = "keep") -> int:
     return int(value)
 
 
-def keep_argument(flag: str):
-    """An argparse `type` that accepts what check_keep accepts, naming `flag` in its error."""
+def keep_argument(flag: str, counts: bool = True):
+    """An argparse `type` accepting what check_keep accepts (fractions only with counts=False),
+    naming `flag` in its error."""
     import argparse
 
     def parse(text):
         try:
-            return check_keep(text, flag)
+            value = check_keep(text, flag)
         except KeepError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
+        if value > 1 and not counts:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: must be a fraction in (0, 1]")
+        return value
 
-    parse.__name__ = "kept fraction or count"
+    parse.__name__ = "kept fraction" if not counts else "kept fraction or count"
     return parse
 
 

@@ -78,7 +78,7 @@ record() {  # record MODE MLP_KEEP ATT_KEEP RESULTS
   "$PYTHON" - "$@" "$RUN/perplexity.jsonl" <<'EOF'
 import json, subprocess, sys
 mode, mlp_keep, att_keep, results, out = sys.argv[1:]
-from task_datasets.perplexity import perplexity_of_file
+from dejavu_llama.task_datasets.perplexity import perplexity_of_file
 figures = perplexity_of_file(results)
 value, tokens = figures["perplexity"], figures["tokens"]
 line = {"mode": mode, "mlp_keep": None if mlp_keep == "-" else float(mlp_keep),

@@ -66,7 +66,7 @@ def build_parser(kind: str, family: str) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=DEFAULT_LR)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--patience", type=int, default=5, help="early stop after this many epochs without better validation")
-    p.add_argument("--k", type=keep_argument("--k"), default=None,
+    p.add_argument("--k", type=keep_argument("--k", counts=False), default=None,
                    help=f"top-k fraction kept per token for --label topk (default {task.default_k})")
     p.add_argument("--label", choices=LABEL_RULES, default=None,
                    help=f"label rule (default {task.default_label(family)}); see labels.py")

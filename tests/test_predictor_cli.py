@@ -49,7 +49,7 @@ def test_bad_layer_spec_is_an_error_naming_it(tmp_path, caplog, flags, message):
     assert not (tmp_path / "ckpt").exists()
 
 
-@pytest.mark.parametrize("k", ["0", "-0.1", "1.5"])
+@pytest.mark.parametrize("k", ["0", "-0.1", "1.5", "2"])
 def test_bad_label_k_is_an_error_naming_it(tmp_path, capsys, k):
     dump = small_dump(tmp_path / "dump")
     with pytest.raises(SystemExit) as exit_info:

@@ -5,7 +5,7 @@ entry (the first token has no prefix: null), pooled over all results (a token-we
 mean, not a mean of per-document perplexities). Error results and results without logprobs
 are skipped and counted.
 
-    python -m task_datasets.perplexity RESULT_FILE [--json]
+    python -m dejavu_llama.task_datasets.perplexity RESULT_FILE [--json]
 """
 
 import argparse
