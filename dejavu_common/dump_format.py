@@ -62,9 +62,10 @@ def tap_widths(meta: dict) -> dict:
     }
 
 
-def new_meta(model: str, model_type: str, capacity: int, dims: dict, num_layers: int, source: str) -> dict:
-    """meta.json of an empty dump of every layer."""
-    layers = list(range(num_layers))
+def new_meta(model: str, model_type: str, capacity: int, dims: dict, num_layers: int, source: str,
+             layers=None) -> dict:
+    """meta.json of an empty dump of `layers` (default: every layer of the model's `num_layers`)."""
+    layers = list(range(num_layers)) if layers is None else sorted(layers)
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,

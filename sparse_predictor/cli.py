@@ -88,6 +88,9 @@ def build_parser(kind: str, family: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--max-rows", type=int, default=None, help="use at most this many valid rows")
+    p.add_argument("--train-rows", type=int, default=None,
+                   help="train on the first N training rows only; the validation rows stay the same "
+                        "(to compare training-set sizes)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--run-id", default=os.environ.get("RUN_ID", ""),
                    help="tag stored with every metrics line (the run scripts summarize by it)")
@@ -209,6 +212,7 @@ def make_settings(args: argparse.Namespace, task: PredictorTask, family: str, re
         dataset=args.dataset, ckpt_dir=os.path.abspath(args.ckpt_dir or default_ckpt_dir(reader.path)),
         input_mode=args.input_mode, label=label, k=args.k, threshold=args.threshold,
         target_sparsity=args.target_sparsity, val_fraction=args.val_fraction, max_rows=args.max_rows,
+        train_rows=args.train_rows,
         select_metric=args.select_metric, run_id=args.run_id,
         train=TrainConfig(D=D, lr=args.lr, epochs=epochs, batch_size=args.batch_size,
                           weight_decay=args.weight_decay, patience=args.patience, seed=args.seed,

@@ -14,7 +14,7 @@
 #   PYTHON      default: the repository's .venv/bin/python if present, else python3
 #   LAYERS      layers to train, e.g. "0-3,9" (default: every layer in meta.json)
 #   NUM_GPUS    use at most this many GPUs (0, or DEVICE=cpu, forces the CPU path)
-#   LABEL K THRESHOLD TARGET_SPARSITY INPUT D EPOCHS LR BATCH_SIZE SEED VAL_FRACTION MAX_ROWS
+#   LABEL K THRESHOLD TARGET_SPARSITY INPUT D EPOCHS LR BATCH_SIZE SEED VAL_FRACTION MAX_ROWS TRAIN_ROWS
 #   MODEL DATASET DEVICE THREADS PATIENCE SELECT_METRIC RUN_ID   map to the entry point's flags
 set -uo pipefail
 
@@ -44,7 +44,7 @@ args=(--data-path "$DATA_PATH" --ckpt-dir "$CKPT_DIR" --run-id "$RUN_ID")
 add() { if [ -n "${!1:-}" ]; then args+=("$2" "${!1}"); fi; }
 add LABEL --label; add K --k; add THRESHOLD --threshold; add TARGET_SPARSITY --target-sparsity
 add INPUT --input; add D --D; add EPOCHS --epochs; add LR --lr; add BATCH_SIZE --batch_size
-add SEED --seed; add VAL_FRACTION --val-fraction; add MAX_ROWS --max-rows; add MODEL --model
+add SEED --seed; add VAL_FRACTION --val-fraction; add MAX_ROWS --max-rows; add TRAIN_ROWS --train-rows; add MODEL --model
 add DATASET --dataset; add THREADS --threads; add PATIENCE --patience; add SELECT_METRIC --select-metric
 
 # The layer list comes from meta.json (this also reports a missing or broken dump early).

@@ -138,8 +138,12 @@ def calibration_sample(raw_labels: np.ndarray, train_idx: np.ndarray, seed: int)
 
 def load_layer_data(reader: DumpReader, input_tap: tuple[str, int], label_tap: tuple[str, int],
                     rule: LabelRule, val_fraction: float, seed: int,
-                    max_rows: int | None = None) -> LayerData:
-    """Read one layer's inputs and labels, split them, and calibrate the label rule on training rows."""
+                    max_rows: int | None = None, train_rows: int | None = None) -> LayerData:
+    """Read one layer's inputs and labels, split them, and calibrate the label rule on training rows.
+
+    train_rows keeps only the first (earliest) training rows after the split: the validation rows
+    stay the same whatever train_rows is, and a smaller training set is a subset of a larger one
+    (what a study of predictor quality against training-set size needs)."""
     (x_name, x_layer), (y_name, y_layer) = input_tap, label_tap
     x_src, y_src = reader.open(x_name, x_layer), reader.open(y_name, y_layer)
     available = reader.rows_for(sorted({x_layer, y_layer}))
@@ -149,6 +153,10 @@ def load_layer_data(reader: DumpReader, input_tap: tuple[str, int], label_tap: t
             f"dump {reader.path} has {available} valid rows for layers {sorted({x_layer, y_layer})} "
             f"(meta.json rows); at least 2 are needed")
     train_idx, val_idx = split_rows(n_rows, val_fraction, seed)
+    if train_rows is not None:
+        if train_rows < 1:
+            raise ValueError(f"--train-rows must be at least 1, got {train_rows}")
+        train_idx = train_idx[:train_rows]
     rule.calibrate(calibration_sample(y_src, train_idx, seed), seed)
 
     parts, dropped = [], 0
@@ -289,6 +297,7 @@ class RunSettings:
     target_sparsity: float | None = 0.9
     val_fraction: float = 0.1
     max_rows: int | None = None
+    train_rows: int | None = None     # first training rows only (validation unchanged)
     select_metric: str = "recall"
     train: TrainConfig = field(default_factory=TrainConfig)
     run_id: str = ""
@@ -327,7 +336,7 @@ def train_layer(reader: DumpReader, task: PredictorTask, layer: int, settings: R
     label_tap = (task.label_tap_name, layer)
     rule = task.label_rule(settings)
     data = load_layer_data(reader, input_tap, label_tap, rule, settings.val_fraction,
-                           settings.train.seed, settings.max_rows)
+                           settings.train.seed, settings.max_rows, settings.train_rows)
     d, out = reader.hidden_size, task.output_width(reader)
     seed_everything(settings.train.seed)
     model = build_predictor(d, settings.train.D, out)
@@ -356,7 +365,7 @@ def train_layer(reader: DumpReader, task: PredictorTask, layer: int, settings: R
         "best_epoch": result.best_epoch, "batch_size": cfg.batch_size,
         "weight_decay": cfg.weight_decay, "patience": cfg.patience,
         "select_metric": settings.select_metric, "pos_weight": result.pos_weight,
-        "seed": cfg.seed, "val_fraction": settings.val_fraction, "max_rows": settings.max_rows,
+        "seed": cfg.seed, "val_fraction": settings.val_fraction, "max_rows": settings.max_rows, "train_rows_requested": settings.train_rows,
         **data.info,
         "val": json_metrics(result.val),
         "train_subset": json_metrics(result.train),

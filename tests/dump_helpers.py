@@ -12,19 +12,20 @@ from dejavu_llama.modules.local_model import LocalModel
 
 
 def collect_args(folder, model_path, model_type, capacity=1000, resume=False, force=False, num_layers=None,
-                 commit_seconds=0.0):
+                 commit_seconds=0.0, layers="all"):
     return SimpleNamespace(
         sp_data_path=str(folder), sp_rows=capacity, sp_resume=resume, sp_force=force, sp_commit_seconds=commit_seconds,
+        sp_layers=layers,
         model_name=str(model_path), model_type=model_type, infer_data="test", pipeline_group_size=1,
         num_layers=num_layers, rank=0,
     )
 
 
-def collect(model_path, model_type, folder, batches, capacity=1000, resume=False, force=False):
+def collect(model_path, model_type, folder, batches, capacity=1000, resume=False, force=False, layers="all"):
     """Run each (input_ids, mask) batch through a save model; returns the meta.json written."""
     model = LocalModel.from_checkpoint(model_path, model_type)
     module = __import__("dejavu_llama.pipeline_parallel.model_registry", fromlist=["x"]).load_model_module(model_type)
-    args = collect_args(folder, model_path, model_type, capacity, resume, force, len(model.blocks))
+    args = collect_args(folder, model_path, model_type, capacity, resume, force, len(model.blocks), layers=layers)
     writer = module.prepare_stage(list(model.blocks), args, model.config)
     try:
         for input_ids, mask in batches:

@@ -55,6 +55,26 @@ def test_left_padded_batch_dumps_only_real_tokens(tmp_path, family):
         start += len(row)
 
 
+def test_layer_subset_dumps_only_those_layers(tmp_path):
+    """--sp-layers: the chosen layers' files hold the same rows as a full dump; no other files."""
+    from sparse_predictor.dump_reader import DumpReader
+
+    _, checkpoint = tiny_llama(tmp_path)
+    batches = [(ids(2, 7, seed=5), None), (ids(1, 5, seed=6), None)]
+    collect(checkpoint, "llama-save", tmp_path / "full", batches)
+    meta = collect(checkpoint, "llama-save", tmp_path / "subset", batches, layers="0,2")
+    assert meta["layers"] == [0, 2] and meta["rows"] == {"0": 19, "2": 19} and meta["complete"]
+    assert sorted(name for name in os.listdir(tmp_path / "subset") if name.endswith(".mmap")) == sorted(
+        f"{kind}_{layer}.mmap" for kind in ("att_x", "mlp_x", "mlp_label", "att_label") for layer in (0, 2))
+    reader = DumpReader(str(tmp_path / "subset"))
+    assert reader.layers == [0, 2] and reader.rows_for([0, 2]) == 19
+    for kind in ("att_x", "mlp_x", "mlp_label", "att_label"):
+        for layer in (0, 2):
+            assert torch.equal(read_dump(tmp_path / "subset", kind, layer), read_dump(tmp_path / "full", kind, layer))
+    with pytest.raises(DumpError, match="--sp-layers"):
+        collect(checkpoint, "llama-save", tmp_path / "bad", batches, layers="5")
+
+
 def test_rows_align_across_layers(tmp_path):
     """The same token sits at the same row in every layer: layer l+1's input is layer l's output."""
     _, checkpoint = tiny_llama(tmp_path)

@@ -103,6 +103,17 @@ def test_no_token_in_both_splits(dumps):
     assert not any(row.numpy().tobytes() in train_rows for row in data.x_val)
 
 
+def test_train_rows_keeps_the_validation_rows_and_nests_the_training_rows(dumps):
+    reader, rule = dumps["llama", "random"], LabelRule("topk", k=0.1)
+    full = load_layer_data(reader, ("mlp_x", 0), ("mlp_label", 0), rule, 0.2, seed=0)
+    small = load_layer_data(reader, ("mlp_x", 0), ("mlp_label", 0), rule, 0.2, seed=0, train_rows=300)
+    assert small.info["rows_train"] == 300 and full.info["rows_train"] == 1200
+    assert torch.equal(small.x_val, full.x_val) and torch.equal(small.y_val, full.y_val)
+    assert torch.equal(small.x_train, full.x_train[:300])
+    with pytest.raises(ValueError, match="--train-rows"):
+        load_layer_data(reader, ("mlp_x", 0), ("mlp_label", 0), rule, 0.2, seed=0, train_rows=0)
+
+
 def test_rows_with_non_finite_values_are_dropped(tmp_path):
     make_dump(str(tmp_path / "dump"), rows=200, num_layers=1)
     labels = np.memmap(tmp_path / "dump" / "mlp_label_0.mmap", dtype=np.float16, mode="r+", shape=(216, 64))

@@ -24,7 +24,7 @@ import torch
 
 from dejavu_common.dump_format import (FLOAT16_MAX, META_FILE, TAPS, DumpError, dims_of, dump_file, new_meta,
                                        tap_widths)
-from dejavu_common.helpers import write_json_atomic
+from dejavu_common.helpers import LayerSpecError, parse_layers, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class DumpSettings:
     source: str = ""
     num_layers: int = 0  # layers of the whole pipeline
     commit_seconds: float = DEFAULT_COMMIT_SECONDS
+    layers: list | None = None  # the layers dumped (--sp-layers); None: all
 
     @classmethod
     def from_args(cls, args):
@@ -75,6 +76,11 @@ class DumpSettings:
         if not folder:
             raise DumpError("--sp-data-path (or DATA_PATH) is required for a save model type")
         stages = getattr(args, "pipeline_group_size", 1) or 1
+        num_layers = stages * args.num_layers
+        try:
+            layers = parse_layers(getattr(args, "sp_layers", "all"), num_layers, "--sp-layers")
+        except LayerSpecError as error:
+            raise DumpError(str(error)) from None
         return cls(
             folder=folder,
             capacity=args.sp_rows,
@@ -83,8 +89,9 @@ class DumpSettings:
             model=args.model_name,
             model_type=args.model_type,
             source=getattr(args, "infer_data", "") or "",
-            num_layers=stages * args.num_layers,
+            num_layers=num_layers,
             commit_seconds=getattr(args, "sp_commit_seconds", DEFAULT_COMMIT_SECONDS),
+            layers=layers,
         )
 
 
@@ -96,7 +103,7 @@ class DumpWriter:
             raise DumpError(f"--sp-rows must be positive, got {settings.capacity}")
         self.settings = settings
         self.folder = settings.folder
-        self.layers = list(layers)
+        self.layers = [layer for layer in layers if settings.layers is None or layer in settings.layers]
         self.dims = dims_of(config)
         os.makedirs(self.folder, exist_ok=True)
         if first_stage:
@@ -128,6 +135,8 @@ class DumpWriter:
     def _initialise_meta(self):
         s = self.settings
         expected = {"model": s.model, **self.dims, "num_layers": s.num_layers}
+        if s.resume and s.layers is not None:
+            expected["layers"] = sorted(s.layers)
         with meta_lock(self.folder):
             meta = read_meta(self.folder)
             if meta is not None and not s.force:
@@ -146,7 +155,8 @@ class DumpWriter:
                 return
             if meta is not None:
                 logger.warning("overwriting the dump in %s (--sp-resume appends instead)", self.folder)
-            write_meta(self.folder, new_meta(s.model, s.model_type, s.capacity, self.dims, s.num_layers, s.source))
+            write_meta(self.folder, new_meta(s.model, s.model_type, s.capacity, self.dims, s.num_layers, s.source,
+                                             s.layers))
 
     @property
     def accepting(self):
@@ -230,6 +240,9 @@ def add_arguments(parser):
     group.add_argument("--sp-rows", type=int, default=DEFAULT_CAPACITY, help="capacity N: rows per file")
     group.add_argument("--sp-resume", action="store_true", help="append after the rows meta.json records")
     group.add_argument("--sp-force", action="store_true", help="overwrite a dump of a different model")
+    group.add_argument("--sp-layers", default=os.environ.get("SP_LAYERS", "all"),
+                       help="layers to dump, e.g. '2,7,12' or '0-29' (default: $SP_LAYERS or all); a subset keeps "
+                            "a large dump within disk: each layer costs 2 x (2 d + I + H) bytes per token")
     group.add_argument("--sp-commit-seconds", type=float, default=DEFAULT_COMMIT_SECONDS,
                        help="flush the files and update meta.json at most this often (0: after every batch)")
 
@@ -248,6 +261,6 @@ def prepare_stage(blocks, args, config):
         barrier=dist.barrier if distributed else None,
     )
     for block in blocks:
-        block.dump = writer
+        block.dump = writer if block.layer_index in writer.layers else None
     logger.info("stage %s dumps layers %s to %s", stage, writer.layers, writer.folder)
     return writer
