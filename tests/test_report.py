@@ -19,12 +19,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
-for _path in (ROOT, SCRIPTS):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
 
-import drift  # noqa: E402
-import report  # noqa: E402
+from dejavu_study import drift
+from dejavu_study.report import cli, markdown, plots
+from dejavu_study.report import runs as report_runs  # `runs` is the fixture below
 
 LAYERS, D, INTER, HEADS, ROWS, CAPACITY = 3, 16, 32, 4, 200, 256
 NOISE = 0.1  # per-coordinate noise relative to unit-variance att_x
@@ -171,8 +169,8 @@ def comparison(runs):
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     with open(os.path.join(out, "report.md")) as f:
-        markdown = f.read()
-    return {"out": out, "summary": summary, "markdown": markdown, "stdout": result.stdout}
+        report_md = f.read()
+    return {"out": out, "summary": summary, "markdown": report_md, "stdout": result.stdout}
 
 
 def by_name(summary, name):
@@ -278,7 +276,7 @@ def test_summary_takes_latest_ok_metrics_line(comparison, runs):
     """Same selection as the predictor package's load_predictor_info; failed-only layers are listed."""
     from sparse_predictor.predictor import METRICS_FILES, load_predictor_info
 
-    assert report.METRICS_FILES == METRICS_FILES
+    assert report_runs.METRICS_FILES == METRICS_FILES
     llama = by_name(comparison["summary"], "llama-synthetic")
     for kind in ("mlp", "att"):
         for mode in ("same", "prev"):
@@ -289,7 +287,7 @@ def test_summary_takes_latest_ok_metrics_line(comparison, runs):
                 if info is None:
                     assert record is None
                     continue
-                for field in report.PREDICTOR_FIELDS:
+                for field in report_runs.PREDICTOR_FIELDS:
                     assert record[field] == info["val"][field]
                 assert record["input_source"] == info["input_source"]
     curve = llama["layers"][1]["mlp"]["same"]["recall_curve"]
@@ -354,17 +352,17 @@ def test_markdown_states_runs_and_findings(comparison):
 
 def test_render_markdown_reads_only_the_summary(comparison):
     summary = json.loads(json.dumps(comparison["summary"]))
-    assert report.render_markdown(summary) == comparison["markdown"]
+    assert markdown.render_markdown(summary) == comparison["markdown"]
     llama = by_name(summary, "llama-synthetic")
     llama["findings"]["predictors"]["mlp"]["same"]["mean_recall"] = 0.123456
     llama["layers"][1]["drift"]["cos_next_layer"]["mean"] = 0.654321
-    md = report.render_markdown(summary)
+    md = markdown.render_markdown(summary)
     assert "mean recall 0.123" in md and "| 0.654 |" in md
 
 
 def test_single_run_missing_pieces_and_drift_cache(runs, tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "ROOT", str(tmp_path))  # default out: ROOT/reports/<name>
-    path = report.write_report([runs["opt"]], progress=False)
+    monkeypatch.setattr(cli, "ROOT", str(tmp_path))  # default out: ROOT/reports/<name>
+    path = cli.write_report([runs["opt"]], progress=False)
     assert path == str(tmp_path / "reports" / "opt-synthetic" / "report.md")
     summary = json.loads((tmp_path / "reports" / "opt-synthetic" / "summary.json").read_text())
     run = summary["runs"][0]
@@ -385,7 +383,7 @@ def test_deleted_mmap_files_make_drift_missing(runs, tmp_path):
     shutil.copytree(runs["opt"], run)
     os.remove(run / "dump" / "drift.json") if (run / "dump" / "drift.json").exists() else None
     os.remove(run / "dump" / "att_x_1.mmap")
-    path = report.write_report([str(run)], out_dir=str(tmp_path / "out"), progress=False, plots=False)
+    path = cli.write_report([str(run)], out_dir=str(tmp_path / "out"), progress=False, plots=False)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["runs"][0]["drift"]["status"] == "missing"
     assert "att_x_1.mmap" in open(path).read()
@@ -411,11 +409,11 @@ def test_drift_cache_is_invalidated_by_a_changed_dump(runs, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(runs["opt"], run)  # copies keep mtimes: the cache stays valid
-    report.write_report([str(run)], out_dir=str(tmp_path / "a"), progress=False, plots=False)
+    cli.write_report([str(run)], out_dir=str(tmp_path / "a"), progress=False, plots=False)
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["runs"][0]["drift"]["source"] == "cache"
     stat = os.stat(run / "dump" / "att_x_1.mmap")
     os.utime(run / "dump" / "att_x_1.mmap", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
-    report.write_report([str(run)], out_dir=str(tmp_path / "b"), progress=False, plots=False)
+    cli.write_report([str(run)], out_dir=str(tmp_path / "b"), progress=False, plots=False)
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["runs"][0]["drift"]["source"] == "computed"
 
 
@@ -427,7 +425,7 @@ def test_diverged_and_dense_less_perplexity_is_reported(runs, tmp_path):
     (run / "perplexity.jsonl").write_text(
         '{"mode": "predicted", "mlp_keep": 0.5, "att_keep": null, "perplexity": Infinity, "tokens": 10}\n'
         '{"mode": "oracle", "mlp_keep": 0.5, "att_keep": null, "perplexity": 12.0, "tokens": 10}\n')
-    path = report.write_report([str(run)], out_dir=str(tmp_path / "out"), progress=False, plots=False)
+    path = cli.write_report([str(run)], out_dir=str(tmp_path / "out"), progress=False, plots=False)
     md = open(path).read()
     assert "predicted inf (not finite)" in md and "oracle 12.000" in md
     assert "no dense run" in md
@@ -440,7 +438,7 @@ def test_runs_of_different_depth_line_up_by_relative_depth():
 
     deep, shallow = run(29), run(5)
     mixed, alike = {"runs": [deep, shallow]}, {"runs": [deep, run(29)]}
-    assert report.depth_of(alike, deep, 7) == 7 and report.depth_label(alike) == "layer"
-    assert report.depth_of(mixed, deep, 14) == pytest.approx(0.5)
-    assert report.depth_of(mixed, shallow, 2) == pytest.approx(0.5) and report.depth_of(mixed, shallow, 4) == 1.0
-    assert report.depth_label(mixed).startswith("relative depth")
+    assert plots.depth_of(alike, deep, 7) == 7 and plots.depth_label(alike) == "layer"
+    assert plots.depth_of(mixed, deep, 14) == pytest.approx(0.5)
+    assert plots.depth_of(mixed, shallow, 2) == pytest.approx(0.5) and plots.depth_of(mixed, shallow, 4) == 1.0
+    assert plots.depth_label(mixed).startswith("relative depth")
