@@ -298,6 +298,9 @@ def test_summary_takes_latest_ok_metrics_line(comparison, runs):
     assert not any("expected" in w for w in llama["warnings"])  # att layer 0 falls back to "same": no false alarm
     att_prev = llama["predictors"]["att"]["prev"]
     assert att_prev["layers_failed"] == [2] and att_prev["layers_ok"] == [0, 1]
+    mlp_same = llama["findings"]["predictors"]["mlp"]["same"]  # trained 1 epoch: every layer's best is the cap
+    assert mlp_same["epoch_cap"] == 1 and mlp_same["max_best_epoch"] == 1
+    assert mlp_same["layers_best_at_cap"] == [l["layer"] for l in llama["layers"] if l["mlp"]["same"]]
     assert any("unreadable line" in w for w in llama["warnings"])
 
 

@@ -38,6 +38,10 @@ def predictor_findings(layers: list[dict], kind: str, mode: str) -> dict | None:
         "mean_recall_first_half": mean(recall[:half]) if half else None,
         "mean_recall_second_half": mean(recall[half:]) if half else None,
         "mean_recall_curve": mean_curve([r.get("recall_curve") for _, r in rows]),
+        # Early stopping: a best epoch at the cap means training stopped while still improving.
+        "max_best_epoch": max((r["best_epoch"] for _, r in rows if r.get("best_epoch")), default=None),
+        "epoch_cap": max((r["epochs"] for _, r in rows if r.get("epochs")), default=None),
+        "layers_best_at_cap": [layer for layer, r in rows if r.get("epochs") and r.get("best_epoch") == r["epochs"]],
         # e.g. attention layer 0 with input prev: no earlier layer, trained on its own input
         "layers_input_fallback": [layer for layer, r in rows
                                   if r.get("input_mode") and r["input_mode"] != r.get("input_mode_requested")],

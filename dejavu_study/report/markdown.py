@@ -150,6 +150,10 @@ def md_predictor_findings(run: dict) -> list[str]:
                 + (" Recall of the top-K at kept fraction (mean over layers): "
                    + ", ".join(fmt_curve_point(p) for p in f["mean_recall_curve"]) + "."
                    if f.get("mean_recall_curve") else "")
+                + (f" Best epoch at most {f['max_best_epoch']} of a cap of {f['epoch_cap']}"
+                   + (f"; best at the cap (still improving when stopped): layer(s) {fmt_layers(f['layers_best_at_cap'])}"
+                      if f["layers_best_at_cap"] else "; every layer stopped early") + "."
+                   if f.get("max_best_epoch") and f.get("epoch_cap") else "")
                 + (f" Trained on the layer's own input instead (no earlier layer): layer(s) "
                    f"{fmt_layers(f['layers_input_fallback'])}." if f.get("layers_input_fallback") else ""))
     for kind in KINDS:

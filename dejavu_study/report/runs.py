@@ -203,7 +203,7 @@ def predictor_record(entry: dict) -> dict:
     # K / width at matched K: the recall@K an uninformed predictor gets (exact for top-k labels)
     record["kept_fraction"] = None if ts is None else 1.0 - ts
     for key in ("input_mode", "input_source", "label_source", "label_rule", "rows_train", "rows_val",
-                "best_epoch", "epochs_run", "run_id", "data_path", "model"):
+                "best_epoch", "epochs_run", "epochs", "run_id", "data_path", "model"):
         record[key] = entry.get(key)
     # the folder's mode; input_mode is what was used (attention layer 0 falls back to "same")
     record["input_mode_requested"] = entry.get("input_mode_requested", entry.get("input_mode"))
