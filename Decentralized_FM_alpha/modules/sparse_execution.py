@@ -1,31 +1,41 @@
-"""Sparse execution (the *-ml-att-sparse model types): keep the top-K MLP neurons and heads.
+"""Sparse execution (the *-ml-att-sparse model types): keep some MLP inputs/neurons and heads.
 
-Per token and per sparse layer, the kept MLP neurons and attention heads are chosen
-  predicted: by the trained predictors (top-K of their scores; with no K, the classifier's
-             own decision, probability >= 0.5),
-  oracle:    by the layer's own activations (top-K |SiLU(gate)*up| or ReLU(fc1); top-K head norms),
-  dense:     not at all (every layer dense; a control run).
-"Does sparsity exist" (oracle) and "can it be predicted" (predicted) are so measured apart.
+Per token and per sparse layer, what is kept is chosen by one of the modes of MODES:
+  predicted: the trained predictors (top-K of their scores; with no K, the classifier's
+             own decision, probability >= 0.5), MLP neurons and heads,
+  oracle:    the layer's own activations (top-K |SiLU(gate)*up| or ReLU(fc1); top-K head norms),
+  dense:     nothing dropped (every layer dense; a control run),
+and three training-free baselines, MLP only (attention stays dense), selection maths in
+training_free.py:
+  teal:      calibrated magnitude thresholds on the MLP's input h and on the input of down (fc2),
+  cats:      a calibrated threshold on |SiLU(gate(h))| (Llama only: OPT has no gate),
+  wina:      per token the top-K inputs of h and of down by |x_i| * ||W[:, i]||_2.
+"Does sparsity exist" (oracle) and "can it be predicted" (predicted) are so measured apart,
+and the baselines show what selection without a trained predictor reaches.
 
-When every sequence feeds one token (decoding) the MLP gathers the kept rows of gate/up (fc1)
-and columns of down (fc2) and computes only those; otherwise it masks. Both give the same
-numbers. Heads are always masked after attention (their outputs are set to zero).
+When every sequence feeds one token (decoding) predicted mode gathers the kept rows of gate/up
+(fc1) and columns of down (fc2) and computes only those; everywhere else the dropped entries
+are masked (set to zero). Both give the same numbers. Heads are always masked after attention.
+The kept fractions a run reached and their cost in MLP bytes: --sparse-stats (sparse_stats.py).
 """
 
 import logging
 import os
+from dataclasses import dataclass
+from typing import Callable, Optional
 
-import torch
 from torch import nn
 
 from dejavu_common.helpers import KeepError, LayerSpecError, check_keep, keep_argument, kept_count, parse_layers
+from dejavu_common.thresholds_format import ThresholdsError, read_thresholds, thresholds_file
 
 from .sparse_gather import (gathered_mlp, linear_forward, linear_slots, pack_mlp_neurons, predicted_call,
                             predicted_gathered_mlp, store_predictor_half)
+from .sparse_stats import SparseStats, StatsWriter, stats_path
+from .training_free import apply_mask, column_norms, magnitude_mask, top_k_mask, wina_mask
 
 logger = logging.getLogger(__name__)
 
-SPARSE_MODES = ("predicted", "oracle", "dense")
 PREDICTOR_DTYPES = ("float32", "float16")
 
 
@@ -36,14 +46,6 @@ class SparseSetupError(RuntimeError):
 def count_or_none(keep, width):
     """K for a kept fraction or count (dejavu_common.helpers.kept_count); None keeps no fixed K."""
     return None if keep is None else kept_count(keep, width)
-
-
-def top_k_mask(scores, k):
-    """Boolean mask [..., width] with the k largest scores per row set."""
-    if k is None or k >= scores.shape[-1]:
-        return torch.ones_like(scores, dtype=torch.bool)
-    indices = scores.topk(k, dim=-1).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, indices, True)
 
 
 class SparseBlockMixin:
@@ -58,6 +60,10 @@ class SparseBlockMixin:
     att_input = "same"
     previous_block = None
     use_gather = True
+    mlp_mode = "dense"  # the MODES entry the MLP runs: the layer's mode, or dense where its MLP is not sparse
+    mlp_thresholds = None  # teal: {"t_in", "t_down"}; cats: {"t_gate"} (None: keep all)
+    wina_norms = None  # wina: (column norms read by h, column norms of down)
+    wina_counts = None  # wina: (K of h, K of down)
 
     # Per-token state (current_inputs, last_att_x) is written into __dict__ directly: it is no
     # parameter, buffer or submodule, and Module.__setattr__ would cost microseconds per layer.
@@ -75,9 +81,9 @@ class SparseBlockMixin:
         one call and the MLP in torch ops. None where that does not apply: then the torch path
         (with its taps) runs, with the same numbers."""
         step = getattr(self, "fused_step", None)
-        if step is None or self.sparse_heads or self.sparse_mode == "oracle":
+        if step is None or self.sparse_heads or not (MODES[self.sparse_mode].fused and MODES[self.mlp_mode].fused):
             return None
-        dense = self.sparse_mode == "dense" or self.mlp_predictor is None
+        dense = self.mlp_mode == "dense"
         k = None if dense else count_or_none(self.mlp_keep, self.mlp_width)
         if not dense and (not self.use_gather or k is None):
             return None
@@ -85,7 +91,9 @@ class SparseBlockMixin:
         if result is None:
             return None
         self.__dict__["last_att_x"] = x  # the next layer's look-ahead input, as the att_x tap records it
-        if dense or len(result) == 2:
+        if dense or len(result) == 2:  # the whole layer ran in the kernel
+            if self.__dict__.get("sparse_stats") is not None:
+                self.record({"neurons": None if dense else k / self.mlp_width}, None, x.shape[:-1])
             return result
         x_mid, h, present = result
         self.__dict__["current_inputs"] = {"att_x": x, "mlp_x": x_mid}
@@ -98,8 +106,16 @@ class SparseBlockMixin:
                 self.__dict__["last_att_x"] = value  # the next layer's look-ahead input
             return value
         if name == "head_out" and self.sparse_heads:
-            return value * self.head_mask(value)[..., None].to(value.dtype)
+            keep = self.head_mask(value)
+            self.record({"heads": keep}, token_mask, value.shape[:2])
+            return value * keep[..., None].to(value.dtype)
         return value
+
+    def record(self, kept, token_mask, token_shape):
+        """Count what one call kept (--sparse-stats); nothing when no stats are collected."""
+        stats = self.__dict__.get("sparse_stats")
+        if stats is not None:
+            stats.add(self.layer_index, kept, token_mask, token_shape)
 
     @property
     def sparse_heads(self):
@@ -164,41 +180,203 @@ class SparseBlockMixin:
         return (*view, call)
 
     def mlp(self, h, token_mask):
-        if self.sparse_mode == "dense" or (self.sparse_mode == "predicted" and self.mlp_predictor is None):
-            return super().mlp(h, token_mask)
-        width = self.mlp_width
-        if self.sparse_mode == "oracle":
-            act = self.mlp_activation(h)
-            keep = top_k_mask(act.float().abs(), count_or_none(self.mlp_keep, width))
-            return self.mlp_output(act * keep.to(act.dtype))
-        k = count_or_none(self.mlp_keep, width)
-        if self.use_gather and h.shape[1] == 1 and k is not None:
-            x_pred = self.predictor_input("mlp")
-            fused = self.fused_predicted_mlp(h, x_pred, self.mlp_predictor, k)
-            if fused is not None:
-                return fused
-            scores = self.predictor_scores(self.mlp_predictor, x_pred)[:, 0]
+        """The MLP of this layer's mlp_mode (MODES); what it kept is recorded for --sparse-stats."""
+        output, kept = MODES[self.mlp_mode].mlp(self, h)
+        self.record(kept, token_mask, h.shape[:-1])
+        return output
+
+
+# ---- the MLP of each mode: (block, h) -> (output, {input: kept mask | fraction | None (all)}) ----------
+def dense_mlp(block, h):
+    return block.mlp_output(block.mlp_activation(h)), {"neurons": None}
+
+
+def oracle_mlp(block, h):
+    act = block.mlp_activation(h)
+    keep = top_k_mask(act.float().abs(), count_or_none(block.mlp_keep, block.mlp_width))
+    return block.mlp_output(act * keep.to(act.dtype)), {"neurons": keep}
+
+
+def predicted_mlp(block, h):
+    width = block.mlp_width
+    k = count_or_none(block.mlp_keep, width)
+    if block.use_gather and h.shape[1] == 1 and k is not None:
+        x_pred = block.predictor_input("mlp")
+        fused = block.fused_predicted_mlp(h, x_pred, block.mlp_predictor, k)
+        if fused is None:
+            scores = block.predictor_scores(block.mlp_predictor, x_pred)[:, 0]
             neurons = scores.topk(k, dim=-1).indices.sort(dim=-1).values  # [B, K], in weight order
-            return self.gathered_mlp(h, neurons)
-        keep = self.select(self.mlp_predictor, self.predictor_input("mlp"), self.mlp_keep, width)
-        act = self.mlp_activation(h)
-        return self.mlp_output(act * keep.to(act.dtype))
+            fused = block.gathered_mlp(h, neurons)
+        return fused, {"neurons": k / width}
+    keep = block.select(block.mlp_predictor, block.predictor_input("mlp"), block.mlp_keep, width)
+    act = block.mlp_activation(h)
+    return block.mlp_output(act * keep.to(act.dtype)), {"neurons": keep}
+
+
+def teal_mlp(block, h):
+    """TEAL: entries of h at or below t_in are zeroed before gate and up (fc1), entries of the
+    activation at or below t_down before down (fc2)."""
+    thresholds = block.mlp_thresholds
+    keep_in = magnitude_mask(h, thresholds["t_in"])
+    act = block.mlp_activation(apply_mask(h, keep_in))
+    keep_down = magnitude_mask(act, thresholds["t_down"])
+    return block.mlp_output(apply_mask(act, keep_down)), {"in": keep_in, "down": keep_down}
+
+
+def cats_mlp(block, h):
+    """CATS: SiLU(gate(h)) computed densely; neurons whose |SiLU(gate)| is at or below t_gate are
+    dropped (masked here: their up and down are what a gathered kernel would not read)."""
+    gate, up, _, act_fn = block.neuron_linears()
+    gated = act_fn(gate(h))
+    keep = magnitude_mask(gated, block.mlp_thresholds["t_gate"])
+    return block.mlp_output(apply_mask(gated * up(h), keep)), {"neurons": keep}
+
+
+def wina_mlp(block, h):
+    """WINA: per token the top-K entries of h by |h_i| * ||[gate; up][:, i]|| (OPT: fc1), and of the
+    activation by |act_j| * ||down[:, j]|| (fc2), K = kept_count(--mlp-keep, width)."""
+    (in_norms, down_norms), (k_in, k_down) = block.wina_norms, block.wina_counts
+    keep_in = wina_mask(h, in_norms, k_in)
+    act = block.mlp_activation(apply_mask(h, keep_in))
+    keep_down = wina_mask(act, down_norms, k_down)
+    return block.mlp_output(apply_mask(act, keep_down)), {"in": keep_in, "down": keep_down}
+
+
+# ---- set-up of each mode, once per stage: setup(sparse blocks, options) -----------------------------
+def sparse_mlp_blocks(blocks):
+    return [block for block in blocks if block.mlp_mode != "dense"]
+
+
+def setup_predicted(blocks, options):
+    """Attach each layer's predictors (from options.predictors, else --sparse-path files)."""
+    predictors = options.predictors
+    for block in blocks:
+        for kind, enabled in (("mlp", options.sparse_mlp), ("att", options.sparse_attention)):
+            if not enabled:
+                continue
+            key = (kind, block.layer_index)
+            if key not in predictors:
+                if not options.sparse_path:
+                    raise SparseSetupError("predicted mode needs --sparse-path (or $SPRARSE_PATH)")
+                predictors[key] = load_predictors(options.sparse_path, kind, block.layer_index)
+            module, input_mode = predictors[key]
+            module = module.to(next(block.parameters()).device)
+            object.__setattr__(block, f"{kind}_predictor", module)
+            object.__setattr__(block, f"{kind}_input", input_mode)
+            if options.predictor_dtype == "float16" and not store_predictor_half(module):
+                raise SparseSetupError(f"layer {block.layer_index}: the {kind} predictor has a weight outside "
+                                       "float16's range; use --predictor-dtype float32")
+            if kind == "mlp" and options.use_gather and not block.__dict__.get("mlp_packed"):
+                # decoding reads a kept neuron's gate, up and down weights as one run of memory
+                first, second, output, _ = block.neuron_linears()
+                block.__dict__["mlp_packed"] = pack_mlp_neurons(first, second, output)
+            if kind == "att":
+                if input_mode == "prev" and block.previous_block is None:
+                    raise SparseSetupError(
+                        f"layer {block.layer_index}: its attention predictor reads the previous layer's "
+                        "input, which is not on this stage; train it with --input same or move the stage split"
+                    )
+        if block.mlp_predictor is None:
+            block.mlp_mode = "dense"
+
+
+KEEP_ALL = {"t_in": None, "t_down": None, "t_gate": None}  # no threshold: every entry kept, nothing masked
+
+
+def thresholds_path(mode, thresholds, sparse_path):
+    """The thresholds file a teal / cats run reads: --thresholds, else --sparse-path/thresholds_{mode}.json."""
+    if thresholds:
+        return os.fspath(thresholds)
+    return thresholds_file(sparse_path, mode) if sparse_path else None
+
+
+def setup_thresholds(blocks, options):
+    """teal / cats: each layer's calibrated thresholds for exactly --mlp-keep. A kept fraction of
+    1.0 needs no file: no threshold, the dense MLP's numbers."""
+    mode, blocks = options.mode, sparse_mlp_blocks(blocks)
+    if not blocks:
+        return
+    if float(options.mlp_keep) >= 1.0:
+        thresholds = {block.layer_index: None for block in blocks}
+    elif isinstance(options.thresholds, dict):  # given in-process, e.g. by tests
+        thresholds = options.thresholds
+    else:
+        path = thresholds_path(mode, options.thresholds, options.sparse_path)
+        if path is None:
+            raise SparseSetupError(f"sparse mode {mode} needs calibrated thresholds: --thresholds FILE, or "
+                                   f"--sparse-path DIR holding thresholds_{mode}.json (sparse_predictor/calibrate.py)")
+        try:
+            thresholds = read_thresholds(path, mode, options.mlp_keep, [block.layer_index for block in blocks],
+                                         blocks[0].config.hidden_size, blocks[0].mlp_width)
+        except ThresholdsError as error:
+            raise SparseSetupError(str(error)) from None
+    for block in blocks:
+        if block.layer_index not in thresholds:
+            raise SparseSetupError(f"sparse mode {mode}: no thresholds for layer {block.layer_index}")
+        block.mlp_thresholds = {**KEEP_ALL, **(thresholds[block.layer_index] or {})}
+
+
+def setup_cats(blocks, options):
+    for block in sparse_mlp_blocks(blocks):
+        if block.neuron_linears()[1] is None:
+            raise SparseSetupError(
+                f"sparse mode cats needs a gated MLP (Llama's gate and up); layer {block.layer_index} of this "
+                "model has fc1/activation/fc2 (OPT) and no gate to threshold: use teal or wina")
+    setup_thresholds(blocks, options)
+
+
+def setup_wina(blocks, options):
+    """wina: the column norms each input is scored against, and K per input (no file needed)."""
+    for block in sparse_mlp_blocks(blocks):
+        first, second, output, _ = block.neuron_linears()
+        readers = [first.weight] if second is None else [first.weight, second.weight]
+        block.wina_norms = (column_norms(*readers), column_norms(output.weight))
+        block.wina_counts = (kept_count(options.mlp_keep, block.config.hidden_size, "--mlp-keep"),
+                             kept_count(options.mlp_keep, block.mlp_width, "--mlp-keep"))
+
+
+@dataclass(frozen=True)
+class SparseMode:
+    mlp: Callable  # (block, h) -> (output, kept): the MLP of a layer whose MLP is sparse
+    setup: Optional[Callable] = None  # (sparse blocks, options), once per stage
+    fused: bool = False  # may run through the C decoder layer when heads are dense
+    mlp_only: bool = False  # a training-free baseline: attention dense, --mlp-keep a fraction, required
+    calibrated: bool = False  # reads a thresholds file (sparse_predictor/calibrate.py)
+
+
+MODES = {
+    "predicted": SparseMode(predicted_mlp, setup_predicted, fused=True),
+    "oracle": SparseMode(oracle_mlp),
+    "dense": SparseMode(dense_mlp, fused=True),
+    "teal": SparseMode(teal_mlp, setup_thresholds, mlp_only=True, calibrated=True),
+    "cats": SparseMode(cats_mlp, setup_cats, mlp_only=True, calibrated=True),
+    "wina": SparseMode(wina_mlp, setup_wina, mlp_only=True),
+}
+SPARSE_MODES = tuple(MODES)
+TRAINING_FREE_MODES = tuple(name for name, mode in MODES.items() if mode.mlp_only)
 
 
 def add_arguments(parser):
     env = os.environ
     group = parser.add_argument_group("sparse execution (*-ml-att-sparse model types)")
-    group.add_argument("--sparse-mode", choices=SPARSE_MODES, default=env.get("SPARSE_MODE", "predicted"))
+    group.add_argument("--sparse-mode", choices=SPARSE_MODES, default=env.get("SPARSE_MODE", "predicted"),
+                       help="predicted, oracle, dense, or a training-free MLP baseline: teal, cats (Llama), wina "
+                            "(default: $SPARSE_MODE or predicted)")
     group.add_argument("--sparse-path", default=env.get("SPRARSE_PATH") or env.get("SPARSE_PATH"),
-                       help="folder of c4_layer{L}.pt / c4_att_layer{L}.pt (default: $SPRARSE_PATH)")
+                       help="folder of c4_layer{L}.pt / c4_att_layer{L}.pt, and thresholds_{teal,cats}.json "
+                            "(default: $SPRARSE_PATH)")
+    group.add_argument("--thresholds", default=None,
+                       help="teal / cats: the calibrated thresholds file (default: "
+                            "--sparse-path/thresholds_{mode}.json)")
     # argparse converts string defaults with `type` too, so $TOPK and $ATTN_TOPK_1 are checked like the flags.
     group.add_argument("--mlp-keep", type=keep_argument("--mlp-keep ($TOPK)"), default=env.get("TOPK") or None,
                        help="MLP neurons kept per token: a fraction in (0, 1] or a whole count up to the MLP's "
-                            "width (default: $TOPK; predicted mode without it keeps the classifier's positives)")
+                            "width (default: $TOPK; predicted mode without it keeps the classifier's positives); "
+                            "teal, cats, wina: the target kept fraction of each masked input")
     group.add_argument("--att-keep", type=keep_argument("--att-keep ($ATTN_TOPK_1)"),
                        default=env.get("ATTN_TOPK_1") or None,
                        help="heads kept per token: a fraction in (0, 1] or a whole count up to the number of "
-                            "heads (default: $ATTN_TOPK_1)")
+                            "heads (default: $ATTN_TOPK_1; not with teal, cats, wina)")
     group.add_argument("--sparse-layers", default=_layers_env(),
                        help="'all', '4-29', '4-' (to the last) or '0,3,5' (default: all, or from $LAYER onwards)")
     group.add_argument("--sparse-attention", choices=("on", "off"), default="on")
@@ -208,6 +386,9 @@ def add_arguments(parser):
                        help="weights the predictors run with: float32 as trained, or rounded to float16 "
                             "as upstream runs them (half the bytes per token on the CPU; default: "
                             "$PREDICTOR_DTYPE or float32)")
+    group.add_argument("--sparse-stats", default=None, metavar="FILE",
+                       help="write, at the end, the kept fraction each layer reached over the real tokens and "
+                            "the MLP bytes per token it costs (JSON; FILE.rank{r}.json per rank when several)")
 
 
 def _layers_env():
@@ -230,22 +411,57 @@ def load_predictors(folder, kind, layer):
     return load_predictor(path), info.get("input_mode", "same")
 
 
+@dataclass
+class SetupOptions:
+    mode: str
+    mlp_keep: object
+    sparse_path: Optional[str]
+    thresholds: object  # a file path, or {layer: thresholds} given in-process
+    predictors: dict
+    predictor_dtype: str
+    use_gather: bool
+    sparse_mlp: bool
+    sparse_attention: bool
+
+
+def check_mode_flags(mode, mlp_keep, att_keep, sparse_mlp):
+    """What the training-free modes refuse: heads, a count, no kept fraction."""
+    if not MODES[mode].mlp_only:
+        return
+    if att_keep is not None:
+        raise SparseSetupError(f"--att-keep ($ATTN_TOPK_1): sparse mode {mode} is MLP-only (attention stays dense); "
+                               "drop --att-keep")
+    if not sparse_mlp:
+        return
+    if mlp_keep is None:
+        raise SparseSetupError(f"sparse mode {mode} needs --mlp-keep ($TOPK): the kept fraction to reach")
+    if float(mlp_keep) > 1:
+        raise SparseSetupError(f"--mlp-keep {mlp_keep:g}: sparse mode {mode} takes a kept fraction in (0, 1], "
+                               "not a count (it masks inputs of different widths)")
+
+
 def configure_sparse(blocks, mode, sparse_path=None, mlp_keep=None, att_keep=None, layers=None,
                      sparse_mlp=True, sparse_attention=True, use_gather=True, predictors=None,
-                     predictor_dtype="float32"):
+                     predictor_dtype="float32", thresholds=None, stats=None):
     """Set up a stage's blocks. `predictors` {(kind, layer): (module, input mode)} overrides files.
-    predictor_dtype "float16" rounds the predictors' weights to float16 (store_predictor_half)."""
-    if mode not in SPARSE_MODES:
+    predictor_dtype "float16" rounds the predictors' weights to float16 (store_predictor_half).
+    `thresholds` (teal, cats): a thresholds file, or {layer: {"t_in", "t_down"} / {"t_gate"}}; by
+    default --sparse-path/thresholds_{mode}.json. `stats`: a SparseStats that the blocks report
+    what they keep to (None: no counting). Returns the blocks."""
+    if mode not in MODES:
         raise SparseSetupError(f"unknown sparse mode {mode!r}; known: {', '.join(SPARSE_MODES)}")
     if predictor_dtype not in PREDICTOR_DTYPES:
         raise SparseSetupError(f"unknown predictor dtype {predictor_dtype!r}; known: {', '.join(PREDICTOR_DTYPES)}")
-    predictors = dict(predictors or {})
     for flag, keep in (("--mlp-keep", mlp_keep), ("--att-keep", att_keep)):
         if keep is not None:
             try:
                 check_keep(keep, flag)
             except KeepError as error:
                 raise SparseSetupError(str(error)) from None
+    check_mode_flags(mode, mlp_keep, att_keep, sparse_mlp)
+    options = SetupOptions(mode, mlp_keep, sparse_path, thresholds, dict(predictors or {}), predictor_dtype,
+                           use_gather, sparse_mlp, sparse_attention)
+    sparse_blocks = []
     for position, block in enumerate(blocks):
         # Plain attributes, not submodules: the predictors and the neighbour are not weights of
         # this block (and a registered submodule would hide behind the class defaults).
@@ -253,10 +469,12 @@ def configure_sparse(blocks, mode, sparse_path=None, mlp_keep=None, att_keep=Non
         block.mlp_width = block.config.intermediate_size if hasattr(block.config, "intermediate_size") \
             else block.config.ffn_dim
         block.use_gather = use_gather
+        block.__dict__["sparse_stats"] = stats
         if layers is not None and block.layer_index not in layers:
-            block.sparse_mode = "dense"
+            block.sparse_mode = block.mlp_mode = "dense"
             continue
         block.sparse_mode = mode
+        block.mlp_mode = mode if sparse_mlp else "dense"
         for flag, keep, width in (("--mlp-keep", mlp_keep, block.mlp_width),
                                   ("--att-keep", att_keep, block.config.num_attention_heads)):
             try:
@@ -269,34 +487,27 @@ def configure_sparse(blocks, mode, sparse_path=None, mlp_keep=None, att_keep=Non
         if mode == "oracle":
             block.mlp_keep = mlp_keep if sparse_mlp else 1.0
             block.att_keep = att_keep if sparse_attention else None
-        if mode != "predicted":
-            continue
-        for kind, enabled in (("mlp", sparse_mlp), ("att", sparse_attention)):
-            if not enabled:
-                continue
-            key = (kind, block.layer_index)
-            if key not in predictors:
-                if not sparse_path:
-                    raise SparseSetupError("predicted mode needs --sparse-path (or $SPRARSE_PATH)")
-                predictors[key] = load_predictors(sparse_path, kind, block.layer_index)
-            module, input_mode = predictors[key]
-            module = module.to(next(block.parameters()).device)
-            object.__setattr__(block, f"{kind}_predictor", module)
-            object.__setattr__(block, f"{kind}_input", input_mode)
-            if predictor_dtype == "float16" and not store_predictor_half(module):
-                raise SparseSetupError(f"layer {block.layer_index}: the {kind} predictor has a weight outside "
-                                       "float16's range; use --predictor-dtype float32")
-            if kind == "mlp" and use_gather and not block.__dict__.get("mlp_packed"):
-                # decoding reads a kept neuron's gate, up and down weights as one run of memory
-                first, second, output, _ = block.neuron_linears()
-                block.__dict__["mlp_packed"] = pack_mlp_neurons(first, second, output)
-            if kind == "att":
-                if input_mode == "prev" and block.previous_block is None:
-                    raise SparseSetupError(
-                        f"layer {block.layer_index}: its attention predictor reads the previous layer's "
-                        "input, which is not on this stage; train it with --input same or move the stage split"
-                    )
+        sparse_blocks.append(block)
+    setup = MODES[mode].setup
+    if setup is not None:
+        setup(sparse_blocks, options)
+    if stats is not None:
+        for block in blocks:
+            describe_cost(stats, block)
     return blocks
+
+
+def describe_cost(stats, block):
+    """Tell `stats` what the block's MLP runs, for its bytes figure."""
+    predictor = block.mlp_predictor if block.mlp_mode == "predicted" else None
+    rank = predictor_bytes = None
+    if predictor is not None:
+        linears = [module for module in predictor.modules() if isinstance(module, nn.Linear)]
+        rank = linears[0].out_features if linears else None
+        predictor_bytes = 2 if predictor.__dict__.get("kernel_half") else next(predictor.parameters()).element_size()
+    family = "llama" if block.neuron_linears()[1] is not None else "opt"
+    stats.describe(block.layer_index, block.mlp_mode, family, block.config.hidden_size, block.mlp_width,
+                   next(block.parameters()).element_size(), rank, predictor_bytes)
 
 
 class _Closer:
@@ -309,6 +520,11 @@ def prepare_stage(blocks, args, config):
         layers = parse_layers(args.sparse_layers, config.num_hidden_layers, "--sparse-layers")
     except LayerSpecError as error:
         raise SparseSetupError(str(error)) from None
+    if getattr(args, "thresholds", None) and not MODES[args.sparse_mode].calibrated:
+        logger.warning("--thresholds %s is ignored: sparse mode %s reads no thresholds", args.thresholds,
+                       args.sparse_mode)
+    stats_file = getattr(args, "sparse_stats", None)
+    stats = SparseStats() if stats_file else None
     configure_sparse(
         blocks,
         args.sparse_mode,
@@ -320,7 +536,21 @@ def prepare_stage(blocks, args, config):
         sparse_attention=args.sparse_attention == "on",
         use_gather=not args.no_gather,
         predictor_dtype=args.predictor_dtype,
+        thresholds=getattr(args, "thresholds", None),
+        stats=stats,
     )
     logger.info("sparse execution: mode %s, MLP keep %s, heads keep %s, layers %s, predictors in %s",
                 args.sparse_mode, args.mlp_keep, args.att_keep, args.sparse_layers, args.predictor_dtype)
-    return _Closer()
+    if stats is None:
+        return _Closer()
+    rank, world = getattr(args, "rank", 0) or 0, getattr(args, "world_size", 1) or 1
+    thresholds_used = None
+    if MODES[args.sparse_mode].calibrated and args.sparse_mlp == "on" and float(args.mlp_keep) < 1:
+        thresholds_used = os.path.abspath(thresholds_path(args.sparse_mode, args.thresholds, args.sparse_path))
+    header = {"mode": args.sparse_mode, "target_keep": args.mlp_keep, "att_keep": args.att_keep,
+              "model": args.model_name if hasattr(args, "model_name") else None,
+              "model_type": getattr(args, "model_type", None), "sparse_layers": args.sparse_layers,
+              "sparse_mlp": args.sparse_mlp, "sparse_attention": args.sparse_attention,
+              "thresholds": thresholds_used, "rank": rank, "world_size": world,
+              "stage_layers": [block.layer_index for block in blocks]}
+    return StatsWriter(stats, stats_path(stats_file, rank, world), header)
