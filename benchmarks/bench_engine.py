@@ -27,8 +27,8 @@ def make_prompts(tokenizer, batch, length):
     from dejavu_llama.task_datasets.offline_text import offline_documents
 
     prompts = []
-    for _, text in offline_documents(min_words=length):
-        ids = tokenizer(text)["input_ids"]
+    for passage in offline_documents():
+        ids = tokenizer(passage.text)["input_ids"]
         if len(ids) >= length:
             prompts.append(ids[:length])
         if len(prompts) == batch:

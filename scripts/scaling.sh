@@ -30,15 +30,15 @@ LAYERS="${LAYERS:-2,7,12,17,22,27}"           # spread over the depth (SmolLM2 h
 SIZES="${SIZES:-12000 50000 200000}"          # training rows (tokens) per predictor
 VAL_FRACTION="${VAL_FRACTION:-0.1}"           # of the dump's rows: the validation rows of every size
 SP_ROWS="${SP_ROWS:-225000}"                  # dump capacity: the largest size / (1 - VAL_FRACTION), rounded up
-TRAIN_DOCS="${TRAIN_DOCS:-520}"               # corpus documents collected (cut to MAX_TOKENS_PER_DOC)
+TRAIN_DOCS="${TRAIN_DOCS:-500}"               # corpus documents collected (cut to MAX_TOKENS_PER_DOC)
 VAL_DOCS="${VAL_DOCS:-24}"                    # validation documents for perplexity (never collected)
 MAX_TOKENS_PER_DOC="${MAX_TOKENS_PER_DOC:-512}"
 KEEP_FRACTIONS="${KEEP_FRACTIONS:-0.5 0.25}"
 LABEL_K="${LABEL_K:-0.1}"                     # the label of the size sweep (the demo's)
 BUDGET_LABEL_SIZE="${BUDGET_LABEL_SIZE:-50000}"   # the size at which labels k = each kept fraction are trained too
-D="${D:-576}"
-EPOCHS="${EPOCHS:-40}"                        # a cap; early stopping (PATIENCE) ends training before it
-PATIENCE="${PATIENCE:-3}"
+D="${D:-128}"                                 # predictor width (the demo uses min(1000, hidden))
+EPOCHS="${EPOCHS:-15}"                        # a cap; early stopping (PATIENCE) ends training before it
+PATIENCE="${PATIENCE:-2}"
 BATCH_SIZE="${BATCH_SIZE:-4}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 

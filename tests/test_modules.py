@@ -114,8 +114,8 @@ def test_left_padded_batch_generation_matches_transformers(tmp_path):
 
 def english_text(min_tokens, tokenizer):
     text = ""
-    for _, document in offline_documents(min_words=100):
-        text += document + "\n\n"
+    for passage in offline_documents():
+        text += passage.text + "\n\n"
         if len(tokenizer(text).input_ids) >= min_tokens:
             return text
     raise AssertionError("not enough offline text")

@@ -2,8 +2,9 @@
 
 Sources, in order of preference:
   --text-dir DIR   every *.txt file under DIR (sorted) is one document
-  --offline        the built-in offline source (task_datasets.offline_text: the Python
-                   reference manual, real English prose that every Python carries)
+  --offline        the offline corpus (task_datasets.offline_text: the Python documentation and
+                   the World English Bible from Debian packages), passages of its train or
+                   validation documents, drawn from every source in turn
   default          the hub: `allenai/c4`, config "en", streaming, seeded shuffle; if the hub
                    cannot be reached the built-in offline source is used, with a warning
 
@@ -11,6 +12,8 @@ Each document becomes one perplexity request (upstream's shape):
   {"best_of": 1, "echo": true, "logprobs": 1, "max_tokens": 0, "model": ..., "n": 1,
    "prompt": text, "request_type": "language-model-inference", "stop": null,
    "temperature": 0, "top_p": 1}
+plus "source" (and, offline, "document": the source's page or book) so a report can name where
+its text came from; the runner ignores keys it does not use.
 `--max-words N` keeps each document's first N words; `--max-tokens N --tokenizer PATH` keeps
 its first N tokens (decoded back to text, so the runner's tokenization may differ by a token
 at the cut).
@@ -18,6 +21,7 @@ at the cut).
 
 import argparse
 import glob
+import itertools
 import logging
 import os
 import random
@@ -31,23 +35,23 @@ logger = logging.getLogger("getdata")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def perplexity_request(text, model="c4"):
+def perplexity_request(text, model="c4", **origin):
     return {
         "best_of": 1, "echo": True, "logprobs": 1, "max_tokens": 0, "model": model, "n": 1,
         "prompt": text, "request_type": "language-model-inference", "stop": None,
-        "temperature": 0, "top_p": 1,
+        "temperature": 0, "top_p": 1, **origin,
     }
 
 
 def hub_documents(split, seed, shuffle_buffer):
-    """Texts of C4 "en" `split`, streamed and shuffled with `seed` (a generator)."""
+    """(text, origin) of C4 "en" `split`, streamed and shuffled with `seed` (a generator)."""
     from datasets import load_dataset
 
     dataset = load_dataset("allenai/c4", "en", split=split, streaming=True)
     if shuffle_buffer > 1:
         dataset = dataset.shuffle(buffer_size=shuffle_buffer, seed=seed)
     for document in dataset:
-        yield document["text"]
+        yield document["text"], {"source": "allenai/c4"}
 
 
 def text_dir_documents(folder):
@@ -56,13 +60,26 @@ def text_dir_documents(folder):
         raise FileNotFoundError(f"--text-dir {folder}: no *.txt files")
     for path in files:
         with open(path, encoding="utf-8", errors="replace") as handle:
-            yield handle.read()
+            yield handle.read(), {"source": os.path.relpath(path, folder)}
 
 
-def shuffled(texts, seed):
-    texts = list(texts)
-    random.Random(seed).shuffle(texts)
-    return texts
+def shuffled(items, seed):
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return items
+
+
+def corpus_documents(split, seed):
+    """(text, origin) of the offline corpus's `split`: each source's passages shuffled with `seed`,
+    then taken from the sources in turn, so any number of documents draws on every source."""
+    by_source = {}
+    for passage in offline_documents(split=split):
+        by_source.setdefault(passage.source, []).append(passage)
+    queues = [shuffled(passages, seed) for _, passages in sorted(by_source.items())]
+    for row in itertools.zip_longest(*queues):
+        for passage in row:
+            if passage is not None:
+                yield passage.text, {"source": passage.source, "document": passage.document}
 
 
 class Truncator:
@@ -95,26 +112,26 @@ def collect(args, split):
     hub_offline = any(os.environ.get(name, "").lower() in ("1", "true", "yes")
                       for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     if hub_offline and not (args.text_dir or args.offline):
-        logger.warning("HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set: using the built-in offline source")
+        logger.warning("HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set: using the offline corpus")
         args.offline = True
     if args.text_dir:
         source, texts = f"text files under {args.text_dir}", shuffled(text_dir_documents(args.text_dir), args.seed)
     elif args.offline:
-        source, texts = "the built-in offline source", shuffled((t for _, t in offline_documents(split=split)), args.seed)
+        source, texts = "the offline corpus", corpus_documents(split, args.seed)
     else:
         source, texts = f"allenai/c4 en {split} (streaming)", hub_documents(split, args.seed, args.shuffle_buffer)
     documents = []
     try:
-        for text in texts:
+        for text, origin in texts:
             if len(text.split()) < args.min_words:
                 continue
-            documents.append(text)
+            documents.append((text, origin))
             if len(documents) >= args.num_docs:
                 break
     except Exception as error:  # the hub is unreachable (no network, no credentials, ...)
         if args.text_dir or args.offline:
             raise
-        logger.warning("cannot read %s (%s: %s); falling back to the built-in offline source",
+        logger.warning("cannot read %s (%s: %s); falling back to the offline corpus",
                        source, type(error).__name__, str(error).splitlines()[0] if str(error) else "")
         args.offline = True
         return collect(args, split)
@@ -135,7 +152,8 @@ def build_parser(split, default_output, default_num_docs):
     parser.add_argument("--max-tokens", type=int, default=None, help="keep each document's first N tokens")
     parser.add_argument("--tokenizer", default=None, help="tokenizer for --max-tokens (checkpoint folder)")
     parser.add_argument("--text-dir", default=None, help="use the *.txt files under this folder")
-    parser.add_argument("--offline", action="store_true", help="use the built-in offline source")
+    parser.add_argument("--offline", action="store_true",
+                        help="use the offline corpus (Python documentation, World English Bible)")
     parser.add_argument("--model", default="c4", help='value of the requests\' "model" field')
     return parser
 
@@ -148,7 +166,7 @@ def main(split, default_output, default_num_docs, argv=None):
             raise ValueError("--num-docs must be >= 1")
         truncate = Truncator(args.max_words, args.max_tokens, args.tokenizer)
         source, documents = collect(args, split)
-        requests = [perplexity_request(truncate(text), args.model) for text in documents]
+        requests = [perplexity_request(truncate(text), args.model, **origin) for text, origin in documents]
         requests = [r for r in requests if r["prompt"]]
         if not requests:
             raise ValueError(f"no documents from {source}")
