@@ -128,6 +128,12 @@ PERPLEXITY = [
     {"mode": "predicted", "mlp_keep": 0.5, "att_keep": 1.0, "perplexity": 24.0, "tokens": 1000, "result_file": "p5.jsonl"},
     {"mode": "oracle", "mlp_keep": 0.25, "att_keep": 1.0, "perplexity": 23.0, "tokens": 1000, "result_file": "o25.jsonl"},
     {"mode": "predicted", "mlp_keep": 0.25, "att_keep": 1.0, "perplexity": 30.0, "tokens": 1000, "result_file": "p25.jsonl"},
+    {"mode": "teal", "mlp_keep": 0.5, "att_keep": None, "perplexity": 22.0, "tokens": 1000, "reached_keep": 0.47,
+     "mlp_bytes_relative": 0.49},
+    {"mode": "cats", "mlp_keep": 0.5, "att_keep": None, "perplexity": 21.6, "tokens": 1000, "reached_keep": 0.52,
+     "mlp_bytes_relative": 0.68},
+    {"mode": "teal", "mlp_keep": 0.25, "att_keep": None, "perplexity": 26.0, "tokens": 1000, "reached_keep": 0.23,
+     "mlp_bytes_relative": 0.24},
 ]
 
 
@@ -248,12 +254,13 @@ def test_drift_cli_writes_json(runs, tmp_path):
 def test_report_outputs_exist(comparison):
     out = comparison["out"]
     for name in ("report.md", "summary.json", "recall.png", "sparsity.png", "drift.png", "perplexity.png",
-                 "recall_vs_k.png"):
+                 "recall_vs_k.png", "frontier.png"):
         path = os.path.join(out, name)
         assert os.path.isfile(path) and os.path.getsize(path) > 0, name
     assert os.path.join(out, "report.md") in comparison["stdout"]
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]  # atomic writes leave no temp files
-    assert set(comparison["summary"]["plots"]) == {"recall", "sparsity", "drift", "perplexity", "recall_vs_k"}
+    assert set(comparison["summary"]["plots"]) == {"recall", "sparsity", "drift", "perplexity", "recall_vs_k",
+                                                   "frontier"}
 
 
 def test_summary_has_every_layer_and_both_runs(comparison, runs):
@@ -324,10 +331,23 @@ def test_findings_are_computed_from_the_numbers(comparison):
     assert lowest["mlp_predicted"]["lowest_keep"] is None
     assert lowest["mlp_predicted"]["increase_pct"] == pytest.approx([50.0, 20.0])
     assert not any(key.startswith("att_") for key in lowest)  # no attention-only runs in this file
+    # Every MLP method side by side: the best one without the layer's own activations per kept fraction.
+    frontier = llama["findings"]["perplexity"]["mlp_frontier"]
+    assert [(p["keep"], p["reached_keep"], p["bytes_relative"]) for p in frontier["methods"]["teal"]] == [
+        (0.5, 0.47, 0.49), (0.25, 0.23, 0.24)]
+    half, quarter = frontier["budgets"]
+    assert (half["keep"], half["best"]) == (0.5, "cats") and half["best_increase_pct"] == pytest.approx(8.0)
+    assert half["best_minus_oracle_pp"] == pytest.approx(3.0) and half["best_bytes_relative"] == 0.68
+    assert (quarter["best"], quarter["best_minus_oracle_pp"]) == ("teal", pytest.approx(15.0))
+    assert lowest["mlp_cats"]["increase_pct"] == pytest.approx([8.0])
 
 
 def test_markdown_states_runs_and_findings(comparison):
     md, summary = comparison["markdown"], comparison["summary"]
+    assert ("MLP at keep 0.5: the best method without the layer's own activations is cats (+8.0% perplexity, "
+            "0.68 of the dense MLP's bytes), +3.0 points from oracle") in md
+    assert "Deja Vu: Contextual Sparsity for Efficient LLMs at Inference Time" in md and "Reference, not measured" in md
+    assert "| teal | 0.25 | 0.230 | 0.240 | +30.0% |" in md
     llama, opt = by_name(summary, "llama-synthetic"), by_name(summary, "opt-synthetic")
     assert "random weights — not evidence" in md
     assert opt["evidence"] is False and llama["evidence"] is True

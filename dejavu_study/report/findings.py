@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import datetime
 
-from dejavu_study.report.runs import DRIFT_FIELDS, KINDS, MODES, mean, pearson, sanitize, slope
+from dejavu_study.report.runs import (DRIFT_FIELDS, KINDS, MODES, SELECTED_MODES, TRAINING_FREE_MODES, mean, pearson,
+                                      sanitize, slope)
 
 SUMMARY_FORMAT = "dejavu-llama-report"
 SUMMARY_VERSION = 1
@@ -139,7 +140,36 @@ def perplexity_findings(perplexity: dict) -> dict | None:
             item["predicted_over_oracle_pct"] = 100.0 * (predicted["perplexity"] / oracle["perplexity"] - 1.0)
         comparisons.append(item)
     return {"dense": (perplexity["dense"] or {}).get("perplexity"), "at_kept_fraction": comparisons,
-            "lowest_keep_within_tolerance": lowest_keep_within_tolerance(perplexity["entries"])}
+            "lowest_keep_within_tolerance": lowest_keep_within_tolerance(perplexity["entries"]),
+            "mlp_frontier": mlp_frontier(perplexity["entries"])}
+
+
+def mlp_frontier(entries: list[dict]) -> dict | None:
+    """MLP made sparse alone, every method side by side: per method its points (kept fraction, kept
+    fraction reached, MLP bytes per token relative to dense, perplexity change), and per kept
+    fraction the best method and its distance from oracle. None without a training-free run."""
+    runs = [e for e in entries if e["mlp_keep"] is not None and (e["att_keep"] is None or e["att_keep"] >= 1.0)
+            and e["mode"] != "dense"]
+    if not any(e["mode"] in TRAINING_FREE_MODES for e in runs):
+        return None
+    methods = {}
+    for e in sorted(runs, key=lambda e: -e["mlp_keep"]):
+        methods.setdefault(e["mode"], []).append({
+            "keep": e["mlp_keep"], "reached_keep": e.get("reached_keep"),
+            "bytes_relative": e.get("mlp_bytes_relative"), "increase_pct": e.get("increase_pct")})
+    budgets = []
+    for keep in sorted({e["mlp_keep"] for e in runs}, reverse=True):
+        at = {mode: p for mode, points in methods.items() for p in points if p["keep"] == keep}
+        ranked = sorted((p["increase_pct"], mode) for mode, p in at.items()
+                        if mode != "oracle" and p["increase_pct"] is not None)
+        oracle = (at.get("oracle") or {}).get("increase_pct")
+        best = ranked[0][1] if ranked else None
+        budgets.append({"keep": keep, "best": best, "best_increase_pct": ranked[0][0] if ranked else None,
+                        "best_bytes_relative": at[best]["bytes_relative"] if best else None,
+                        "oracle_increase_pct": oracle,
+                        "best_minus_oracle_pp": None if not ranked or oracle is None else ranked[0][0] - oracle,
+                        "methods": {mode: p["increase_pct"] for mode, p in at.items()}})
+    return {"methods": methods, "budgets": budgets}
 
 
 def lowest_keep_within_tolerance(entries: list[dict]) -> dict:
@@ -147,7 +177,7 @@ def lowest_keep_within_tolerance(entries: list[dict]) -> dict:
     perplexity is within PERPLEXITY_TOLERANCE_PCT of dense, and the fractions that were run."""
     out = {}
     for axis, other in (("mlp", "att"), ("att", "mlp")):
-        for mode in ("oracle", "predicted"):
+        for mode in (*SELECTED_MODES, *TRAINING_FREE_MODES):
             runs = sorted(((e[f"{axis}_keep"], e.get("increase_pct")) for e in entries
                            if e["mode"] == mode and e[f"{axis}_keep"] is not None
                            and (e[f"{other}_keep"] is None or e[f"{other}_keep"] >= 1.0)),

@@ -52,6 +52,17 @@ def md_headline(run: dict) -> list[str]:
                          f"{fmt(p['mean_recall_at_matched_k'])} of the truly active units against "
                          f"{fmt(p['mean_kept_fraction'])} by chance (mean over {plural(p['layers'], 'layer')}, "
                          "input same).")
+    frontier = (f or {}).get("mlp_frontier")
+    for budget in (frontier or {}).get("budgets", []):
+        if budget["best"] is None:
+            continue
+        others = ", ".join(f"{mode} {fmt_pct(pct)}" for mode, pct in sorted(budget["methods"].items())
+                           if mode != budget["best"])
+        lines.append(f"- MLP at keep {budget['keep']:g}: the best method without the layer's own activations is "
+                     f"{budget['best']} ({fmt_pct(budget['best_increase_pct'])} perplexity, "
+                     f"{fmt(budget['best_bytes_relative'], 2)} of the dense MLP's bytes), "
+                     + (f"{budget['best_minus_oracle_pp']:+.1f} points from oracle" if budget['best_minus_oracle_pp']
+                        is not None else "no oracle run beside it") + (f"; {others}" if others else "") + ".")
     if len(lines) == 2:
         lines.append("- No sparse perplexity runs with one component cut alone, and no predictor metrics.")
     if not run["evidence"]:
@@ -264,6 +275,35 @@ def md_layer_table(run: dict) -> list[str]:
     return lines + [""]
 
 
+DEJAVU_OPT_REFERENCE = [
+    "Reference, not measured here: DejaVu on OPT (Liu et al., *Deja Vu: Contextual Sparsity for Efficient LLMs "
+    "at Inference Time*, ICML 2023) reports that contextual sparsity in OPT's attention heads and ReLU MLPs can "
+    "be predicted layer by layer from the layer's input, and that DejaVu reduces the inference latency of "
+    "OPT-175B by over 2× against FasterTransformer and over 6× against the Hugging Face implementation "
+    "without compromising model quality (perplexity on WikiText and C4, seven few-shot tasks); its predictors "
+    "were trained on activations of 500 C4 training documents. A measured OPT run (e.g. `MODEL=facebook/opt-125m "
+    "MODEL_TYPE=opt ONLINE=1 bash scripts/demo.sh` on a server) overlays here with `scripts/report.py RUN RUN`.",
+]
+
+
+def md_frontier_table(run: dict) -> list[str]:
+    """Every MLP method at every kept fraction: kept fraction reached on the validation text, bytes, quality."""
+    frontier = ((run["findings"]["perplexity"] or {}).get("mlp_frontier") or {}).get("methods")
+    if not frontier:
+        return []
+    lines = [f"### {run_heading(run)}: MLP methods against bytes read", "",
+             "| method | keep (target) | kept reached (validation) | MLP bytes / dense | perplexity vs dense |",
+             "|---|---|---|---|---|"]
+    for mode, points in frontier.items():
+        for p in points:
+            lines.append(f"| {mode} | {p['keep']:g} | {fmt(p['reached_keep'])} | {fmt(p['bytes_relative'])} | "
+                         f"{fmt_pct(p['increase_pct'])} |")
+    return lines + ["", "Kept reached: the mean over layers and masked inputs of the fraction kept per token "
+                        "(thresholds calibrated on the training documents drift on new text). Bytes: MLP weights "
+                        "read per token from the shapes and the kept counts (the predictor's own weights for "
+                        "predicted, the whole gate for cats; teal and wina read columns).", ""]
+
+
 def md_perplexity_table(run: dict) -> list[str]:
     entries = run["perplexity"]["entries"]
     if not entries:
@@ -283,6 +323,8 @@ PLOT_CAPTIONS = {
     "sparsity": "True sparsity of the labels (solid) and the classifier's predicted sparsity (dashed).",
     "drift": "Residual-stream drift per layer: mean over tokens with the p10–p90 band.",
     "perplexity": "Perplexity against the kept fraction: dense (dotted), oracle top-K (solid), predicted (dashed).",
+    "frontier": "MLP made sparse alone: perplexity change against the MLP weight bytes each method reads per token "
+                "(relative to dense; the predictor's weights and CATS's full gate included), one line per method.",
     "recall_vs_k": "Recall of the top-K predicted units against K/width: points are recall at matched K "
                    "(one per layer), lines the recall at fixed kept fractions (mean over layers); "
                    "the diagonal is chance.",
@@ -306,6 +348,7 @@ def render_markdown(summary: dict) -> str:
               "between oracle and dense is the model's.", ""]
     for run in runs:
         lines += md_headline(run)
+    lines += ["> " + line for line in DEJAVU_OPT_REFERENCE] + [""]
     lines += ["## Runs", ""] + md_runs_table(summary) + [""]
     lines += ["Definitions: *recall* = fraction of truly active units the classifier marks active (sigmoid ≥ 0.5); "
               "*recall at matched K* = recall of each token's top-K predicted units with K = its true active count "
@@ -328,7 +371,7 @@ def render_markdown(summary: dict) -> str:
             lines += [f"- {key}: no plot (no data in any run).", ""]
     lines += ["## Per-layer numbers", ""]
     for run in runs:
-        lines += md_layer_table(run) + md_perplexity_table(run)
+        lines += md_layer_table(run) + md_perplexity_table(run) + md_frontier_table(run)
     lines += ["## Missing pieces and warnings", ""]
     for run in runs:
         items = [f"missing: {m}" for m in run["missing"]] + [f"warning: {w}" for w in run["warnings"]]

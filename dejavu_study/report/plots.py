@@ -164,7 +164,7 @@ def plot_perplexity(plt, summary, colors):
             for (mode, ax_name, other), points in all_series[run["name"]].items():
                 if ax_name != axis:
                     continue
-                style, marker = ("-", "o") if mode == "oracle" else ("--", "s")
+                style, marker = MODE_STYLES.get(mode, ("--", "s"))
                 suffix = f", att keep {other:g}" if other is not None else ""
                 ax.plot([p[0] for p in points], [p[1] for p in points], style, marker=marker, color=color,
                         label=f"{run_label(run)} · {mode}{suffix}")
@@ -176,6 +176,34 @@ def plot_perplexity(plt, summary, colors):
                     f"{'MLP neurons' if axis == 'mlp' else 'heads'} kept (fraction)", "perplexity", has)
         any_data |= has
     return fig, any_data
+
+
+MODE_STYLES = {"oracle": ("-", "o"), "predicted": ("--", "s"), "teal": ("-.", "^"), "cats": (":", "D"),
+               "wina": ((0, (5, 1, 1, 1)), "v")}
+
+
+def plot_frontier(plt, summary, colors):
+    """Perplexity change against the MLP bytes read per token (relative to dense), one line per
+    method: the quality each method buys with the bytes it really reads (predictor, gate included)."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    has = False
+    for run in summary["runs"]:
+        frontier = ((run["findings"]["perplexity"] or {}).get("mlp_frontier") or {}).get("methods") or {}
+        for mode, points in frontier.items():
+            pts = sorted((p["bytes_relative"], p["increase_pct"]) for p in points
+                         if p["bytes_relative"] is not None and p["increase_pct"] is not None)
+            if not pts:
+                continue
+            style, marker = MODE_STYLES.get(mode, ("--", "s"))
+            ax.plot([p[0] for p in pts], [max(p[1], 0.01) for p in pts], linestyle=style, marker=marker,
+                    color=colors[run["name"]] if len(summary["runs"]) > 1 else None,
+                    label=f"{run_label(run)} · {mode}" if len(summary["runs"]) > 1 else mode)
+            has = True
+    if has:
+        ax.set_yscale("log")
+    finish_axes(ax, "MLP sparsity: quality against bytes read", "MLP weight bytes read per token (fraction of dense)",
+                "perplexity change vs dense (%, log)", has)
+    return fig, has
 
 
 def plot_recall_vs_k(plt, summary, colors):
@@ -211,7 +239,7 @@ def plot_recall_vs_k(plt, summary, colors):
 
 PLOTS = (("recall", "recall.png", plot_recall), ("sparsity", "sparsity.png", plot_sparsity),
          ("drift", "drift.png", plot_drift), ("perplexity", "perplexity.png", plot_perplexity),
-         ("recall_vs_k", "recall_vs_k.png", plot_recall_vs_k))
+         ("recall_vs_k", "recall_vs_k.png", plot_recall_vs_k), ("frontier", "frontier.png", plot_frontier))
 
 
 def make_plots(summary: dict, out_dir: str) -> dict:

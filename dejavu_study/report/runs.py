@@ -24,6 +24,10 @@ MODES = ("same", "prev")
 METRICS_FILES = {"mlp": "metrics_mlp.jsonl", "att": "metrics_att.jsonl"}
 PREDICTOR_FIELDS = ("recall", "precision", "f1", "true_sparsity", "classifier_sparsity", "recall_at_matched_k")
 DRIFT_FIELDS = ("cos_next_layer", "cos_mlp_x", "rel_change_next_layer", "rel_change_mlp_x")
+# Sparse modes of the runner (dejavu_llama.modules.sparse_execution.MODES; not imported: torch).
+SELECTED_MODES = ("oracle", "predicted")
+TRAINING_FREE_MODES = ("teal", "cats", "wina")
+PERPLEXITY_MODES = ("dense", *SELECTED_MODES, *TRAINING_FREE_MODES)
 
 
 class ReportError(Exception):
@@ -280,7 +284,7 @@ def read_perplexity(run_dir: str) -> dict:
     warnings = [f"{path}: {bad} unreadable line(s) skipped"] if bad else []
     latest = {}
     for i, e in enumerate(raw):
-        if e.get("mode") not in ("dense", "oracle", "predicted") or "perplexity" not in e:
+        if e.get("mode") not in PERPLEXITY_MODES or "perplexity" not in e:
             warnings.append(f"{path}: entry {i + 1} has no valid mode/perplexity; skipped")
             continue
         key = (e["mode"], keep_key(e.get("mlp_keep")), keep_key(e.get("att_keep")))
@@ -294,6 +298,9 @@ def read_perplexity(run_dir: str) -> dict:
         entry = {"mode": mode, "mlp_keep": mlp_keep, "att_keep": att_keep, "perplexity": ppl,
                  "perplexity_raw": None if ppl is not None else str(e.get("perplexity")),
                  "tokens": e.get("tokens"), "result_file": e.get("result_file")}
+        for key in ("reached_keep", "mlp_bytes_relative"):  # from the run's --sparse-stats, where recorded
+            if finite(e.get(key)) is not None:
+                entry[key] = finite(e[key])
         if mode != "dense" and dense_ppl and ppl is not None:
             entry["increase"] = ppl - dense_ppl
             entry["increase_pct"] = 100.0 * (ppl / dense_ppl - 1.0)
