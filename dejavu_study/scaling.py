@@ -223,7 +223,7 @@ def render_markdown(summary: dict, plots: dict) -> str:
              "- Corpus: " + "; ".join(
                  f"{name} ({corpus['licences'].get(name, 'licence not recorded')}): "
                  f"{corpus['documents']['train'].get(name, 0)} training / "
-                 f"{corpus['documents']['validation'].get(name, 0)} validation documents"
+                 f"{corpus['documents']['validation'].get(name, 0)} validation passages (requests)"
                  for name in sorted(set(corpus['documents']['train']) | set(corpus['documents']['validation']))),
              "", "## Trend", "", *[f"- {line}" for line in trend_text(summary)], "",
              "## Per training-set size", "",

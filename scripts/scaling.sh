@@ -139,5 +139,6 @@ timing perplexity $(( SECONDS - t ))
 
 step "report"
 du -sb "$RUN/dump" | awk '{printf "{\"step\": \"dump_bytes\", \"bytes\": %d}\n", $1}' >> "$RUN/timings.jsonl"
-"$PYTHON" -m dejavu_study.scaling "$RUN" --out "$OUT" --model "$MODEL" --layers "$LAYERS"
+label="$MODEL"; [ "$MODEL" = smollm2 ] && label="SmolLM2-135M-Instruct (embedded GGUF Q4_1, de-quantized to float32)"
+"$PYTHON" -m dejavu_study.scaling "$RUN" --out "$OUT" --model "$label" --layers "$LAYERS"
 step "done in $(( (SECONDS - started) / 60 )) min; report: $OUT/scaling.md"
