@@ -12,17 +12,8 @@
 # Every variable below can be set in the environment. Outputs: $RUN (dump, predictors, results)
 # and $OUT (scaling.md, summary.json, PNGs).
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/scripts/setup.sh"
-VENV="${VENV:-$ROOT/.venv}"
-PYTHON="${PYTHON:-$VENV/bin/python}"
-export PYTHON
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/study_common.sh"
 
-MODEL="${MODEL:-smollm2}"                    # 'smollm2' (embedded GGUF), a hub id or a local folder
-MODEL_TYPE="${MODEL_TYPE:-llama}"
-NAME="${NAME:-$(basename "${MODEL%/}" | tr '[:upper:]' '[:lower:]')}"
-[ "$MODEL" = smollm2 ] && NAME="${NAME/smollm2/smollm2-135m-instruct}"
-CHECKPOINT="${CHECKPOINT:-$ROOT/pretrained_models/$NAME}"
 RUN="${RUN:-$ROOT/runs/scaling-$NAME}"
 OUT="${OUT:-$ROOT/reports/scaling-$NAME}"
 DEVICE="${DEVICE:-cpu}"
@@ -42,24 +33,13 @@ PATIENCE="${PATIENCE:-2}"
 BATCH_SIZE="${BATCH_SIZE:-4}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 
-INFER="$ROOT/Decentralized_FM_alpha"
 mkdir -p "$RUN"
-started=$SECONDS
-step() { echo; echo "=== [$(( (SECONDS - started) / 60 ))m$(( (SECONDS - started) % 60 ))s] $*"; }
 timing() { printf '{"step": "%s", "seconds": %d}\n' "$1" "$2" >> "$RUN/timings.jsonl"; }
 rm -f "$RUN/timings.jsonl"
 
 step "convert $MODEL -> $CHECKPOINT"
+convert_model
 cd "$INFER"
-if [ "$MODEL" = smollm2 ]; then
-  gguf_dir="$("$PYTHON" -c 'from dejavu_common.helpers import embedded_gguf; print(embedded_gguf()[0])')"
-  gguf_file="$("$PYTHON" -c 'from dejavu_common.helpers import embedded_gguf; print(embedded_gguf()[1])')"
-  "$PYTHON" "convert_${MODEL_TYPE}_checkpoint.py" --model-name "$gguf_dir" --gguf-file "$gguf_file" --save-path "$CHECKPOINT"
-else
-  "$PYTHON" "convert_${MODEL_TYPE}_checkpoint.py" --model-name "$MODEL" --save-path "$CHECKPOINT" \
-    ${HF_TOKEN:+--auth-token "$HF_TOKEN"}
-fi
-LAYERS_TOTAL="$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["num_hidden_layers"])' "$CHECKPOINT/config.json")"
 
 step "request files: $TRAIN_DOCS training and $VAL_DOCS validation documents of the offline corpus"
 "$PYTHON" c4_train/getdata.py --offline --num-docs "$TRAIN_DOCS" --max-tokens "$MAX_TOKENS_PER_DOC" \
@@ -139,6 +119,5 @@ timing perplexity $(( SECONDS - t ))
 
 step "report"
 du -sb "$RUN/dump" | awk '{printf "{\"step\": \"dump_bytes\", \"bytes\": %d}\n", $1}' >> "$RUN/timings.jsonl"
-label="$MODEL"; [ "$MODEL" = smollm2 ] && label="SmolLM2-135M-Instruct (embedded GGUF Q4_1, de-quantized to float32)"
-"$PYTHON" -m dejavu_study.scaling "$RUN" --out "$OUT" --model "$label" --layers "$LAYERS"
+"$PYTHON" -m dejavu_study.scaling "$RUN" --out "$OUT" --model "$MODEL_LABEL" --layers "$LAYERS"
 step "done in $(( (SECONDS - started) / 60 )) min; report: $OUT/scaling.md"

@@ -134,6 +134,8 @@ PERPLEXITY = [
      "mlp_bytes_relative": 0.68},
     {"mode": "teal", "mlp_keep": 0.25, "att_keep": None, "perplexity": 26.0, "tokens": 1000, "reached_keep": 0.23,
      "mlp_bytes_relative": 0.24},
+    {"mode": "wina", "mlp_keep": 0.5, "att_keep": None, "perplexity": 23.0, "tokens": 1000, "reached_keep": 0.5,
+     "mlp_bytes_relative": 0.5},
 ]
 
 

@@ -166,7 +166,7 @@ def plot_perplexity(plt, summary, colors):
                     continue
                 style, marker = MODE_STYLES.get(mode, ("--", "s"))
                 suffix = f", att keep {other:g}" if other is not None else ""
-                ax.plot([p[0] for p in points], [p[1] for p in points], style, marker=marker, color=color,
+                ax.plot([p[0] for p in points], [p[1] for p in points], linestyle=style, marker=marker, color=color,
                         label=f"{run_label(run)} · {mode}{suffix}")
                 all_values += [p[1] for p in points]
                 has = True
