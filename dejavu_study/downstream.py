@@ -12,7 +12,8 @@ A run's label is its `label` model_arg, else for the `dejavu` model "dense" or t
 settings it ran with ("predicted mlp_keep=0.5 att_keep=0.5"), read from what the adapter
 recorded in the results (`config.dejavu_flags`: the flags as parsed, environment defaults
 included), else from model_args; another harness model (e.g. `hf`) is a dense run labelled by
-its model and `pretrained`. `render_table(rows)` renders the markdown table: per task and
+its model and `pretrained`. A DejaVuLM instance handed to simple_evaluate is known by
+what the adapter recorded. `render_table(rows)` renders the markdown table: per task and
 metric the dense value, then each sparse run with its difference from dense (same checkpoint
 where one was recorded). Neither reads anything but the rows, so the rows can be stored in a
 summary and rendered from it later.
@@ -96,25 +97,27 @@ def _fmt_keep(value):
 
 
 def run_settings(config: dict) -> dict:
-    """(model, model_args, checkpoint, dense, sparse settings) of one results file's config."""
+    """(model, model_args, checkpoint, dense, sparse settings, label) of one results file's config.
+    A run of the adapter is known by its name "dejavu" or, when an instance was passed to
+    simple_evaluate (no name, no model_args), by what the adapter recorded (config.dejavu_*)."""
     model = str(config.get("model") or "?")
     args = parse_model_args(config.get("model_args"))
-    if model != "dejavu":
+    if model != "dejavu" and "dejavu_model_type" not in config:
         checkpoint = args.get("pretrained") or config.get("model_name")
-        return {"model": model, "model_args": args, "checkpoint": checkpoint, "dense": True, "sparse": {}}
+        return {"model": model, "model_args": args, "checkpoint": checkpoint, "dense": True, "sparse": {},
+                "label": args.get("label")}
     flags = config.get("dejavu_flags") or {}
     sparse = {name: flags.get(name, args.get(name)) for name in SPARSE_FLAGS if name in flags or name in args}
     model_type = str(config.get("dejavu_model_type") or args.get("model_type") or "llama")
     dense = "sparse" not in model_type or (sparse.get("sparse_mode") or "predicted") == "dense"
     checkpoint = config.get("dejavu_checkpoint") or args.get("checkpoint")
-    return {"model": model, "model_args": args, "checkpoint": checkpoint, "dense": dense, "sparse": sparse,
-            "model_type": model_type}
+    return {"model": "dejavu", "model_args": args, "checkpoint": checkpoint, "dense": dense, "sparse": sparse,
+            "model_type": model_type, "label": args.get("label") or config.get("dejavu_label")}
 
 
 def run_label(settings: dict) -> str:
-    args = settings["model_args"]
-    if args.get("label"):
-        return str(args["label"])
+    if settings.get("label"):
+        return str(settings["label"])
     if settings["model"] != "dejavu":
         return " ".join(str(part) for part in (settings["model"], settings.get("checkpoint")) if part)
     if settings["dense"]:

@@ -467,3 +467,26 @@ def test_runs_of_different_depth_line_up_by_relative_depth():
     assert plots.depth_of(mixed, deep, 14) == pytest.approx(0.5)
     assert plots.depth_of(mixed, shallow, 2) == pytest.approx(0.5) and plots.depth_of(mixed, shallow, 4) == 1.0
     assert plots.depth_label(mixed).startswith("relative depth")
+
+
+def test_downstream_results_add_a_table(runs, tmp_path):
+    """--downstream DIR: lm-eval results (dense and a sparse run) become a table, from summary.json."""
+    def results(model_args, acc):
+        return {"results": {"facts": {"alias": "facts", "acc,none": acc, "acc_stderr,none": 0.1}},
+                "n-samples": {"facts": {"original": 24, "effective": 20}},
+                "config": {"model": "dejavu", "model_args": model_args}, "date": 1767225600.0}
+    folder = tmp_path / "lm_eval"
+    for name, args, acc in (("dense", "checkpoint=/m,model_type=llama", 0.6),
+                            ("oracle", "checkpoint=/m,model_type=llama-ml-att-sparse,sparse_mode=oracle,mlp_keep=0.25",
+                             0.45)):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "results_2026-01-01T00-00-00.json").write_text(json.dumps(results(args, acc)))
+    assert cli.main([runs["opt"], "--out", str(tmp_path / "out"), "--no-plots", "--no-progress",
+                     "--downstream", str(folder)]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert {(r["run"], r["value"]) for r in summary["downstream"]} == {("dense", 0.6), ("oracle mlp_keep=0.25", 0.45)}
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Downstream tasks (lm-evaluation-harness)" in md
+    assert "| facts | acc | oracle mlp_keep=0.25 | 0.4500 ± 0.1000 | -0.1500 |" in md
+    assert cli.main([runs["opt"], "--out", str(tmp_path / "out2"), "--no-plots", "--no-progress",
+                     "--downstream", str(tmp_path / "nowhere")]) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dejavu_study.downstream import render_table as render_downstream
 from dejavu_study.report.findings import PERPLEXITY_TOLERANCE_PCT
 from dejavu_study.report.plots import PLOTS
 from dejavu_study.report.runs import DRIFT_FIELDS, KIND_TITLES, KINDS, MODES
@@ -369,6 +370,8 @@ def render_markdown(summary: dict) -> str:
             lines += [f"- {key}: not drawn (--no-plots).", ""]
         else:
             lines += [f"- {key}: no plot (no data in any run).", ""]
+    if summary.get("downstream") is not None:
+        lines += ["## Downstream tasks (lm-evaluation-harness)", "", render_downstream(summary["downstream"]), ""]
     lines += ["## Per-layer numbers", ""]
     for run in runs:
         lines += md_layer_table(run) + md_perplexity_table(run) + md_frontier_table(run)

@@ -1,0 +1,458 @@
+"""The engine as an lm-evaluation-harness model: `--model dejavu`, dense and every sparse mode.
+
+    dejavu-lm-eval --model dejavu \
+        --model_args checkpoint=PATH,model_type=llama-ml-att-sparse,sparse_mode=predicted,sparse_path=DIR,mlp_keep=0.5 \
+        --tasks dejavu_facts_mc --include_path tests/lm_eval_tasks
+
+lm-eval 0.4.x has no plugin discovery for models (its registry holds its own MODEL_MAPPING and
+whatever an imported module registers), so the plain `lm_eval` command cannot find a model
+defined outside the harness. `dejavu-lm-eval` (pyproject.toml's [project.scripts], or
+`python -m dejavu_llama.modules.lm_eval_adapter`) imports this module, which registers "dejavu"
+with `lm_eval.api.registry.register_model`, and then runs lm_eval's own command line unchanged:
+every lm_eval flag and model works as with `lm_eval`. In Python, `import
+dejavu_llama.modules.lm_eval_adapter` before `lm_eval.simple_evaluate(model="dejavu", ...)`, or
+pass a `DejaVuLM` instance.
+
+The model is built with the project's own modules: `LocalModel.from_checkpoint(checkpoint,
+model_type)` (embeddings, blocks and head in one process) and, for a variant type (the sparse
+`*-ml-att-sparse` ones, also the `*-save` ones), the variant's runner hooks from the model
+registry: its `add_arguments(parser)` builds the parser the model_args other than this
+adapter's own are parsed with, and its `prepare_stage(blocks, args, config)` sets the blocks up.
+So every flag of `dejavu-infer` for that type is a model_arg (`sparse_mode`, `sparse_path`,
+`mlp_keep`, `att_keep`, `sparse_layers`, `sparse_mlp`, `sparse_attention`, `no_gather`,
+`predictor_dtype`, `thresholds`, `sparse_stats`, ... and any mode or flag added later) under its
+dest name, with the runner's checks and the same environment defaults ($SPARSE_MODE, $TOPK,
+$SPRARSE_PATH, ...). A value holding commas is quoted: `sparse_layers='0-3,9'`.
+
+The adapter's own model_args: checkpoint (required), model_type (default llama), device
+(auto: cuda when torch sees a GPU, else cpu), dtype (float32, float16, bfloat16), batch_size,
+max_length (default: the config's max_position_embeddings), max_gen_toks (default 256),
+add_bos_token, prefix_token_id, seed (sampling), label (a run name kept in the results, read
+by dejavu_study.downstream). The tokenizer is the checkpoint folder's.
+
+Scoring follows the harness's `hf` model: `TemplateLM`'s context/continuation split, inputs
+`(context + continuation)[-(max_length + 1):][:-1]`, log-softmax in float32. Rows are batched
+longest first with left padding; the blocks take the padding mask (positions come from it), so
+a padded row scores as it would alone. Only the positions that are scored go through the head.
+Generation is greedy (or sampled with do_sample/temperature) with the blocks' KV cache, one
+token per step for the whole batch, and stops per row at the end-of-text token, at any of the
+request's `until` strings or after max_gen_toks; the text is cut at the first stop string.
+"""
+
+import argparse
+import atexit
+import logging
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import lm_eval.models  # noqa: F401  (registers the harness's own models before ours; see get_model)
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+from dejavu_common.helpers import resolve_device
+from dejavu_llama.modules.local_model import LocalModel
+from dejavu_llama.pipeline_parallel.model_registry import load_model_module, variant_hooks
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "dejavu"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_MAX_GEN_TOKS = 256
+AUTO_BATCH_SIZE = 8  # batch_size=auto: no memory probing here, this many rows (or max_batch_size)
+
+
+class ModelArgsError(ValueError):
+    """A model_arg the adapter or the model type's flags do not take, or a bad value."""
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ModelArgsError(f"model_args: {message}")
+
+
+def variant_parser(model_type):
+    """(parser of the type's own runner flags or None, its prepare_stage hook or None)."""
+    add_arguments, prepare_stage = variant_hooks(model_type)
+    if add_arguments is None:
+        return None, prepare_stage
+    parser = _RaisingParser(prog=f"dejavu model_args ({model_type})", add_help=False)
+    add_arguments(parser)
+    return parser, prepare_stage
+
+
+def flags_to_argv(parser, values, model_type):
+    """model_args {dest: value} -> the argv the runner's parser takes for the same settings."""
+    actions = {action.dest: action for action in parser._actions if action.option_strings} if parser else {}
+    argv = []
+    for key, value in values.items():
+        dest = key.replace("-", "_")
+        action = actions.get(dest)
+        if action is None:
+            known = sorted(actions)
+            raise ModelArgsError(
+                f"model_args: unknown key {key!r} for model_type {model_type}; the adapter takes "
+                f"{', '.join(sorted(OWN_ARGS))}" + (f" and the runner flags {', '.join(known)}" if known else
+                                                    " (a sparse type, e.g. llama-ml-att-sparse, takes the sparse flags)"))
+        flag = action.option_strings[-1]
+        if value is None:
+            continue
+        if action.nargs == 0:  # store_true / store_false
+            if not isinstance(value, bool):
+                raise ModelArgsError(f"model_args: {key} is a switch: give true or false, not {value!r}")
+            if value == isinstance(action, argparse._StoreTrueAction):
+                argv.append(flag)
+            continue
+        if isinstance(value, bool) and action.choices and {"on", "off"} <= set(action.choices):
+            value = "on" if value else "off"
+        elif isinstance(value, (list, tuple)):
+            value = ",".join(str(item) for item in value)
+        argv += [flag, str(value)]
+    return argv
+
+
+OWN_ARGS = ("checkpoint", "model_type", "device", "dtype", "batch_size", "max_batch_size", "max_length",
+            "max_gen_toks", "add_bos_token", "prefix_token_id", "seed", "label")
+
+
+RUNNER_SETTINGS = ("model_name", "model_type", "rank", "world_size")  # what hooks may read beside the flags
+
+
+def _close_hook(state, ok=None):
+    """End a variant hook once (close(ok): e.g. --sparse-stats written when no request failed). At
+    exit it holds the hook and the failure flag only, so no model is kept alive for it."""
+    hook = state.pop("hook", None)
+    if hook is not None:
+        hook.close(not state["failed"] if ok is None else ok)
+
+
+@register_model(MODEL_NAME)
+class DejaVuLM(TemplateLM):
+    """A converted checkpoint run by the project's modules, dense or sparse (see the module doc)."""
+
+    def __init__(self, checkpoint=None, model_type="llama", device="auto", dtype="float32", batch_size=1,
+                 max_batch_size=None, max_length=None, max_gen_toks=DEFAULT_MAX_GEN_TOKS, add_bos_token=None,
+                 prefix_token_id=None, seed=1234, label=None, _harness_device=None, **flags):
+        super().__init__()
+        from transformers import AutoTokenizer
+
+        if not checkpoint:
+            raise ModelArgsError("model_args: checkpoint=PATH (a converted checkpoint folder) is required")
+        load_model_module(model_type)  # an unknown type is an error naming the known ones
+        parser, prepare_stage = variant_parser(model_type)
+        argv = flags_to_argv(parser, flags, model_type)
+        self.run_args = parser.parse_args(argv) if parser is not None else argparse.Namespace()
+        if dtype not in DTYPES:
+            raise ModelArgsError(f"model_args: dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        self._device = torch.device(self._pick_device(device, _harness_device))
+        self.checkpoint, self.model_type, self.label = str(checkpoint), model_type, label
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
+        except (OSError, ValueError) as error:
+            raise ModelArgsError(f"checkpoint {self.checkpoint}: no tokenizer could be read from the folder "
+                                 f"(converted checkpoints hold one): {error}") from error
+        self.model = LocalModel.from_checkpoint(self.checkpoint, model_type, dtype=DTYPES[dtype], device=self._device)
+        self.model.eval()
+        self._state = {"failed": False}
+        if prepare_stage is not None:
+            # the namespace the runner hands its hooks: its own settings plus the type's flags
+            runner = dict(zip(RUNNER_SETTINGS, (self.checkpoint, model_type, 0, 1)))
+            for name, value in runner.items():
+                setattr(self.run_args, name, value)
+            self._state["hook"] = prepare_stage(list(self.model.blocks), self.run_args, self.model.config)
+            atexit.register(_close_hook, self._state)
+        self.add_bos_token = add_bos_token
+        self.custom_prefix_token_id = prefix_token_id
+        self._max_length = int(max_length) if max_length else None
+        self._max_gen_toks = int(max_gen_toks)
+        self._batch_size = self._pick_batch_size(batch_size, max_batch_size)
+        self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        self._warned = set()
+        logger.info("dejavu: %s (%s) on %s, %s, batch size %d, max length %d%s", self.checkpoint, model_type,
+                    self._device, dtype, self._batch_size, self.max_length,
+                    f", flags {' '.join(argv)}" if argv else "")
+
+    # ---- construction from the harness ----------------------------------------------------------
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+        """model_args win over the harness's generic settings (--batch_size, --device), which the
+        harness always passes (its --device defaults to cuda:0) and would otherwise collide."""
+        args = dict(arg_dict)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        if "device" in extra:
+            args["_harness_device"] = extra.pop("device")
+        for key, value in extra.items():
+            args.setdefault(key, value)
+        return cls(**args)
+
+    @staticmethod
+    def _pick_device(device, harness_device):
+        """model_args device (auto, cpu, cuda, cuda:N), else the harness's --device, whose default
+        cuda:0 on a machine without a GPU means the CPU (as for the harness's hf model)."""
+        if device in (None, "auto") and harness_device is not None:
+            harness_device = str(harness_device)
+            if harness_device.startswith("cuda") and not torch.cuda.is_available():
+                return "cpu"
+            return harness_device
+        kind, _, index = str(device or "auto").partition(":")
+        kind = resolve_device(kind, "model_args device")
+        return f"{kind}:{index}" if index else kind
+
+    @staticmethod
+    def _pick_batch_size(batch_size, max_batch_size):
+        if isinstance(batch_size, str) and batch_size.startswith("auto"):
+            size = int(max_batch_size) if max_batch_size else AUTO_BATCH_SIZE
+            logger.warning("dejavu: batch_size %s: no automatic sizing; using %d rows per batch", batch_size, size)
+            return size
+        size = int(batch_size)
+        if size < 1:
+            raise ModelArgsError(f"model_args: batch_size {batch_size!r} must be at least 1")
+        return size
+
+    def close(self, ok=None):
+        """End the variant's hook (e.g. write --sparse-stats) now; else it ends at exit."""
+        _close_hook(self._state, ok)
+
+    # ---- what the harness reads -----------------------------------------------------------------
+    @property
+    def eot_token_id(self):
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self):
+        if self.custom_prefix_token_id is not None:
+            return self.custom_prefix_token_id
+        if self.tokenizer.bos_token_id is not None:
+            return self.tokenizer.bos_token_id
+        return self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self):
+        return self._max_length or int(self.model.config.max_position_embeddings)
+
+    @property
+    def max_gen_toks(self):
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self):
+        return self._batch_size
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def tokenizer_name(self):
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def get_model_info(self):
+        return {"dejavu_checkpoint": self.checkpoint, "dejavu_model_type": self.model_type,
+                "dejavu_label": self.label, "dejavu_flags": {k: v for k, v in vars(self.run_args).items()
+                                                             if k not in RUNNER_SETTINGS}}
+
+    def apply_chat_template(self, chat_history, add_generation_prompt=True):
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
+        """As the `hf` model: the tokenizer's own special tokens unless add_bos_token says otherwise,
+        none when the string already starts with the BOS text."""
+        options = {}
+        if add_special_tokens is not None:
+            options["add_special_tokens"] = add_special_tokens
+        elif string.startswith(self.tokenizer.decode(self.prefix_token_id)):
+            options["add_special_tokens"] = False
+        elif self.add_bos_token is not None:
+            options["add_special_tokens"] = self.add_bos_token
+        encoding = self.tokenizer.encode(string, **options)
+        return encoding[-left_truncate_len:] if left_truncate_len else encoding
+
+    def tok_decode(self, tokens, skip_special_tokens=True):
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    # ---- the model ------------------------------------------------------------------------------
+    def _batch(self, rows):
+        """Left-padded input ids [B, L] and mask [B, L] (None when no row is padded)."""
+        width = max(len(row) for row in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+        padded = bool((mask == 0).any())
+        return ids.to(self._device), (mask.to(self._device) if padded else None)
+
+    @torch.inference_mode()
+    def _forward(self, input_ids, mask=None, past=None, last=None):
+        """(logits of the last `last` positions (all when None), presents): LocalModel.forward
+        with the head applied only where logits are read."""
+        model = self.model
+        past = past or [None] * len(model.blocks)
+        x = model.embeddings(input_ids, past_layer=past[0], mask=mask)
+        presents = []
+        for block, layer_past in zip(model.blocks, past):
+            x, present = block(x, layer_past=layer_past, mask=mask)
+            presents.append(present)
+        if last is not None:
+            x, input_ids = x[:, -last:], input_ids[:, -last:]
+        return model.head(x, input_ids=input_ids), presents
+
+    def _run(self, method, *args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except BaseException:
+            self._state["failed"] = True
+            raise
+
+    # ---- loglikelihood --------------------------------------------------------------------------
+    def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+        return self._run(self._score, requests, disable_tqdm, override_bs)
+
+    def _score(self, requests, disable_tqdm, override_bs):
+        from tqdm import tqdm
+
+        def order(request):
+            tokens = request[1] + request[2]
+            return -len(tokens), tuple(tokens)
+
+        collator = Collator(requests, sort_fn=order)
+        results = []
+        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="dejavu loglikelihood")
+        for chunk in collator.get_batched(n=override_bs or self.batch_size):
+            rows, continuations = [], []
+            for _, context_enc, continuation_enc in chunk:
+                if not context_enc or not continuation_enc:
+                    raise ValueError("dejavu: a loglikelihood request needs a context and a continuation token")
+                if len(continuation_enc) > self.max_length:
+                    raise ValueError(f"dejavu: a continuation of {len(continuation_enc)} tokens exceeds "
+                                     f"max_length {self.max_length}")
+                rows.append((context_enc + continuation_enc)[-(self.max_length + 1):][:-1])
+                continuations.append(continuation_enc)
+            span = max(len(c) for c in continuations)
+            input_ids, mask = self._batch(rows)
+            logits, _ = self._forward(input_ids, mask, last=span)
+            logprobs = F.log_softmax(logits.float(), dim=-1)
+            for (request, _, _), row_logprobs, continuation in zip(chunk, logprobs, continuations):
+                picked = row_logprobs[span - len(continuation):]  # left padding: the row ends at the right
+                target = torch.tensor(continuation, dtype=torch.long, device=picked.device)
+                greedy = bool((picked.argmax(-1) == target).all())
+                answer = (float(picked.gather(-1, target[:, None]).sum()), greedy)
+                results.append(answer)
+                if request is not None:
+                    self.cache_hook.add_partial("loglikelihood", request, answer)
+                progress.update(1)
+        progress.close()
+        return collator.get_original(results)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm=False):
+        windows, owners = [], []
+        for index, (string,) in enumerate(request.args for request in requests):
+            for window in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None,) + window)
+                owners.append(index)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for owner, (logprob, _) in zip(owners, scores):
+            totals[owner] += logprob
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    # ---- generation -----------------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm=False):
+        return self._run(self._generate_until, requests, disable_tqdm)
+
+    def _generate_until(self, requests, disable_tqdm):
+        from tqdm import tqdm
+
+        collator = Collator([request.args for request in requests],
+                            sort_fn=lambda req: (-len(self.tok_encode(req[0])), req[0]),
+                            group_by="gen_kwargs", group_fn=lambda req: req[1])
+        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        results = []
+        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="dejavu generate_until")
+        for chunk in collator.get_batched(n=self.batch_size):
+            contexts, all_kwargs = zip(*chunk)
+            kwargs = normalize_gen_kwargs(dict(all_kwargs[0]), self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+            max_gen_toks = kwargs.pop("max_gen_toks")
+            room = self.max_length - max_gen_toks
+            if room <= 0:
+                raise ValueError(f"dejavu: max_gen_toks {max_gen_toks} leaves no room for a prompt in "
+                                 f"max_length {self.max_length}")
+            prompts = [self.tok_encode(context, left_truncate_len=room) for context in contexts]
+            generations = self.generate_tokens(prompts, max_gen_toks, until, **kwargs)
+            for context, tokens in zip(contexts, generations):
+                text = postprocess_generated_text(self.tok_decode(tokens), until, None)
+                results.append(text)
+                self.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), text)
+                progress.update(1)
+        progress.close()
+        return collator.get_original(results)
+
+    def generate_tokens(self, prompts, max_new_tokens, until=(), do_sample=False, temperature=0.0, **ignored):
+        """Token lists generated for a batch of prompts (token lists) with the KV cache: each row
+        stops at the end-of-text token (not returned), once its text holds a stop string, or after
+        max_new_tokens."""
+        unused = tuple(sorted(k for k, v in ignored.items() if v is not None))
+        if unused and unused not in self._warned:
+            self._warned.add(unused)
+            logger.warning("dejavu: generation settings %s are not supported and are ignored", list(unused))
+        sampling = bool(do_sample) and float(temperature or 0) > 0
+        stops = [stop for stop in until if stop]
+        input_ids, mask = self._batch(prompts)
+        generated = [[] for _ in prompts]
+        running = list(range(len(prompts)))
+        logits, past = self._forward(input_ids, mask, last=1)
+        for step in range(max_new_tokens):
+            scores = logits[:, -1].float()
+            if sampling:
+                probs = torch.softmax(scores / float(temperature), dim=-1).cpu()
+                next_tokens = torch.multinomial(probs, 1, generator=self.generator).to(scores.device)
+            else:
+                next_tokens = scores.argmax(-1, keepdim=True)
+            for row in list(running):
+                token = int(next_tokens[row, 0])
+                if token == self.eot_token_id:
+                    running.remove(row)
+                    continue
+                generated[row].append(token)
+                if stops and any(stop in self.tok_decode(generated[row], skip_special_tokens=False)
+                                 for stop in stops):
+                    running.remove(row)
+            if not running or step == max_new_tokens - 1:
+                break
+            if mask is not None:
+                mask = torch.cat((mask, torch.ones_like(next_tokens, dtype=mask.dtype)), dim=1)
+            logits, past = self._forward(next_tokens, mask, past, last=1)
+        return generated
+
+
+def main(argv=None):
+    """dejavu-lm-eval: lm_eval's own command line, with the model "dejavu" registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    # the adapter's and the sparse set-up's messages beside the harness's (which logs under "lm_eval" only)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-8s [%(name)s] %(message)s", "%Y-%m-%d:%H:%M:%S"))
+    package_logger = logging.getLogger("dejavu_llama")
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
