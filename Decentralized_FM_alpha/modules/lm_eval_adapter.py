@@ -291,20 +291,9 @@ class DejaVuLM(TemplateLM):
         padded = bool((mask == 0).any())
         return ids.to(self._device), (mask.to(self._device) if padded else None)
 
-    @torch.inference_mode()
     def _forward(self, input_ids, mask=None, past=None, last=None):
-        """(logits of the last `last` positions (all when None), presents): LocalModel.forward
-        with the head applied only where logits are read."""
-        model = self.model
-        past = past or [None] * len(model.blocks)
-        x = model.embeddings(input_ids, past_layer=past[0], mask=mask)
-        presents = []
-        for block, layer_past in zip(model.blocks, past):
-            x, present = block(x, layer_past=layer_past, mask=mask)
-            presents.append(present)
-        if last is not None:
-            x, input_ids = x[:, -last:], input_ids[:, -last:]
-        return model.head(x, input_ids=input_ids), presents
+        """(logits of the last `last` positions (all when None), presents)."""
+        return self.model(input_ids, mask=mask, past=past, last=last)
 
     def _run(self, method, *args, **kwargs):
         try:

@@ -31,14 +31,17 @@ class LocalModel(nn.Module):
         return self.embeddings.config
 
     @torch.inference_mode()
-    def forward(self, input_ids, mask=None, past=None):
-        """(logits [B, S, V], presents): `past` is one (k, v) per layer or None."""
+    def forward(self, input_ids, mask=None, past=None, last=None):
+        """(logits [B, S, V], presents): `past` is one (k, v) per layer or None; with `last`, the
+        head runs on the last `last` positions only (the scored ones: the head is the widest matmul)."""
         past = past or [None] * len(self.blocks)
         x = self.embeddings(input_ids, past_layer=past[0], mask=mask)
         presents = []
         for block, layer_past in zip(self.blocks, past):
             x, present = block(x, layer_past=layer_past, mask=mask)
             presents.append(present)
+        if last is not None:
+            x, input_ids = x[:, -last:], input_ids[:, -last:]
         return self.head(x, input_ids=input_ids), presents
 
     @torch.inference_mode()
