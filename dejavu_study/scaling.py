@@ -72,7 +72,9 @@ def read_predictors(run: str) -> list[dict]:
             "best_epoch": [e.get("best_epoch") for e in ordered],
             "epochs_run": [e.get("epochs_run") for e in ordered],
             "epoch_cap": max(e.get("epochs") or 0 for e in ordered),
-            "D": ordered[0].get("D"), "seconds": sum(e.get("seconds") or 0 for e in ordered),
+            "D": ordered[0].get("D"), "lr": ordered[0].get("lr"), "batch_size": ordered[0].get("batch_size"),
+            "patience": ordered[0].get("patience"), "select_metric": ordered[0].get("select_metric"),
+            "seconds": sum(e.get("seconds") or 0 for e in ordered),
         })
     if not sets:
         raise ReportError(f"no trained predictors under {folder}")
@@ -189,6 +191,14 @@ def save(fig, plt, path: str) -> str:
     return os.path.basename(path)
 
 
+def training_text(summary: dict) -> str:
+    first = sweep(summary)[0] if sweep(summary) else summary["sets"][0]
+    return (f"predictor width D = {first['D']}, AdamW lr {first['lr']}, batch {first['batch_size']}, "
+            f"{first['rows_val'][0]:,} validation rows; the epoch with the best {first['select_metric']} is kept "
+            f"and training stops after {first['patience']} epochs without a better one, under a cap of "
+            f"{first['epoch_cap']} epochs.")
+
+
 def trend_text(summary: dict) -> list[str]:
     rows = sweep(summary)
     if len(rows) < 2:
@@ -216,8 +226,7 @@ def render_markdown(summary: dict, plots: dict) -> str:
              "perplexity run); MLP predictors only, attention dense.",
              f"- One activation dump of {summary['dump_tokens']:,} tokens; every size trains on the first N "
              "training rows and is validated on the same held-out rows.",
-             f"- Label of the size sweep: top-k with k = {summary['sweep_label_k']:g}; predictor width "
-             f"D = {sweep(summary)[0]['D'] if sweep(summary) else '–'}; early stopping under an epoch cap.",
+             f"- Label of the size sweep: top-k with k = {summary['sweep_label_k']:g}; " + training_text(summary),
              f"- Perplexity on {summary['validation_tokens']:,} validation tokens (documents never collected); "
              f"dense perplexity {fmt(summary['dense_perplexity'], 2)}.",
              "- Corpus: " + "; ".join(

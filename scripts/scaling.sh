@@ -19,7 +19,7 @@ OUT="${OUT:-$ROOT/reports/scaling-$NAME}"
 DEVICE="${DEVICE:-cpu}"
 LAYERS="${LAYERS:-2,7,12,17,22,27}"           # spread over the depth (SmolLM2 has 30 layers)
 SIZES="${SIZES:-12000 50000 200000}"          # training rows (tokens) per predictor
-VAL_FRACTION="${VAL_FRACTION:-0.1}"           # of the dump's rows: the validation rows of every size
+VAL_FRACTION="${VAL_FRACTION:-0.025}"         # of the dump's rows (5.6k): the validation rows of every size
 SP_ROWS="${SP_ROWS:-225000}"                  # dump capacity: the largest size / (1 - VAL_FRACTION), rounded up
 TRAIN_DOCS="${TRAIN_DOCS:-500}"               # corpus documents collected (cut to MAX_TOKENS_PER_DOC)
 VAL_DOCS="${VAL_DOCS:-24}"                    # validation documents for perplexity (never collected)
@@ -28,14 +28,17 @@ KEEP_FRACTIONS="${KEEP_FRACTIONS:-0.5 0.25}"
 LABEL_K="${LABEL_K:-0.1}"                     # the label of the size sweep (the demo's)
 BUDGET_LABEL_SIZE="${BUDGET_LABEL_SIZE:-50000}"   # the size at which labels k = each kept fraction are trained too
 D="${D:-128}"                                 # predictor width (the demo uses min(1000, hidden))
-EPOCHS="${EPOCHS:-15}"                        # a cap; early stopping (PATIENCE) ends training before it
+EPOCHS="${EPOCHS:-30}"                        # a cap; early stopping (PATIENCE) ends training before it
 PATIENCE="${PATIENCE:-2}"
+LR="${LR:-3e-3}"                              # with TRAIN_BATCH_SIZE 1024: 200k rows train in minutes per layer
+TRAIN_BATCH_SIZE="${TRAIN_BATCH_SIZE:-1024}"
+REUSE_DUMP="${REUSE_DUMP:-0}"                 # 1: keep a complete dump already in $RUN/dump (retrain only)
 BATCH_SIZE="${BATCH_SIZE:-4}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 
 mkdir -p "$RUN"
 timing() { printf '{"step": "%s", "seconds": %d}\n' "$1" "$2" >> "$RUN/timings.jsonl"; }
-rm -f "$RUN/timings.jsonl"
+[ -f "$RUN/timings.jsonl" ] && mv "$RUN/timings.jsonl" "$RUN/timings.previous.jsonl"
 
 step "convert $MODEL -> $CHECKPOINT"
 convert_model
@@ -68,16 +71,23 @@ EOF
 }
 
 t=$SECONDS
-step "collect layers $LAYERS from the training documents (capacity $SP_ROWS rows)"
-run_model "$MODEL_TYPE-save" "$RUN/train.jsonl" "$RUN/results_collect.jsonl" \
-  --sp-data-path "$RUN/dump" --sp-rows "$SP_ROWS" --sp-layers "$LAYERS" --sp-force
-timing collect $(( SECONDS - t ))
+if [ "$REUSE_DUMP" = 1 ] && [ -f "$RUN/dump/meta.json" ]; then
+  step "reusing the dump in $RUN/dump"
+  [ -f "$RUN/timings.previous.jsonl" ] && grep '"collect"' "$RUN/timings.previous.jsonl" >> "$RUN/timings.jsonl"
+else
+  step "collect layers $LAYERS from the training documents (capacity $SP_ROWS rows)"
+  run_model "$MODEL_TYPE-save" "$RUN/train.jsonl" "$RUN/results_collect.jsonl" \
+    --sp-data-path "$RUN/dump" --sp-rows "$SP_ROWS" --sp-layers "$LAYERS" --sp-force
+  timing collect $(( SECONDS - t ))
+fi
 
 t=$SECONDS
+rm -rf "$RUN/predictors"
 suffix=""; [ "$MODEL_TYPE" = llama ] && suffix="_llama"
 train() {  # train ROWS LABEL_K
   DATA_PATH="$RUN/dump" CKPT_DIR="$RUN/predictors/rows$1_k$2" LAYERS="$LAYERS" TRAIN_ROWS="$1" K="$2" \
     INPUT=same D="$D" EPOCHS="$EPOCHS" PATIENCE="$PATIENCE" VAL_FRACTION="$VAL_FRACTION" DEVICE="$DEVICE" \
+    LR="$LR" BATCH_SIZE="$TRAIN_BATCH_SIZE" \
     SELECT_METRIC=recall_at_matched_k bash "$ROOT/sparse_predictor/run_c4_mlp${suffix}.sh" \
     || echo "some layers failed (rows $1, label k $2); see above"
 }

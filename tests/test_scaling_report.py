@@ -15,7 +15,8 @@ def write_lines(path, lines):
 
 
 def metrics_line(layer, rows, recall_k):
-    return {"status": "ok", "kind": "mlp", "layer": layer, "rows_train": rows, "rows_val": 100, "D": 64,
+    return {"status": "ok", "kind": "mlp", "layer": layer, "rows_train": rows, "rows_val": 100, "D": 64, "lr": 0.003,
+            "batch_size": 1024, "patience": 2, "select_metric": "recall_at_matched_k",
             "epochs": 40, "epochs_run": 9, "best_epoch": 6, "seconds": 2.0,
             "val": {"recall": recall_k + 0.2, "precision": 0.3, "recall_at_matched_k": recall_k}}
 
@@ -58,6 +59,7 @@ def test_summary_and_markdown(run, tmp_path):
     assert "label k = 0.5 gives +10.0%, label k = 0.1 gives +20.0%" in text
     assert "k = the kept fraction serves this kept fraction better" in text
     assert "nothing here is extrapolated beyond 1,000 tokens" in text
+    assert "D = 64, AdamW lr 0.003, batch 1024, 100 validation rows" in text and "a cap of 40 epochs" in text
     for png in ("recall_vs_tokens.png", "perplexity_vs_tokens.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000
 
