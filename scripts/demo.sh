@@ -2,7 +2,8 @@
 # The whole study in one command, on the embedded SmolLM2-135M-Instruct with the offline corpus
 # (Python documentation and World English Bible, installed by setup.sh):
 #   convert -> dense perplexity through a 2-stage pipeline -> collect activations -> train the
-#   MLP and attention predictors of every layer (both input modes; early stopping) -> calibrate
+#   MLP and attention predictors of every layer (early stopping; PREV_KINDS also on the look-ahead
+#   input) -> calibrate
 #   the training-free baselines (TEAL, CATS) -> sparse perplexity at several kept fractions:
 #   oracle, predicted, teal, cats, wina for the MLP; oracle and predicted for the heads -> report.
 #
@@ -24,11 +25,15 @@ KEEP_FRACTIONS="${KEEP_FRACTIONS:-0.5 0.25 0.1}"           # MLP neurons kept (a
 ATT_KEEP_FRACTIONS="${ATT_KEEP_FRACTIONS:-0.75 0.5}"        # heads kept (MLP dense)
 ONLINE="${ONLINE:-0}"                         # 1: request files from C4 on the hub
 RANDOM_WEIGHTS="${RANDOM_WEIGHTS:-0}"         # 1: the model is random-init (a tooling check): the report says "not evidence"
-EPOCHS="${EPOCHS:-12}"                        # a cap: early stopping (PATIENCE) ends training before it
+EPOCHS="${EPOCHS:-20}"                        # a cap: early stopping (PATIENCE) ends training before it
 PATIENCE="${PATIENCE:-2}"
+LR="${LR:-3e-3}"
 # Predictor width: the trainer's default min(1000, hidden) on real models; 256 on the embedded
 # model on 2 cores (0.44 of the weights of D=576, trains about twice as fast).
 D="${D:-$([ "$MODEL" = smollm2 ] && echo 256)}"
+# Kinds whose predictors are also trained on the look-ahead input (prev). On the embedded model on
+# 2 cores only the heads' (cheap: 9 outputs), to stay within 20 minutes; both on real models.
+PREV_KINDS="${PREV_KINDS:-$([ "$MODEL" = smollm2 ] && echo att || echo "mlp att")}"
 SELECT_METRIC="${SELECT_METRIC:-recall_at_matched_k}"  # what a top-K executor uses
 MLP_METHODS="${MLP_METHODS:-oracle predicted teal cats wina}"  # MLP modes run at each of KEEP_FRACTIONS
 BATCH_SIZE="${BATCH_SIZE:-4}"
@@ -94,12 +99,13 @@ step "4/7 collect activations ($MODEL_TYPE-save) from the training documents"
 run_pipeline 1 "$MODEL_TYPE-save" "$RUN/c4_train.jsonl" "$RUN/results_collect.jsonl" \
   --sp-data-path "$RUN/dump" --sp-rows "${SP_ROWS:-400000}" --sp-force
 
-step "5/7 train predictors for all $LAYERS_TOTAL layers (MLP and attention; input same and prev)"
+step "5/7 train predictors for all $LAYERS_TOTAL layers (MLP and attention, input same; $PREV_KINDS also input prev)"
 suffix=""; [ "$MODEL_TYPE" = llama ] && suffix="_llama"
 for input in same prev; do
   for kind in mlp att; do
+    [ "$input" = prev ] && [[ " $PREV_KINDS " != *" $kind "* ]] && continue
     DATA_PATH="$RUN/dump" CKPT_DIR="$RUN/predictors/$input" INPUT="$input" EPOCHS="$EPOCHS" DEVICE="$DEVICE" \
-      PATIENCE="$PATIENCE" SELECT_METRIC="$SELECT_METRIC" D="$D" \
+      PATIENCE="$PATIENCE" SELECT_METRIC="$SELECT_METRIC" D="$D" LR="$LR" \
       bash "$ROOT/sparse_predictor/run_c4_${kind}${suffix}.sh" || echo "some $kind layers failed (input $input); see above"
   done
 done
@@ -132,10 +138,10 @@ done
 
 step "7/7 report"
 "$PYTHON" - "$RUN" "$NAME" "$MODEL_LABEL" "$MODEL_TYPE" "$CHECKPOINT" "$STAGES" "$DEVICE" "$VAL_DOCS" "$ONLINE" "$RANDOM_WEIGHTS" \
-  "$EPOCHS" "$PATIENCE" "$SELECT_METRIC" "$D" <<'EOF'
+  "$EPOCHS" "$PATIENCE" "$SELECT_METRIC" "$D" "$LR" <<'EOF'
 import json, os, sys
 (run, name, model, model_type, checkpoint, stages, device, val_docs, online, random_weights,
- epochs, patience, select_metric, d) = sys.argv[1:]
+ epochs, patience, select_metric, d, lr) = sys.argv[1:]
 if online == "1":
     source = "C4 from the hub"
 else:
@@ -152,7 +158,7 @@ study = {"name": name, "model": model, "model_type": model_type, "checkpoint": c
          "stages": int(stages), "device": device,
          "label_rule": ("topk k=0.1" if model_type == "llama" else "positive") + " (MLP); topk k=0.5 (heads)",
          "notes": "MLP predictors read mlp_x; perplexity runs use the input-'same' predictors; predictors train "
-                  f"(D = {d or 'min(1000, hidden)'}) under a cap of {epochs} epochs with early stopping (patience {patience}, best "
+                  f"(D = {d or 'min(1000, hidden)'}, lr {lr}) under a cap of {epochs} epochs with early stopping (patience {patience}, best "
                   f"{select_metric}); teal and cats thresholds are calibrated on the training dump."}
 tmp = os.path.join(run, ".study.json.tmp")
 json.dump(study, open(tmp, "w"), indent=2)
