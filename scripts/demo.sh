@@ -2,9 +2,9 @@
 # The whole study in one command, on the embedded SmolLM2-135M-Instruct with the offline corpus
 # (Python documentation and World English Bible, installed by setup.sh):
 #   convert -> dense perplexity through a 2-stage pipeline -> collect activations -> train the
-#   MLP and attention predictors of every layer (early stopping; PREV_KINDS also on the look-ahead
-#   input) -> calibrate
-#   the training-free baselines (TEAL, CATS) -> sparse perplexity at several kept fractions:
+#   MLP and attention predictors of every layer (early stopping; PREV_KINDS also on the
+#   look-ahead input) -> calibrate the training-free baselines (TEAL, CATS) -> sparse perplexity
+#   at several kept fractions:
 #   oracle, predicted, teal, cats, wina for the MLP; oracle and predicted for the heads -> report.
 #
 # The same study on a GPU server with real models and more data, e.g.
