@@ -36,6 +36,7 @@ D="${D:-$([ "$MODEL" = smollm2 ] && echo 256)}"
 PREV_KINDS="${PREV_KINDS:-$([ "$MODEL" = smollm2 ] && echo att || echo "mlp att")}"
 SELECT_METRIC="${SELECT_METRIC:-recall_at_matched_k}"  # what a top-K executor uses
 MLP_METHODS="${MLP_METHODS:-oracle predicted teal cats wina}"  # MLP modes run at each of KEEP_FRACTIONS
+CALIBRATION_ROWS="${CALIBRATION_ROWS:-4096}"  # dump rows TEAL's and CATS's thresholds are calibrated on
 BATCH_SIZE="${BATCH_SIZE:-4}"
 PORT="${PORT:-29517}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
@@ -113,7 +114,7 @@ for method in teal cats; do
   case " $MLP_METHODS " in *" $method "*) ;; *) continue ;; esac
   [ "$method" = cats ] && [ "$MODEL_TYPE" != llama ] && continue  # OPT has no gate
   "$PYTHON" "$ROOT/sparse_predictor/calibrate.py" --data-path "$RUN/dump" --checkpoint "$CHECKPOINT" \
-    --method "$method" --keep $KEEP_FRACTIONS --out "$RUN/predictors/same"
+    --method "$method" --keep $KEEP_FRACTIONS --out "$RUN/predictors/same" --max-rows "$CALIBRATION_ROWS"
 done
 
 # One component at a time, so the report can tell the MLP's share from the attention's.
