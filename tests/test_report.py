@@ -340,6 +340,7 @@ def test_findings_are_computed_from_the_numbers(comparison):
     half, quarter = frontier["budgets"]
     assert (half["keep"], half["best"]) == (0.5, "cats") and half["best_increase_pct"] == pytest.approx(8.0)
     assert half["best_minus_oracle_pp"] == pytest.approx(3.0) and half["best_bytes_relative"] == 0.68
+    assert half["best_over_oracle"] == pytest.approx(21.6 / 21.0)
     assert (quarter["best"], quarter["best_minus_oracle_pp"]) == ("teal", pytest.approx(15.0))
     assert lowest["mlp_cats"]["increase_pct"] == pytest.approx([8.0])
 
@@ -347,7 +348,7 @@ def test_findings_are_computed_from_the_numbers(comparison):
 def test_markdown_states_runs_and_findings(comparison):
     md, summary = comparison["markdown"], comparison["summary"]
     assert ("MLP at keep 0.5: the best method without the layer's own activations is cats (+8.0% perplexity, "
-            "0.68 of the dense MLP's bytes), +3.0 points from oracle") in md
+            "0.68 of the dense MLP's bytes), 1.03× oracle's perplexity") in md
     assert "Deja Vu: Contextual Sparsity for Efficient LLMs at Inference Time" in md and "Reference, not measured" in md
     assert "| teal | 0.25 | 0.230 | 0.240 | +30.0% |" in md
     llama, opt = by_name(summary, "llama-synthetic"), by_name(summary, "opt-synthetic")

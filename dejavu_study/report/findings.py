@@ -168,6 +168,8 @@ def mlp_frontier(entries: list[dict]) -> dict | None:
                         "best_bytes_relative": at[best]["bytes_relative"] if best else None,
                         "oracle_increase_pct": oracle,
                         "best_minus_oracle_pp": None if not ranked or oracle is None else ranked[0][0] - oracle,
+                        "best_over_oracle": None if not ranked or oracle is None
+                        else (1 + ranked[0][0] / 100) / (1 + oracle / 100),  # perplexity ratio
                         "methods": {mode: p["increase_pct"] for mode, p in at.items()}})
     return {"methods": methods, "budgets": budgets}
 

@@ -62,7 +62,7 @@ def md_headline(run: dict) -> list[str]:
         lines.append(f"- MLP at keep {budget['keep']:g}: the best method without the layer's own activations is "
                      f"{budget['best']} ({fmt_pct(budget['best_increase_pct'])} perplexity, "
                      f"{fmt(budget['best_bytes_relative'], 2)} of the dense MLP's bytes), "
-                     + (f"{budget['best_minus_oracle_pp']:+.1f} points from oracle" if budget['best_minus_oracle_pp']
+                     + (f"{budget['best_over_oracle']:.2f}× oracle's perplexity" if budget.get('best_over_oracle')
                         is not None else "no oracle run beside it") + (f"; {others}" if others else "") + ".")
     if len(lines) == 2:
         lines.append("- No sparse perplexity runs with one component cut alone, and no predictor metrics.")
