@@ -134,8 +134,8 @@ PERPLEXITY = [
      "mlp_bytes_relative": 0.68},
     {"mode": "teal", "mlp_keep": 0.25, "att_keep": None, "perplexity": 26.0, "tokens": 1000, "reached_keep": 0.23,
      "mlp_bytes_relative": 0.24},
-    {"mode": "wina", "mlp_keep": 0.5, "att_keep": None, "perplexity": 23.0, "tokens": 1000, "reached_keep": 0.5,
-     "mlp_bytes_relative": 0.5},
+    {"mode": "wina", "mlp_keep": 0.5, "att_keep": None, "perplexity": 23.0, "tokens": 1000,
+     "reached_keep": {"down": 0.5, "in": 0.47}, "mlp_bytes_relative": 0.5},
 ]
 
 
@@ -351,6 +351,7 @@ def test_markdown_states_runs_and_findings(comparison):
             "0.68 of the dense MLP's bytes), 1.03× oracle's perplexity") in md
     assert "Deja Vu: Contextual Sparsity for Efficient LLMs at Inference Time" in md and "Reference, not measured" in md
     assert "| teal | 0.25 | 0.230 | 0.240 | +30.0% |" in md
+    assert "| wina | 0.5 | in 0.470, down 0.500 | 0.500 | +15.0% |" in md
     llama, opt = by_name(summary, "llama-synthetic"), by_name(summary, "opt-synthetic")
     assert "random weights — not evidence" in md
     assert opt["evidence"] is False and llama["evidence"] is True

@@ -287,6 +287,13 @@ DEJAVU_OPT_REFERENCE = [
 ]
 
 
+def fmt_reached(reached) -> str:
+    """A kept fraction reached, or one per masked input (teal, wina: "in 0.497, down 0.483")."""
+    if isinstance(reached, dict):
+        return ", ".join(f"{name} {value:.3f}" for name, value in sorted(reached.items(), key=lambda kv: kv[0] != "in"))
+    return fmt(reached)
+
+
 def md_frontier_table(run: dict) -> list[str]:
     """Every MLP method at every kept fraction: kept fraction reached on the validation text, bytes, quality."""
     frontier = ((run["findings"]["perplexity"] or {}).get("mlp_frontier") or {}).get("methods")
@@ -297,7 +304,7 @@ def md_frontier_table(run: dict) -> list[str]:
              "|---|---|---|---|---|"]
     for mode, points in frontier.items():
         for p in points:
-            lines.append(f"| {mode} | {p['keep']:g} | {fmt(p['reached_keep'])} | {fmt(p['bytes_relative'])} | "
+            lines.append(f"| {mode} | {p['keep']:g} | {fmt_reached(p['reached_keep'])} | {fmt(p['bytes_relative'])} | "
                          f"{fmt_pct(p['increase_pct'])} |")
     return lines + ["", "Kept reached: the mean over layers and masked inputs of the fraction kept per token "
                         "(thresholds calibrated on the training documents drift on new text). Bytes: MLP weights "

@@ -298,9 +298,15 @@ def read_perplexity(run_dir: str) -> dict:
         entry = {"mode": mode, "mlp_keep": mlp_keep, "att_keep": att_keep, "perplexity": ppl,
                  "perplexity_raw": None if ppl is not None else str(e.get("perplexity")),
                  "tokens": e.get("tokens"), "result_file": e.get("result_file")}
-        for key in ("reached_keep", "mlp_bytes_relative"):  # from the run's --sparse-stats, where recorded
-            if finite(e.get(key)) is not None:
-                entry[key] = finite(e[key])
+        # From the run's --sparse-stats, where recorded: the kept fraction reached, per masked input
+        # ({"neurons": f} or {"in": f, "down": f}), and the MLP bytes per token relative to dense.
+        reached = e.get("reached_keep")
+        if isinstance(reached, dict):
+            reached = {name: finite(v) for name, v in reached.items() if finite(v) is not None} or None
+        if reached is not None:
+            entry["reached_keep"] = reached if isinstance(reached, dict) else finite(reached)
+        if finite(e.get("mlp_bytes_relative")) is not None:
+            entry["mlp_bytes_relative"] = finite(e["mlp_bytes_relative"])
         if mode != "dense" and dense_ppl and ppl is not None:
             entry["increase"] = ppl - dense_ppl
             entry["increase_pct"] = 100.0 * (ppl / dense_ppl - 1.0)
