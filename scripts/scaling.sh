@@ -128,6 +128,6 @@ done
 timing perplexity $(( SECONDS - t ))
 
 step "report"
-du -sb "$RUN/dump" | awk '{printf "{\"step\": \"dump_bytes\", \"bytes\": %d}\n", $1}' >> "$RUN/timings.jsonl"
+du -sb "$RUN/dump" | awk '{printf "{\"step\": \"dump_bytes\", \"bytes\": %.0f}\n", $1}' >> "$RUN/timings.jsonl"
 "$PYTHON" -m dejavu_study.scaling "$RUN" --out "$OUT" --model "$MODEL_LABEL" --layers "$LAYERS"
 step "done in $(( (SECONDS - started) / 60 )) min; report: $OUT/scaling.md"
