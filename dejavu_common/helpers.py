@@ -15,6 +15,18 @@ import os
 import re
 import tempfile
 
+# ---- numbers -------------------------------------------------------------------------------------
+def finite(value) -> float | None:
+    """A finite float, else None: JSON has no NaN, so an undefined number stays visibly undefined."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
 # ---- kept fractions and counts ------------------------------------------------------------------
 # A fraction times a width can land a hair above an integer (0.07 * 100 = 7.000000000000001);
 # that must keep 7 units, not 8.

@@ -28,6 +28,8 @@ import json
 import os
 import sys
 
+from dejavu_common.helpers import finite
+
 SPARSE_FLAGS = ("sparse_mode", "mlp_keep", "att_keep", "sparse_layers", "sparse_mlp", "sparse_attention",
                 "predictor_dtype", "no_gather", "thresholds", "sparse_path")
 NOT_METRICS = ("alias", "name", "sample_len", "sample_count", "samples")
@@ -81,18 +83,8 @@ def parse_model_args(model_args) -> dict:
     return args
 
 
-def _number(value):
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if number == number and abs(number) != float("inf") else None
-
-
 def _fmt_keep(value):
-    number = _number(value)
+    number = finite(value)
     return f"{number:g}" if number is not None else str(value)
 
 
@@ -159,14 +151,14 @@ def rows_of_file(path: str) -> list[dict]:
         count = samples.get(task, {}).get("effective") if isinstance(samples.get(task), dict) else None
         for key, value in metrics.items():
             name, _, filter_name = key.partition(",")
-            if name in NOT_METRICS or name.endswith("_stderr") or _number(value) is None:
+            if name in NOT_METRICS or name.endswith("_stderr") or finite(value) is None:
                 continue
             filter_name = filter_name or "none"
             rows.append({
                 "run": label, "model": settings["model"], "model_args": settings["model_args"],
                 "checkpoint": settings["checkpoint"], "dense": settings["dense"], "task": task,
                 "metric": name if filter_name == "none" else f"{name},{filter_name}",
-                "value": _number(value), "stderr": _number(metrics.get(f"{name}_stderr,{filter_name}")),
+                "value": finite(value), "stderr": finite(metrics.get(f"{name}_stderr,{filter_name}")),
                 "samples": count, "file": os.path.abspath(path), "date": data.get("date"),
             })
     return rows

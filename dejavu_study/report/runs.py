@@ -10,7 +10,7 @@ import logging
 import math
 import os
 
-from dejavu_common.helpers import kept_count, write_json_atomic
+from dejavu_common.helpers import finite, kept_count, write_json_atomic
 from dejavu_study import drift as drift_mod
 from sparse_predictor.dump_reader import DumpError, DumpReader
 
@@ -35,17 +35,6 @@ class ReportError(Exception):
 
 
 # ---- small helpers ------------------------------------------------------------------------------
-def finite(value) -> float | None:
-    """A finite float, else None (JSON has no NaN; undefined numbers stay visibly undefined)."""
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
 def mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
