@@ -107,12 +107,9 @@ def corpus_of(run: str) -> dict:
     for split, name in (("train", "train.jsonl"), ("validation", "val.jsonl")):
         entries = jsonl_lines(os.path.join(run, name), required=False)
         split_counts[split] = dict(Counter(e.get("source", "unknown") for e in entries))
-    licences = {}
-    try:
-        from dejavu_llama.task_datasets.offline_text import SOURCES
-        licences = {name: source.licence for name, source in SOURCES.items()}
-    except ImportError:  # an older source module: the report names what the requests say
-        pass
+    from dejavu_llama.task_datasets.offline_text import SOURCES
+
+    licences = {name: source.licence for name, source in SOURCES.items()}
     return {"documents": split_counts, "licences": licences}
 
 
