@@ -369,7 +369,7 @@ def test_stats_of_oracle_and_predicted_count_real_tokens(llama_checkpoint):
                      stats=stats)
     model.generate_greedy(input_ids[:1], 5)
     summary = stats.summary()
-    assert summary["tokens"] == 11 + 5
+    assert summary["tokens"] == 11 + 4  # the prompt, then every new token but the last (chosen, never fed)
     expected = mlp_bytes_per_token("predicted", 48, WIDTH, 12 / WIDTH, predictor_rank=8, dtype_bytes=4)
     for entry in summary["layers"].values():
         assert entry["kept"] == {"neurons": pytest.approx(12 / WIDTH)}

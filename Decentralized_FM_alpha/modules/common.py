@@ -102,6 +102,8 @@ def load_config(model_path, config_class):
 def past_length(layer_past):
     if layer_past is None:
         return 0
+    if isinstance(layer_past, StaticKVCache):
+        return layer_past.state.length
     return layer_past.length if isinstance(layer_past, KVCache) else layer_past[0].shape[2]
 
 
@@ -184,8 +186,87 @@ def kernel_step(x, layer_past, mask):
     return x, torch.empty_like(x), present, cache, None if valid is None else valid.data_ptr()
 
 
+class StaticDecodeState:
+    """What a static-cache decoding step reads besides its token, shared by a stage's layers.
+
+    positions [B, 1]: each row's position of the token being decoded (left padding not counted);
+    write_index [1]: the cache slot the token's keys and values go to;
+    key_valid [B, capacity]: the slots each row's query may see (`allowed` is its SDPA view);
+    length: slots written so far. The step reads these, never Python numbers, so the same
+    kernels with the same addresses serve every step: it can be captured once as a CUDA graph.
+    """
+
+    def __init__(self, batch, capacity, device):
+        self.capacity = capacity
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.write_index = torch.zeros(1, dtype=torch.long, device=device)
+        self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.allowed = self.key_valid[:, None, None, :]
+        self.length = 0
+        self.decoding = False
+
+    def prompt_done(self, mask, length):
+        """After the prompt step: `length` slots written, `mask` [B, length] (None: all real)."""
+        if mask is None:
+            self.key_valid[:, :length] = True
+            self.positions.fill_(length)
+        else:
+            self.key_valid[:, :length] = mask[:, -length:].bool()
+            self.positions.copy_(mask[:, -length:].long().sum(-1, keepdim=True))
+        self.length, self.decoding = length, True
+
+    def begin_token(self):
+        if self.length >= self.capacity:
+            raise ValueError(f"the static KV cache is full: it holds {self.capacity} positions")
+        self.write_index.fill_(self.length)
+        self.key_valid[:, self.length] = True
+
+    def end_token(self):
+        self.positions += 1
+        self.length += 1
+
+
+class StaticKVCache:
+    """One layer's keys and values in buffers of fixed capacity [B, kv_heads, capacity, head_dim],
+    allocated (zeroed: masked slots must not hold NaN) at the first write. A prompt is written in
+    place at [length, length + S); a decoding token at state.write_index, and attention then reads
+    every slot under state.allowed. Returned as its own `present`."""
+
+    def __init__(self, state):
+        self.state = state
+        self.keys = self.values = None
+
+    def update(self, k, v):
+        """(self, keys, values) to attend over after writing k, v [B, kv_heads, S, head_dim]."""
+        if self.keys is None:
+            batch, heads, _, dim = k.shape
+            self.keys = k.new_zeros(batch, heads, self.state.capacity, dim)
+            self.values = v.new_zeros(batch, heads, self.state.capacity, v.shape[-1])
+        if self.state.decoding and k.shape[2] == 1:
+            self.keys.index_copy_(2, self.state.write_index, k)
+            self.values.index_copy_(2, self.state.write_index, v)
+            return self, self.keys, self.values
+        start, end = self.state.length, self.state.length + k.shape[2]
+        if end > self.state.capacity:
+            raise ValueError(f"the static KV cache holds {self.state.capacity} positions; {end} asked for")
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        return self, self.keys[:, :, :end], self.values[:, :, :end]
+
+
+def cache_geometry(layer_past, mask, seq_len, device):
+    """(positions [B, S], attention mask) of a step: a static cache's decoding step reads them
+    from its state's tensors; every other step computes them (step_geometry)."""
+    if isinstance(layer_past, StaticKVCache) and layer_past.state.decoding and seq_len == 1:
+        return layer_past.state.positions, layer_past.state.allowed
+    return step_geometry(mask, past_length(layer_past), seq_len, device)
+
+
 def extend_cache(layer_past, k, v):
-    """(present, all keys, all values): `layer_past` (None, a KVCache or a (k, v) pair) plus k, v."""
+    """(present, all keys, all values): `layer_past` (None, a KVCache, a StaticKVCache or a
+    (k, v) pair) plus k, v."""
+    if isinstance(layer_past, StaticKVCache):
+        return layer_past.update(k, v)
     if layer_past is None:
         cache = KVCache(_KVBuffers(k, v, k.shape[2] + 64), 0)
     elif isinstance(layer_past, KVCache):
@@ -238,8 +319,11 @@ class StepCache:
     cannot be reused by another tensor while its entry is cached.
     """
 
+    instances = []  # every StepCache, for forget_step_caches
+
     def __init__(self):
         self.key, self.value, self.held = None, None, None
+        StepCache.instances.append(self)
 
     def get(self, key, compute, held):
         if self.key != key:
@@ -248,6 +332,13 @@ class StepCache:
 
 
 _geometry_cache, _token_mask_cache = StepCache(), StepCache()
+
+
+def forget_step_caches():
+    """Empty every StepCache, so the next step computes its shared values again: a CUDA graph
+    capture must record those computations, not reuse tensors an earlier eager step made."""
+    for cache in StepCache.instances:
+        cache.key = cache.value = cache.held = None
 
 
 def step_geometry(mask, past_len, seq_len, device):

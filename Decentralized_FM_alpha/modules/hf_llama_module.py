@@ -20,11 +20,11 @@ from .sparse_gather import DecodeLinear, addresses, cached_view, is_silu, kernel
 from .common import (
     TappedModule,
     build_from_checkpoint,
+    cache_geometry,
     extend_cache,
     fusable_step,
     kernel_step,
     load_config,
-    past_length,
     StepCache,
     step_geometry,
     tensor_key,
@@ -168,12 +168,11 @@ class LlamaBlock(TappedModule):
 
     def attention(self, h, layer_past, mask, token_mask):
         batch, seq_len, _ = h.shape
-        past_len = past_length(layer_past)
         weights = self.self_attn
         q = weights.q_proj(h).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = weights.k_proj(h).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = weights.v_proj(h).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        positions, allowed = step_geometry(mask, past_len, seq_len, h.device)
+        positions, allowed = cache_geometry(layer_past, mask, seq_len, h.device)
         cos, _, signed_sin = self.rope_tables(positions, h.dtype)
         # rotate_half(x) * sin == roll(x, half) * signed_sin: one op instead of chunk, neg, cat
         half = self.head_dim // 2

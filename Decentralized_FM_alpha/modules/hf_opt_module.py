@@ -18,12 +18,12 @@ from .sparse_gather import DecodeLinear, addresses, cached_view, is_relu, kernel
 from .common import (
     TappedModule,
     build_from_checkpoint,
+    cache_geometry,
     extend_cache,
     fusable_step,
     kernel_step,
     load_config,
     past_length,
-    step_geometry,
     token_mask_of,
 )
 
@@ -115,15 +115,14 @@ class OPTBlock(TappedModule):
 
     def attention(self, h, layer_past, mask, token_mask):
         batch, seq_len, _ = h.shape
-        past_len = past_length(layer_past)
         weights = self.self_attn
 
         def split_heads(t):
             return t.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = split_heads(weights.q_proj(h)), split_heads(weights.k_proj(h)), split_heads(weights.v_proj(h))
+        _, allowed = cache_geometry(layer_past, mask, seq_len, h.device)
         present, k, v = extend_cache(layer_past, k, v)
-        _, allowed = step_geometry(mask, past_len, seq_len, h.device)
         heads = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.head_dim**-0.5)
         heads = self.tap("head_out", heads.transpose(1, 2), token_mask)  # [B, S, H, hd]
         return weights.out_proj(heads.reshape(batch, seq_len, -1)), present

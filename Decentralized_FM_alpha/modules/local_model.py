@@ -5,6 +5,8 @@ from torch import nn
 
 from dejavu_llama.pipeline_parallel.model_registry import load_model_module
 
+from .decode import choose_backend
+
 
 class LocalModel(nn.Module):
     def __init__(self, embeddings, blocks, head):
@@ -45,14 +47,28 @@ class LocalModel(nn.Module):
         return self.head(x, input_ids=input_ids), presents
 
     @torch.inference_mode()
-    def generate_greedy(self, input_ids, max_new_tokens, mask=None):
-        """Greedy tokens [B, max_new_tokens] with the KV cache, one token per step."""
-        logits, past = self(input_ids, mask=mask)
-        tokens = []
-        for _ in range(max_new_tokens):
+    def generate_greedy(self, input_ids, max_new_tokens, mask=None, backend="auto", with_logprobs=False):
+        """Greedy tokens [B, max_new_tokens], one token per step through a stage of the decode
+        `backend` (modules/decode: auto, torch, cpu, cuda); with_logprobs also returns each
+        chosen token's log-probability [B, max_new_tokens] (float32)."""
+        batch, length = input_ids.shape
+        device = input_ids.device
+        stage = choose_backend(backend, device).new_stage(self.blocks, batch, length + max_new_tokens, device)
+        x = stage.prefill(self.embeddings(input_ids, past_layer=None, mask=mask), mask)
+        logits = self.head(x[:, -1:], input_ids=input_ids[:, -1:])
+        tokens, logprobs = [], []
+        for step in range(max_new_tokens):
             next_token = logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(next_token)
+            if with_logprobs:
+                logprobs.append(torch.log_softmax(logits[:, -1].float(), dim=-1).gather(-1, next_token))
+            if step == max_new_tokens - 1:
+                break
             if mask is not None:
                 mask = torch.cat((mask, torch.ones_like(next_token, dtype=mask.dtype)), dim=1)
-            logits, past = self(next_token, mask=mask, past=past)
-        return torch.cat(tokens, dim=1)
+            x = self.embeddings(next_token, past_layer=stage.first_cache, mask=mask)
+            logits = self.head(stage.decode(x, mask), input_ids=next_token)
+        tokens = torch.cat(tokens, dim=1) if tokens else input_ids.new_zeros(batch, 0)
+        if with_logprobs:
+            return tokens, torch.cat(logprobs, dim=1) if logprobs else torch.zeros(batch, 0)
+        return tokens

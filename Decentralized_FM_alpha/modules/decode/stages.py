@@ -1,0 +1,167 @@
+"""A stage's blocks over their KV caches, as each decode backend runs them (see __init__.py).
+
+DynamicCacheStage (torch, cpu): the blocks' forward over KV caches that grow per token.
+StaticCacheStage (cuda): static caches (common.StaticKVCache) sized for prompt + new tokens.
+Its decoding step reads the token's position, cache slot and key mask from tensors
+(common.StaticDecodeState), never from Python numbers, so on CUDA the step is captured once
+as a CUDA graph and replayed: on an H100 the eager engine spent most of each token launching
+kernels from Python (about 16% of the memory bound at Llama-3.2-1B dims, batch 1). Off CUDA the
+same step runs eagerly, which is how tests compare it with the dynamic cache on the CPU.
+"""
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .. import cpu_kernels
+from ..common import StaticDecodeState, StaticKVCache, forget_step_caches
+
+logger = logging.getLogger(__name__)
+
+
+class BackendError(ValueError):
+    pass
+
+
+class DynamicCacheStage:
+    """The blocks' forward, one KV cache per block grown per token (common.KVCache)."""
+
+    def __init__(self, blocks, kernels):
+        self.blocks, self.kernels = list(blocks), kernels
+        self.caches = [None] * len(self.blocks)
+
+    @property
+    def first_cache(self):
+        """What the embeddings read as `past_layer` (OPT's positions count the cached tokens)."""
+        return self.caches[0] if self.caches else None
+
+    def _run(self, x, mask):
+        with kernels_enabled(self.kernels):
+            for index, block in enumerate(self.blocks):
+                x, self.caches[index] = block(x, layer_past=self.caches[index], mask=mask)
+        return x
+
+    def prefill(self, x, mask):
+        return self._run(x, mask)
+
+    def decode(self, x, mask):
+        return self._run(x, mask)
+
+
+class StaticCacheStage:
+    """The blocks over static KV caches of `capacity` positions for `batch` rows; on CUDA each
+    decoding step replays one CUDA graph (captured at the first token) unless use_graph is False.
+
+    The graph holds the blocks' whole step, sparse selection included: the predictor, top-K and
+    the gathered MLP have fixed shapes at a fixed K. Per-call statistics (--sparse-stats) are
+    Python work a replay skips, so a stage that counts runs eagerly."""
+
+    def __init__(self, blocks, batch, capacity, device, use_graph=None):
+        self.blocks = list(blocks)
+        device = torch.device(device)
+        self.state = StaticDecodeState(batch, capacity, device)
+        self.caches = [StaticKVCache(self.state) for _ in self.blocks]
+        counting = any(block.__dict__.get("sparse_stats") is not None for block in self.blocks)
+        if use_graph is None:
+            use_graph = device.type == "cuda" and not counting
+        if use_graph and counting:
+            logger.info("--sparse-stats counts per call: the decoding step runs eagerly, not as a CUDA graph")
+            use_graph = False
+        self.use_graph = use_graph
+        self.graph = self.static_x = self.static_out = None
+
+    @property
+    def first_cache(self):
+        return self.caches[0] if self.caches else None
+
+    def _run(self, x):
+        forget_step_caches()  # values shared between layers are computed (and captured) afresh
+        with kernels_enabled(False):
+            for block, cache in zip(self.blocks, self.caches):
+                x, _ = block(x, layer_past=cache, mask=None)
+        return x
+
+    def prefill(self, x, mask):
+        """The prompt [B, S] in eager torch ops, written to the caches' first S slots."""
+        if self.state.decoding:
+            raise BackendError("a static-cache stage takes one prompt; start a new stage for the next batch")
+        forget_step_caches()
+        with kernels_enabled(False):
+            for block, cache in zip(self.blocks, self.caches):
+                x, _ = block(x, layer_past=cache, mask=mask)
+        self.state.prompt_done(mask, x.shape[1])
+        return x
+
+    def decode(self, x, mask=None):
+        """One token per row, x [B, 1, d]; `mask` is not read (the state holds the key mask)."""
+        self.state.begin_token()
+        if not self.use_graph:
+            out = self._run(x)
+        else:
+            if self.graph is None:
+                self._capture(x)
+            self.static_x.copy_(x)
+            self.graph.replay()
+            out = self.static_out.clone()  # the next replay overwrites static_out
+        self.state.end_token()
+        return out
+
+    def _capture(self, x):
+        """Warm up on a side stream (first-call allocations and autotuning stay out of the graph),
+        then record one step. Writing this token's cache slot again with the same inputs writes
+        the same values, so the warm-up and the capture leave the caches as one step would."""
+        self.static_x = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._run(self.static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = self._run(self.static_x)
+
+
+@contextlib.contextmanager
+def kernels_enabled(enabled):
+    """The C decode kernels on or off for a block of calls (they read float32 CPU tensors only)."""
+    previous = cpu_kernels.ENABLED
+    cpu_kernels.ENABLED = enabled and previous
+    try:
+        yield
+    finally:
+        cpu_kernels.ENABLED = previous
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    description: str
+
+    def new_stage(self, blocks, batch, capacity, device):
+        """A stage object for one batch of `batch` rows and at most `capacity` positions."""
+        if self.name == "cuda":
+            return StaticCacheStage(blocks, batch, capacity, device)
+        return DynamicCacheStage(blocks, kernels=self.name == "cpu")
+
+
+BACKENDS = {
+    "torch": Backend("torch", "the model files' torch ops over a growing KV cache (the reference)"),
+    "cpu": Backend("cpu", "torch ops with the C decode kernels (float32 batch-1 decoding on the CPU)"),
+    "cuda": Backend("cuda", "a static KV cache, each decoding step one CUDA graph replay (eager off CUDA)"),
+}
+BACKEND_CHOICES = ("auto", *BACKENDS)
+
+
+def choose_backend(name, device):
+    """The Backend for --decode-backend `name` on `device`: auto is cuda on a CUDA device, else cpu."""
+    device = torch.device(device)
+    if name in (None, "auto"):
+        name = "cuda" if device.type == "cuda" else "cpu"
+    if name not in BACKENDS:
+        raise BackendError(f"--decode-backend {name!r}: known backends are {', '.join(BACKEND_CHOICES)}")
+    if name == "cpu" and device.type != "cpu":
+        raise BackendError(f"--decode-backend cpu runs on the CPU, not on {device}")
+    return BACKENDS[name]

@@ -1,0 +1,110 @@
+"""Decode backends (modules/decode): every backend gives the reference's tokens and logprobs.
+
+The cuda backend's static-cache step runs eagerly here (no GPU): the same step that is captured
+as a CUDA graph on a GPU, reading its position, cache slot and key mask from tensors.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from dejavu_llama.modules.common import StaticDecodeState, StaticKVCache
+from dejavu_llama.modules.decode import BackendError, StaticCacheStage, choose_backend
+from dejavu_llama.modules.local_model import LocalModel
+from dejavu_llama.modules.sparse_execution import configure_sparse
+from tiny_models import tiny_llama, tiny_opt
+
+BACKENDS = ("torch", "cpu", "cuda")
+
+
+def prompts(batch, length, seed, padded=True):
+    """Input ids and a left-padding mask (row r has r padding positions when padded)."""
+    ids = torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if padded:
+        for row in range(batch):
+            mask[row, :row] = 0
+    return ids, mask
+
+
+@pytest.fixture(scope="module", params=["llama", "opt"])
+def family_checkpoint(request, tmp_path_factory):
+    build = tiny_llama if request.param == "llama" else tiny_opt
+    return request.param, build(tmp_path_factory.mktemp(request.param))[1]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_every_backend_gives_the_reference_tokens_and_logprobs(family_checkpoint, batch):
+    family, checkpoint = family_checkpoint
+    model = LocalModel.from_checkpoint(checkpoint, family)
+    input_ids, mask = prompts(batch, 7, seed=batch)
+    mask = mask if batch > 1 else None
+    runs = {name: model.generate_greedy(input_ids, 9, mask=mask, backend=name, with_logprobs=True)
+            for name in BACKENDS}
+    tokens, logprobs = runs["torch"]
+    assert tokens.shape == (batch, 9)
+    for name in BACKENDS[1:]:
+        assert torch.equal(runs[name][0], tokens), name
+        assert torch.allclose(runs[name][1], logprobs, atol=1e-5), name
+
+
+def test_the_static_cache_equals_the_growing_cache_under_sparse_modes(tmp_path):
+    checkpoint = tiny_llama(tmp_path)[1]
+    model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse")
+    config = model.config
+    torch.manual_seed(3)
+    predictors = {}
+    for layer in range(config.num_hidden_layers):
+        predictors["mlp", layer] = (nn.Sequential(nn.Linear(config.hidden_size, 8, bias=False),
+                                                  nn.Linear(8, config.intermediate_size, bias=False)), "same")
+        predictors["att", layer] = (nn.Sequential(nn.Linear(config.hidden_size, 8, bias=False),
+                                                  nn.Linear(8, config.num_attention_heads, bias=False)), "same")
+    input_ids, _ = prompts(1, 6, seed=5)
+    for mode, options in (("predicted", dict(mlp_keep=0.25, att_keep=0.5, predictors=predictors)),
+                          ("oracle", dict(mlp_keep=0.25, att_keep=0.5))):
+        configure_sparse(list(model.blocks), mode, **options)
+        reference = model.generate_greedy(input_ids, 8, backend="torch", with_logprobs=True)
+        static = model.generate_greedy(input_ids, 8, backend="cuda", with_logprobs=True)
+        assert torch.equal(static[0], reference[0]), mode
+        assert torch.allclose(static[1], reference[1], atol=1e-5), mode
+
+
+def test_the_static_step_reads_tensors_not_python_numbers(tmp_path):
+    """Two steps of one stage run the same code with the same tensors: what changes between
+    tokens (position, cache slot, key mask) lives in the state's tensors, as a CUDA graph needs."""
+    checkpoint = tiny_llama(tmp_path)[1]
+    model = LocalModel.from_checkpoint(checkpoint, "llama")
+    stage = StaticCacheStage(model.blocks, batch=1, capacity=12, device="cpu", use_graph=False)
+    input_ids, _ = prompts(1, 5, seed=2)
+    stage.prefill(model.embeddings(input_ids), None)
+    addresses = (stage.state.positions.data_ptr(), stage.state.write_index.data_ptr(),
+                 stage.caches[0].keys.data_ptr())
+    assert stage.state.positions.item() == 5 and stage.state.key_valid[0].tolist() == [True] * 5 + [False] * 7
+    token = input_ids[:, -1:]
+    for step in range(2):
+        stage.decode(model.embeddings(token))
+        assert stage.state.write_index.item() == 5 + step
+    assert stage.state.positions.item() == 7 and stage.state.length == 7
+    assert (stage.state.positions.data_ptr(), stage.state.write_index.data_ptr(),
+            stage.caches[0].keys.data_ptr()) == addresses
+
+
+def test_a_full_static_cache_is_an_error():
+    state = StaticDecodeState(batch=1, capacity=3, device="cpu")
+    cache = StaticKVCache(state)
+    with pytest.raises(ValueError, match="holds 3 positions"):
+        cache.update(torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8))
+    cache.update(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8))
+    state.prompt_done(None, 3)
+    with pytest.raises(ValueError, match="full"):
+        state.begin_token()
+
+
+def test_choose_backend():
+    assert choose_backend("auto", "cpu").name == "cpu"
+    assert choose_backend(None, torch.device("cuda", 0)).name == "cuda"
+    assert choose_backend("torch", "cpu").name == "torch"
+    with pytest.raises(BackendError, match="known backends"):
+        choose_backend("tpu", "cpu")
+    with pytest.raises(BackendError, match="runs on the CPU"):
+        choose_backend("cpu", torch.device("cuda", 0))
