@@ -33,6 +33,7 @@ import sys
 import time
 
 from dejavu_common.helpers import DEVICE_CHOICES, resolve_device as device_kind
+from dejavu_llama.modules.decode import BACKEND_CHOICES
 
 LOG_FORMAT = "%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s"
 PP_MODES = ("pipe_sync_sample_mask_token_pipe", "pipe_sync_greedy_mask_token_pipe")
@@ -101,6 +102,9 @@ def build_parser():
         help="seconds without a heartbeat before a peer is declared lost")
     add("--op-timeout", type=float, default=1800.0, help="seconds one transfer may wait")
     add("--num-threads", type=int, default=None, help="torch CPU threads")
+    add("--decode-backend", default="auto", choices=BACKEND_CHOICES,
+        help="how a stage runs its blocks (modules/decode): auto is cuda on a GPU (static KV cache, one CUDA "
+             "graph per decoding step), cpu on the CPU (C decode kernels); torch is the reference")
     add("--profiling", default="no-profiling", choices=("no-profiling", "tidy_profiling"),
         help="tidy_profiling: write a Chrome trace of each stage's compute/send/recv")
     add("--trace-postfix", default="default")
@@ -275,7 +279,7 @@ def run(args, comm, rank, stages, config, device, dtype, state):
     engine = DistInferenceMaskTokenPipeSync(
         comm, stage, stages, embeddings, blocks, head, hidden_size=config["hidden_size"], device=device,
         dtype=dtype, micro_batch_size=args.micro_batch_size or args.token_micro_batch_size, seed=args.seed,
-        profiler=profiler,
+        profiler=profiler, decode_backend=args.decode_backend,
     )
 
     outputs = {}

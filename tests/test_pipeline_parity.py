@@ -1,4 +1,7 @@
-"""1, 2 and 3 gloo stages on CPU write the same results; greedy tokens match transformers."""
+"""1, 2 and 3 gloo stages on CPU write the same results; greedy tokens match transformers.
+
+The three runs also use the three decode backends (modules/decode): 1 stage the default (cpu:
+C kernels), 2 stages cuda (its static-cache step, run eagerly off a GPU), 3 stages torch."""
 
 import math
 
@@ -20,6 +23,7 @@ REQUESTS = [
 ]
 GREEDY = [0, 1, 4, 6]  # requests whose tokens must equal transformers' greedy generate
 FLAGS = ["--batch-size", "4", "--token-micro-batch-size", "2", "--ignore-eos", "--seed", "7"]
+BACKEND_OF_STAGES = {2: ["--decode-backend", "cuda"], 3: ["--decode-backend", "torch"]}
 
 
 def assert_same_results(expected, actual, label):
@@ -63,7 +67,8 @@ def test_multi_stage_results_match_one_stage_and_transformers(tmp_path, family):
 
     # 2 and 3 stages as subprocesses (5 ranks at once), 1 stage in this process meanwhile.
     pipelines = {
-        stages: Pipeline(runner_args(checkpoint, family, requests, outputs[stages], FLAGS), stages, tmp_path, f"s{stages}")
+        stages: Pipeline(runner_args(checkpoint, family, requests, outputs[stages], FLAGS + BACKEND_OF_STAGES[stages]),
+                         stages, tmp_path, f"s{stages}")
         for stages in (2, 3)
     }
     try:

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
+from dejavu_llama.modules.decode import choose_backend
 from dejavu_llama.pipeline_parallel.generation_utils import TokenSampler
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def micro_batch_tensors(prompts, pad_id=0):
 
 class DistInferenceMaskTokenPipeSync:
     def __init__(self, comm, stage, num_stages, embeddings, blocks, head, hidden_size, device,
-                 dtype, micro_batch_size=1, seed=42, profiler=None):
+                 dtype, micro_batch_size=1, seed=42, profiler=None, decode_backend="auto"):
         self.comm = comm
         self.stage = stage
         self.num_stages = num_stages
@@ -99,6 +100,7 @@ class DistInferenceMaskTokenPipeSync:
         self.micro_batch_size = max(1, int(micro_batch_size))
         self.sampler = TokenSampler(seed) if self.is_last else None
         self.profiler = profiler or Profiler(False, stage, device)
+        self.backend = choose_backend(decode_backend, self.device)  # how the blocks run (modules/decode)
         if self.is_first and embeddings is None:
             raise ValueError("stage 0 needs the embeddings")
         if self.is_last and head is None:
@@ -115,11 +117,9 @@ class DistInferenceMaskTokenPipeSync:
         with self.profiler.span(f"send {what}", "send"):
             self.comm.send(hidden, self.stage + 1, what)
 
-    def _run_blocks(self, x, caches, mask, what):
+    def _run_blocks(self, blocks, x, mask, what, prompt):
         with self.profiler.span(what, "compute"):
-            for index, block in enumerate(self.blocks):
-                x, caches[index] = block(x, layer_past=caches[index], mask=mask)
-        return x
+            return blocks.prefill(x, mask) if prompt else blocks.decode(x, mask)
 
     # -------------------------------------------------------------- last stage
     def _head(self, hidden, input_ids=None):
@@ -193,7 +193,9 @@ class DistInferenceMaskTokenPipeSync:
         for start in range(0, len(prompts), size):
             input_ids, mask = micro_batch_tensors(prompts[start:start + size])
             micro.append((start, input_ids.to(self.device), mask.to(self.device)))
-        caches = [[None] * len(self.blocks) for _ in micro]
+        # each micro-batch's blocks with their KV caches, sized for its prompt and new tokens
+        stages = [self.backend.new_stage(self.blocks, ids.shape[0], ids.shape[1] + max_new_tokens, self.device)
+                  for _, ids, _ in micro]
         outputs = None
         if self.is_last:
             outputs = [
@@ -210,7 +212,7 @@ class DistInferenceMaskTokenPipeSync:
                     x = self.embeddings(input_ids, past_layer=None, mask=mask).to(self.dtype)
             else:
                 x = self._recv_hidden(rows, length, f"activations of {what}")
-            x = self._run_blocks(x, caches[m], mask, what)
+            x = self._run_blocks(stages[m], x, mask, what, prompt=True)
             if not self.is_last:
                 self._send_hidden(x, f"activations of {what}")
                 continue
@@ -234,10 +236,10 @@ class DistInferenceMaskTokenPipeSync:
                 if self.is_first:
                     tokens = self._take_tokens(m, rows, pending_tokens, what)
                     with self.profiler.span(f"embed {what}", "compute"):
-                        x = self.embeddings(tokens, past_layer=caches[m][0], mask=mask).to(self.dtype)
+                        x = self.embeddings(tokens, past_layer=stages[m].first_cache, mask=mask).to(self.dtype)
                 else:
                     x = self._recv_hidden(rows, 1, f"activations of {what}")
-                x = self._run_blocks(x, caches[m], mask, what)
+                x = self._run_blocks(stages[m], x, mask, what, prompt=False)
                 if not self.is_last:
                     self._send_hidden(x, f"activations of {what}")
                     continue
