@@ -108,3 +108,43 @@ def test_choose_backend():
         choose_backend("tpu", "cpu")
     with pytest.raises(BackendError, match="runs on the CPU"):
         choose_backend("cpu", torch.device("cuda", 0))
+
+
+def test_the_pool_reuses_a_static_stage_only_for_the_same_rows_capacity_and_configuration(tmp_path):
+    from dejavu_llama.modules.decode import StagePool
+
+    checkpoint = tiny_llama(tmp_path)[1]
+    model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse")
+    pool = StagePool(choose_backend("cuda", "cpu"), model.blocks, "cpu")
+    first = pool.stage(2, 20)
+    assert pool.stage(2, 100) is first  # both round up to 128 positions
+    assert pool.stage(2, 20, slot=1) is not first  # another micro-batch of the same batch
+    assert pool.stage(3, 20) is not first
+    configure_sparse(list(model.blocks), "oracle", mlp_keep=0.5)
+    assert pool.stage(2, 20) is not first  # a captured step holds the blocks' configuration
+    cpu_pool = StagePool(choose_backend("cpu", "cpu"), model.blocks, "cpu")
+    assert cpu_pool.stage(2, 20) is not cpu_pool.stage(2, 20)
+
+
+def test_a_reused_static_stage_gives_the_same_tokens(tmp_path):
+    """The engine keeps its stages across batches: the second batch (other prompts, same shape)
+    must not see the first one's keys."""
+    from dejavu_llama.modules.decode import StagePool
+
+    checkpoint = tiny_llama(tmp_path)[1]
+    model = LocalModel.from_checkpoint(checkpoint, "llama")
+    pool = StagePool(choose_backend("cuda", "cpu"), model.blocks, "cpu")
+
+    def greedy(input_ids, mask, new_tokens):
+        stage = pool.stage(*input_ids.shape)
+        logits = model.head(stage.prefill(model.embeddings(input_ids, mask=mask), mask)[:, -1:])
+        tokens = []
+        for _ in range(new_tokens):
+            tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+            mask = torch.cat((mask, torch.ones_like(tokens[-1])), dim=1)
+            logits = model.head(stage.decode(model.embeddings(tokens[-1], past_layer=stage.first_cache, mask=mask)))
+        return torch.cat(tokens, dim=1)
+
+    for seed in (1, 2):
+        input_ids, mask = prompts(2, 6, seed=seed)
+        assert torch.equal(greedy(input_ids, mask, 5), model.generate_greedy(input_ids, 5, mask=mask, backend="torch"))

@@ -205,6 +205,11 @@ class StaticDecodeState:
         self.length = 0
         self.decoding = False
 
+    def reset(self):
+        self.key_valid.zero_()
+        self.positions.zero_()
+        self.length, self.decoding = 0, False
+
     def prompt_done(self, mask, length):
         """After the prompt step: `length` slots written, `mask` [B, length] (None: all real)."""
         if mask is None:

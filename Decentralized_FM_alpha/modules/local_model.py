@@ -5,7 +5,7 @@ from torch import nn
 
 from dejavu_llama.pipeline_parallel.model_registry import load_model_module
 
-from .decode import choose_backend
+from .decode import StagePool, choose_backend
 
 
 class LocalModel(nn.Module):
@@ -46,6 +46,15 @@ class LocalModel(nn.Module):
             x, input_ids = x[:, -last:], input_ids[:, -last:]
         return self.head(x, input_ids=input_ids), presents
 
+    def stage_pool(self, backend, device):
+        """The StagePool of this backend and device, kept so later calls reuse captured steps."""
+        chosen = choose_backend(backend, device)
+        pools = self.__dict__.setdefault("_stage_pools", {})
+        key = (chosen.name, str(device))
+        if key not in pools:
+            pools[key] = StagePool(chosen, self.blocks, device)
+        return pools[key]
+
     @torch.inference_mode()
     def generate_greedy(self, input_ids, max_new_tokens, mask=None, backend="auto", with_logprobs=False):
         """Greedy tokens [B, max_new_tokens], one token per step through a stage of the decode
@@ -53,7 +62,7 @@ class LocalModel(nn.Module):
         chosen token's log-probability [B, max_new_tokens] (float32)."""
         batch, length = input_ids.shape
         device = input_ids.device
-        stage = choose_backend(backend, device).new_stage(self.blocks, batch, length + max_new_tokens, device)
+        stage = self.stage_pool(backend, device).stage(batch, length + max_new_tokens)
         x = stage.prefill(self.embeddings(input_ids, past_layer=None, mask=mask), mask)
         logits = self.head(x[:, -1:], input_ids=input_ids[:, -1:])
         tokens, logprobs = [], []

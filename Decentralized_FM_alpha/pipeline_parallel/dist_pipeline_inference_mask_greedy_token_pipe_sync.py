@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
-from dejavu_llama.modules.decode import choose_backend
+from dejavu_llama.modules.decode import StagePool, choose_backend
 from dejavu_llama.pipeline_parallel.generation_utils import TokenSampler
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ class DistInferenceMaskTokenPipeSync:
         self.micro_batch_size = max(1, int(micro_batch_size))
         self.sampler = TokenSampler(seed) if self.is_last else None
         self.profiler = profiler or Profiler(False, stage, device)
-        self.backend = choose_backend(decode_backend, self.device)  # how the blocks run (modules/decode)
+        # how the blocks run (modules/decode); its stages are kept for later batches
+        self.stage_pool = StagePool(choose_backend(decode_backend, self.device), self.blocks, self.device)
         if self.is_first and embeddings is None:
             raise ValueError("stage 0 needs the embeddings")
         if self.is_last and head is None:
@@ -194,8 +195,8 @@ class DistInferenceMaskTokenPipeSync:
             input_ids, mask = micro_batch_tensors(prompts[start:start + size])
             micro.append((start, input_ids.to(self.device), mask.to(self.device)))
         # each micro-batch's blocks with their KV caches, sized for its prompt and new tokens
-        stages = [self.backend.new_stage(self.blocks, ids.shape[0], ids.shape[1] + max_new_tokens, self.device)
-                  for _, ids, _ in micro]
+        stages = [self.stage_pool.stage(ids.shape[0], ids.shape[1] + max_new_tokens, slot=m)
+                  for m, (_, ids, _) in enumerate(micro)]
         outputs = None
         if self.is_last:
             outputs = [

@@ -11,4 +11,4 @@ decode(x, mask) for one token per row; the model files hold the maths only.
 """
 
 from .stages import (BACKEND_CHOICES, BACKENDS, Backend, BackendError, DynamicCacheStage,  # noqa: F401
-                     StaticCacheStage, choose_backend)
+                     StagePool, StaticCacheStage, choose_backend)

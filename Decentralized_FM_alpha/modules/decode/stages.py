@@ -83,10 +83,15 @@ class StaticCacheStage:
                 x, _ = block(x, layer_past=cache, mask=None)
         return x
 
+    def reset(self):
+        """Ready for the next batch of the same size: the caches and the graph are kept (the
+        graph replays on the same buffers); the state says nothing is written."""
+        self.state.reset()
+
     def prefill(self, x, mask):
         """The prompt [B, S] in eager torch ops, written to the caches' first S slots."""
         if self.state.decoding:
-            raise BackendError("a static-cache stage takes one prompt; start a new stage for the next batch")
+            raise BackendError("a static-cache stage takes one prompt; reset() it for the next batch")
         forget_step_caches()
         with kernels_enabled(False):
             for block, cache in zip(self.blocks, self.caches):
@@ -122,6 +127,44 @@ class StaticCacheStage:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_out = self._run(self.static_x)
+
+
+def configuration_of(blocks):
+    """What a captured step has baked in besides its buffers: each block's sparse settings and
+    predictors (a CUDA graph replays the K and the weights it was captured with)."""
+    return tuple((block.__dict__.get("sparse_mode"), block.__dict__.get("mlp_mode"), block.__dict__.get("mlp_keep"),
+                  block.__dict__.get("att_keep"), id(block.__dict__.get("mlp_predictor")),
+                  id(block.__dict__.get("att_predictor"))) for block in blocks)
+
+
+class StagePool:
+    """The stages of one backend over one set of blocks, reused across batches: a static-cache
+    stage (and its CUDA graph: capturing one costs about three eager steps) serves every later
+    batch with the same rows and capacity (rounded up to CAPACITY_STEP positions) while the
+    blocks' configuration is unchanged. At most `size` are kept (their KV caches hold memory)."""
+
+    CAPACITY_STEP = 128
+
+    def __init__(self, backend, blocks, device, size=8):
+        self.backend, self.blocks, self.device, self.size = backend, list(blocks), torch.device(device), size
+        self.stages = {}
+
+    def stage(self, batch, capacity, slot=0):
+        """A stage for `batch` rows and `capacity` positions; stages in use at once (the
+        micro-batches of one batch) take distinct slots."""
+        if self.backend.name != "cuda":
+            return self.backend.new_stage(self.blocks, batch, capacity, self.device)
+        capacity = -(-capacity // self.CAPACITY_STEP) * self.CAPACITY_STEP
+        key = (slot, batch, capacity, configuration_of(self.blocks))
+        stage = self.stages.pop(key, None)
+        if stage is None:
+            stage = self.backend.new_stage(self.blocks, batch, capacity, self.device)
+        else:
+            stage.reset()
+        self.stages[key] = stage  # the most recently used last
+        while len(self.stages) > self.size:
+            self.stages.pop(next(iter(self.stages)))
+        return stage
 
 
 @contextlib.contextmanager
