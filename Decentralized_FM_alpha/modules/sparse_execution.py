@@ -31,6 +31,7 @@ from dejavu_common.thresholds_format import ThresholdsError, read_thresholds, th
 
 from .sparse_gather import (gathered_mlp, linear_forward, linear_slots, pack_mlp_neurons, predicted_call,
                             predicted_gathered_mlp, store_predictor_half)
+from .decode import cuda_sparse
 from .sparse_stats import SparseStats, StatsWriter, stats_path
 from .training_free import apply_mask, column_norms, magnitude_mask, top_k_mask, wina_mask
 
@@ -154,8 +155,11 @@ class SparseBlockMixin:
         return gathered_mlp(h, neurons, *self.neuron_linears())
 
     def fused_predicted_mlp(self, h, x_pred, predictor, k):
-        """Predictor, top-k and gathered MLP in one kernel call per row, or None (see
-        predicted_gathered_mlp)."""
+        """Predictor, top-k and gathered MLP through the device's kernels: one C call per row on
+        the CPU (predicted_gathered_mlp), the Triton kernels on CUDA (decode/cuda_sparse.py);
+        None where neither applies."""
+        if h.is_cuda:
+            return cuda_sparse.predicted_mlp(h, x_pred, predictor, k, *self.neuron_linears(), self.predictor_scores)
         return predicted_gathered_mlp(h, x_pred, predictor, k, *self.neuron_linears())
 
     def _kernel_slots(self):
@@ -268,8 +272,10 @@ def setup_predicted(blocks, options):
                                        "float16's range; use --predictor-dtype float32")
             if kind == "mlp" and options.use_gather and not block.__dict__.get("mlp_packed"):
                 # decoding reads a kept neuron's gate, up and down weights as one run of memory
+                # (CPU), or its down column as one contiguous row (CUDA)
                 first, second, output, _ = block.neuron_linears()
-                block.__dict__["mlp_packed"] = pack_mlp_neurons(first, second, output)
+                block.__dict__["mlp_packed"] = pack_mlp_neurons(first, second, output) or \
+                    cuda_sparse.lay_out_for_gather(output)
             if kind == "att":
                 if input_mode == "prev" and block.previous_block is None:
                     raise SparseSetupError(
