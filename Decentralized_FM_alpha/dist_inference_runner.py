@@ -101,7 +101,7 @@ def build_parser():
     add("--comm-timeout", type=float, default=60.0,
         help="seconds without a heartbeat before a peer is declared lost")
     add("--op-timeout", type=float, default=1800.0, help="seconds one transfer may wait")
-    add("--num-threads", type=int, default=None, help="torch CPU threads")
+    add("--num-threads", type=int, default=None, help="CPU threads of torch's ops and of the C decode kernels")
     add("--decode-backend", default="auto", choices=BACKEND_CHOICES,
         help="how a stage runs its blocks (modules/decode): auto is cuda on a GPU (static KV cache, one CUDA "
              "graph per decoding step), cpu on the CPU (C decode kernels); torch is the reference")
@@ -352,7 +352,10 @@ def main(argv=None):
         if args.num_threads:
             import torch
 
+            from dejavu_llama.modules import cpu_kernels
+
             torch.set_num_threads(args.num_threads)
+            cpu_kernels.set_num_threads(args.num_threads)  # (default: torch's count when they load)
         config = read_checkpoint_config(args.model_name)
         world, stages, _ = resolve_layout(args, config)
         if not 0 <= rank < world:

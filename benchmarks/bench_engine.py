@@ -6,10 +6,16 @@ so neither side pads), same thread count, greedy decoding, float32.
 
 Method, identical for both sides: time a run that produces 1 new token (= the prompt phase)
 and a run that produces 1 + N new tokens; decode time = the difference. Median of --repeats.
+--threads sets torch's threads (both sides) and the C decode kernels' (cpu_kernels).
+
+The memory bound of dense decoding at that thread count, measured in the same run: weight
+bytes one token reads (every block, the LM head, one embedding row) / the copy bandwidth of
+dst.copy_(src) with torch at --threads threads (bench_memory.copy_bandwidth: read + write
+bytes, best of plain and huge-page tensors, measured before and after the decode runs).
 
     .venv/bin/python benchmarks/bench_engine.py [--batch 1 --prompt-tokens 128 --new-tokens 32]
 
-Target (batch 1): decode >= 1.5x transformers.
+Targets (batch 1): decode >= 1.5x transformers; decode >= 0.7 of the memory bound.
 
 Converts the checkpoint into $ROOT/pretrained_models/smollm2-135m-instruct if it is missing.
 Writes JSON (default benchmarks/results/bench_engine.json) and prints the ratios.
@@ -21,7 +27,10 @@ import platform
 import statistics
 import time
 
-from support import DEFAULT_CHECKPOINT, embedded_model, ensure_checkpoint, result_path, write_json
+from support import DEFAULT_CHECKPOINT, embedded_model, ensure_checkpoint, format_table, result_path, write_json
+
+TARGET_VS_TRANSFORMERS = 1.5  # decode, batch 1
+TARGET_BOUND_FRACTION = 0.7  # decode, batch 1, of the memory bound at the threads used
 
 def make_prompts(tokenizer, batch, length):
     from dejavu_llama.task_datasets.offline_text import offline_documents
@@ -118,7 +127,12 @@ def main(argv=None):
     from dejavu_llama.modules.local_model import LocalModel
     from dejavu_llama.pipeline_parallel.dist_pipeline_inference_mask_greedy_token_pipe_sync import DistInferenceMaskTokenPipeSync
 
+    from bench_memory import copy_bandwidth, decode_bytes
+    from dejavu_llama.modules import cpu_kernels
+
     torch.set_num_threads(args.threads)
+    if hasattr(cpu_kernels, 'set_num_threads'): cpu_kernels.set_num_threads(args.threads)  # BASELINE-TEMP
+    bandwidths = [copy_bandwidth(256, 10)]  # GB/s at args.threads threads
     checkpoint = ensure_checkpoint(args.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     prompts = make_prompts(tokenizer, args.batch, args.prompt_tokens)
@@ -128,6 +142,7 @@ def main(argv=None):
         LocalCommunicator(), 0, 1, ours.embeddings, ours.blocks, ours.head, ours.config.hidden_size, "cpu",
         torch.float32, micro_batch_size=args.batch,
     )
+    token_bytes = decode_bytes(ours)[0]
     settings = [{"temperature": 0.0, "top_p": 1.0, "top_k": 0, "logprobs": None, "echo": False}] * args.batch
 
     def engine_run(new):
@@ -162,17 +177,26 @@ def main(argv=None):
             engine_tokens = [row["generated"] for row in result]
         elif name == "transformers":
             hf_tokens = result[:, ids.shape[1]:].tolist()
+    bandwidths.append(copy_bandwidth(256, 10))
+    bandwidth = max(bandwidths)
+    bound = bandwidth * 1e9 / token_bytes  # tok/s at batch 1
     report = {
         "model": "SmolLM2-135M-Instruct (float32)", "checkpoint": checkpoint, "batch": args.batch,
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "threads": args.threads,
         "repeats": args.repeats, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), **figures,
+        "cpu_count": os.cpu_count(), "kernel_threads": cpu_kernels.num_threads() if hasattr(cpu_kernels, "num_threads") else 1,  # BASELINE-TEMP
+
+        "kernels": cpu_kernels.kernel_library() is not None, **figures,
+        "copy_bandwidths_gbps": bandwidths, "copy_bandwidth_gbps": bandwidth, "bytes_per_token": token_bytes,
+        "memory_bound_tokens_per_s": bound,
+        "bound_fraction_decode": figures["engine"]["decode_tokens_per_s"] / bound,
         "ratio_prompt": figures["engine"]["prompt_tokens_per_s"] / figures["transformers"]["prompt_tokens_per_s"],
         "ratio_decode": figures["engine"]["decode_tokens_per_s"] / figures["transformers"]["decode_tokens_per_s"],
         "same_greedy_tokens": engine_tokens == hf_tokens,
         "sparse_decode_vs_engine": {name: figures[name]["decode_tokens_per_s"] / figures["engine"]["decode_tokens_per_s"]
                                     for name in figures if name.startswith("sparse")},
     }
+    report["rows"] = table_rows(report, figures)
     write_json(report, args.output)
     for name, f in figures.items():
         print(f"{name:28s} prompt {f['prompt_tokens_per_s']:9.1f} tok/s   decode {f['decode_tokens_per_s']:8.1f} tok/s")
@@ -180,6 +204,43 @@ def main(argv=None):
           f"same greedy tokens: {report['same_greedy_tokens']}")
     for name, ratio in report["sparse_decode_vs_engine"].items():
         print(f"{name} / dense engine: decode x{ratio:.2f}")
+    print(f"memory bound at {args.threads} thread(s): {bound:.1f} tok/s (copy {bandwidth:.1f} GB/s, "
+          f"{token_bytes / 1e6:.0f} MB/token); engine decode at {report['bound_fraction_decode']:.2f} of it")
+    print(format_table(report["rows"]))
+
+
+def table_rows(report, figures):
+    """run_all.py's table rows (with the targets)."""
+    threads, batch = report["threads"], report["batch"]
+    case = f"{report['model']}, batch {batch}, prompt {report['prompt_tokens']}, {report['new_tokens']} new, " \
+           f"{threads} thread(s)"
+    engine, hf = figures["engine"], figures["transformers"]
+    rows = []
+    for phase in ("decode", "prompt"):
+        rows.append(dict(benchmark="engine", case=case, measure=f"engine {phase}", value=engine[f"{phase}_tokens_per_s"],
+                         unit="tok/s", baseline="transformers", baseline_value=hf[f"{phase}_tokens_per_s"],
+                         ratio=report[f"ratio_{phase}"]))
+    rows[0]["note"] = f"same greedy tokens as transformers: {report['same_greedy_tokens']}; " \
+                      f"C kernels at {report['kernel_threads']} thread(s)"
+    bandwidths = ", ".join(f"{b:.1f}" for b in report["copy_bandwidths_gbps"])
+    rows.append(dict(benchmark="engine", case=f"copy bandwidth, {threads} thread(s)",
+                     measure="dst.copy_(src), 256 MB, best of 10", value=report["copy_bandwidth_gbps"], unit="GB/s",
+                     note=f"before / after the decode runs: {bandwidths} GB/s"))
+    rows.append(dict(benchmark="engine", case=case, measure="engine decode vs memory bound",
+                     value=engine["decode_tokens_per_s"], unit="tok/s",
+                     baseline=f"bound at {threads} thread(s)", baseline_value=report["memory_bound_tokens_per_s"],
+                     ratio=report["bound_fraction_decode"],
+                     note=f"bound = {report['bytes_per_token'] / 1e6:.0f} MB/token / "
+                          f"{report['copy_bandwidth_gbps']:.1f} GB/s copy"))
+    if batch == 1:
+        rows[0].update(target=f">= {TARGET_VS_TRANSFORMERS}", met=rows[0]["ratio"] >= TARGET_VS_TRANSFORMERS)
+        rows[-1].update(target=f">= {TARGET_BOUND_FRACTION}", met=rows[-1]["ratio"] >= TARGET_BOUND_FRACTION)
+    for name, ratio in report["sparse_decode_vs_engine"].items():
+        rows.append(dict(benchmark="engine", case=case, measure=f"{name} decode", unit="tok/s",
+                         value=figures[name]["decode_tokens_per_s"], baseline="engine decode",
+                         baseline_value=engine["decode_tokens_per_s"], ratio=ratio,
+                         note="random predictors: speed only, the tokens mean nothing"))
+    return rows
 
 
 if __name__ == "__main__":
