@@ -47,7 +47,7 @@ TARGETS = {"dense_vs_static": 1.0, "bound_fraction": 0.65, "keep_0.25": 1.5, "ke
 def llama_config(dims):
     from transformers import LlamaConfig
 
-    fields = dict(DIMS[dims], vocab_size=VOCAB, max_position_embeddings=8192, rms_norm_eps=1e-5,
+    fields = dict(DIMS[dims], vocab_size=VOCAB, max_position_embeddings=131072, rms_norm_eps=1e-5,
                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     try:
         return LlamaConfig(**fields, rope_parameters=dict(ROPE))

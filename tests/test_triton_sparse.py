@@ -1,0 +1,352 @@
+"""The Triton sparse-decode kernels (modules/decode/triton_sparse.py) against float64 torch.
+
+Where it runs: on CUDA when torch sees a GPU (compiled kernels, plus a CUDA-graph check), else
+on CPU through Triton's interpreter (TRITON_INTERPRET=1). Set DEJAVU_TRITON_TEST_DEVICE=cpu to
+force the interpreter.
+
+How the interpreter is switched on without touching other tests: triton.jit reads
+TRITON_INTERPRET when a kernel is decorated, i.e. when the module is imported. The module-scoped
+fixture `ts` sets the variable (pytest.MonkeyPatch, undone when this file's tests end) and loads a
+private copy of the module from its file under another name, so the interpreted kernels never
+enter sys.modules as dejavu_llama.modules.decode.triton_sparse and nothing imported before or
+after this file sees the variable. (Setting it at import time of this file would leak into every
+later test module, since pytest imports all of them in one process before running any.)
+
+Interpreter limits (CPU only): its tl.dot multiplies bfloat16 as raw uint16 (numpy has no
+bfloat16), so bfloat16 is checked here on the register path (batch 1 and 2) only; on a GPU every
+batch size is checked in bfloat16.
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODULE_PATH = os.path.join(ROOT, "Decentralized_FM_alpha", "modules", "decode", "triton_sparse.py")
+ON_GPU = torch.cuda.is_available() and os.environ.get("DEJAVU_TRITON_TEST_DEVICE", "") != "cpu"
+DEVICE = "cuda" if ON_GPU else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = [torch.float32, torch.float16]
+BATCHES = [1, 3, 16]
+
+
+def _load(name, interpret):
+    with pytest.MonkeyPatch.context() as mp:
+        if interpret:
+            mp.setenv("TRITON_INTERPRET", "1")
+        else:
+            mp.delenv("TRITON_INTERPRET", raising=False)
+        spec = importlib.util.spec_from_file_location(name, MODULE_PATH)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+@pytest.fixture(scope="module")
+def ts():
+    with pytest.MonkeyPatch.context() as mp:
+        if not ON_GPU:  # kept set while the interpreted kernels run, restored afterwards
+            mp.setenv("TRITON_INTERPRET", "1")
+        module = _load("_triton_sparse_under_test", interpret=not ON_GPU)
+        assert module.INTERPRET == (not ON_GPU)
+        assert module.available(torch.empty(0, device=DEVICE))
+        yield module
+
+
+def rel_err(out, ref):
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    return ((out.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0, gen=None):
+    """scale * (N(0, 1) + 0.5): non-zero, and the offset keeps a product of R = 1 rows from
+    cancelling to a tiny value whose relative error would measure only the rounding."""
+    return (scale * (torch.randn(*shape, generator=gen, dtype=torch.float64) + 0.5)).to(dtype).to(DEVICE)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def d64(t):
+    return t.double().cpu()
+
+
+def rows_cases(n, g):
+    """R = 1, a sorted random subset, all n rows, and an unsorted subset."""
+    return [torch.tensor([n - 1]), torch.randperm(n, generator=g)[:37].sort().values, torch.arange(n),
+            torch.randperm(n, generator=g)[:20]]
+
+
+# ---- the three products ------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_gather_rows_gemv(ts, dtype, batch):
+    g = gen(batch)
+    d, n = 70, 150  # d not a multiple of any block
+    x, w, b = rand(batch, d, dtype=dtype, gen=g), rand(n, d, dtype=dtype, scale=d ** -0.5, gen=g), \
+        rand(n, dtype=dtype, gen=g)
+    for i, rows in enumerate(rows_cases(n, g)):
+        bias = b if i % 2 else None
+        out = ts.gather_rows_gemv(x, w, rows.to(DEVICE), bias)
+        ref = d64(x) @ d64(w)[rows].T + (0 if bias is None else d64(bias)[rows])
+        assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype], (i, rel_err(out, ref))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_gather_glu_gemv_strided_views(ts, dtype, batch):
+    g = gen(10 + batch)
+    d, n = 70, 130
+    x = rand(batch, d, dtype=dtype, gen=g)
+    packed = rand(n, 2, d, dtype=dtype, scale=d ** -0.5, gen=g)  # one neuron's gate and up side by side
+    concat = rand(2 * n, d, dtype=dtype, scale=d ** -0.5, gen=g)  # [gate; up]
+    gb, ub = rand(n, dtype=dtype, gen=g), rand(n, dtype=dtype, gen=g)
+    rows = torch.randperm(n, generator=g)[:41].sort().values
+    for gate, up, biases in ((packed[:, 0], packed[:, 1], (None, None)), (concat[:n], concat[n:], (gb, ub))):
+        assert gate.stride(0) in (2 * d, d)
+        act = ts.gather_glu_gemv(x, gate, up, rows.to(DEVICE), "silu_glu", *biases)
+        xg = d64(x) @ d64(gate)[rows].T + (0 if biases[0] is None else d64(gb)[rows])
+        xu = d64(x) @ d64(up)[rows].T + (0 if biases[1] is None else d64(ub)[rows])
+        assert rel_err(act, F.silu(xg) * xu) < TOL[dtype]
+    act = ts.gather_glu_gemv(x, concat[:n], None, rows.to(DEVICE), "relu", gb)  # OPT's fc1
+    ref = torch.relu(d64(x) @ d64(concat)[rows].T + d64(gb)[rows])
+    assert rel_err(act, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_gather_columns_gemv(ts, dtype, batch):
+    g = gen(20 + batch)
+    n, d = 140, 97  # two column blocks, the second partial
+    w_t, b = rand(n, d, dtype=dtype, scale=n ** -0.5, gen=g), rand(d, dtype=dtype, gen=g)
+    for i, rows in enumerate(rows_cases(n, g)):
+        act = rand(batch, rows.numel(), dtype=dtype, gen=g)
+        for split in (None, 1, 3):  # None: the automatic split (several slices here: few column blocks)
+            bias = b if split != 1 else None
+            out = ts.gather_columns_gemv(act, w_t, rows.to(DEVICE), bias, split=split)
+            ref = d64(act) @ d64(w_t)[rows] + (0 if bias is None else d64(b))
+            assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype], (i, split, rel_err(out, ref))
+
+
+def test_batch_above_16_runs_in_chunks(ts):
+    g = gen(30)
+    x, w = rand(20, 64, gen=g), rand(100, 64, gen=g)
+    rows = torch.arange(0, 100, 3)
+    out = ts.gather_rows_gemv(x, w, rows.to(DEVICE))
+    assert rel_err(out, d64(x) @ d64(w)[rows].T) < 1e-5
+    act = rand(20, rows.numel(), gen=g)
+    out = ts.gather_columns_gemv(act, w, rows.to(DEVICE))
+    assert rel_err(out, d64(act) @ d64(w)[rows]) < 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 2] + ([3, 16] if ON_GPU else []))
+def test_bfloat16(ts, batch):
+    g = gen(40 + batch)
+    d, n = 70, 150
+    x, w, down_t = rand(batch, d, dtype=torch.bfloat16, gen=g), rand(2 * n, d, dtype=torch.bfloat16, gen=g), \
+        rand(n, d, dtype=torch.bfloat16, scale=n ** -0.5, gen=g)
+    rows = torch.randperm(n, generator=g)[:50].sort().values
+    act = ts.gather_glu_gemv(x, w[:n], w[n:], rows.to(DEVICE))
+    ref = F.silu(d64(x) @ d64(w)[rows].T) * (d64(x) @ d64(w)[n:][rows].T)
+    assert rel_err(act, ref) < TOL[torch.bfloat16]
+    out = ts.gather_columns_gemv(act, down_t, rows.to(DEVICE))
+    assert rel_err(out, d64(act) @ d64(down_t)[rows]) < TOL[torch.bfloat16]
+
+
+# ---- kept sets ---------------------------------------------------------------------------------
+def test_union_and_padded_union(ts):
+    g = gen(50)
+    width = 40
+    top = torch.stack([torch.randperm(width, generator=g)[:9] for _ in range(3)])
+    union = ts.union_of_rows(top)
+    assert torch.equal(union, torch.unique(top))
+    assert ts.kept_mask(union, width)[top].all()  # every row's top-K is computed
+    padded = ts.padded_union(top, width)
+    assert padded.shape == (27,)
+    assert torch.equal(padded[:union.numel()], union) and (padded[union.numel():] == width).all()
+    everything = torch.arange(width).repeat(2, 1)
+    assert torch.equal(ts.padded_union(everything, width), torch.arange(width))  # capacity min(B*K, width)
+
+
+def test_padding_slots_read_nothing(ts):
+    g = gen(51)
+    x, w, b = rand(3, 64, gen=g), rand(30, 64, gen=g), rand(30, gen=g)
+    rows = torch.tensor([2, 5, 30, 30, 999])
+    out = ts.gather_rows_gemv(x, w, rows.to(DEVICE), b)
+    assert (out[:, 2:] == 0).all()
+    assert rel_err(out[:, :2], d64(x) @ d64(w)[[2, 5]].T + d64(b)[[2, 5]]) < 1e-5
+    act = rand(3, 5, gen=g)
+    out = ts.gather_columns_gemv(act, w, rows.to(DEVICE))
+    assert rel_err(out, d64(act)[:, :2] @ d64(w)[[2, 5]]) < 1e-5
+
+
+# ---- the MLP -----------------------------------------------------------------------------------
+def mlp_weights(family, d, inter, dtype, g):
+    """(gate, up, down_t, biases) as the kernels take them, and a float64 act(h) -> [B, I]."""
+    if family == "llama":
+        gate_up = rand(2 * inter, d, dtype=dtype, scale=d ** -0.5, gen=g)
+        gate, up, down = gate_up[:inter], gate_up[inter:], rand(d, inter, dtype=dtype, scale=inter ** -0.5, gen=g)
+        biases = dict(gate_bias=None, up_bias=None, down_bias=None)
+        act = lambda h: F.silu(d64(h) @ d64(gate).T) * (d64(h) @ d64(up).T)
+        return dict(gate=gate, up=up, down_t=down.t().contiguous(), activation="silu_glu", **biases), act, down
+    fc1, fc2 = rand(inter, d, dtype=dtype, scale=d ** -0.5, gen=g), rand(d, inter, dtype=dtype, scale=inter ** -0.5, gen=g)
+    b1, b2 = rand(inter, dtype=dtype, scale=0.1, gen=g), rand(d, dtype=dtype, scale=0.1, gen=g)
+    act = lambda h: torch.relu(d64(h) @ d64(fc1).T + d64(b1))
+    return dict(gate=fc1, up=None, down_t=fc2.t().contiguous(), activation="relu", gate_bias=b1, up_bias=None,
+                down_bias=b2), act, fc2
+
+
+def masked_reference(h, act, down, down_bias, keep):
+    """The dense MLP with the dropped neurons' activations zeroed: down(act(h) * keep) + bias."""
+    out = (act(h) * keep.double().cpu()) @ d64(down).T
+    return out if down_bias is None else out + d64(down_bias)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_sparse_mlp_union_equals_masked(ts, family, dtype, batch):
+    g = gen(60 + batch)
+    d, inter, k = 96, 200, 24
+    weights, act, down = mlp_weights(family, d, inter, dtype, g)
+    h = rand(batch, d, dtype=dtype, gen=g)
+    top = torch.stack([torch.randperm(inter, generator=g)[:k] for _ in range(batch)])
+    union = ts.union_of_rows(top)
+    keep = ts.kept_mask(union, inter)
+    assert keep[top].all()
+    ref = masked_reference(h, act, down, weights["down_bias"], keep)
+    out = ts.sparse_mlp(h, union.to(DEVICE), **weights)
+    assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
+    padded = ts.padded_union(top.to(DEVICE), inter)
+    assert rel_err(ts.sparse_mlp(h, padded, **weights), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_mlp_all_and_one_neuron(ts, dtype):
+    g = gen(70)
+    d, inter = 64, 128
+    weights, act, down = mlp_weights("llama", d, inter, dtype, g)
+    h = rand(1, d, dtype=dtype, gen=g)
+    for neurons in (torch.arange(inter), torch.tensor([77])):
+        keep = torch.zeros(inter, dtype=torch.bool)
+        keep[neurons] = True
+        ref = masked_reference(h, act, down, None, keep)
+        assert rel_err(ts.sparse_mlp(h, neurons.to(DEVICE), **weights), ref) < TOL[dtype]
+
+
+def predictor_for(d, rank, inter, g):
+    from sparse_predictor.predictor import build_predictor
+
+    predictor = build_predictor(d, rank, inter)
+    with torch.no_grad():
+        for layer in predictor:
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * layer.in_features ** -0.5)
+    return predictor.to(DEVICE).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_predicted_sparse_mlp(ts, family, dtype, batch):
+    """Batch 1: the masked reference with that row's top-K; batch > 1: masked by the union."""
+    g = gen(80 + batch)
+    d, inter, rank, k = 96, 200, 32, 30
+    weights, act, down = mlp_weights(family, d, inter, dtype, g)
+    predictor = predictor_for(d, rank, inter, g)  # float32, as trained
+    h, x_pred = rand(batch, d, dtype=dtype, gen=g), rand(batch, d, gen=g)
+    with torch.no_grad():
+        top = predictor(x_pred).topk(k, dim=-1).indices.cpu()  # sparse_predictor's own network
+    keep = ts.kept_mask(top, inter)
+    ref = masked_reference(h, act, down, weights["down_bias"], keep)
+    pair = (predictor[0].weight.detach(), predictor[1].weight.detach())
+    for source, fixed in ((predictor, False), (pair, True)):
+        neurons = ts.predict_neurons(x_pred, source, k, fixed_size=fixed)
+        expected = top[0].sort().values if batch == 1 else torch.unique(top)
+        assert torch.equal(neurons.cpu()[:expected.numel()], expected)
+        out = ts.predicted_sparse_mlp(h, x_pred, source, k, fixed_size=fixed, **weights)
+        assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype], (fixed, rel_err(out, ref))
+    if batch > 1:  # each row is exactly the masked MLP of the union, never of its own top-K alone
+        own = masked_reference(h[:1], act, down, weights["down_bias"], ts.kept_mask(top[0], inter))
+        assert rel_err(out[:1], own) > 10 * TOL[dtype]
+
+
+# ---- attention heads ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_head_helpers_equal_masked_o_proj(ts, dtype, batch):
+    g = gen(90 + batch)
+    d, n_heads, hd, kept = 96, 6, 16, 3
+    q_w, q_b = rand(n_heads * hd, d, dtype=dtype, scale=d ** -0.5, gen=g), rand(n_heads * hd, dtype=dtype, gen=g)
+    o_w = rand(d, n_heads * hd, dtype=dtype, scale=(n_heads * hd) ** -0.5, gen=g)
+    x = rand(batch, d, dtype=dtype, gen=g)
+    heads_out = rand(batch, n_heads, hd, dtype=dtype, gen=g)  # every head's attention output
+    top = torch.stack([torch.randperm(n_heads, generator=g)[:kept] for _ in range(batch)])
+    heads = top[0].sort().values if batch == 1 else ts.union_of_rows(top)
+    mask = ts.kept_mask(heads, n_heads)
+    rows = ts.head_rows(heads, hd)
+    assert torch.equal(rows.view(-1, hd)[:, 0], heads * hd)
+
+    q = ts.gather_head_rows(x, q_w, heads.to(DEVICE), hd, q_b)
+    ref_q = (d64(x) @ d64(q_w).T + d64(q_b)).view(batch, n_heads, hd)[:, heads].reshape(batch, -1)
+    assert rel_err(q, ref_q) < TOL[dtype]
+
+    o_t = o_w.t().contiguous()
+    attn = heads_out[:, heads.to(DEVICE)].reshape(batch, -1)
+    out = ts.gather_head_columns(attn, o_t, heads.to(DEVICE), hd)
+    ref = (d64(heads_out) * mask.double()[None, :, None]).reshape(batch, -1) @ d64(o_w).T  # o_proj(heads * mask)
+    assert rel_err(out, ref) < TOL[dtype]
+    padded = ts.padded_union(top.to(DEVICE), n_heads)  # padding heads give padding rows
+    attn = torch.zeros(batch, padded.numel(), hd, dtype=dtype, device=DEVICE)
+    real = padded < n_heads
+    attn[:, real] = heads_out[:, padded[real]]
+    assert rel_err(ts.gather_head_columns(attn.reshape(batch, -1), o_t, padded, hd), ref) < TOL[dtype]
+
+
+# ---- fallbacks and errors ----------------------------------------------------------------------
+def test_available_without_interpreter():
+    compiled = _load("_triton_sparse_compiled", interpret=False)
+    assert not compiled.INTERPRET
+    assert not compiled.available(torch.empty(0))  # a CPU tensor needs the interpreter
+    assert compiled.available() == torch.cuda.is_available()
+    with pytest.raises(RuntimeError, match="torch path"):
+        compiled.gather_rows_gemv(torch.ones(1, 4), torch.ones(2, 4), torch.tensor([0]))
+
+
+def test_rejects_bad_layouts(ts):
+    x, w = rand(1, 8), rand(4, 8)
+    with pytest.raises(ValueError, match="contiguous"):
+        ts.gather_rows_gemv(x, rand(8, 4).t(), torch.tensor([0], device=DEVICE))
+    with pytest.raises(ValueError, match="dtype"):
+        ts.gather_rows_gemv(x, w.half(), torch.tensor([0], device=DEVICE))
+    with pytest.raises(ValueError, match="up"):
+        ts.gather_glu_gemv(x, w, None, torch.tensor([0], device=DEVICE), "silu_glu")
+
+
+# ---- CUDA only ---------------------------------------------------------------------------------
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_fixed_size_path_captures_in_cuda_graph(ts):
+    g = gen(100)
+    d, inter, rank, k, batch = 256, 1024, 64, 100, 4
+    weights, act, down = mlp_weights("llama", d, inter, torch.float16, g)
+    predictor = predictor_for(d, rank, inter, g)
+    h, x_pred = rand(batch, d, dtype=torch.float16, gen=g), rand(batch, d, gen=g)
+    run = lambda: ts.predicted_sparse_mlp(h, x_pred, predictor, k, fixed_size=True, **weights)
+    with torch.no_grad():
+        run()  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+        h.copy_(rand(batch, d, dtype=torch.float16, gen=g))
+        x_pred.copy_(rand(batch, d, gen=g))
+        graph.replay()
+        torch.cuda.synchronize()
+        top = predictor(x_pred).topk(k, dim=-1).indices.cpu()
+    ref = masked_reference(h, act, down, None, ts.kept_mask(top, inter))
+    assert rel_err(out, ref) < TOL[torch.float16]
