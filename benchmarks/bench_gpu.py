@@ -11,7 +11,9 @@ built in memory: no hub, no checkpoint on disk. For each dims and batch, all in 
   - the memory bound: weight bytes read per token over the device's copy rate (bytes copied
     per second; as the project's GPU check defines it);
   - batch 1: DejaVu's predicted MLP at keep 0.5 / 0.25 / 0.1 against the dense engine, with
-    random predictors at upstream's share of the MLP's weights (PREDICTOR_SHARE).
+    random predictors at upstream's share of the MLP's weights (PREDICTOR_SHARE);
+  - (CUDA) one layer's MLP step by part, each part timed alone in CUDA-graph replays: the
+    predictor, top-K, the sort, the two Triton gathers, against the dense MLP.
 Decode tok/s = rows x N / (time of 1 + N new tokens - time of 1), the median of --repeats.
 Without CUDA it runs the same steps at tiny dims on the CPU: a check of the script, not a speed.
 """
@@ -232,6 +234,58 @@ def bench_sparse(config, dims, dense, args, device, dtype, log):
     return rows
 
 
+def bench_sparse_parts(config, dims, device, dtype, log, keeps=(0.5, 0.25, 0.1)):
+    """One layer's MLP step by part, each timed alone as CUDA-graph replays (median): where a
+    sparse decoding step spends its time against the dense MLP it replaces. CUDA only."""
+    import triton.testing
+    import torch.nn.functional as F
+
+    from dejavu_llama.modules.decode import triton_sparse
+
+    d, inner = config.hidden_size, config.intermediate_size
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def weight(rows, cols):
+        return torch.randn(rows, cols, device=device, dtype=dtype, generator=generator) * cols ** -0.5
+
+    gate, up, down = weight(inner, d), weight(inner, d), weight(d, inner)
+    down_t = down.t().contiguous()
+    predictors, rank = random_predictors(config, device, dtype)
+    predictor = predictors["mlp", 0][0]
+    h = torch.randn(1, d, device=device, dtype=dtype, generator=generator)
+
+    def time_us(fn):
+        with torch.inference_mode():
+            return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+
+    dense_us = time_us(lambda: F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), down))
+    case = f"Llama-3.2-{dims.upper()} dims, {str(dtype)[6:]}, batch 1, one layer's MLP (CUDA-graph replays)"
+    rows = [row(case, "dense MLP", dense_us, unit="us")]
+    scores = F.linear(F.linear(h, predictor[0].weight), predictor[1].weight)
+    rows.append(row(case, f"predictor (rank {rank})", time_us(
+        lambda: F.linear(F.linear(h, predictor[0].weight), predictor[1].weight)), unit="us"))
+    for keep in keeps:
+        k = max(1, round(keep * inner))
+        top = scores.topk(k, dim=-1).indices[0]
+        neurons = top.sort().values
+        act = triton_sparse.gather_glu_gemv(h, gate, up, neurons)
+        parts = {
+            "top-K": lambda: scores.topk(k, dim=-1),
+            "top-K unsorted": lambda: scores.topk(k, dim=-1, sorted=False),
+            "sort of the kept indices": lambda: top.sort(),
+            "gathered gate/up (Triton)": lambda: triton_sparse.gather_glu_gemv(h, gate, up, neurons),
+            "gathered down (Triton)": lambda: triton_sparse.gather_columns_gemv(act, down_t, neurons),
+            "whole predicted MLP": lambda: triton_sparse.predicted_sparse_mlp(h, h, predictor, k, gate, up, down_t),
+        }
+        for name, fn in parts.items():
+            value = time_us(fn)
+            rows.append(row(case, f"keep {keep}: {name}", value, unit="us", baseline="dense MLP",
+                            baseline_value=dense_us, ratio=value / dense_us))
+        log(f"{case}: keep {keep}: " + ", ".join(f"{r['measure'].split(': ')[1]} {r['value']:.1f}"
+                                                   for r in rows[-len(parts):]) + f" us; dense {dense_us:.1f} us")
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default; without CUDA: a tiny CPU dry run)")
@@ -261,6 +315,8 @@ def main(argv=None):
     log(f"torch {torch.__version__}, {torch.cuda.get_device_name(device) if cuda else 'CPU dry run'}")
     rows = []
     for dims in dims_list:
+        if cuda and not args.no_sparse:
+            rows += bench_sparse_parts(llama_config(dims), dims, device, dtype, log)
         rows += bench_dims(dims, batches, args, device, dtype, log)
         if cuda:
             torch.cuda.empty_cache()
