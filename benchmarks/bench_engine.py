@@ -57,7 +57,7 @@ def sparse_runs(checkpoint, prompts, settings, args):
     from dejavu_llama.comm.comm_utils import LocalCommunicator
     from dejavu_llama.modules.local_model import LocalModel
     from dejavu_llama.modules.sparse_execution import configure_sparse
-    from dejavu_llama.modules.sparse_gather import store_predictor_half
+    from dejavu_llama.modules.decode.sparse_gather import store_predictor_half
     from dejavu_llama.pipeline_parallel.dist_pipeline_inference_mask_greedy_token_pipe_sync import DistInferenceMaskTokenPipeSync
 
     model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse", dtype=torch.float32)
@@ -85,8 +85,7 @@ def sparse_runs(checkpoint, prompts, settings, args):
         for keep in args.sparse_keeps:
             def run(new, keep=keep, chosen=sets[dtype]):
                 for block, predictor in zip(model.blocks, chosen):
-                    object.__setattr__(block, "mlp_predictor", predictor)
-                    block.mlp_keep = keep
+                    block.mlp.predictor, block.mlp.keep = predictor, keep
                 return engine.inference_batch(prompts, new, settings)
             suffix = "" if dtype == "float32" else ", float16"
             runs.append((f"sparse MLP keep {keep} (D={args.sparse_D}{suffix})", run))
@@ -131,7 +130,7 @@ def main(argv=None):
     from dejavu_llama.modules import cpu_kernels
 
     torch.set_num_threads(args.threads)
-    if hasattr(cpu_kernels, 'set_num_threads'): cpu_kernels.set_num_threads(args.threads)  # BASELINE-TEMP
+    cpu_kernels.set_num_threads(args.threads)
     bandwidths = [copy_bandwidth(256, 10)]  # GB/s at args.threads threads
     checkpoint = ensure_checkpoint(args.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -184,8 +183,7 @@ def main(argv=None):
         "model": "SmolLM2-135M-Instruct (float32)", "checkpoint": checkpoint, "batch": args.batch,
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "threads": args.threads,
         "repeats": args.repeats, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "kernel_threads": cpu_kernels.num_threads() if hasattr(cpu_kernels, "num_threads") else 1,  # BASELINE-TEMP
-
+        "cpu_count": os.cpu_count(), "kernel_threads": cpu_kernels.num_threads(),
         "kernels": cpu_kernels.kernel_library() is not None, **figures,
         "copy_bandwidths_gbps": bandwidths, "copy_bandwidth_gbps": bandwidth, "bytes_per_token": token_bytes,
         "memory_bound_tokens_per_s": bound,

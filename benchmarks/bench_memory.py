@@ -48,7 +48,7 @@ def best_time(fn, repeats, warmup=2):
 def copy_bandwidth(megabytes, repeats):
     """GB/s of dst.copy_(src), counting bytes read + bytes written: the best of plain tensors
     and of tensors in transparent huge pages (where the engine keeps its weights)."""
-    from dejavu_llama.modules.huge_pages import huge_page_buffer
+    from dejavu_llama.modules.decode.huge_pages import huge_page_buffer
 
     count = megabytes * 2**20 // 4
     rates = []

@@ -6,15 +6,15 @@ predictor Linear(d, D) -> Linear(D, I), the top K of its scores and the MLP on t
 neurons. The MLP's time as decoding runs it is what it adds to the layer:
 
   in the layer    (layer with that MLP) - (the same layer's attention half alone), both timed
-                  through the entry decoding calls (dense: fused_decode, sparse:
-                  fused_sparse_step, attention half: fused_step(with_mlp=False)), every check
-                  and allocation included. Dense is the baseline of the target ratios. The sparse
+                  through the cpu backend's entry calls (decode/cpu.py: cpu_step for the dense
+                  and the sparse layer, attention_half_step for the half), every check and
+                  allocation included. Dense is the baseline of the target ratios. The sparse
                   rows run with the predictor's weights in float32 (as trained) and rounded to
                   float16 (--predictor-dtype float16, as upstream runs its predictors: half the
                   predictor's bytes).
   standalone      one MLP on its own, one call per layer: the dense MLP kernel, and block.mlp in
                   predicted mode (the torch path's entry, which calls the same one-call kernel)
-  gather          block.gathered_mlp alone on fixed kept neurons (no predictor)
+  gather          the gathered MLP alone on fixed kept neurons (no predictor)
   predictor       the predictor and the selection of the K neurons alone (torch ops)
   torch ops       block.mlp with the C kernels switched off (the fallback)
 
@@ -66,11 +66,12 @@ def matched_D(d, inter):
 
 def build_layers(spec, generator):
     """(dense `llama` blocks, sparse `llama-ml-att-sparse` blocks, KV caches): decoder layers with
-    the same random weights, in huge pages as the checkpoint loaders leave them, and a KV cache
-    of CONTEXT positions per layer (filled by a prompt pass of the dense layer)."""
+    the same random weights, prepared as the cpu backend prepares them (huge pages, one-row
+    kernel Linears), and a KV cache of CONTEXT positions per layer (filled by a prompt pass of
+    the dense layer)."""
     from transformers import LlamaConfig
 
-    from dejavu_llama.modules.huge_pages import move_to_huge_pages
+    from dejavu_llama.modules.decode.cpu import prepare_modules
     from dejavu_llama.pipeline_parallel.model_registry import load_model_module
 
     d = spec["d"]
@@ -89,7 +90,7 @@ def build_layers(spec, generator):
                     0.0, 0.02, generator=generator) for name, p in block.named_parameters()}
             block.load_state_dict({name: w.clone() for name, w in weights.items()}, assign=True)
             block.requires_grad_(False)
-            move_to_huge_pages(block)
+            prepare_modules(block)
             block.materialize_buffers()
             blocks.append(block.eval())
         with torch.inference_mode():
@@ -113,8 +114,9 @@ def rewind(cache):
 
 def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
     from dejavu_llama.modules import cpu_kernels
-    from dejavu_llama.modules.sparse_execution import configure_sparse, kept_count
-    from dejavu_llama.modules.sparse_gather import dense_mlp, store_predictor_half
+    from dejavu_llama.modules.decode import cpu, cpu_views
+    from dejavu_llama.modules.decode.sparse_gather import dense_mlp, gathered_mlp, store_predictor_half
+    from dejavu_llama.modules.sparse_execution import configure_sparse, kept_count, select
 
     d, inter, layers = spec["d"], spec["inter"], spec["layers"]
     widths = {"matched": spec["D"], "reference": spec["reference_D"]}
@@ -129,8 +131,6 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
                      predictors={("mlp", i): (predictors["matched"][i], "same") for i in range(layers)})
     x = torch.randn(1, 1, d, generator=generator)
     h = blocks[0].post_attention_layernorm(x)
-    for block in blocks:
-        block.current_inputs = {"mlp_x": x}  # what the standalone block.mlp's predictor reads
     fixed = {keep: torch.randperm(inter, generator=generator)[: kept_count(keep, inter)].sort().values[None]
              for keep in KEEPS}
     log(f"  {name}: built {layers} layers (d={d}, I={inter}, D={widths['matched']} and {widths['reference']}) "
@@ -141,43 +141,43 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
         the first decoded token would)."""
         def setup():
             for block, predictor in zip(blocks, predictors[width]):
-                object.__setattr__(block, "mlp_predictor", predictor)
-                block.sparse_mode, block.mlp_keep = "predicted", keep
-                block.kernel_layer()
+                block.mlp.predictor, block.mlp.keep = predictor, keep
+                block.taps.inputs["mlp_x"] = x  # what the standalone block.mlp's predictor reads
+                family = cpu.family_of(block)
+                cpu_views.layer_view(block, family.slots, family.build)
         return setup
 
     # In the layer: what decoding runs.
     def layer_dense():
         for block, cache in zip(dense_blocks, caches):
             rewind(cache)
-            block.fused_decode(x, cache, None)
+            cpu.cpu_step(block, x, cache, None)
 
     def layer_attention():
         for block, cache in zip(blocks, caches):
             rewind(cache)
-            block.fused_step(x, cache, None, with_mlp=False)
+            cpu.attention_half_step(block, x, cache, None)
 
     def layer_sparse():
         for block, cache in zip(blocks, caches):
             rewind(cache)
-            block.fused_sparse_step(x, cache, None)
+            cpu.cpu_step(block, x, cache, None)
 
     # Standalone: one MLP per call. The dense one reads the dense layers' own (checkpoint) layout.
     def dense():
         for block in dense_blocks:
-            dense_mlp(h, *block.neuron_linears())
+            dense_mlp(h, *block.mlp.neuron_linears())
 
     def dense_torch_path():
-        for block in blocks:
-            block.sparse_mode = "dense"
-            block.mlp(h, None)
+        for block in dense_blocks:
+            block.mlp(h)
 
     def sparse(kernel=True):
         def run():
             cpu_kernels.ENABLED = kernel
             try:
                 for block in blocks:
-                    block.mlp(h, None)
+                    block.mlp(h)
             finally:
                 cpu_kernels.ENABLED = True
         return run
@@ -185,7 +185,7 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
     def gather(keep):
         def run():
             for block in blocks:
-                block.gathered_mlp(h, fixed[keep])
+                gathered_mlp(h, fixed[keep], *block.mlp.neuron_linears())
         return run
 
     def predictor_only(keep, width):
@@ -193,7 +193,7 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
 
         def run():
             for block, predictor in zip(blocks, predictors[width]):
-                mask = block.select(predictor, block.predictor_input("mlp"), keep, inter)
+                mask = select(predictor, x, keep, inter)  # x: the MLP's input, what it reads
                 mask[:, 0].nonzero()[:, 1].view(1, k)
         return run
 
@@ -219,20 +219,20 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
         # dense, and the layer with the predicted MLP = its attention half + the predicted MLP.
         block = blocks[0]
         keep_mask = torch.zeros(1, 1, inter, dtype=torch.bool).scatter_(-1, fixed[0.25][:, None], True)
-        masked = block.mlp_output(block.mlp_activation(h) * keep_mask)
-        error = (block.gathered_mlp(h, fixed[0.25]) - masked).abs().max().item()
-        fast_dense = dense_mlp(h, *dense_blocks[0].neuron_linears())
+        masked = block.mlp.output(block.mlp.activation(h) * keep_mask)
+        error = (gathered_mlp(h, fixed[0.25], *block.mlp.neuron_linears()) - masked).abs().max().item()
+        fast_dense = dense_mlp(h, *dense_blocks[0].mlp.neuron_linears())
         if fast_dense is None:
             raise SystemExit(f"the dense MLP kernel does not run here: {cpu_kernels.unavailable_reason()}")
-        dense_error = (fast_dense - block.mlp_output(block.mlp_activation(h))).abs().max().item()
+        dense_error = (fast_dense - block.mlp.output(block.mlp.activation(h))).abs().max().item()
         use(0.25, "matched")()
         rewind(caches[0])
-        whole = block.fused_sparse_step(x, caches[0], None)
+        whole = cpu.cpu_step(block, x, caches[0], None)
         rewind(caches[0])
-        x_mid, h_mid, _ = block.fused_step(x, caches[0], None, with_mlp=False)
-        block.current_inputs = {"mlp_x": x_mid}
-        layer_error = (whole[0] - (x_mid + block.mlp(h_mid, None))).abs().max().item()
-        block.current_inputs = {"mlp_x": x}
+        x_mid, h_mid, _ = cpu.attention_half_step(block, x, caches[0], None)
+        block.taps.inputs["mlp_x"] = x_mid
+        layer_error = (whole[0] - (x_mid + block.mlp(h_mid))).abs().max().item()
+        block.taps.inputs["mlp_x"] = x
         for round_index in range(warmup + rounds):
             for key, (setup, run) in variants.items():
                 setup()
@@ -269,7 +269,7 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
     labels = {"layer sparse": f"sparse MLP in the layer, predictor D={matched} included",
               "layer sparse float16": f"sparse MLP in the layer, predictor D={matched} in float16 included",
               "layer sparse reference": f"sparse MLP in the layer, predictor D={reference} included (reference)",
-              "dense torch path": "dense MLP standalone, torch path (3 DecodeLinears + ops)",
+              "dense torch path": "dense MLP standalone, torch path (3 one-row kernel Linears + ops)",
               "sparse": f"sparse MLP standalone (block.mlp), D={matched}",
               "sparse float16": f"sparse MLP standalone (block.mlp), D={matched} in float16",
               "sparse reference": f"sparse MLP standalone (block.mlp), D={reference} (reference)",
@@ -312,6 +312,7 @@ def run(quick=False, threads=1, configs=None, smollm2_D=None, llama_D=None, torc
     from dejavu_llama.modules import cpu_kernels
 
     torch.set_num_threads(threads)
+    cpu_kernels.set_num_threads(threads)
     specs = {name: dict(spec, D=matched_D(spec["d"], spec["inter"]))
              for name, spec in CONFIGS.items() if not configs or name in configs}
     if smollm2_D and "smollm2-135m" in specs:
@@ -320,7 +321,7 @@ def run(quick=False, threads=1, configs=None, smollm2_D=None, llama_D=None, torc
         specs["llama-3.2-3b"]["D"] = llama_D
     kernel = cpu_kernels.kernel_library() is not None
     log(f"sparse MLP benchmark: torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"C kernels {'on' if kernel else 'OFF: ' + cpu_kernels.unavailable_reason()}")
+        f"C kernels {f'on ({cpu_kernels.num_threads()} threads)' if kernel else 'OFF: ' + cpu_kernels.unavailable_reason()}")
     rows, infos = [], {}
     for name, spec in specs.items():
         big = spec["d"] * spec["inter"] > 4_000_000
@@ -328,7 +329,8 @@ def run(quick=False, threads=1, configs=None, smollm2_D=None, llama_D=None, torc
         r, info = bench_config(name, spec, rounds=rounds, warmup=2, with_torch_ops=torch_ops, log=log)
         rows += r
         infos[name] = info
-    return dict(benchmark="sparse_mlp", threads=torch.get_num_threads(), torch=torch.__version__,
+    return dict(benchmark="sparse_mlp", threads=torch.get_num_threads(), kernel_threads=cpu_kernels.num_threads(),
+                torch=torch.__version__,
                 machine=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
                 gather_kernel=kernel, quick=quick, configs=infos, rows=rows)
 
@@ -336,7 +338,7 @@ def run(quick=False, threads=1, configs=None, smollm2_D=None, llama_D=None, torc
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (about a quarter of the time)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; see README)")
+    parser.add_argument("--threads", type=int, default=1, help="torch's and the C kernels' threads (default 1; see README)")
     parser.add_argument("--configs", default="", help="comma-separated subset of: " + ", ".join(CONFIGS))
     parser.add_argument("--smollm2-D", type=int, default=None, help="predictor width of the target rows for SmolLM2 (default: matched_D, 64)")
     parser.add_argument("--llama-D", type=int, default=None, help="predictor width of the target rows for Llama-3.2-3B (default: matched_D, 341)")

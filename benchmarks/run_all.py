@@ -8,7 +8,10 @@ this script collects them into benchmarks/results/run_all.json and one table. A 
 that fails is reported as failed and the others still run (exit status 1 at the end).
 
 A benchmark takes part by being a file benchmarks/bench_<name>.py; the options it accepts
-among --quick, --threads, --json/--output are passed on (found in its source). Its JSON gives
+among --quick, --threads, --json/--output are passed on (found in its source). --threads is
+the thread count of torch's ops and of the C decode kernels (cpu_kernels.set_num_threads): a
+benchmark with the option sets both; without it, OMP_NUM_THREADS gives torch that count, and
+the kernels take torch's count when they load. Its JSON gives
 table rows under "rows" (dicts with case, measure, value, unit and optionally baseline,
 baseline_value, ratio, target, met, note); bench_engine.py's own format is read as it is.
 """
@@ -131,10 +134,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="each benchmark's quick settings")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for every benchmark (default 1: see benchmarks/README.md)")
+                        help="threads of torch's ops and of the C decode kernels, for every benchmark "
+                             "(default 1: see benchmarks/README.md)")
     parser.add_argument("--only", default="", help="comma-separated subset of the benchmark names")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per benchmark")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, not {args.threads}")
 
     benchmarks = discover()
     if args.only:

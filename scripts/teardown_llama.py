@@ -327,13 +327,14 @@ def transformer_layer(block, x, positions, cache, trace):
     record(trace, "normalize_attention", layer, h)
 
     # FFN: down(act(gate(h)) * up(h)), residual
-    gate = F.linear(h, block.gate_proj.weight, block.gate_proj.bias)
-    up = F.linear(h, block.up_proj.weight, block.up_proj.bias)
+    mlp = block.mlp
+    gate = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
+    up = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
     record(trace, "gate", layer, gate)
     record(trace, "up", layer, up)
-    act = block.act_fn(gate) * up
+    act = mlp.act_fn(gate) * up
     record(trace, "activation", layer, act)
-    down = F.linear(act, block.down_proj.weight, block.down_proj.bias)
+    down = F.linear(act, mlp.down_proj.weight, mlp.down_proj.bias)
     record(trace, "down", layer, down)
     x = x + down
     record(trace, "layer_output", layer, x)

@@ -126,7 +126,7 @@ def calibrate_teal(block, h, keeps, chunk):
 
     entries = {}
     for keep, (t_in, reached_in) in zip(keeps, magnitude_thresholds(h, keeps)):
-        act = in_chunks(lambda part: block.mlp_activation(apply_mask(part, magnitude_mask(part, t_in))), h, chunk)
+        act = in_chunks(lambda part: block.mlp.activation(apply_mask(part, magnitude_mask(part, t_in))), h, chunk)
         (t_down, reached_down), = magnitude_thresholds(act, [keep])
         entries[keep] = {"t_in": t_in, "t_down": t_down, "reached": {"in": reached_in, "down": reached_down}}
     return entries
@@ -136,7 +136,7 @@ def calibrate_cats(block, h, keeps, chunk):
     """{keep: entry} for one layer: t_gate on |SiLU(gate(h))|."""
     from dejavu_llama.modules.training_free import magnitude_thresholds
 
-    gate, up, _, act_fn = block.neuron_linears()
+    gate, up, _, act_fn = block.mlp.neuron_linears()
     if up is None:
         raise CalibrationError("--method cats needs a gated MLP (Llama); this checkpoint's MLP has no gate "
                                "(OPT): use --method teal")

@@ -1,4 +1,5 @@
-"""Decode backends (modules/decode): every backend gives the reference's tokens and logprobs.
+"""Decode backends (modules/decode): every backend gives the reference's tokens and logprobs,
+dense and under every sparse mode.
 
 The cuda backend's static-cache step runs eagerly here (no GPU): the same step that is captured
 as a CUDA graph on a GPU, reading its position, cache slot and key mask from tensors.
@@ -8,10 +9,14 @@ import pytest
 import torch
 from torch import nn
 
+from dejavu_llama.modules import cpu_kernels
 from dejavu_llama.modules.common import StaticDecodeState, StaticKVCache
-from dejavu_llama.modules.decode import BackendError, StaticCacheStage, choose_backend
+from dejavu_llama.modules.decode import BackendError, StaticCacheStage, choose_backend, cpu
+from dejavu_llama.modules.decode.cpu_views import VIEW_KEY, view_of
+from dejavu_llama.modules.decode.sparse_gather import CpuLinear
 from dejavu_llama.modules.local_model import LocalModel
 from dejavu_llama.modules.sparse_execution import configure_sparse
+from dejavu_llama.modules.sparse_stats import SparseStats
 from tiny_models import tiny_llama, tiny_opt
 
 BACKENDS = ("torch", "cpu", "cuda")
@@ -46,6 +51,103 @@ def test_every_backend_gives_the_reference_tokens_and_logprobs(family_checkpoint
     for name in BACKENDS[1:]:
         assert torch.equal(runs[name][0], tokens), name
         assert torch.allclose(runs[name][1], logprobs, atol=1e-5), name
+
+
+def random_predictors(config, rank=8, biased=False, prev_layers=()):
+    """{(kind, layer): (predictor, input mode)}: random low-rank predictors for the MLP and the heads;
+    layers in prev_layers read the look-ahead input (the layer's input for the MLP, the previous
+    layer's for the heads)."""
+    width = getattr(config, "intermediate_size", None) or config.ffn_dim
+    torch.manual_seed(7)
+    predictors = {}
+    for layer in range(config.num_hidden_layers):
+        mode = "prev" if layer in prev_layers else "same"
+        for kind, out in (("mlp", width), ("att", config.num_attention_heads)):
+            predictors[kind, layer] = (nn.Sequential(nn.Linear(config.hidden_size, rank, bias=biased),
+                                                     nn.Linear(rank, out, bias=biased)).requires_grad_(False), mode)
+    return predictors
+
+
+TEAL = {layer: {"t_in": 0.6, "t_down": 0.005} for layer in range(3)}
+CATS = {layer: {"t_gate": 0.03} for layer in range(3)}
+# name: (configure_sparse options, predictor options or None, what the cpu backend's layer kernel
+# runs for Llama: "layer" (the dense layer), "predicted" (the layer with the predicted MLP),
+# "half" (the attention half, then the MLP in torch ops), None (the block's torch forward))
+SPARSE_CASES = {
+    "dense": (dict(), None, "layer"),
+    "oracle": (dict(mlp_keep=0.25, att_keep=0.5), None, None),
+    "predicted": (dict(mlp_keep=0.25, sparse_attention=False), {}, "predicted"),
+    "predicted float16 prev": (dict(mlp_keep=0.25, sparse_attention=False, predictor_dtype="float16"),
+                               dict(prev_layers=(1, 2)), "predicted"),
+    "predicted biased": (dict(mlp_keep=0.25, sparse_attention=False), dict(biased=True), "half"),
+    "predicted heads prev": (dict(mlp_keep=0.25, att_keep=0.5), dict(prev_layers=(1, 2)), None),
+    "predicted layers 1-": (dict(mlp_keep=2, layers={1, 2}, sparse_attention=False), {}, "predicted"),
+    "teal": (dict(mlp_keep=0.5, thresholds=TEAL), None, None),
+    "cats": (dict(mlp_keep=0.5, thresholds=CATS), None, None),
+    "wina": (dict(mlp_keep=0.5), None, None),
+}
+
+
+@pytest.mark.parametrize("case", SPARSE_CASES)
+def test_every_backend_gives_the_reference_under_sparse_modes(family_checkpoint, case):
+    """Batch 1 (where the C kernels apply): each sparse mode through every backend gives the torch
+    backend's tokens, logprobs and --sparse-stats; the cpu backend runs the layer kernel it should."""
+    family, checkpoint = family_checkpoint
+    options, predictor_options, kernel = SPARSE_CASES[case]
+    mode = case.split()[0]
+    if mode == "cats" and family == "opt":
+        pytest.skip("cats needs a gated MLP (Llama)")
+    if cpu_kernels.kernel_library() is None:
+        pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
+    model = LocalModel.from_checkpoint(checkpoint, f"{family}-ml-att-sparse")
+    if predictor_options is not None:
+        options = dict(options, predictors=random_predictors(model.config, **predictor_options))
+    input_ids, _ = prompts(1, 6, seed=11)
+    runs, stats = {}, {}
+    for name in BACKENDS:
+        stats[name] = SparseStats()
+        configure_sparse(list(model.blocks), mode, stats=stats[name], **options)
+        for block in model.blocks:
+            block.__dict__.pop(VIEW_KEY, None)
+        runs[name] = model.generate_greedy(input_ids, 8, backend=name, with_logprobs=True)
+        if name == "cpu":
+            views = [view_of(block) for block in model.blocks]
+    tokens, logprobs = runs["torch"]
+    for name in BACKENDS[1:]:
+        assert torch.equal(runs[name][0], tokens), name
+        assert torch.allclose(runs[name][1], logprobs, atol=1e-5), name
+        got, want = stats[name].summary()["layers"], stats["torch"].summary()["layers"]
+        assert got.keys() == want.keys(), name
+        for layer, entry in got.items():
+            assert entry["tokens"] == want[layer]["tokens"], (name, layer)
+            assert entry["kept"] == pytest.approx(want[layer]["kept"]), (name, layer)
+    if family == "opt":  # the whole OPT layer in C where the MLP is dense; no other OPT layer kernel
+        kernel = "layer" if kernel == "layer" else None
+    view = views[1]  # layer 1 is sparse in every case
+    ran = None if view is None else "predicted" if view.predicted is not None else "layer" if view.has_mlp else "half"
+    assert ran == kernel
+
+
+def test_the_torch_backend_never_takes_the_kernels(family_checkpoint, monkeypatch):
+    """torch is the reference: no cpu_step, plain nn.Linears; the cpu backend gives its modules'
+    Linears the one-row kernel and takes the step."""
+    family, checkpoint = family_checkpoint
+    model = LocalModel.from_checkpoint(checkpoint, family)
+    input_ids, _ = prompts(1, 5, seed=4)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is CpuLinear for m in linears)  # prepared for auto: cpu
+    steps = []
+    real_step = cpu.cpu_step
+
+    def counting_step(*args):
+        steps.append(args[0])
+        return real_step(*args)
+
+    monkeypatch.setattr(cpu, "cpu_step", counting_step)
+    reference = model.generate_greedy(input_ids, 4, backend="torch")
+    assert not steps and all(type(m) is nn.Linear for m in linears)
+    assert torch.equal(model.generate_greedy(input_ids, 4, backend="cpu"), reference)
+    assert steps and all(type(m) is CpuLinear for m in linears)
 
 
 def test_the_static_cache_equals_the_growing_cache_under_sparse_modes(tmp_path):

@@ -48,7 +48,7 @@ def offline_env():
 def no_huge_page_copies():
     """Each model here is loaded once and scored briefly: skip the huge-page copy at load (values
     and layout are the same; test_modules covers it)."""
-    from dejavu_llama.modules import huge_pages
+    from dejavu_llama.modules.decode import huge_pages
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(huge_pages, "ENABLED", False)
@@ -157,7 +157,7 @@ def test_sparse_runs_differ_from_dense_and_full_oracle_equals_dense(smollm2_chec
         f"checkpoint={smollm2_checkpoint},model_type=llama-ml-att-sparse,sparse_mode=predicted,"
         f"sparse_path={tmp_path},mlp_keep=0.25,att_keep=0.5", {"batch_size": 4, "device": None})
     assert predicted.run_args.sparse_mode == "predicted" and predicted.run_args.mlp_keep == 0.25
-    assert all(block.mlp_predictor is not None and block.att_predictor is not None
+    assert all(block.mlp.predictor is not None and block.taps.att_predictor is not None
                for block in predicted.model.blocks)
     sparse = scores_of(predicted)
     assert max(abs(a - b) for a, b in zip(sparse, dense)) > 1e-2

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dejavu_llama.modules.common import CheckpointError
+from dejavu_llama.modules.decode.cpu_views import view_of
 from dejavu_llama.modules.local_model import LocalModel
 from dejavu_llama.task_datasets.offline_text import offline_documents
 from tiny_models import tiny_llama, tiny_opt
@@ -217,16 +218,21 @@ def test_kv_cache_appends_in_place_and_branches_safely():
 @pytest.mark.parametrize("rows,width,bias", [(1536, 576, False), (7, 13, True), (33, 64, True)])
 def test_decode_linear_single_row_matches_torch(rows, width, bias):
     from dejavu_llama.modules.cpu_kernels import kernel_library
-    from dejavu_llama.modules.sparse_gather import DecodeLinear
+    from dejavu_llama.modules.decode.cpu import prepare_modules, release_modules
+    from dejavu_llama.modules.decode.sparse_gather import CpuLinear
 
     torch.manual_seed(0)
-    layer = DecodeLinear(width, rows, bias=bias)
+    layer = torch.nn.Linear(width, rows, bias=bias)
+    prepare_modules(layer)  # what the cpu backend does to the modules it runs
+    assert type(layer) is CpuLinear and list(layer.state_dict()) == ["weight"] + ["bias"] * bias
     with torch.no_grad():
         for x in (torch.randn(1, 1, width), torch.randn(width), torch.randn(3, 2, width)):
             torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias),
                                        rtol=1e-5, atol=1e-5)
     if kernel_library() is not None:  # the one-row case really took the kernel (a plan was cached)
         assert "_decode_plan" in layer.__dict__
+    release_modules(layer)  # the other backends' plain nn.Linear
+    assert type(layer) is torch.nn.Linear
 
 
 @pytest.mark.parametrize("family,name,overrides", ALL_CASES, ids=[f"{f}-{n}" for f, n, _ in ALL_CASES])
@@ -262,14 +268,14 @@ def test_fused_decode_layer_matches_torch_ops(tmp_path, family, name, overrides)
 
     steps = random_ids(1, 6, seed=6)[0].tolist()
     fused, reference = decode(steps, True), decode(steps, False)
-    assert ours.blocks[0].__dict__["_kernel_layer"][1] is not None  # the C layer really ran
+    assert view_of(ours.blocks[0]) is not None  # the C layer really ran
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_move_to_huge_pages_keeps_values_keys_and_sharing():
     from torch import nn
 
-    from dejavu_llama.modules.huge_pages import HUGE_PAGE, move_to_huge_pages
+    from dejavu_llama.modules.decode.huge_pages import HUGE_PAGE, move_to_huge_pages
 
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(512, 1024), nn.LayerNorm(1024), nn.Linear(1024, 512, bias=False))
@@ -280,7 +286,7 @@ def test_move_to_huge_pages_keeps_values_keys_and_sharing():
     after = module.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert all(isinstance(p, nn.Parameter) for p in module.parameters())
-    from dejavu_llama.modules import huge_pages
+    from dejavu_llama.modules.decode import huge_pages
     if not huge_pages.ENABLED:
         assert moved == 0
         return
@@ -295,7 +301,6 @@ def test_fused_decode_layer_follows_changed_weights(tmp_path, family):
     """The C layer's cached view of the weights is dropped when a weight is replaced, re-pointed
     (.data =) or a whole Linear swapped: each change shows in its logits as in the torch ops'."""
     from dejavu_llama.modules import cpu_kernels
-    from dejavu_llama.modules.sparse_gather import DecodeLinear
 
     if cpu_kernels.kernel_library() is None:
         pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
@@ -303,7 +308,7 @@ def test_fused_decode_layer_follows_changed_weights(tmp_path, family):
     ours = LocalModel.from_checkpoint(checkpoint, family)
     block, prompt = ours.blocks[1], random_ids(1, 5, seed=8)
     attention = block.self_attn
-    first_mlp = block.gate_proj if family == "llama" else block.fc1
+    first_mlp = block.mlp.neuron_linears()[0]  # gate_proj / fc1
     query = attention.q_proj
 
     def step(kernels):
@@ -316,7 +321,7 @@ def test_fused_decode_layer_follows_changed_weights(tmp_path, family):
             cpu_kernels.ENABLED = True
 
     def swap_linear():
-        twin = DecodeLinear(query.in_features, query.out_features, bias=query.bias is not None)
+        twin = torch.nn.Linear(query.in_features, query.out_features, bias=query.bias is not None)
         with torch.no_grad():
             twin.weight.copy_(query.weight.flip(0))
             if twin.bias is not None:
@@ -333,7 +338,7 @@ def test_fused_decode_layer_follows_changed_weights(tmp_path, family):
     for change in changes:
         change()
         fused = step(True)
-        assert block.__dict__["_kernel_layer"][1] is not None  # the C layer really ran
+        assert view_of(block) is not None  # the C layer really ran
         torch.testing.assert_close(fused, step(False), rtol=1e-5, atol=1e-5)
         assert before is None or not torch.allclose(fused, before)  # the change mattered
         before = fused

@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from dejavu_llama.modules.decode.cpu_views import view_of
+from dejavu_llama.modules.decode.sparse_gather import gathered_mlp
 from dejavu_llama.modules.local_model import LocalModel
 from dejavu_llama.modules.sparse_execution import SparseSetupError, configure_sparse, top_k_mask
 from tiny_models import tiny_llama, tiny_opt
@@ -79,8 +81,8 @@ def test_gathered_mlp_equals_masked_mlp(tmp_path, family):
     h = torch.randn(3, 1, model.config.hidden_size)
     neurons = torch.stack([torch.randperm(width)[: width // 4].sort().values for _ in range(3)])
     keep = torch.zeros(3, 1, width, dtype=torch.bool).scatter_(-1, neurons[:, None], True)
-    masked = block.mlp_output(block.mlp_activation(h) * keep)
-    gathered = block.gathered_mlp(h, neurons)
+    masked = block.mlp.output(block.mlp.activation(h) * keep)
+    gathered = gathered_mlp(h, neurons, *block.mlp.neuron_linears())
     assert (gathered - masked).abs().max().item() <= 1e-5
 
 
@@ -111,8 +113,9 @@ def test_predicted_mlp_kernel_matches_torch_steps(tmp_path, family, keep, tied, 
     8) and in float16 (rank 5: the tiles are padded). With tied scores (repeated predictor
     rows) the kernel keeps the lowest indices."""
     from dejavu_llama.modules import cpu_kernels
+    from dejavu_llama.modules.decode.sparse_gather import (pack_mlp_neurons, predicted_gathered_mlp,
+                                                           store_predictor_half)
     from dejavu_llama.modules.sparse_execution import kept_count
-    from dejavu_llama.modules.sparse_gather import pack_mlp_neurons, store_predictor_half
 
     if cpu_kernels.kernel_library() is None:
         pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
@@ -120,10 +123,10 @@ def test_predicted_mlp_kernel_matches_torch_steps(tmp_path, family, keep, tied, 
     block, d, width = model.blocks[1], model.config.hidden_size, mlp_width(model.config)
     if packed:
         before = {key: value.clone() for key, value in block.state_dict().items()}
-        assert pack_mlp_neurons(*block.neuron_linears()[:3])
+        assert pack_mlp_neurons(*block.mlp.neuron_linears()[:3])
         after = block.state_dict()
         assert before.keys() == after.keys() and all(torch.equal(before[key], after[key]) for key in before)
-        assert not block.neuron_linears()[0].weight.is_contiguous()  # really the interleaved views
+        assert not block.mlp.neuron_linears()[0].weight.is_contiguous()  # really the interleaved views
     torch.manual_seed(2)
     rank = 5 if half else 8
     predictor = nn.Sequential(nn.Linear(d, rank, bias=False), nn.Linear(rank, width, bias=False)).requires_grad_(False)
@@ -135,7 +138,7 @@ def test_predicted_mlp_kernel_matches_torch_steps(tmp_path, family, keep, tied, 
     h, x_pred = torch.randn(3, 1, d), torch.randn(3, 1, d)
     k = kept_count(keep, width)
     with torch.no_grad():
-        fused = block.fused_predicted_mlp(h, x_pred, predictor, k)
+        fused = predicted_gathered_mlp(h, x_pred, predictor, k, *block.mlp.neuron_linears())
     assert fused is not None
     assert predictor.__dict__["_predicted_call"][1].held[1][1][0].dtype == (torch.float16 if half else torch.float32)
     scores = predictor(x_pred)[:, 0]
@@ -144,7 +147,7 @@ def test_predicted_mlp_kernel_matches_torch_steps(tmp_path, family, keep, tied, 
     cpu_kernels.ENABLED = False
     try:
         with torch.no_grad():
-            expected = block.gathered_mlp(h, neurons)
+            expected = gathered_mlp(h, neurons, *block.mlp.neuron_linears())
     finally:
         cpu_kernels.ENABLED = True
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
@@ -183,9 +186,9 @@ def test_fused_sparse_decode_matches_torch_path(tmp_path, mode):
             cpu_kernels.ENABLED = True
 
     (fused_logits, fused_tokens), (torch_logits, torch_tokens) = decode(True), decode(False)
-    layer = model.blocks[1].__dict__["_kernel_layer"][1]
-    assert layer is not None and layer[2] == (mode == "dense")  # the kernel ran; MLP packed when sparse
-    assert (layer[3] is not None) == (mode in ("predicted", "predicted float16"))  # the predicted MLP inside
+    view = view_of(model.blocks[1])
+    assert view is not None and view.has_mlp == (mode == "dense")  # the kernel ran; MLP packed when sparse
+    assert (view.predicted is not None) == (mode in ("predicted", "predicted float16"))  # the predicted MLP inside
     torch.testing.assert_close(fused_logits, torch_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(fused_tokens, torch_tokens)
     if mode == "dense":
@@ -198,7 +201,6 @@ def test_fused_sparse_layer_follows_changed_predictor(tmp_path):
     the layer's weights: a predictor changed in place, replaced, given another Linear, or a
     changed MLP weight each show in the logits as in the torch path's."""
     from dejavu_llama.modules import cpu_kernels
-    from dejavu_llama.modules.sparse_gather import DecodeLinear
 
     if cpu_kernels.kernel_library() is None:
         pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
@@ -223,24 +225,27 @@ def test_fused_sparse_layer_follows_changed_predictor(tmp_path):
             cpu_kernels.ENABLED = True
 
     def new_linear():
-        twin = DecodeLinear(8, 112, bias=False).requires_grad_(False)
-        twin.weight.copy_(block.mlp_predictor[1].weight.flip(0))
-        block.mlp_predictor[1] = twin
+        twin = nn.Linear(8, 112, bias=False).requires_grad_(False)
+        twin.weight.copy_(block.mlp.predictor[1].weight.flip(0))
+        block.mlp.predictor[1] = twin
+
+    def replace_predictor():
+        block.mlp.predictor = predictor()
 
     changes = [
         lambda: None,
-        lambda: block.mlp_predictor[1].weight.mul_(-1.0),
-        lambda: object.__setattr__(block, "mlp_predictor", predictor()),
+        lambda: block.mlp.predictor[1].weight.mul_(-1.0),
+        replace_predictor,
         new_linear,
-        lambda: setattr(block.down_proj.weight, "data", block.down_proj.weight.detach() * 3.0),
+        lambda: setattr(block.mlp.down_proj.weight, "data", block.mlp.down_proj.weight.detach() * 3.0),
     ]
     before = None
     for change in changes:
         with torch.no_grad():
             change()
         fused = step(True)
-        view = block.__dict__["_kernel_layer"][1]
-        assert view is not None and view[3] is not None  # the layer ran with the predicted MLP inside
+        view = view_of(block)
+        assert view is not None and view.predicted is not None  # the layer ran with the predicted MLP inside
         torch.testing.assert_close(fused, step(False), rtol=1e-5, atol=1e-5)
         assert before is None or not torch.allclose(fused, before)  # the change mattered
         before = fused
@@ -275,7 +280,7 @@ def test_predicted_mlp_kernel_selects_as_topk(scores):
     import ctypes
 
     from dejavu_llama.modules import cpu_kernels
-    from dejavu_llama.modules.sparse_gather import DecodeLinear, predicted_call
+    from dejavu_llama.modules.decode.sparse_gather import predicted_call
 
     lib = cpu_kernels.kernel_library()
     if lib is None:
@@ -293,7 +298,7 @@ def test_predicted_mlp_kernel_selects_as_topk(scores):
         values[[7, 299]] = float("-inf")
         values[[8, 9, 10]] = torch.tensor([-0.0, 0.0, 1e-42])  # a float32 subnormal
         values[100:120] = 3.0
-    gate, up, down = DecodeLinear(d, width, bias=False), DecodeLinear(d, width, bias=False), DecodeLinear(width, d, bias=False)
+    gate, up, down = nn.Linear(d, width, bias=False), nn.Linear(d, width, bias=False), nn.Linear(width, d, bias=False)
     predictor = nn.Sequential(nn.Linear(d, 1, bias=False), nn.Linear(1, width, bias=False)).requires_grad_(False)
     with torch.no_grad():  # scores = values exactly: P1 picks x[0] = 1, P2's column is the values
         predictor[0].weight.zero_()[0, 0] = 1.0
@@ -315,13 +320,13 @@ def test_predicted_mlp_kernel_follows_changed_predictor_weights():
     """The kernel's tiles are copies: a predictor changed in place is picked up, and a float16
     predictor whose weights stop being float16 values falls back to float32 tiles."""
     from dejavu_llama.modules import cpu_kernels
-    from dejavu_llama.modules.sparse_gather import DecodeLinear, predicted_gathered_mlp, store_predictor_half
+    from dejavu_llama.modules.decode.sparse_gather import predicted_gathered_mlp, store_predictor_half
 
     if cpu_kernels.kernel_library() is None:
         pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
     torch.manual_seed(4)
     d, width, k = 16, 13, 4  # a width that is not a multiple of the tiles' eight rows
-    gate, up, down = DecodeLinear(d, width, bias=False), DecodeLinear(d, width, bias=False), DecodeLinear(width, d, bias=False)
+    gate, up, down = nn.Linear(d, width, bias=False), nn.Linear(d, width, bias=False), nn.Linear(width, d, bias=False)
     predictor = nn.Sequential(nn.Linear(d, 3, bias=False), nn.Linear(3, width, bias=False))
     h, x_pred = torch.randn(1, 1, d), torch.randn(1, 1, d)
 
@@ -379,8 +384,8 @@ def test_predictor_dtype_flag_reaches_the_predictors(tmp_path, monkeypatch, caps
     assert args.predictor_dtype == "float16"
     prepare_stage(list(model.blocks), args, model.config)
     for block in model.blocks:
-        assert block.mlp_predictor.__dict__.get("kernel_half")
-        assert all(torch.equal(w, w.half().float()) for w in block.mlp_predictor.parameters())
+        assert block.mlp.predictor.__dict__.get("kernel_half")
+        assert all(torch.equal(w, w.half().float()) for w in block.mlp.predictor.parameters())
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(common + ["--predictor-dtype", "bf16"])
     assert exit_info.value.code == 2 and "--predictor-dtype" in capsys.readouterr().err

@@ -153,10 +153,10 @@ def record_down_inputs(model):
     """{layer: [act as it enters down]}: the entries a mode dropped are exactly zero there."""
     seen = {}
     for block in model.blocks:
-        def output(act, block=block, original=block.mlp_output):
+        def output(act, block=block, original=block.mlp.output):
             seen.setdefault(block.layer_index, []).append(act.detach().reshape(-1, act.shape[-1]))
             return original(act)
-        block.mlp_output = output
+        block.mlp.output = output
     return seen
 
 
@@ -232,7 +232,7 @@ def test_explicit_thresholds_file_and_null_threshold(tmp_path, llama_checkpoint)
     model = sparse_model(llama_checkpoint)
     configure_sparse(list(model.blocks), "teal", mlp_keep=0.5, sparse_path=str(tmp_path / "absent"),
                      thresholds=str(tmp_path / "mine.json"))
-    assert model.blocks[1].mlp_thresholds["t_in"] == 0.1 and model.blocks[1].mlp_thresholds["t_down"] is None
+    assert model.blocks[1].mlp.thresholds["t_in"] == 0.1 and model.blocks[1].mlp.thresholds["t_down"] is None
 
 
 @pytest.mark.parametrize("argv, message", [

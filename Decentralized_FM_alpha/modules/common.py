@@ -1,12 +1,11 @@
-"""Pieces shared by every model family: strict checkpoint loading, dtypes, masks, taps."""
+"""Pieces shared by every model family: strict checkpoint loading, dtypes, masks, KV caches, taps,
+and the MLP modules' base."""
 
 import logging
 import os
 
 import torch
 from torch import nn
-
-from .huge_pages import move_to_huge_pages
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +47,29 @@ def read_state_dict(path):
         raise CheckpointError(f"cannot read checkpoint file {path}: {error}") from error
 
 
+def checkpoint_keys(module):
+    """{state-dict key: the key the checkpoint file stores it under}. The per-layer files keep a
+    block's MLP weights flat (gate_proj.weight, fc1.weight: the converters' and upstream's layout)
+    while the block holds them in block.mlp: the one place the two namings meet."""
+    flat = tuple(f"{name}." for name in getattr(module, "flat_in_checkpoint", ()))
+    keys = {}
+    for key in module.state_dict():
+        prefix = next((p for p in flat if key.startswith(p)), "")
+        keys[key] = key[len(prefix):]
+    return keys
+
+
 def load_strict(module, path, dtype=None, device=None):
     """Fill `module` (built on the meta device) from `path`, refusing any mismatch.
 
     Tensors are assigned, not copied into random-initialised parameters, so nothing can be
     left at random init: every parameter must be named in the file with the right shape.
+    Errors name the file's keys (checkpoint_keys).
     """
     state = read_state_dict(path)
-    expected = module.state_dict()
+    keys = checkpoint_keys(module)
+    module_key = {file_key: key for key, file_key in keys.items()}
+    expected = {keys[key]: tensor for key, tensor in module.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -74,7 +88,7 @@ def load_strict(module, path, dtype=None, device=None):
     dtype = resolve_dtype(dtype)
     if dtype is not None or device is not None:
         state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
-    module.load_state_dict(state, strict=True, assign=True)
+    module.load_state_dict({module_key[k]: v for k, v in state.items()}, strict=True, assign=True)
     return module
 
 
@@ -83,7 +97,6 @@ def build_from_checkpoint(cls, path, dtype=None, device=None, **kwargs):
     with torch.device("meta"):
         module = cls(**kwargs)
     load_strict(module, path, dtype=dtype, device=device)
-    move_to_huge_pages(module)  # out of the mmap'd file: decoding streams these weights every token
     materialize = getattr(module, "materialize_buffers", None)
     if materialize is not None:
         materialize(device=device)
@@ -162,28 +175,6 @@ class KVCache:
         present.buffers.keys[:, :, self.length : present.length] = k
         present.buffers.values[:, :, self.length : present.length] = v
         return present
-
-
-def fusable_step(x, layer_past):
-    """Whether a decoder-layer kernel can take this step: x one float32 CPU token at batch 1
-    over a KVCache of contiguous float32 CPU buffers, without autograd."""
-    if (x.shape[:2] != (1, 1) or x.dtype != torch.float32 or x.device.type != "cpu"
-            or not isinstance(layer_past, KVCache) or torch.is_grad_enabled()):
-        return False
-    keys = layer_past.buffers.keys
-    return keys.dtype == torch.float32 and keys.device.type == "cpu" and keys.is_contiguous()
-
-
-def kernel_step(x, layer_past, mask):
-    """What a decoder-layer kernel's one-token step reads and writes: (x contiguous, its output
-    (empty, like x), present = the cache grown by the token, the cache's (keys, values, head
-    stride, past length) for the kernel, the key-validity pointer or None: all keys)."""
-    past_len, present = layer_past.length, layer_past.grown(1)
-    keys, values = present.buffers.keys, present.buffers.values
-    valid = key_validity(mask, past_len + 1)
-    x = x.contiguous()
-    cache = (keys.data_ptr(), values.data_ptr(), keys.stride(1), past_len)
-    return x, torch.empty_like(x), present, cache, None if valid is None else valid.data_ptr()
 
 
 class StaticDecodeState:
@@ -355,22 +346,6 @@ def step_geometry(mask, past_len, seq_len, device):
     )
 
 
-_key_validity_cache = StepCache()
-
-
-def key_validity(mask, total):
-    """uint8 [total]: which keys the one query of a batch-1 decoding step may see (its first row
-    of `mask`), or None when it may see them all (no left padding). Once per step."""
-    if mask is None:
-        return None
-
-    def compute():
-        valid = mask[0, :total].ne(0).to(torch.uint8)
-        return None if bool(valid.all()) else valid.contiguous()
-
-    return _key_validity_cache.get((tensor_key(mask), total), compute, mask)
-
-
 def token_mask_of(mask, seq_len):
     """The [B, S] real-token mask of the current step (once per step), or None if every token is real."""
     if mask is None:
@@ -378,12 +353,57 @@ def token_mask_of(mask, seq_len):
     return _token_mask_cache.get((tensor_key(mask), seq_len), lambda: mask[:, -seq_len:].bool(), mask)
 
 
-class TappedModule(nn.Module):
+class CheckpointPart(nn.Module):
+    """A pipeline part read from its own file of a converted checkpoint (formats.md):
+    Part.from_pretrained(model_path, config=None, dtype=None, device=None); a block also takes
+    layer_index. `config` defaults to the folder's config.json read with config_class."""
+
+    config_class = None  # the family's transformers config class
+    checkpoint_file = None  # the part's file in the folder; blocks fill in {layer_index}
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    @classmethod
+    def from_pretrained(cls, model_path, config=None, dtype=None, device=None, **kwargs):
+        config = config or load_config(model_path, cls.config_class)
+        path = os.path.join(model_path, cls.checkpoint_file.format(**kwargs))
+        return build_from_checkpoint(cls, path, dtype=dtype, device=device, config=config, **kwargs)
+
+
+class DenseMLP(nn.Module):
+    """Base of the families' MLP modules (block.mlp, as transformers' LlamaMLP): output(activation(h)).
+    The two halves are apart so that the block can tap the activation between them;
+    neuron_linears() names the weights per neuron for the sparse MLPs and the kernels."""
+
+    def forward(self, h):
+        return self.output(self.activation(h))
+
+
+class TappedModule(CheckpointPart):
     """Base of every dense block: the four taps are identity here.
 
-    The save variant overrides `tap` to record, the sparse variant to mask; neither copies
-    the dense forward.
+    The save variant overrides `tap` to record; sparse execution installs an object at `taps`
+    (called at every tap) and replaces block.mlp. Neither copies the dense forward.
     """
 
+    checkpoint_file = "pytorch_{layer_index}.pt"
+    taps = None  # what sparse execution installs: taps(name, value, token_mask) -> value
+    flat_in_checkpoint = ("mlp",)  # submodules whose weights the per-layer files store without prefix
+
+    @classmethod
+    def from_pretrained(cls, model_path, config=None, layer_index=0, dtype=None, device=None):
+        return super().from_pretrained(model_path, config, dtype, device, layer_index=layer_index)
+
     def tap(self, name, value, token_mask):
-        return value
+        taps = self.taps
+        return value if taps is None else taps(name, value, token_mask)
+
+    def feed_forward(self, h, token_mask):
+        """block.mlp on h. A dense MLP's activation passes the mlp_act tap on its way to the
+        output projection; an MLP put in its place (sparse execution) computes its own way."""
+        mlp = self._modules["mlp"]
+        if isinstance(mlp, DenseMLP):
+            return mlp.output(self.tap("mlp_act", mlp.activation(h), token_mask))
+        return mlp(h)

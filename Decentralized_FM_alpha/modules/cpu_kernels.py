@@ -1,8 +1,10 @@
 """The C kernels of CPU decoding (decode_kernels.c beside this file), loaded through ctypes.
 
-They run one token at batch 1 in float32 on the CPU: DecodeLinear's one-row products, the
+They run one token at batch 1 in float32 on the CPU: one-row Linear products, the
 gathered (sparse) MLP, DejaVu's predicted MLP in one call, and a whole Llama or OPT decoder
-layer (Llama's also with the predicted MLP in place of the dense one).
+layer (Llama's also with the predicted MLP in place of the dense one). Their products split
+their rows over a pool of threads inside the library: set_num_threads(n) (default: torch's
+thread count when the library is loaded); the results are the same for any thread count.
 The source is compiled once with the system C compiler (about 1 s) into a per-machine cache
 ($DEJAVU_KERNEL_CACHE, default $TMPDIR/dejavu_kernels_<uid>); where there is no compiler the
 callers fall back to torch ops, which give the same numbers. DEJAVU_CPU_KERNELS=0 (or
@@ -12,6 +14,7 @@ ENABLED = False at run time) turns the kernels off.
 import ctypes
 import hashlib
 import logging
+import operator
 import os
 import platform
 import shutil
@@ -22,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 SOURCE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_kernels.c")
 ENABLED = os.environ.get("DEJAVU_CPU_KERNELS", "1") != "0"  # settable at run time
-_state = {"lib": None, "tried": False, "error": None}
+MAX_THREADS = 256  # decode_kernels.c's MAX_THREADS
+_state = {"lib": None, "tried": False, "error": None, "threads": None}  # threads: set before the load
 
 _pointer, _size, _float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -80,6 +84,9 @@ _SIGNATURES = {
                                             _P, _P, _float],
     # layer, x, x_out, k_cache, v_cache, head_stride, t, key_valid, scale
     "dejavu_opt_decode_layer": [ctypes.POINTER(OptLayer), _P, _P, _P, _P, _N, _N, _P, _float],
+    # threads (the caller included)
+    "dejavu_set_threads": [_N],
+    "dejavu_get_threads": [],
 }
 
 
@@ -113,7 +120,8 @@ def _compile():
             with open(stem + ".c", "w") as f:
                 f.write(source)
             try:
-                result = subprocess.run([compiler, *flags, "-fPIC", "-shared", "-o", stem + ".so", stem + ".c", "-lm"],
+                result = subprocess.run([compiler, *flags, "-fPIC", "-shared", "-pthread", "-o", stem + ".so", stem + ".c",
+                                         "-lm"],
                                         capture_output=True, text=True, timeout=120)
                 if result.returncode != 0:
                     errors.append(f"{' '.join(flags)}: {result.stderr.strip()[-500:]}")
@@ -131,6 +139,7 @@ def _compile():
         for name, argtypes in _SIGNATURES.items():
             function = getattr(lib, name)
             function.argtypes, function.restype = argtypes, ctypes.c_int
+        lib.dejavu_set_min_chunk.argtypes, lib.dejavu_set_min_chunk.restype = [_N], _N
         return lib
     raise RuntimeError("; ".join(errors))
 
@@ -142,11 +151,51 @@ def kernel_library():
     if not _state["tried"]:
         _state["tried"] = True
         try:
-            _state["lib"] = _compile()
+            lib = _compile()
+            threads = _state["threads"]
+            if threads is None:
+                import torch
+
+                threads = min(torch.get_num_threads(), MAX_THREADS)
+            lib.dejavu_set_threads(threads)
+            _state["lib"] = lib
         except Exception as error:  # no compiler, sandbox, ...: torch ops give the same numbers
             _state["error"] = str(error)
             logger.warning("CPU decode kernels unavailable (%s); using torch ops (same numbers, slower)", error)
     return _state["lib"]
+
+
+def set_num_threads(n):
+    """Run the kernels on n threads (the calling thread and n - 1 workers of the library's pool),
+    like torch.set_num_threads for torch's ops. Before the library is loaded, it applies once it is."""
+    try:
+        count = None if isinstance(n, bool) else operator.index(n)
+    except TypeError:
+        count = None
+    if count is None or not 1 <= count <= MAX_THREADS:
+        raise ValueError(f"CPU kernel threads must be an integer from 1 to {MAX_THREADS}, not {n!r}")
+    n = count
+    _state["threads"] = n
+    if _state["lib"] is not None and _state["lib"].dejavu_set_threads(n):
+        raise ValueError(f"the CPU kernels refused {n} threads")
+
+
+def num_threads():
+    """The threads the kernels run on (what set_num_threads set, else torch's count when loaded)."""
+    if _state["lib"] is not None:
+        return _state["lib"].dejavu_get_threads()
+    if _state["threads"] is not None:
+        return _state["threads"]
+    import torch
+
+    return torch.get_num_threads()
+
+
+def set_min_chunk(floats):
+    """For tests: the least work (weight floats) the kernels give one thread (1: split even a tiny
+    product over the threads). Returns the previous value; None where the kernels are unavailable."""
+    lib = kernel_library()
+    return None if lib is None else lib.dejavu_set_min_chunk(int(floats))
 
 
 def unavailable_reason():

@@ -1,14 +1,230 @@
 /* CPU kernels for decoding one token (batch 1, float32), called through ctypes from
-   cpu_kernels.py. Single-threaded; every function returns 0, or non-zero on bad input. */
+   cpu_kernels.py. Their row-parallel parts run on a pool of threads (dejavu_set_threads);
+   every function returns 0, or non-zero on bad input. */
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 typedef float v8 __attribute__((vector_size(32)));
 static inline v8 ld(const float* p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float* p, v8 v) { memcpy(p, &v, sizeof v); }
 static inline float hsum(v8 v) { float s = 0.f; for (int i = 0; i < 8; i++) s += v[i]; return s; }
 
+/* ------------------------------------------------------------------------------------------
+   The thread pool. Decoding streams every weight once per token, and on the 2-core machine
+   this was written on one core streams about 22 GB/s where two stream 41-46: so each kernel
+   splits its rows over dejavu_set_threads(n) threads, the caller and n - 1 workers made once.
+
+   parallel_for(n, align, cost, fn, ctx) runs fn(ctx, begin, end) over [0, n) cut into chunks
+   whose bounds are multiples of `align` (so a kernel groups its rows as it does in one piece),
+   at most CHUNKS_PER_THREAD per thread and none under min_chunk floats of work (`cost` per
+   item): small products stay on the caller. The threads claim chunks from one counter, so
+   each output is computed by exactly one thread with the same instructions whatever the
+   thread count (the results are bitwise the same for any n), and a worker that is late (asleep,
+   or its core busy with another process) only takes fewer chunks. A dispatch costs about half
+   a microsecond while the workers spin (a SmolLM2 token makes about 150, each streaming a few
+   hundred microseconds of weights); an idle worker spins SPIN_NS (a decoder layer calls its
+   products microseconds apart, the next layer comes tens of microseconds later), then sleeps
+   on a condition variable, so an idle process burns no CPU. Calls from two threads at once are
+   safe: the second runs its job on its own thread. */
+typedef void (*range_fn)(void* ctx, int64_t begin, int64_t end);
+
+#define MAX_THREADS 256
+#define CHUNKS_PER_THREAD 4
+#define DEFAULT_MIN_CHUNK 16384 /* floats (64 kB): about 3 us of streaming, against ~1 us a dispatch */
+#define SPIN_NS 300000        /* an idle worker spins this long, then sleeps */
+#define YIELD_AFTER_NS 20000  /* and from this on yields its core while it spins (torch's OpenMP
+                                 threads, other processes) */
+
+static struct {
+  /* The posted job. claim = generation << 32 | chunks << 16 | next chunk to take: a thread takes
+     chunk `next` by a compare-and-swap that also checks the job is still the one it read. */
+  _Atomic uint64_t claim;
+  _Atomic(range_fn) fn;
+  _Atomic(void*) ctx;
+  _Atomic int64_t n, align;
+  _Atomic int64_t done;       /* chunks finished */
+  _Atomic uint32_t generation;
+  _Atomic int sleepers, keep; /* workers asleep; workers with index >= keep exit */
+  atomic_flag busy;           /* a caller owns the pool */
+  pthread_mutex_t lock;
+  pthread_cond_t wake;
+  int threads, workers, failed;
+  int64_t min_chunk;
+  pthread_t ids[MAX_THREADS];
+  uint32_t made_at[MAX_THREADS]; /* the generation when each worker was made */
+} pool = {.busy = ATOMIC_FLAG_INIT, .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
+          .threads = 1, .min_chunk = DEFAULT_MIN_CHUNK};
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+static int64_t now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static inline int64_t chunk_bound(int64_t c, int64_t chunks, int64_t n, int64_t align) {
+  int64_t units = (n + align - 1) / align, b = units * c / chunks * align;
+  return b < n ? b : n;
+}
+
+/* Take and run chunks of job `generation` until none is left. */
+static void run_chunks(uint32_t generation) {
+  range_fn fn = atomic_load_explicit(&pool.fn, memory_order_relaxed);
+  void* ctx = atomic_load_explicit(&pool.ctx, memory_order_relaxed);
+  int64_t n = atomic_load_explicit(&pool.n, memory_order_relaxed);
+  int64_t align = atomic_load_explicit(&pool.align, memory_order_relaxed);
+  uint64_t word = atomic_load_explicit(&pool.claim, memory_order_acquire);
+  for (;;) {
+    uint64_t next = word & 0xffff, chunks = (word >> 16) & 0xffff;
+    if ((uint32_t)(word >> 32) != generation || next >= chunks) return;
+    /* Success proves the job was unfinished, so the fields above were read from it. */
+    if (!atomic_compare_exchange_weak_explicit(&pool.claim, &word, word + 1, memory_order_acq_rel,
+                                               memory_order_acquire))
+      continue;
+    fn(ctx, chunk_bound((int64_t)next, (int64_t)chunks, n, align),
+       chunk_bound((int64_t)next + 1, (int64_t)chunks, n, align));
+    atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+    word = atomic_load_explicit(&pool.claim, memory_order_acquire);
+  }
+}
+
+static void* worker(void* arg) {
+  int index = (int)(intptr_t)arg;
+  uint32_t seen = pool.made_at[index];  /* not a fresh read: a job, or the call stopping this worker,
+                                           may have been posted before the thread first ran */
+  for (;;) {
+    uint32_t generation = atomic_load_explicit(&pool.generation, memory_order_acquire);
+    for (int64_t spins = 0, start = 0, waited = 0; generation == seen; spins++) {  /* spin a while */
+      if (waited < YIELD_AFTER_NS) cpu_relax();
+      else sched_yield();  /* past the gaps within a layer: let other threads on this core run */
+      generation = atomic_load_explicit(&pool.generation, memory_order_acquire);
+      if (spins % 64 == 0) {
+        if (!start) start = now_ns();
+        else if ((waited = now_ns() - start) > SPIN_NS) break;
+      }
+    }
+    if (generation == seen) {  /* then sleep (dispatch wakes the sleepers it counts) */
+      pthread_mutex_lock(&pool.lock);
+      atomic_fetch_add(&pool.sleepers, 1);
+      while ((generation = atomic_load(&pool.generation)) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+      atomic_fetch_sub(&pool.sleepers, 1);
+      pthread_mutex_unlock(&pool.lock);
+    }
+    seen = generation;
+    if (index >= atomic_load(&pool.keep)) return 0;
+    run_chunks(generation);
+  }
+}
+
+/* Post a job of `chunks` chunks (0: none, to wake the workers) and wake the sleepers. */
+static uint32_t post(range_fn fn, void* ctx, int64_t n, int64_t align, int64_t chunks) {
+  uint32_t generation = atomic_load_explicit(&pool.generation, memory_order_relaxed) + 1;
+  atomic_store_explicit(&pool.fn, fn, memory_order_relaxed);
+  atomic_store_explicit(&pool.ctx, ctx, memory_order_relaxed);
+  atomic_store_explicit(&pool.n, n, memory_order_relaxed);
+  atomic_store_explicit(&pool.align, align, memory_order_relaxed);
+  atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+  atomic_store_explicit(&pool.claim, (uint64_t)generation << 32 | (uint64_t)chunks << 16, memory_order_release);
+  atomic_store(&pool.generation, generation);
+  if (atomic_load(&pool.sleepers)) {
+    pthread_mutex_lock(&pool.lock);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+  }
+  return generation;
+}
+
+/* With the pool owned: run exactly `threads - 1` workers (start or stop some). */
+static void resize_workers(void) {
+  int want = pool.threads - 1;
+  if (pool.workers > want) {
+    atomic_store(&pool.keep, want);
+    post(0, 0, 0, 1, 0);
+    for (int i = want; i < pool.workers; i++) pthread_join(pool.ids[i], 0);
+    pool.workers = want;
+  }
+  atomic_store(&pool.keep, MAX_THREADS);
+  if (pool.workers < want && !pool.failed) {
+    sigset_t all, old;  /* signals stay with the threads Python runs */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    while (pool.workers < want && !pool.failed) {
+      pool.made_at[pool.workers] = atomic_load(&pool.generation);
+      if (pthread_create(&pool.ids[pool.workers], 0, worker, (void*)(intptr_t)pool.workers)) pool.failed = 1;
+      else pool.workers++;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, 0);
+  }
+}
+
+/* A child forked while workers ran has none of them: it starts its own on its first job. */
+static void forked_child(void) {
+  pthread_mutex_init(&pool.lock, 0);
+  pthread_cond_init(&pool.wake, 0);
+  atomic_store(&pool.sleepers, 0);
+  atomic_flag_clear(&pool.busy);
+  pool.workers = pool.failed = 0;
+}
+
+__attribute__((constructor)) static void pool_init(void) { pthread_atfork(0, 0, forked_child); }
+
+/* How many chunks parallel_for cuts n items of `cost` floats into (1: it runs them in one piece). */
+static int64_t chunks_for(int64_t n, int64_t align, int64_t cost) {
+  int64_t units = (n + align - 1) / align, chunks = (int64_t)pool.threads * CHUNKS_PER_THREAD;
+  if (chunks > units) chunks = units;
+  if (chunks > n * cost / pool.min_chunk) chunks = n * cost / pool.min_chunk;
+  return chunks;
+}
+
+static void parallel_for(int64_t n, int64_t align, int64_t cost, range_fn fn, void* ctx) {
+  int64_t chunks = pool.threads > 1 ? chunks_for(n, align, cost) : 1;
+  if (chunks < 2 || atomic_flag_test_and_set_explicit(&pool.busy, memory_order_acquire)) {
+    if (n > 0) fn(ctx, 0, n);  /* in one piece, on this thread */
+    return;
+  }
+  if (pool.workers < pool.threads - 1) resize_workers();  /* the first job (or the first since a fork) */
+  uint32_t generation = post(fn, ctx, n, align, chunks);
+  run_chunks(generation);
+  while (atomic_load_explicit(&pool.done, memory_order_acquire) < chunks) cpu_relax();
+  atomic_flag_clear_explicit(&pool.busy, memory_order_release);
+}
+
+/* The number of threads the kernels run on (the caller included); 0, or 1 where n is not in
+   [1, MAX_THREADS]. Not to be called while another thread runs a kernel of this library. */
+int dejavu_set_threads(int64_t n) {
+  if (n < 1 || n > MAX_THREADS) return 1;
+  while (atomic_flag_test_and_set_explicit(&pool.busy, memory_order_acquire)) cpu_relax();
+  pool.threads = (int)n;
+  pool.failed = 0;
+  resize_workers();
+  atomic_flag_clear_explicit(&pool.busy, memory_order_release);
+  return 0;
+}
+
+int dejavu_get_threads(void) { return pool.threads; }
+
+/* Tests: the least work (floats) a chunk gets (1: split even tiny products); the old value. */
+int64_t dejavu_set_min_chunk(int64_t floats) {
+  int64_t old = pool.min_chunk;
+  if (floats >= 1) pool.min_chunk = floats;
+  return old;
+}
+
+/* ------------------------------------------------------------------------------------------
+   Row products. */
 static int bad_index(const int64_t* idx, int64_t K, int64_t rows) {
   if (!idx) return K > rows;
   for (int64_t k = 0; k < K; k++) if (idx[k] < 0 || idx[k] >= rows) return 1;
@@ -31,15 +247,6 @@ static inline float activate(int64_t act, float a, float b) {
   return a;
 }
 
-/* Rows i = idx[k] (idx NULL: i = k, every row in order) of A [rows, d] (row stride lda) and
-   B (row stride ldb; may be NULL) against h [d], four rows streaming at once:
-     act 0: out_a[k] = A[i].h + bias_a[i]   (B NULL)
-     act 1: out_a[k] = silu(A[i].h + bias_a[i]) * (B[i].h + bias_b[i])
-     act 2: out_a[k] = relu(A[i].h + bias_a[i])
-   Biases may be NULL. */
-#define ROW(k) (idx ? idx[(k)] : (k))
-#define BA(i) (bias_a ? bias_a[i] : 0.f)
-#define BB(i) (bias_b ? bias_b[i] : 0.f)
 /* out[q] = r[q] . h for four rows at once: four streams keep more reads in flight than one. */
 static inline void dot4(const float* r0, const float* r1, const float* r2, const float* r3, const float* h,
                         int64_t d, float* out) {
@@ -54,36 +261,101 @@ static inline void dot4(const float* r0, const float* r1, const float* r2, const
   out[0] = hsum(s0) + t0; out[1] = hsum(s1) + t1; out[2] = hsum(s2) + t2; out[3] = hsum(s3) + t3;
 }
 
+/* Rows i = idx[k] (idx NULL: i = k, every row in order) of A [rows, d] (row stride lda) and
+   B (row stride ldb; may be NULL) against h [d], four rows streaming at once:
+     act 0: out[k] = A[i].h + bias_a[i]   (B NULL)
+     act 1: out[k] = silu(A[i].h + bias_a[i]) * (B[i].h + bias_b[i])
+     act 2: out[k] = relu(A[i].h + bias_a[i])
+   Biases may be NULL. */
+typedef struct {
+  const float *A, *B, *bias_a, *bias_b, *h;
+  const int64_t* idx;
+  float* out;
+  int64_t lda, ldb, d, act;
+} dots_job;
+
+#define ROW(k) (idx ? idx[(k)] : (k))
+#define BA(i) (bias_a ? bias_a[i] : 0.f)
+#define BB(i) (bias_b ? bias_b[i] : 0.f)
+/* Outputs [begin, end): groups of four rows (two of A and B) from `begin`, so a range whose
+   begin is a multiple of four computes each row as the whole range does. */
+static void dots_range(void* job, int64_t begin, int64_t end) {
+  const dots_job* J = job;
+  const float *A = J->A, *B = J->B, *bias_a = J->bias_a, *bias_b = J->bias_b, *h = J->h;
+  const int64_t* idx = J->idx;
+  float* out = J->out;
+  int64_t lda = J->lda, ldb = J->ldb, d = J->d, act = J->act, k = begin;
+  float v[4];
+  if (B) {  /* two neurons of A and B at a time */
+    for (; k + 2 <= end; k += 2) {
+      int64_t i0 = ROW(k), i1 = ROW(k + 1);
+      dot4(A + i0 * lda, B + i0 * ldb, A + i1 * lda, B + i1 * ldb, h, d, v);
+      float va0 = v[0] + BA(i0), vb0 = v[1] + BB(i0), va1 = v[2] + BA(i1), vb1 = v[3] + BB(i1);
+      out[k] = activate(act, va0, vb0); out[k + 1] = activate(act, va1, vb1);
+    }
+    for (; k < end; k++) {
+      int64_t i = ROW(k);
+      float va = dot(A + i * lda, h, d) + BA(i), vb = dot(B + i * ldb, h, d) + BB(i);
+      out[k] = activate(act, va, vb);
+    }
+    return;
+  }
+  for (; k + 4 <= end; k += 4) {
+    int64_t i0 = ROW(k), i1 = ROW(k + 1), i2 = ROW(k + 2), i3 = ROW(k + 3);
+    dot4(A + i0 * lda, A + i1 * lda, A + i2 * lda, A + i3 * lda, h, d, v);
+    out[k] = activate(act, v[0] + BA(i0), 0.f);
+    out[k + 1] = activate(act, v[1] + BA(i1), 0.f);
+    out[k + 2] = activate(act, v[2] + BA(i2), 0.f);
+    out[k + 3] = activate(act, v[3] + BA(i3), 0.f);
+  }
+  for (; k < end; k++) out[k] = activate(act, dot(A + ROW(k) * lda, h, d) + BA(ROW(k)), 0.f);
+}
+#undef ROW
+#undef BA
+#undef BB
+
 int dejavu_gathered_dots(const float* A, int64_t lda, const float* B, int64_t ldb, const float* bias_a,
                          const float* bias_b, const int64_t* idx, int64_t K, int64_t rows, int64_t d,
                          const float* h, float* out_a, int64_t act) {
   if (bad_index(idx, K, rows)) return 1;
-  int64_t k = 0;
-  float v[4];
-  if (B) {  /* two neurons of A and B at a time */
-    for (; k + 2 <= K; k += 2) {
-      int64_t i0 = ROW(k), i1 = ROW(k + 1);
-      dot4(A + i0 * lda, B + i0 * ldb, A + i1 * lda, B + i1 * ldb, h, d, v);
-      float va0 = v[0] + BA(i0), vb0 = v[1] + BB(i0), va1 = v[2] + BA(i1), vb1 = v[3] + BB(i1);
-      out_a[k] = activate(act, va0, vb0); out_a[k + 1] = activate(act, va1, vb1);
-    }
-    for (; k < K; k++) {
-      int64_t i = ROW(k);
-      float va = dot(A + i * lda, h, d) + BA(i), vb = dot(B + i * ldb, h, d) + BB(i);
-      out_a[k] = activate(act, va, vb);
-    }
-    return 0;
-  }
-  for (; k + 4 <= K; k += 4) {
-    int64_t i0 = ROW(k), i1 = ROW(k + 1), i2 = ROW(k + 2), i3 = ROW(k + 3);
-    dot4(A + i0 * lda, A + i1 * lda, A + i2 * lda, A + i3 * lda, h, d, v);
-    out_a[k] = activate(act, v[0] + BA(i0), 0.f);
-    out_a[k + 1] = activate(act, v[1] + BA(i1), 0.f);
-    out_a[k + 2] = activate(act, v[2] + BA(i2), 0.f);
-    out_a[k + 3] = activate(act, v[3] + BA(i3), 0.f);
-  }
-  for (; k < K; k++) out_a[k] = activate(act, dot(A + ROW(k) * lda, h, d) + BA(ROW(k)), 0.f);
+  dots_job job = {A, B, bias_a, bias_b, h, idx, out_a, lda, ldb, d, act};
+  parallel_for(K, 4, B ? 2 * d : d, dots_range, &job);
   return 0;
+}
+
+/* Up to three products against the same h in one parallel_for (q, k and v): part p's rows are
+   items [start[p], start[p] + part[p] rows) of one range, each part starting at a multiple of
+   four (the items between parts belong to none). */
+typedef struct {
+  dots_job part[3];
+  int64_t start[3], rows[3], parts;
+} gemvs_job;
+
+static void gemvs_range(void* job, int64_t begin, int64_t end) {
+  const gemvs_job* J = job;
+  for (int64_t p = 0; p < J->parts; p++) {
+    int64_t b = begin - J->start[p], e = end - J->start[p];
+    if (b < 0) b = 0;
+    if (e > J->rows[p]) e = J->rows[p];
+    if (b < e) dots_range((void*)&J->part[p], b, e);
+  }
+}
+
+static void gemvs(int64_t parts, const float* const* w, const float* const* bias, const int64_t* rows, int64_t d,
+                  const float* h, float* const* out) {
+  gemvs_job job = {.parts = parts};
+  int64_t items = 0;
+  for (int64_t p = 0; p < parts; p++) {
+    job.part[p] = (dots_job){w[p], 0, bias[p], 0, h, 0, out[p], d, 0, d, ACT_NONE};
+    job.start[p] = (items + 3) / 4 * 4;
+    job.rows[p] = rows[p];
+    items = job.start[p] + rows[p];
+  }
+  parallel_for(items, 4, d, gemvs_range, &job);
+}
+
+static void gemv(const float* w, const float* bias, int64_t rows, int64_t d, const float* h, float* out) {
+  gemvs(1, &w, &bias, &rows, d, h, &out);
 }
 
 /* The dense MLP for one token: out = output(act(first(h), second(h))), as in
@@ -128,24 +400,27 @@ static void rope(float* x, const float* cos, const float* ssin, int64_t hd) {
   }
 }
 
-static void gemv(const float* w, const float* bias, int64_t rows, int64_t d, const float* h, float* out) {
-  dejavu_gathered_dots(w, d, 0, 0, bias, 0, 0, rows, rows, d, h, out, ACT_NONE);
-}
-
 /* The attention of one query token over cache positions 0..t (key_valid NULL: all; position
    t always): heads_out[h] = softmax(scale * q_h . K) V for each query head h, whose KV head
    is h / (heads / kv_heads). K, V: [kv_heads, capacity, hd], head_stride floats apart.
-   p: t + 1 floats of scratch. */
-static void attend(const float* q, const float* k_cache, const float* v_cache, int64_t head_stride, int64_t t,
-                   int64_t nh, int64_t nkv, int64_t hd, const uint8_t* key_valid, float scale, float* p,
-                   float* heads_out) {
-  int64_t group = nh / nkv;
-  for (int64_t h = 0; h < nh; h++) {
-    const float *qh = q + h * hd, *keys = k_cache + (h / group) * head_stride, *values = v_cache + (h / group) * head_stride;
-    float best = -INFINITY, total = 0.f, *out = heads_out + h * hd;
+   The heads split over the threads; p: (t + 1) floats of scratch per head. */
+typedef struct {
+  const float *q, *k_cache, *v_cache;
+  const uint8_t* key_valid;
+  float *p, *heads_out, scale;
+  int64_t head_stride, t, group, hd;
+} attend_job;
+
+static void attend_range(void* job, int64_t begin, int64_t end) {
+  const attend_job* J = job;
+  int64_t t = J->t, hd = J->hd;
+  for (int64_t h = begin; h < end; h++) {
+    const float *qh = J->q + h * hd, *keys = J->k_cache + (h / J->group) * J->head_stride;
+    const float* values = J->v_cache + (h / J->group) * J->head_stride;
+    float best = -INFINITY, total = 0.f, *out = J->heads_out + h * hd, *p = J->p + h * (t + 1);
     for (int64_t i = 0; i <= t; i++) {
-      int valid = i == t || !key_valid || key_valid[i];
-      p[i] = valid ? scale * dot(qh, keys + i * hd, hd) : -INFINITY;
+      int valid = i == t || !J->key_valid || J->key_valid[i];
+      p[i] = valid ? J->scale * dot(qh, keys + i * hd, hd) : -INFINITY;
       if (p[i] > best) best = p[i];
     }
     for (int64_t i = 0; i <= t; i++) { p[i] = p[i] == -INFINITY ? 0.f : expf(p[i] - best); total += p[i]; }
@@ -156,6 +431,13 @@ static void attend(const float* q, const float* k_cache, const float* v_cache, i
       for (int64_t j = 0; j < hd; j++) out[j] += c * row[j];
     }
   }
+}
+
+static void attend(const float* q, const float* k_cache, const float* v_cache, int64_t head_stride, int64_t t,
+                   int64_t nh, int64_t nkv, int64_t hd, const uint8_t* key_valid, float scale, float* p,
+                   float* heads_out) {
+  attend_job job = {q, k_cache, v_cache, key_valid, p, heads_out, scale, head_stride, t, nh / nkv, hd};
+  parallel_for(nh, 1, 2 * (t + 1) * hd, attend_range, &job);
 }
 
 static void write_cache(const float* k, const float* v, float* k_cache, float* v_cache, int64_t head_stride,
@@ -173,13 +455,12 @@ static int llama_attention_half(const llama_layer* L, const float* x, float* x_o
   int64_t d = L->hidden, hd = L->head_dim, nh = L->heads, nkv = L->kv_heads;
   if (nkv <= 0 || nh % nkv || hd % 2 || t < 0 || (t + 1) * hd > head_stride) return 1;
   int64_t qd = nh * hd, kvd = nkv * hd;
-  float* scratch = malloc(sizeof(float) * (size_t)(2 * qd + 2 * kvd + t + 1));
+  float* scratch = malloc(sizeof(float) * (size_t)(2 * qd + 2 * kvd + nh * (t + 1)));
   if (!scratch) return 2;
   float *q = scratch, *k = q + qd, *v = k + kvd, *heads = v + kvd, *p = heads + qd;
   rms_norm(x, L->attn_norm, d, L->attn_eps, xn);
-  gemv(L->q, L->q_bias, qd, d, xn, q);
-  gemv(L->k, L->k_bias, kvd, d, xn, k);
-  gemv(L->v, L->v_bias, kvd, d, xn, v);
+  gemvs(3, (const float*[]){L->q, L->k, L->v}, (const float*[]){L->q_bias, L->k_bias, L->v_bias},
+        (int64_t[]){qd, kvd, kvd}, d, xn, (float*[]){q, k, v});
   for (int64_t h = 0; h < nh; h++) rope(q + h * hd, cos, ssin, hd);
   for (int64_t g = 0; g < nkv; g++) rope(k + g * hd, cos, ssin, hd);
   write_cache(k, v, k_cache, v_cache, head_stride, t, nkv, hd);
@@ -234,15 +515,14 @@ int dejavu_opt_decode_layer(const opt_layer* L, const float* x, float* x_out, fl
                             int64_t head_stride, int64_t t, const uint8_t* key_valid, float scale) {
   int64_t d = L->hidden, hd = L->head_dim, nh = L->heads, inner = L->inner;
   if (nh * hd != d || t < 0 || (t + 1) * hd > head_stride) return 1;
-  float* scratch = malloc(sizeof(float) * (size_t)(6 * d + inner + t + 1));
+  float* scratch = malloc(sizeof(float) * (size_t)(6 * d + inner + nh * (t + 1)));
   if (!scratch) return 2;
   float *xn = scratch, *q = xn + d, *k = q + d, *v = k + d, *heads = v + d, *mlp_out = heads + d;
   float *act = mlp_out + d, *p = act + inner;
   const float* h = x;
   if (L->norm_first) { layer_norm(x, L->attn_norm, L->attn_norm_bias, d, L->attn_eps, xn); h = xn; }
-  gemv(L->q, L->q_bias, d, d, h, q);
-  gemv(L->k, L->k_bias, d, d, h, k);
-  gemv(L->v, L->v_bias, d, d, h, v);
+  gemvs(3, (const float*[]){L->q, L->k, L->v}, (const float*[]){L->q_bias, L->k_bias, L->v_bias},
+        (int64_t[]){d, d, d}, d, h, (float*[]){q, k, v});
   write_cache(k, v, k_cache, v_cache, head_stride, t, nh, hd);
   attend(q, k_cache, v_cache, head_stride, t, nh, nh, hd, key_valid, scale, p, heads);
   gemv(L->o, L->o_bias, d, d, heads, x_out);
@@ -256,7 +536,6 @@ int dejavu_opt_decode_layer(const opt_layer* L, const float* x, float* x_out, fl
   free(scratch);
   return 0;
 }
-
 /* ------------------------------------------------------------------------------------------
    The sparse MLP of decoding. */
 /* An order-preserving integer key of a score: a > b as floats iff key(a) > key(b). NaN ranks
@@ -340,9 +619,18 @@ static inline float half_float(uint16_t u) {
 static inline v8 ldh(const uint16_t* p) { v8 v; for (int i = 0; i < 8; i++) v[i] = half_float(p[i]); return v; }
 #endif
 
-/* out[n] = W x, W [n, m] tiled as predictor_weights describes (float16 where half). The tiles
-   are split into four contiguous quarters read side by side: four long sequential streams keep
-   more reads in flight than one, and four accumulators hide the multiply-add latency. */
+
+/* out[n] = W x, W [n, m] tiled as predictor_weights describes (float16 where half); tiles split
+   over the threads. A range's tiles are split into four contiguous quarters read side by side:
+   four long sequential streams keep more reads in flight than one, and four accumulators hide
+   the multiply-add latency. Each tile's sums are the same wherever it falls. */
+typedef struct {
+  const void* W;
+  const float* x;
+  float* out;
+  int64_t half, n, m;
+} tiled_job;
+
 #define TILED_QUARTERS(type, load)                                                          \
   for (int64_t t = 0; t < quarter; t++) {                                                    \
     const type *w0 = (const type*)W + tile(t) * m * 8, *w1 = (const type*)W + tile(quarter + t) * m * 8, \
@@ -356,29 +644,52 @@ static inline v8 ldh(const uint16_t* p) { v8 v; for (int i = 0; i < 8; i++) v[i]
     }                                                                                        \
     v8 sums[4] = {s0, s1, s2, s3};                                                           \
     for (int64_t q = 0; q < 4; q++)                                                          \
-      for (int64_t r = 0, row = (q * quarter + t) * 8; r < 8 && row + r < n && q * quarter + t < blocks; r++) \
+      for (int64_t r = 0, row = tile(q * quarter + t) * 8; r < 8 && row + r < n && q * quarter + t < blocks; r++) \
         out[row + r] = sums[q][r];                                                           \
   }
-static void tiled_gemv(const void* W, int64_t half, int64_t n, int64_t m, const float* x, float* out) {
-  int64_t blocks = (n + 7) / 8, quarter = (blocks + 3) / 4;
-#define tile(b) ((b) < blocks ? (b) : blocks - 1)  /* past the end: reread the last tile, unused */
-  if (half) { TILED_QUARTERS(uint16_t, ldh) } else { TILED_QUARTERS(float, ld) }
+static void tiled_range(void* job, int64_t begin, int64_t end) {
+  const tiled_job* J = job;
+  const void* W = J->W;
+  const float* x = J->x;
+  float* out = J->out;
+  int64_t n = J->n, m = J->m, blocks = end - begin, quarter = (blocks + 3) / 4;
+#define tile(b) (begin + ((b) < blocks ? (b) : blocks - 1))  /* past the end: reread the last tile, unused */
+  if (J->half) { TILED_QUARTERS(uint16_t, ldh) } else { TILED_QUARTERS(float, ld) }
 #undef tile
 }
 #undef TILED_QUARTERS
 
-/* The MLP on the kept neurons i = idx[k] only, in one pass over them:
-     out = bias + sum_k act_k * T[i],  act_k = activation of (A[i].h + a_bias[i], B[i].h + b_bias[i]).
-   With the packed layout (pack_mlp_neurons) a kept neuron's weights are one run of memory. */
-static int gathered_mlp(const mlp_weights* W, const int64_t* idx, int64_t K, const float* h, const float* residual,
-                        float* out) {
-  if (bad_index(idx, K, W->rows)) return 1;
-  int64_t act = W->B ? ACT_SILU_GLU : ACT_RELU, d = W->d, d8 = d - d % 8, k = 0;
-  for (int64_t j = 0; j < d; j++) out[j] = (W->bias ? W->bias[j] : 0.f) + (residual ? residual[j] : 0.f);
-  /* Four neurons at a time: eight (or four) rows stream at once, which keeps more reads in
-     flight than two; then their four output rows. */
-  for (; k + 4 <= K; k += 4) {
-    const int64_t* i = idx + k;
+static void tiled_gemv(const void* W, int64_t half, int64_t n, int64_t m, const float* x, float* out) {
+  tiled_job job = {W, x, out, half, n, m};
+  parallel_for((n + 7) / 8, 1, 8 * m, tiled_range, &job);
+}
+
+/* The MLP on the kept neurons i = idx[k] only:
+     out = bias + residual + sum_k act_k * T[i],  act_k = activation of (A[i].h + a_bias[i], B[i].h + b_bias[i]).
+   With the packed layout (pack_mlp_neurons) a kept neuron's weights are one run of memory. On one
+   thread, one pass over the neurons, four at a time: eight (or four) rows stream at once, which
+   keeps more reads in flight than two, then their four output rows. On more, no two threads may
+   add into the same outputs: first the activations, the neurons split over the threads, then
+   the sums, the output columns split over them. Either way each output adds the same terms in the
+   same order, so the results are the same. */
+typedef struct {
+  const mlp_weights* W;
+  const int64_t* idx;
+  const float *h, *residual;
+  float *acts, *out;
+  int64_t K;
+} gathered_job;
+
+static inline v8 splat(float f) { v8 c = {0}; return c + f; }
+
+/* acts[k] for k in [begin, end) (begin a multiple of four): four neurons at a time, the rest one by one. */
+static void acts_range(void* job, int64_t begin, int64_t end) {
+  const gathered_job* J = job;
+  const mlp_weights* W = J->W;
+  const float* h = J->h;
+  int64_t act = W->B ? ACT_SILU_GLU : ACT_RELU, d = W->d, d8 = d - d % 8, k = begin;
+  for (; k + 4 <= end; k += 4) {
+    const int64_t* i = J->idx + k;
     const float *a0 = W->A + i[0] * W->lda, *a1 = W->A + i[1] * W->lda, *a2 = W->A + i[2] * W->lda, *a3 = W->A + i[3] * W->lda;
     v8 sa0 = {0}, sa1 = {0}, sa2 = {0}, sa3 = {0}, sb0 = {0}, sb1 = {0}, sb2 = {0}, sb3 = {0};
     int64_t j = 0;
@@ -401,24 +712,73 @@ static int gathered_mlp(const mlp_weights* W, const int64_t* idx, int64_t K, con
       }
       for (; j < d; j++) { ta[0] += a0[j] * h[j]; ta[1] += a1[j] * h[j]; ta[2] += a2[j] * h[j]; ta[3] += a3[j] * h[j]; }
     }
-    v8 sa[4] = {sa0, sa1, sa2, sa3}, sb[4] = {sb0, sb1, sb2, sb3}, w[4];
+    v8 sa[4] = {sa0, sa1, sa2, sa3}, sb[4] = {sb0, sb1, sb2, sb3};
     for (int q = 0; q < 4; q++) {
       float va = hsum(sa[q]) + ta[q] + (W->a_bias ? W->a_bias[i[q]] : 0.f);
       float vb = hsum(sb[q]) + tb[q] + (W->b_bias ? W->b_bias[i[q]] : 0.f);
-      v8 c = {0};
-      w[q] = c + activate(act, va, vb);
+      J->acts[k + q] = activate(act, va, vb);
     }
+  }
+  if (k < end) {
+    dots_job one = {W->A, W->B, W->a_bias, W->b_bias, h, J->idx + k, J->acts + k, W->lda, W->ldb, d, act};
+    dots_range(&one, 0, end - k);
+  }
+}
+
+/* out[j] += sum_k acts[k] * T[idx[k]][j] for k in [0, K) and j in [begin, end) (begin a multiple
+   of eight): each group of four neurons' output rows in turn, then any rest one by one. */
+static void add_rows(const mlp_weights* W, const int64_t* idx, const float* acts, int64_t K, float* out,
+                     int64_t begin, int64_t end) {
+  int64_t k = 0, j;
+  for (; k + 4 <= K; k += 4) {
+    const int64_t* i = idx + k;
     const float *r0 = W->T + i[0] * W->ldt, *r1 = W->T + i[1] * W->ldt, *r2 = W->T + i[2] * W->ldt, *r3 = W->T + i[3] * W->ldt;
-    for (j = 0; j < d8; j += 8)
-      st(out + j, ld(out + j) + w[0] * ld(r0 + j) + w[1] * ld(r1 + j) + w[2] * ld(r2 + j) + w[3] * ld(r3 + j));
-    for (; j < d; j++) out[j] += w[0][0] * r0[j] + w[1][0] * r1[j] + w[2][0] * r2[j] + w[3][0] * r3[j];
+    v8 w0 = splat(acts[k]), w1 = splat(acts[k + 1]), w2 = splat(acts[k + 2]), w3 = splat(acts[k + 3]);
+    for (j = begin; j + 8 <= end; j += 8)
+      st(out + j, ld(out + j) + w0 * ld(r0 + j) + w1 * ld(r1 + j) + w2 * ld(r2 + j) + w3 * ld(r3 + j));
+    for (; j < end; j++) out[j] += w0[0] * r0[j] + w1[0] * r1[j] + w2[0] * r2[j] + w3[0] * r3[j];
   }
   for (; k < K; k++) {
-    float c;
-    dejavu_gathered_dots(W->A, W->lda, W->B, W->ldb, W->a_bias, W->b_bias, idx + k, 1, W->rows, d, h, &c, act);
     const float* r = W->T + idx[k] * W->ldt;
-    for (int64_t j = 0; j < d; j++) out[j] += c * r[j];
+    v8 c = splat(acts[k]);
+    for (j = begin; j + 8 <= end; j += 8) st(out + j, ld(out + j) + c * ld(r + j));
+    for (; j < end; j++) out[j] += c[0] * r[j];
   }
+}
+
+static void init_out(const gathered_job* J, int64_t begin, int64_t end) {
+  const float *bias = J->W->bias, *residual = J->residual;
+  for (int64_t j = begin; j < end; j++) J->out[j] = (bias ? bias[j] : 0.f) + (residual ? residual[j] : 0.f);
+}
+
+/* Outputs [begin, end) (begin a multiple of eight), every neuron's activation known. */
+static void sums_range(void* job, int64_t begin, int64_t end) {
+  const gathered_job* J = job;
+  init_out(J, begin, end);
+  add_rows(J->W, J->idx, J->acts, J->K, J->out, begin, end);
+}
+
+static int gathered_mlp(const mlp_weights* W, const int64_t* idx, int64_t K, const float* h, const float* residual,
+                        float* out) {
+  if (bad_index(idx, K, W->rows)) return 1;
+  int64_t d = W->d;
+  float four[4];
+  gathered_job job = {W, idx, h, residual, four, out, K};
+  if (chunks_for(d, 16, K) < 2) {  /* one thread: one pass, four neurons at a time */
+    init_out(&job, 0, d);
+    for (int64_t k = 0; k < K; k += 4) {
+      int64_t n = K - k < 4 ? K - k : 4;
+      job.idx = idx + k;
+      acts_range(&job, 0, n);
+      add_rows(W, idx + k, four, n, out, 0, d);
+    }
+    return 0;
+  }
+  job.acts = malloc(sizeof(float) * (size_t)K);
+  if (!job.acts) return 2;
+  parallel_for(K, 4, W->B ? 2 * d : d, acts_range, &job);
+  parallel_for(d, 16, K, sums_range, &job);
+  free(job.acts);
   return 0;
 }
 

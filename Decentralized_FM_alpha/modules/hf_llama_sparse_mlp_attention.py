@@ -1,13 +1,5 @@
-"""llama-ml-att-sparse: the dense Llama modules, with blocks that keep only the top-K neurons and heads."""
+"""llama-ml-att-sparse: the dense Llama modules. The runner's prepare_stage hook (configure_sparse)
+puts into each block the sparse MLP of the chosen mode and the head selection."""
 
-from .hf_llama_module import LlamaBlock, LlamaEmbeddings, LlamaLMHead
-from .sparse_execution import SparseBlockMixin, add_arguments, prepare_stage  # noqa: F401 (runner hooks)
-
-
-class LlamaSparseBlock(SparseBlockMixin, LlamaBlock):
-    pass
-
-
-GPTEmbeddings = LlamaEmbeddings
-GPTBlock = LlamaSparseBlock
-GPTLMHead = LlamaLMHead
+from .hf_llama_module import GPTBlock, GPTEmbeddings, GPTLMHead  # noqa: F401
+from .sparse_execution import add_arguments, prepare_stage  # noqa: F401 (runner hooks)

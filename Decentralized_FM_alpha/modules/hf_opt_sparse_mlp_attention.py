@@ -1,13 +1,5 @@
-"""opt-ml-att-sparse: the dense OPT modules, with blocks that keep only the top-K neurons and heads."""
+"""opt-ml-att-sparse: the dense OPT modules. The runner's prepare_stage hook (configure_sparse) puts
+into each block the sparse MLP of the chosen mode and the head selection."""
 
-from .hf_opt_module import OPTBlock, OPTEmbeddings, OPTLMHead
-from .sparse_execution import SparseBlockMixin, add_arguments, prepare_stage  # noqa: F401 (runner hooks)
-
-
-class OPTSparseBlock(SparseBlockMixin, OPTBlock):
-    pass
-
-
-GPTEmbeddings = OPTEmbeddings
-GPTBlock = OPTSparseBlock
-GPTLMHead = OPTLMHead
+from .hf_opt_module import GPTBlock, GPTEmbeddings, GPTLMHead  # noqa: F401
+from .sparse_execution import add_arguments, prepare_stage  # noqa: F401 (runner hooks)

@@ -16,7 +16,9 @@ class LocalModel(nn.Module):
         self.head = head
 
     @classmethod
-    def from_checkpoint(cls, model_path, model_type="llama", dtype=None, device=None, num_layers=None):
+    def from_checkpoint(cls, model_path, model_type="llama", dtype=None, device=None, num_layers=None,
+                        backend="auto"):
+        """The checkpoint's parts, prepared for the decode `backend` (auto: cuda on a GPU, else cpu)."""
         parts = load_model_module(model_type)
         embeddings = parts.GPTEmbeddings.from_pretrained(model_path, dtype=dtype, device=device)
         config = embeddings.config
@@ -26,29 +28,42 @@ class LocalModel(nn.Module):
             for i in range(count)
         ]
         head = parts.GPTLMHead.from_pretrained(model_path, config, dtype=dtype, device=device)
-        return cls(embeddings, blocks, head)
+        model = cls(embeddings, blocks, head)
+        model.use_backend(backend, device or "cpu")
+        return model
 
     @property
     def config(self):
         return self.embeddings.config
 
+    def use_backend(self, name, device):
+        """The decode Backend `name` chosen for `device`, with the model's parts prepared for it."""
+        backend = choose_backend(name, device)
+        if self.__dict__.get("prepared_for") != backend.name:
+            backend.prepare(self.embeddings, *self.blocks, self.head)
+            self.__dict__["prepared_for"] = backend.name
+        return backend
+
     @torch.inference_mode()
-    def forward(self, input_ids, mask=None, past=None, last=None):
+    def forward(self, input_ids, mask=None, past=None, last=None, backend="auto"):
         """(logits [B, S, V], presents): `past` is one (k, v) per layer or None; with `last`, the
-        head runs on the last `last` positions only (the scored ones: the head is the widest matmul)."""
+        head runs on the last `last` positions only (the scored ones: the head is the widest matmul).
+        Each block runs through the decode `backend` (the cpu backend's kernels at batch 1)."""
+        chosen = self.use_backend(backend, input_ids.device)
         past = past or [None] * len(self.blocks)
-        x = self.embeddings(input_ids, past_layer=past[0], mask=mask)
-        presents = []
-        for block, layer_past in zip(self.blocks, past):
-            x, present = block(x, layer_past=layer_past, mask=mask)
-            presents.append(present)
-        if last is not None:
-            x, input_ids = x[:, -last:], input_ids[:, -last:]
-        return self.head(x, input_ids=input_ids), presents
+        with chosen.running():
+            x = self.embeddings(input_ids, past_layer=past[0], mask=mask)
+            presents = []
+            for block, layer_past in zip(self.blocks, past):
+                x, present = chosen.run_block(block, x, layer_past, mask)
+                presents.append(present)
+            if last is not None:
+                x, input_ids = x[:, -last:], input_ids[:, -last:]
+            return self.head(x, input_ids=input_ids), presents
 
     def stage_pool(self, backend, device):
         """The StagePool of this backend and device, kept so later calls reuse captured steps."""
-        chosen = choose_backend(backend, device)
+        chosen = self.use_backend(backend, device)
         pools = self.__dict__.setdefault("_stage_pools", {})
         key = (chosen.name, str(device))
         if key not in pools:

@@ -13,6 +13,12 @@ training_free.py:
 "Does sparsity exist" (oracle) and "can it be predicted" (predicted) are so measured apart,
 and the baselines show what selection without a trained predictor reaches.
 
+configure_sparse puts two pieces into each block of a stage, without subclassing it: a
+SparseMLP in place of block.mlp (the MLP of the layer's mode, on the dense MLP's own weights) and
+a SparseTaps at block.taps (it keeps the predictors' inputs and zeroes the heads not kept). The
+decode backends run these blocks as they are; the cpu backend (decode/cpu.py) reads the same
+configuration to run a layer with dense heads through the C kernels.
+
 When every sequence feeds one token (decoding) predicted mode gathers the kept rows of gate/up
 (fc1) and columns of down (fc2) and computes only those; everywhere else the dropped entries
 are masked (set to zero). Both give the same numbers. Heads are always masked after attention.
@@ -29,9 +35,10 @@ from torch import nn
 from dejavu_common.helpers import KeepError, LayerSpecError, check_keep, keep_argument, kept_count, parse_layers
 from dejavu_common.thresholds_format import ThresholdsError, read_thresholds, thresholds_file
 
-from .sparse_gather import (gathered_mlp, linear_forward, linear_slots, pack_mlp_neurons, predicted_call,
-                            predicted_gathered_mlp, store_predictor_half)
+from .common import DenseMLP
 from .decode import cuda_sparse
+from .decode.sparse_gather import (gathered_mlp, linear_forward, pack_mlp_neurons, predicted_gathered_mlp,
+                                   store_predictor_half)
 from .sparse_stats import SparseStats, StatsWriter, stats_path
 from .training_free import apply_mask, column_norms, magnitude_mask, top_k_mask, wina_mask
 
@@ -49,212 +56,205 @@ def count_or_none(keep, width):
     return None if keep is None else kept_count(keep, width)
 
 
-class SparseBlockMixin:
-    """Mixed in before a dense block class; configured by `configure_sparse` (else dense)."""
+class SparseTaps:
+    """block.taps under sparse execution (configure_sparse): at att_x and mlp_x it keeps the step's
+    inputs the predictors read (att_x also as the next layer's look-ahead input), at head_out it
+    zeroes the heads not kept. Plain attributes: written per layer per token."""
 
-    sparse_mode = "dense"
-    mlp_keep = None
-    att_keep = None
-    mlp_predictor = None
-    att_predictor = None
-    mlp_input = "same"
-    att_input = "same"
-    previous_block = None
-    use_gather = True
-    mlp_mode = "dense"  # the MODES entry the MLP runs: the layer's mode, or dense where its MLP is not sparse
-    mlp_thresholds = None  # teal: {"t_in", "t_down"}; cats: {"t_gate"} (None: keep all)
-    wina_norms = None  # wina: (column norms read by h, column norms of down)
-    wina_counts = None  # wina: (K of h, K of down)
+    def __init__(self, block, previous, stats):
+        self.layer_index = block.layer_index
+        self.num_heads = block.config.num_attention_heads
+        self.previous = previous  # the previous block's SparseTaps (look-ahead input), or None
+        self.stats = stats  # the SparseStats that counts what is kept (--sparse-stats), or None
+        self.mode = "dense"
+        self.att_keep = None
+        self.att_predictor = None
+        self.att_input = "same"
+        self.inputs, self.token_mask, self.last_att_x = {}, None, None
 
-    # Per-token state (current_inputs, last_att_x) is written into __dict__ directly: it is no
-    # parameter, buffer or submodule, and Module.__setattr__ would cost microseconds per layer.
-    def forward(self, x, layer_past=None, mask=None):
-        fused = self.fused_sparse_step(x, layer_past, mask)
-        if fused is not None:
-            return fused
-        self.__dict__["current_inputs"] = {}
-        return super().forward(x, layer_past=layer_past, mask=mask)
-
-    def fused_sparse_step(self, x, layer_past, mask):
-        """One decoding token through the C kernels where the family has a fused decoder layer
-        (Llama) and the heads stay dense: the whole layer in one call, with the dense MLP or
-        DejaVu's predicted one; else (a predictor the kernel cannot read) the attention half in
-        one call and the MLP in torch ops. None where that does not apply: then the torch path
-        (with its taps) runs, with the same numbers."""
-        step = getattr(self, "fused_step", None)
-        if step is None or self.sparse_heads or not (MODES[self.sparse_mode].fused and MODES[self.mlp_mode].fused):
-            return None
-        dense = self.mlp_mode == "dense"
-        k = None if dense else count_or_none(self.mlp_keep, self.mlp_width)
-        if not dense and (not self.use_gather or k is None):
-            return None
-        result = step(x, layer_past, mask, predicted_k=k, predict_from_input=self.mlp_input != "same")
-        if result is None:
-            return None
-        self.__dict__["last_att_x"] = x  # the next layer's look-ahead input, as the att_x tap records it
-        if dense or len(result) == 2:  # the whole layer ran in the kernel
-            if self.__dict__.get("sparse_stats") is not None:
-                self.record({"neurons": None if dense else k / self.mlp_width}, None, x.shape[:-1])
-            return result
-        x_mid, h, present = result
-        self.__dict__["current_inputs"] = {"att_x": x, "mlp_x": x_mid}
-        return x_mid + self.mlp(h, None), present
-
-    def tap(self, name, value, token_mask):
-        if name in ("att_x", "mlp_x"):
-            self.current_inputs[name] = value
-            if name == "att_x":
-                self.__dict__["last_att_x"] = value  # the next layer's look-ahead input
-            return value
-        if name == "head_out" and self.sparse_heads:
+    def __call__(self, name, value, token_mask):
+        if name == "att_x":
+            self.begin(value, token_mask)
+        elif name == "mlp_x":
+            self.inputs["mlp_x"] = value
+        elif name == "head_out" and self.sparse_heads:
             keep = self.head_mask(value)
             self.record({"heads": keep}, token_mask, value.shape[:2])
             return value * keep[..., None].to(value.dtype)
         return value
 
-    def record(self, kept, token_mask, token_shape):
-        """Count what one call kept (--sparse-stats); nothing when no stats are collected."""
-        stats = self.__dict__.get("sparse_stats")
-        if stats is not None:
-            stats.add(self.layer_index, kept, token_mask, token_shape)
+    def begin(self, x, token_mask):
+        """A step starts: x is the layer's input (att_x), token_mask its real tokens (None: all)."""
+        self.inputs = {"att_x": x}
+        self.token_mask, self.last_att_x = token_mask, x
 
     @property
     def sparse_heads(self):
-        if self.sparse_mode == "oracle":
+        if self.mode == "oracle":
             return self.att_keep is not None
-        return self.sparse_mode == "predicted" and self.att_predictor is not None
-
-    def predictor_input(self, kind):
-        mode = self.mlp_input if kind == "mlp" else self.att_input
-        if kind == "mlp":
-            return self.current_inputs["mlp_x" if mode == "same" else "att_x"]
-        return self.current_inputs["att_x"] if mode == "same" else self.previous_block.last_att_x
-
-    @staticmethod
-    def predictor_scores(predictor, x):
-        x = x.to(next(predictor.parameters()).dtype)
-        if not isinstance(predictor, nn.Sequential):
-            return predictor(x).float()
-        for layer in predictor:  # Linears through the decode kernel when x is one row
-            x = linear_forward(layer, x) if isinstance(layer, nn.Linear) else layer(x)
-        return x.float()
-
-    def select(self, predictor, x, keep, width):
-        scores = self.predictor_scores(predictor, x)
-        k = count_or_none(keep, width)
-        return (scores > 0) if k is None else top_k_mask(scores, k)
+        return self.mode == "predicted" and self.att_predictor is not None
 
     def head_mask(self, heads):
         """[B, S, H] boolean: heads kept per token."""
-        if self.sparse_mode == "oracle":
+        if self.mode == "oracle":
             return top_k_mask(heads.float().norm(dim=-1), count_or_none(self.att_keep, self.num_heads))
-        return self.select(self.att_predictor, self.predictor_input("att"), self.att_keep, self.num_heads)
+        x = self.inputs["att_x"] if self.att_input == "same" else self.previous.last_att_x
+        return select(self.att_predictor, x, self.att_keep, self.num_heads)
 
-    def gathered_mlp(self, h, neurons):
-        """The MLP computed on the kept neurons only: h [B, 1, d], neurons [B, K] -> [B, 1, d]."""
-        return gathered_mlp(h, neurons, *self.neuron_linears())
+    def record(self, kept, token_mask, token_shape):
+        """Count what one call kept (--sparse-stats); nothing when no stats are collected."""
+        if self.stats is not None:
+            self.stats.add(self.layer_index, kept, token_mask, token_shape)
 
-    def fused_predicted_mlp(self, h, x_pred, predictor, k):
-        """Predictor, top-k and gathered MLP through the device's kernels: one C call per row on
-        the CPU (predicted_gathered_mlp), the Triton kernels on CUDA (decode/cuda_sparse.py);
-        None where neither applies."""
-        if h.is_cuda:
-            return cuda_sparse.predicted_mlp(h, x_pred, predictor, k, *self.neuron_linears(), self.predictor_scores)
-        return predicted_gathered_mlp(h, x_pred, predictor, k, *self.neuron_linears())
+    def configuration(self):
+        """What a captured CUDA graph bakes in of the heads (decode/stages.py)."""
+        return self.mode, self.att_keep, id(self.att_predictor)
 
-    def _kernel_slots(self):
-        """The family's kernel-view slots (fused_step), then the MLP predictor's: the view also
-        holds the predicted-MLP call, and one check per token covers both."""
-        slots = super()._kernel_slots() + [(self.__dict__, "mlp_predictor")]
-        predictor = self.__dict__.get("mlp_predictor")
-        if isinstance(predictor, nn.Module):
-            layers = predictor._modules
-            slots += [(layers, name) for name in layers]
-            slots += linear_slots([layer for layer in layers.values() if isinstance(layer, nn.Linear)])
-        return slots
 
-    def _build_kernel_layer(self, values):
-        """The family's view, plus the PredictedCall of the MLP predictor (None where there is
-        none, or the kernel cannot read it)."""
-        view = super()._build_kernel_layer(values)
-        predictor = self.__dict__.get("mlp_predictor")
-        if view is None:
-            return None
-        call = None if predictor is None else predicted_call(predictor, *self.neuron_linears())
-        return (*view, call)
+class SparseMLP(nn.Module):
+    """block.mlp under sparse execution: the MLP of the layer's mode (MODES) on the dense MLP's
+    weights. It shares the dense MLP's submodules (the very dict), so the block's state dict and
+    weights stay what they were, and a weight changed through either is changed for both."""
 
-    def mlp(self, h, token_mask):
-        """The MLP of this layer's mlp_mode (MODES); what it kept is recorded for --sparse-stats."""
-        output, kept = MODES[self.mlp_mode].mlp(self, h)
-        self.record(kept, token_mask, h.shape[:-1])
+    def __init__(self, dense, taps):
+        super().__init__()
+        self.__dict__["_modules"] = dense._modules  # the dense MLP's submodules, the same dict
+        object.__setattr__(self, "dense", dense)  # not a submodule: its children are already ours
+        self.taps, self.layer_index = taps, taps.layer_index
+        self.width = dense.neuron_linears()[0].out_features  # I: intermediate_size / ffn_dim
+        self.mode = "dense"  # the MODES entry this MLP runs
+        self.keep = None  # --mlp-keep: a kept fraction or count (None: no fixed K)
+        self.predictor, self.input_mode = None, "same"  # predicted: the predictor and what it reads
+        self.use_gather = True  # predicted: gather the kept neurons when decoding (else mask)
+        self.thresholds = None  # teal: {"t_in", "t_down"}; cats: {"t_gate"}
+        self.wina_norms = self.wina_counts = None  # wina: column norms and K of h and of down's input
+
+    def activation(self, h):
+        return self.dense.activation(h)
+
+    def output(self, act):
+        return self.dense.output(act)
+
+    def neuron_linears(self):
+        return self.dense.neuron_linears()
+
+    def __setattr__(self, name, value):
+        if name == "predictor":  # a plain attribute: no weight of the block, and the submodules are shared
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def kept(self):
+        """K: the neurons kept per token (None: no fixed K)."""
+        return count_or_none(self.keep, self.width)
+
+    def predictor_input(self):
+        """What the MLP predictor reads: the MLP's residual input (same) or the layer's (prev)."""
+        return self.taps.inputs["mlp_x" if self.input_mode == "same" else "att_x"]
+
+    def configuration(self):
+        """What a captured CUDA graph bakes in of the MLP (decode/stages.py)."""
+        return self.mode, self.keep, id(self.predictor)
+
+    def forward(self, h):
+        output, kept = MODES[self.mode].mlp(self, h)
+        self.taps.record(kept, self.taps.token_mask, h.shape[:-1])
         return output
 
 
-# ---- the MLP of each mode: (block, h) -> (output, {input: kept mask | fraction | None (all)}) ----------
-def dense_mlp(block, h):
-    return block.mlp_output(block.mlp_activation(h)), {"neurons": None}
+def predictor_scores(predictor, x):
+    """The predictor's float32 scores of x (its logits per unit)."""
+    x = x.to(next(predictor.parameters()).dtype)
+    if not isinstance(predictor, nn.Sequential):
+        return predictor(x).float()
+    for layer in predictor:  # Linears through the decode kernel when x is one row
+        x = linear_forward(layer, x) if isinstance(layer, nn.Linear) else layer(x)
+    return x.float()
 
 
-def oracle_mlp(block, h):
-    act = block.mlp_activation(h)
-    keep = top_k_mask(act.float().abs(), count_or_none(block.mlp_keep, block.mlp_width))
-    return block.mlp_output(act * keep.to(act.dtype)), {"neurons": keep}
+def select(predictor, x, keep, width):
+    """Boolean [..., width]: the top K of the predictor's scores, or its positives without K."""
+    scores = predictor_scores(predictor, x)
+    k = count_or_none(keep, width)
+    return (scores > 0) if k is None else top_k_mask(scores, k)
 
 
-def predicted_mlp(block, h):
-    width = block.mlp_width
-    k = count_or_none(block.mlp_keep, width)
-    if block.use_gather and h.shape[1] == 1 and k is not None:
-        x_pred = block.predictor_input("mlp")
-        fused = block.fused_predicted_mlp(h, x_pred, block.mlp_predictor, k)
-        if fused is None:
-            scores = block.predictor_scores(block.mlp_predictor, x_pred)[:, 0]
+def kernel_predicted_mlp(mlp, h, x_pred, k):
+    """Predictor, top-k and gathered MLP through the device's kernels: one C call per row on the
+    CPU (predicted_gathered_mlp), the Triton kernels on CUDA (decode/cuda_sparse.py); None where
+    neither applies (then the same steps run in torch ops)."""
+    if h.is_cuda:
+        return cuda_sparse.predicted_mlp(h, x_pred, mlp.predictor, k, *mlp.neuron_linears(), predictor_scores)
+    return predicted_gathered_mlp(h, x_pred, mlp.predictor, k, *mlp.neuron_linears())
+
+
+# ---- the MLP of each mode: (mlp, h) -> (output, {input: kept mask | fraction | None (all)}) ------------
+# `mlp` is the layer's SparseMLP: its weights (activation, output, neuron_linears) and the mode's settings.
+def dense_mlp(mlp, h):
+    return mlp.output(mlp.activation(h)), {"neurons": None}
+
+
+def oracle_mlp(mlp, h):
+    act = mlp.activation(h)
+    keep = top_k_mask(act.float().abs(), mlp.kept)
+    return mlp.output(act * keep.to(act.dtype)), {"neurons": keep}
+
+
+def predicted_mlp(mlp, h):
+    width, k = mlp.width, mlp.kept
+    if mlp.use_gather and h.shape[1] == 1 and k is not None:
+        x_pred = mlp.predictor_input()
+        out = kernel_predicted_mlp(mlp, h, x_pred, k)
+        if out is None:
+            scores = predictor_scores(mlp.predictor, x_pred)[:, 0]
             neurons = scores.topk(k, dim=-1).indices.sort(dim=-1).values  # [B, K], in weight order
-            fused = block.gathered_mlp(h, neurons)
-        return fused, {"neurons": k / width}
-    keep = block.select(block.mlp_predictor, block.predictor_input("mlp"), block.mlp_keep, width)
-    act = block.mlp_activation(h)
-    return block.mlp_output(act * keep.to(act.dtype)), {"neurons": keep}
+            out = gathered_mlp(h, neurons, *mlp.neuron_linears())
+        return out, {"neurons": k / width}
+    keep = select(mlp.predictor, mlp.predictor_input(), mlp.keep, width)
+    act = mlp.activation(h)
+    return mlp.output(act * keep.to(act.dtype)), {"neurons": keep}
 
 
-def teal_mlp(block, h):
+def teal_mlp(mlp, h):
     """TEAL: entries of h at or below t_in are zeroed before gate and up (fc1), entries of the
     activation at or below t_down before down (fc2)."""
-    thresholds = block.mlp_thresholds
+    thresholds = mlp.thresholds
     keep_in = magnitude_mask(h, thresholds["t_in"])
-    act = block.mlp_activation(apply_mask(h, keep_in))
+    act = mlp.activation(apply_mask(h, keep_in))
     keep_down = magnitude_mask(act, thresholds["t_down"])
-    return block.mlp_output(apply_mask(act, keep_down)), {"in": keep_in, "down": keep_down}
+    return mlp.output(apply_mask(act, keep_down)), {"in": keep_in, "down": keep_down}
 
 
-def cats_mlp(block, h):
+def cats_mlp(mlp, h):
     """CATS: SiLU(gate(h)) computed densely; neurons whose |SiLU(gate)| is at or below t_gate are
     dropped (masked here: their up and down are what a gathered kernel would not read)."""
-    gate, up, _, act_fn = block.neuron_linears()
+    gate, up, _, act_fn = mlp.neuron_linears()
     gated = act_fn(gate(h))
-    keep = magnitude_mask(gated, block.mlp_thresholds["t_gate"])
-    return block.mlp_output(apply_mask(gated * up(h), keep)), {"neurons": keep}
+    keep = magnitude_mask(gated, mlp.thresholds["t_gate"])
+    return mlp.output(apply_mask(gated * up(h), keep)), {"neurons": keep}
 
 
-def wina_mlp(block, h):
+def wina_mlp(mlp, h):
     """WINA: per token the top-K entries of h by |h_i| * ||[gate; up][:, i]|| (OPT: fc1), and of the
     activation by |act_j| * ||down[:, j]|| (fc2), K = kept_count(--mlp-keep, width)."""
-    (in_norms, down_norms), (k_in, k_down) = block.wina_norms, block.wina_counts
+    (in_norms, down_norms), (k_in, k_down) = mlp.wina_norms, mlp.wina_counts
     keep_in = wina_mask(h, in_norms, k_in)
-    act = block.mlp_activation(apply_mask(h, keep_in))
+    act = mlp.activation(apply_mask(h, keep_in))
     keep_down = wina_mask(act, down_norms, k_down)
-    return block.mlp_output(apply_mask(act, keep_down)), {"in": keep_in, "down": keep_down}
+    return mlp.output(apply_mask(act, keep_down)), {"in": keep_in, "down": keep_down}
 
 
 # ---- set-up of each mode, once per stage: setup(sparse blocks, options) -----------------------------
-def sparse_mlp_blocks(blocks):
-    return [block for block in blocks if block.mlp_mode != "dense"]
+def sparse_mlps(blocks):
+    return [block.mlp for block in blocks if block.mlp.mode != "dense"]
 
 
 def setup_predicted(blocks, options):
     """Attach each layer's predictors (from options.predictors, else --sparse-path files)."""
     predictors = options.predictors
     for block in blocks:
+        mlp, taps = block.mlp, block.taps
         for kind, enabled in (("mlp", options.sparse_mlp), ("att", options.sparse_attention)):
             if not enabled:
                 continue
@@ -265,25 +265,26 @@ def setup_predicted(blocks, options):
                 predictors[key] = load_predictors(options.sparse_path, kind, block.layer_index)
             module, input_mode = predictors[key]
             module = module.to(next(block.parameters()).device)
-            object.__setattr__(block, f"{kind}_predictor", module)
-            object.__setattr__(block, f"{kind}_input", input_mode)
             if options.predictor_dtype == "float16" and not store_predictor_half(module):
                 raise SparseSetupError(f"layer {block.layer_index}: the {kind} predictor has a weight outside "
                                        "float16's range; use --predictor-dtype float32")
-            if kind == "mlp" and options.use_gather and not block.__dict__.get("mlp_packed"):
-                # decoding reads a kept neuron's gate, up and down weights as one run of memory
-                # (CPU), or its down column as one contiguous row (CUDA)
-                first, second, output, _ = block.neuron_linears()
-                block.__dict__["mlp_packed"] = pack_mlp_neurons(first, second, output) or \
-                    cuda_sparse.lay_out_for_gather(output)
-            if kind == "att":
-                if input_mode == "prev" and block.previous_block is None:
-                    raise SparseSetupError(
-                        f"layer {block.layer_index}: its attention predictor reads the previous layer's "
-                        "input, which is not on this stage; train it with --input same or move the stage split"
-                    )
-        if block.mlp_predictor is None:
-            block.mlp_mode = "dense"
+            if kind == "mlp":
+                mlp.predictor, mlp.input_mode = module, input_mode
+                if options.use_gather and not mlp.dense.__dict__.get("packed"):
+                    # decoding reads a kept neuron's gate, up and down weights as one run of memory
+                    # (CPU), or its down column as one contiguous row (CUDA)
+                    first, second, output, _ = mlp.neuron_linears()
+                    mlp.dense.__dict__["packed"] = pack_mlp_neurons(first, second, output) or \
+                        cuda_sparse.lay_out_for_gather(output)
+                continue
+            if input_mode == "prev" and taps.previous is None:
+                raise SparseSetupError(
+                    f"layer {block.layer_index}: its attention predictor reads the previous layer's "
+                    "input, which is not on this stage; train it with --input same or move the stage split"
+                )
+            taps.att_predictor, taps.att_input = module, input_mode
+        if mlp.predictor is None:
+            mlp.mode = "dense"
 
 
 KEEP_ALL = {"t_in": None, "t_down": None, "t_gate": None}  # no threshold: every entry kept, nothing masked
@@ -299,11 +300,11 @@ def thresholds_path(mode, thresholds, sparse_path):
 def setup_thresholds(blocks, options):
     """teal / cats: each layer's calibrated thresholds for exactly --mlp-keep. A kept fraction of
     1.0 needs no file: no threshold, the dense MLP's numbers."""
-    mode, blocks = options.mode, sparse_mlp_blocks(blocks)
-    if not blocks:
+    mode, mlps = options.mode, sparse_mlps(blocks)
+    if not mlps:
         return
     if float(options.mlp_keep) >= 1.0:
-        thresholds = {block.layer_index: None for block in blocks}
+        thresholds = {mlp.layer_index: None for mlp in mlps}
     elif isinstance(options.thresholds, dict):  # given in-process, e.g. by tests
         thresholds = options.thresholds
     else:
@@ -312,48 +313,48 @@ def setup_thresholds(blocks, options):
             raise SparseSetupError(f"sparse mode {mode} needs calibrated thresholds: --thresholds FILE, or "
                                    f"--sparse-path DIR holding thresholds_{mode}.json (sparse_predictor/calibrate.py)")
         try:
-            thresholds = read_thresholds(path, mode, options.mlp_keep, [block.layer_index for block in blocks],
-                                         blocks[0].config.hidden_size, blocks[0].mlp_width)
+            thresholds = read_thresholds(path, mode, options.mlp_keep, [mlp.layer_index for mlp in mlps],
+                                         blocks[0].config.hidden_size, mlps[0].width)
         except ThresholdsError as error:
             raise SparseSetupError(str(error)) from None
-    for block in blocks:
-        if block.layer_index not in thresholds:
-            raise SparseSetupError(f"sparse mode {mode}: no thresholds for layer {block.layer_index}")
-        block.mlp_thresholds = {**KEEP_ALL, **(thresholds[block.layer_index] or {})}
+    for mlp in mlps:
+        if mlp.layer_index not in thresholds:
+            raise SparseSetupError(f"sparse mode {mode}: no thresholds for layer {mlp.layer_index}")
+        mlp.thresholds = {**KEEP_ALL, **(thresholds[mlp.layer_index] or {})}
 
 
 def setup_cats(blocks, options):
-    for block in sparse_mlp_blocks(blocks):
-        if block.neuron_linears()[1] is None:
+    for mlp in sparse_mlps(blocks):
+        if mlp.neuron_linears()[1] is None:
             raise SparseSetupError(
-                f"sparse mode cats needs a gated MLP (Llama's gate and up); layer {block.layer_index} of this "
+                f"sparse mode cats needs a gated MLP (Llama's gate and up); layer {mlp.layer_index} of this "
                 "model has fc1/activation/fc2 (OPT) and no gate to threshold: use teal or wina")
     setup_thresholds(blocks, options)
 
 
 def setup_wina(blocks, options):
     """wina: the column norms each input is scored against, and K per input (no file needed)."""
-    for block in sparse_mlp_blocks(blocks):
-        first, second, output, _ = block.neuron_linears()
+    for mlp in sparse_mlps(blocks):
+        first, second, output, _ = mlp.neuron_linears()
         readers = [first.weight] if second is None else [first.weight, second.weight]
-        block.wina_norms = (column_norms(*readers), column_norms(output.weight))
-        block.wina_counts = (kept_count(options.mlp_keep, block.config.hidden_size, "--mlp-keep"),
-                             kept_count(options.mlp_keep, block.mlp_width, "--mlp-keep"))
+        mlp.wina_norms = (column_norms(*readers), column_norms(output.weight))
+        mlp.wina_counts = (kept_count(options.mlp_keep, first.in_features, "--mlp-keep"),
+                           kept_count(options.mlp_keep, mlp.width, "--mlp-keep"))
 
 
 @dataclass(frozen=True)
 class SparseMode:
-    mlp: Callable  # (block, h) -> (output, kept): the MLP of a layer whose MLP is sparse
+    mlp: Callable  # (SparseMLP, h) -> (output, kept): the MLP of a layer whose MLP is sparse
     setup: Optional[Callable] = None  # (sparse blocks, options), once per stage
-    fused: bool = False  # may run through the C decoder layer when heads are dense
+    layer_kernel: bool = False  # the cpu backend may run the layer in C when its heads are dense
     mlp_only: bool = False  # a training-free baseline: attention dense, --mlp-keep a fraction, required
     calibrated: bool = False  # reads a thresholds file (sparse_predictor/calibrate.py)
 
 
 MODES = {
-    "predicted": SparseMode(predicted_mlp, setup_predicted, fused=True),
+    "predicted": SparseMode(predicted_mlp, setup_predicted, layer_kernel=True),
     "oracle": SparseMode(oracle_mlp),
-    "dense": SparseMode(dense_mlp, fused=True),
+    "dense": SparseMode(dense_mlp, layer_kernel=True),
     "teal": SparseMode(teal_mlp, setup_thresholds, mlp_only=True, calibrated=True),
     "cats": SparseMode(cats_mlp, setup_cats, mlp_only=True, calibrated=True),
     "wina": SparseMode(wina_mlp, setup_wina, mlp_only=True),
@@ -467,32 +468,25 @@ def configure_sparse(blocks, mode, sparse_path=None, mlp_keep=None, att_keep=Non
     check_mode_flags(mode, mlp_keep, att_keep, sparse_mlp)
     options = SetupOptions(mode, mlp_keep, sparse_path, thresholds, dict(predictors or {}), predictor_dtype,
                            use_gather, sparse_mlp, sparse_attention)
-    sparse_blocks = []
-    for position, block in enumerate(blocks):
-        # Plain attributes, not submodules: the predictors and the neighbour are not weights of
-        # this block (and a registered submodule would hide behind the class defaults).
-        object.__setattr__(block, "previous_block", blocks[position - 1] if position > 0 else None)
-        block.mlp_width = block.config.intermediate_size if hasattr(block.config, "intermediate_size") \
-            else block.config.ffn_dim
-        block.use_gather = use_gather
-        block.__dict__["sparse_stats"] = stats
+    sparse_blocks, previous = [], None
+    for block in blocks:
+        taps = SparseTaps(block, previous, stats)
+        block.taps, previous = taps, taps
+        mlp = block.mlp = SparseMLP(dense_mlp_of(block), taps)
+        mlp.use_gather = use_gather
         if layers is not None and block.layer_index not in layers:
-            block.sparse_mode = block.mlp_mode = "dense"
-            continue
-        block.sparse_mode = mode
-        block.mlp_mode = mode if sparse_mlp else "dense"
-        for flag, keep, width in (("--mlp-keep", mlp_keep, block.mlp_width),
-                                  ("--att-keep", att_keep, block.config.num_attention_heads)):
+            continue  # a dense layer: its taps still keep the look-ahead input
+        taps.mode = mode
+        mlp.mode = mode if sparse_mlp else "dense"
+        for flag, keep, width in (("--mlp-keep", mlp_keep, mlp.width),
+                                  ("--att-keep", att_keep, taps.num_heads)):
             try:
                 if keep is not None:
                     kept_count(keep, width, flag)  # a count above the width is refused here, not per token
             except KeepError as error:
                 raise SparseSetupError(f"layer {block.layer_index}: {error}") from None
-        block.mlp_keep = mlp_keep if sparse_mlp else None
-        block.att_keep = att_keep if sparse_attention else None
-        if mode == "oracle":
-            block.mlp_keep = mlp_keep if sparse_mlp else 1.0
-            block.att_keep = att_keep if sparse_attention else None
+        mlp.keep = mlp_keep if sparse_mlp else None
+        taps.att_keep = att_keep if sparse_attention else None
         sparse_blocks.append(block)
     setup = MODES[mode].setup
     if setup is not None:
@@ -503,16 +497,26 @@ def configure_sparse(blocks, mode, sparse_path=None, mlp_keep=None, att_keep=Non
     return blocks
 
 
+def dense_mlp_of(block):
+    """The block's own (dense) MLP, also where an earlier configure_sparse put a SparseMLP over it."""
+    mlp = block.mlp
+    dense = mlp.dense if isinstance(mlp, SparseMLP) else mlp
+    if not isinstance(dense, DenseMLP):
+        raise SparseSetupError(f"layer {block.layer_index}: block.mlp is a {type(dense).__name__}, not a dense MLP")
+    return dense
+
+
 def describe_cost(stats, block):
     """Tell `stats` what the block's MLP runs, for its bytes figure."""
-    predictor = block.mlp_predictor if block.mlp_mode == "predicted" else None
+    mlp = block.mlp
+    predictor = mlp.predictor if mlp.mode == "predicted" else None
     rank = predictor_bytes = None
     if predictor is not None:
         linears = [module for module in predictor.modules() if isinstance(module, nn.Linear)]
         rank = linears[0].out_features if linears else None
         predictor_bytes = 2 if predictor.__dict__.get("kernel_half") else next(predictor.parameters()).element_size()
-    family = "llama" if block.neuron_linears()[1] is not None else "opt"
-    stats.describe(block.layer_index, block.mlp_mode, family, block.config.hidden_size, block.mlp_width,
+    family = "llama" if mlp.neuron_linears()[1] is not None else "opt"
+    stats.describe(block.layer_index, mlp.mode, family, block.config.hidden_size, mlp.width,
                    next(block.parameters()).element_size(), rank, predictor_bytes)
 
 

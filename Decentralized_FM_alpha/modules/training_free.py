@@ -1,6 +1,6 @@
 """Selection maths of the training-free sparse MLPs (TEAL, CATS, WINA) and their calibration.
 
-Pure functions on tensors; SparseBlockMixin (sparse_execution.py) composes them into the sparse
+Pure functions on tensors; the MLPs of MODES (sparse_execution.py) compose them into the sparse
 MLP of each mode, and sparse_predictor.calibration runs the calibration on an activation dump.
 Nothing here reads files or knows about blocks.
 

@@ -100,8 +100,11 @@ class DistInferenceMaskTokenPipeSync:
         self.micro_batch_size = max(1, int(micro_batch_size))
         self.sampler = TokenSampler(seed) if self.is_last else None
         self.profiler = profiler or Profiler(False, stage, device)
-        # how the blocks run (modules/decode); its stages are kept for later batches
-        self.stage_pool = StagePool(choose_backend(decode_backend, self.device), self.blocks, self.device)
+        # how the blocks run (modules/decode): it prepares this stage's parts; its stages are kept
+        # for later batches
+        backend = choose_backend(decode_backend, self.device)
+        backend.prepare(embeddings, *self.blocks, head)
+        self.stage_pool = StagePool(backend, self.blocks, self.device)
         if self.is_first and embeddings is None:
             raise ValueError("stage 0 needs the embeddings")
         if self.is_last and head is None:

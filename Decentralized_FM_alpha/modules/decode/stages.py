@@ -1,6 +1,7 @@
 """A stage's blocks over their KV caches, as each decode backend runs them (see __init__.py).
 
-DynamicCacheStage (torch, cpu): the blocks' forward over KV caches that grow per token.
+DynamicCacheStage (torch, cpu): each block run by its backend (Backend.run_block: the cpu
+backend's C kernels where they apply, else the block's forward) over KV caches grown per token.
 StaticCacheStage (cuda): static caches (common.StaticKVCache) sized for prompt + new tokens.
 Its decoding step reads the token's position, cache slot and key mask from tensors
 (common.StaticDecodeState), never from Python numbers, so on CUDA the step is captured once
@@ -9,14 +10,12 @@ kernels from Python (about 16% of the memory bound at Llama-3.2-1B dims, batch 1
 same step runs eagerly, which is how tests compare it with the dynamic cache on the CPU.
 """
 
-import contextlib
 import logging
-from dataclasses import dataclass
 
 import torch
 
-from .. import cpu_kernels
 from ..common import StaticDecodeState, StaticKVCache, forget_step_caches
+from .cpu import kernels_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +25,10 @@ class BackendError(ValueError):
 
 
 class DynamicCacheStage:
-    """The blocks' forward, one KV cache per block grown per token (common.KVCache)."""
+    """The blocks, each run by `backend`, one KV cache per block grown per token (common.KVCache)."""
 
-    def __init__(self, blocks, kernels):
-        self.blocks, self.kernels = list(blocks), kernels
+    def __init__(self, blocks, backend):
+        self.blocks, self.backend = list(blocks), backend
         self.caches = [None] * len(self.blocks)
 
     @property
@@ -38,9 +37,10 @@ class DynamicCacheStage:
         return self.caches[0] if self.caches else None
 
     def _run(self, x, mask):
-        with kernels_enabled(self.kernels):
+        run_block = self.backend.run_block
+        with self.backend.running():
             for index, block in enumerate(self.blocks):
-                x, self.caches[index] = block(x, layer_past=self.caches[index], mask=mask)
+                x, self.caches[index] = run_block(block, x, self.caches[index], mask)
         return x
 
     def prefill(self, x, mask):
@@ -63,7 +63,7 @@ class StaticCacheStage:
         device = torch.device(device)
         self.state = StaticDecodeState(batch, capacity, device)
         self.caches = [StaticKVCache(self.state) for _ in self.blocks]
-        counting = any(block.__dict__.get("sparse_stats") is not None for block in self.blocks)
+        counting = any(getattr(block.taps, "stats", None) is not None for block in self.blocks)
         if use_graph is None:
             use_graph = device.type == "cuda" and not counting
         if use_graph and counting:
@@ -131,10 +131,14 @@ class StaticCacheStage:
 
 def configuration_of(blocks):
     """What a captured step has baked in besides its buffers: each block's sparse settings and
-    predictors (a CUDA graph replays the K and the weights it was captured with)."""
-    return tuple((block.__dict__.get("sparse_mode"), block.__dict__.get("mlp_mode"), block.__dict__.get("mlp_keep"),
-                  block.__dict__.get("att_keep"), id(block.__dict__.get("mlp_predictor")),
-                  id(block.__dict__.get("att_predictor"))) for block in blocks)
+    predictors (a CUDA graph replays the K and the weights it was captured with): what the
+    configuration() of its taps and MLP report (sparse execution), else None."""
+    parts = []
+    for block in blocks:
+        for part in (block.taps, block.mlp):
+            describe = getattr(part, "configuration", None)
+            parts.append(None if describe is None else describe())
+    return tuple(parts)
 
 
 class StagePool:
@@ -152,7 +156,7 @@ class StagePool:
     def stage(self, batch, capacity, slot=0):
         """A stage for `batch` rows and `capacity` positions; stages in use at once (the
         micro-batches of one batch) take distinct slots."""
-        if self.backend.name != "cuda":
+        if not self.backend.static_cache:
             return self.backend.new_stage(self.blocks, batch, capacity, self.device)
         capacity = -(-capacity // self.CAPACITY_STEP) * self.CAPACITY_STEP
         key = (slot, batch, capacity, configuration_of(self.blocks))
@@ -165,46 +169,3 @@ class StagePool:
         while len(self.stages) > self.size:
             self.stages.pop(next(iter(self.stages)))
         return stage
-
-
-@contextlib.contextmanager
-def kernels_enabled(enabled):
-    """The C decode kernels on or off for a block of calls (they read float32 CPU tensors only)."""
-    previous = cpu_kernels.ENABLED
-    cpu_kernels.ENABLED = enabled and previous
-    try:
-        yield
-    finally:
-        cpu_kernels.ENABLED = previous
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    description: str
-
-    def new_stage(self, blocks, batch, capacity, device):
-        """A stage object for one batch of `batch` rows and at most `capacity` positions."""
-        if self.name == "cuda":
-            return StaticCacheStage(blocks, batch, capacity, device)
-        return DynamicCacheStage(blocks, kernels=self.name == "cpu")
-
-
-BACKENDS = {
-    "torch": Backend("torch", "the model files' torch ops over a growing KV cache (the reference)"),
-    "cpu": Backend("cpu", "torch ops with the C decode kernels (float32 batch-1 decoding on the CPU)"),
-    "cuda": Backend("cuda", "a static KV cache, each decoding step one CUDA graph replay (eager off CUDA)"),
-}
-BACKEND_CHOICES = ("auto", *BACKENDS)
-
-
-def choose_backend(name, device):
-    """The Backend for --decode-backend `name` on `device`: auto is cuda on a CUDA device, else cpu."""
-    device = torch.device(device)
-    if name in (None, "auto"):
-        name = "cuda" if device.type == "cuda" else "cpu"
-    if name not in BACKENDS:
-        raise BackendError(f"--decode-backend {name!r}: known backends are {', '.join(BACKEND_CHOICES)}")
-    if name == "cpu" and device.type != "cpu":
-        raise BackendError(f"--decode-backend cpu runs on the CPU, not on {device}")
-    return BACKENDS[name]

@@ -1,5 +1,5 @@
 """Single-row products for decoding: the gathered (sparse) MLP that reads only the kept
-neurons' weights, DejaVu's predicted MLP in one call, and DecodeLinear, the dense Linear whose
+neurons' weights, DejaVu's predicted MLP in one call, and CpuLinear, the dense Linear whose
 one-row products stream the whole weight through the same kernel.
 
 gathered_mlp(h, neurons, first, second, output, act)     the MLP on the kept neurons (one pass)
@@ -8,11 +8,11 @@ predicted_call(predictor, first, second, output, act)    that kernel call prepar
 store_predictor_half(predictor)                          run a predictor with float16 weights
 dense_mlp(h, first, second, output, act)                 the dense MLP of one token in one call
 pack_mlp_neurons(first, second, output)                  one neuron's weights side by side in memory
-DecodeLinear / linear_forward(linear, x)                 a dense Linear; one input row goes through the kernel
+CpuLinear / linear_forward(linear, x)                    a dense Linear; one input row goes through the kernel
 cached_view(owner, name, sources, slots, build)          a kernel's view of weights, checked every call
 
 `first`, `second`, `output` are Llama's gate, up, down (SiLU-gated) or OPT's fc1, None, fc2
-(ReLU). On CPU in float32 without autograd these run the C kernels of cpu_kernels.py, which
+(ReLU). On CPU in float32 without autograd these run the C kernels of ../cpu_kernels.py, which
 read the kept rows in place (nothing is materialised) and apply biases and the activation on
 the fly. Rows may be strided, so the interleaved views pack_mlp_neurons leaves are read as
 they lie; an unpacked down/fc2 is read through a transposed copy made once per weight version
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
+from .. import cpu_kernels
 from .huge_pages import huge_page_buffer
 
 _ACT_NONE = 0  # decode_kernels.c: no activation
@@ -217,7 +217,7 @@ def _predictor_layers(predictor):
     if len(layers) != 2:
         return None
     first, second = layers.values()
-    if type(first) not in (nn.Linear, DecodeLinear) or type(second) not in (nn.Linear, DecodeLinear):
+    if type(first) not in (nn.Linear, CpuLinear) or type(second) not in (nn.Linear, CpuLinear):
         return None
     return first, second
 
@@ -308,7 +308,7 @@ def predicted_gathered_mlp(h, x_pred, predictor, k, first, second, output, act_f
     scores the I neurons from x_pred, the k best are kept (as topk + sort would; ties go to
     the lowest index), and gathered_mlp runs on them. h, x_pred [B, 1, d] -> [B, 1, d], or None
     where the kernel does not apply (the caller then runs the same steps in torch ops).
-    Decoding runs the same kernel inside the decoder layer's call (SparseBlockMixin)."""
+    Decoding runs the same kernel inside the decoder layer's call (cpu.py)."""
     lib = cpu_kernels.kernel_library()
     call = predicted_call(predictor, first, second, output, act_fn) if lib is not None else None
     if call is None or not 1 <= k <= call.rows:
@@ -368,16 +368,6 @@ def pack_mlp_neurons(first, second, output):
     return True
 
 
-def kernel_readable(tensors):
-    """Whether the decoder-layer kernels can read these (None, or contiguous float32 on CPU)."""
-    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
-               for t in tensors)
-
-
-def addresses(tensors):
-    return [None if t is None else t.data_ptr() for t in tensors]
-
-
 def linear_forward(linear, x):
     """linear(x); a single input row (decoding at batch 1) goes through the streaming kernel."""
     if x.numel() == linear.in_features and x.dim() > 0 and x.dtype == torch.float32 and x.device.type == "cpu":
@@ -393,8 +383,9 @@ def linear_forward(linear, x):
     return F.linear(x, linear.weight, linear.bias)
 
 
-class DecodeLinear(nn.Linear):
-    """nn.Linear (same parameters and state-dict keys) whose one-row products use the kernel."""
+class CpuLinear(nn.Linear):
+    """nn.Linear (same parameters and state-dict keys) whose one-row products use the kernel. The
+    cpu backend gives the nn.Linears of the modules it runs this class (cpu.prepare_modules)."""
 
     def forward(self, x):
         return linear_forward(self, x)
