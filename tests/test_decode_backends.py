@@ -82,8 +82,8 @@ SPARSE_CASES = {
     "predicted biased": (dict(mlp_keep=0.25, sparse_attention=False), dict(biased=True), "half"),
     "predicted heads prev": (dict(mlp_keep=0.25, att_keep=0.5), dict(prev_layers=(1, 2)), None),
     "predicted layers 1-": (dict(mlp_keep=2, layers={1, 2}, sparse_attention=False), {}, "predicted"),
-    "teal": (dict(mlp_keep=0.5, thresholds=TEAL), None, None),
-    "cats": (dict(mlp_keep=0.5, thresholds=CATS), None, None),
+    "teal": (dict(mlp_keep=0.5, thresholds=TEAL), None, "half"),
+    "cats": (dict(mlp_keep=0.5, thresholds=CATS), None, "half"),
     "wina": (dict(mlp_keep=0.5), None, None),
 }
 

@@ -66,6 +66,14 @@ class PredictorWeights(ctypes.Structure):
     _fields_ = [("p1", _pointer), ("p2", _pointer)] + [(name, _size) for name in ("rank", "d", "rows", "half")]
 
 
+class TealWeights(ctypes.Structure):
+    """Mirror of decode_kernels.c's teal_weights: TEAL's MLP with gate and up (fc1) read by input
+    column (rows of in_t, up's at + up_offset; 0: none) and down (fc2) by neuron (rows of down_t)."""
+
+    _fields_ = [(name, _pointer) for name in ("in_t", "gate_bias", "up_bias", "down_t", "down_bias")] + [
+        (name, _size) for name in ("ld_in", "up_offset", "ld_down", "d", "inner")]
+
+
 _SIGNATURES = {
     # A, lda, B, ldb, bias_a, bias_b, idx, K, rows, d, h, out_a, act
     "dejavu_gathered_dots": [_P, _N, _P, _N, _P, _P, _P, _N, _N, _N, _P, _P, _N],
@@ -84,6 +92,10 @@ _SIGNATURES = {
                                             _P, _P, _float],
     # layer, x, x_out, k_cache, v_cache, head_stride, t, key_valid, scale
     "dejavu_opt_decode_layer": [ctypes.POINTER(OptLayer), _P, _P, _P, _P, _N, _N, _P, _float],
+    # weights, threshold, h, out, kept [1]
+    "dejavu_cats_mlp": [ctypes.POINTER(MlpWeights), _float, _P, _P, _P],
+    # weights, t_in, t_down, h, out, kept [2]
+    "dejavu_teal_mlp": [ctypes.POINTER(TealWeights), _float, _float, _P, _P, _P],
     # threads (the caller included)
     "dejavu_set_threads": [_N],
     "dejavu_get_threads": [],

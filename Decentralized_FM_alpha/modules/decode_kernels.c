@@ -823,3 +823,111 @@ int dejavu_llama_predicted_decode_layer(const llama_layer* L, const mlp_weights*
   free(xn);
   return status;
 }
+
+/* ------------------------------------------------------------------------------------------
+   The training-free sparse MLPs of one token (sparse_execution's teal and cats modes).
+
+   CATS (Llama): gate is read in full and a_i = silu(gate_i . h + b_i); neuron i is dropped where
+   |a_i| <= threshold; only the kept neurons' up rows and down columns (rows of T) are read:
+     out = down_bias + sum_{kept i} a_i * (up_i . h + up_bias_i) * T_i.
+   W is the MLP as the gathered kernels read it (packed: a neuron's gate, up and down one run).
+   kept[0]: how many neurons were kept. */
+int dejavu_cats_mlp(const mlp_weights* W, float threshold, const float* h, float* out, int64_t* kept) {
+  int64_t inner = W->rows, d = W->d, K = 0;
+  if (!W->B) return 1;
+  float* gate = malloc(sizeof(float) * (size_t)(3 * inner));
+  int64_t* idx = malloc(sizeof(int64_t) * (size_t)(inner + 1));
+  if (!gate || !idx) { free(gate); free(idx); return 2; }
+  float *acts = gate + inner, *ups = acts + inner;
+  dots_job all = {W->A, 0, W->a_bias, 0, h, 0, gate, W->lda, 0, d, ACT_NONE};
+  parallel_for(inner, 4, d, dots_range, &all);
+  for (int64_t i = 0; i < inner; i++) {
+    float a = activate(ACT_SILU_GLU, gate[i], 1.f);
+    if (fabsf(a) > threshold) { idx[K] = i; acts[K] = a; K++; }
+  }
+  dots_job chosen = {W->B, 0, W->b_bias, 0, h, idx, ups, W->ldb, 0, d, ACT_NONE};
+  parallel_for(K, 4, d, dots_range, &chosen);
+  for (int64_t k = 0; k < K; k++) acts[k] *= ups[k];
+  gathered_job sums = {W, idx, h, 0, acts, out, K};
+  parallel_for(d, 16, K, sums_range, &sums);
+  kept[0] = K;
+  free(gate);
+  free(idx);
+  return 0;
+}
+
+/* TEAL: an entry j of h with |h_j| <= t_in is dropped, so only the kept entries' columns of gate
+   and up (fc1) are read: one row of in_t each, [d rows of ld_in floats]: gate's column j at
+   in_t + j * ld_in, up's at + up_offset (up_offset 0: no up, OPT's ReLU MLP). Then
+   act_i = silu(g_i) * u_i (relu(g_i)), and neuron i with |act_i| <= t_down is dropped from
+   down: out = down_bias + sum_{kept i} act_i * down_t_i, down_t [inner rows of ld_down].
+   kept[0], kept[1]: how many inputs and neurons were kept. */
+typedef struct {
+  const float* in_t;
+  const float *gate_bias, *up_bias;
+  const float* down_t;
+  const float* down_bias;
+  int64_t ld_in, up_offset, ld_down, d, inner;
+} teal_weights;
+
+typedef struct {
+  const teal_weights* W;
+  const int64_t* inputs;
+  const float* h;
+  float *gate, *up;
+  int64_t count;
+} columns_job;
+
+/* g[i], u[i] for i in [begin, end): the bias, plus h_j times the kept inputs' columns, four
+   columns at a time. */
+static void columns_range(void* job, int64_t begin, int64_t end) {
+  const columns_job* J = job;
+  const teal_weights* W = J->W;
+  for (int part = 0; part < (W->up_offset ? 2 : 1); part++) {
+    const float* bias = part ? W->up_bias : W->gate_bias;
+    float* acc = part ? J->up : J->gate;
+    const float* base = W->in_t + (part ? W->up_offset : 0);
+    for (int64_t i = begin; i < end; i++) acc[i] = bias ? bias[i] : 0.f;
+    int64_t k = 0, i;
+    for (; k + 4 <= J->count; k += 4) {
+      const int64_t* j = J->inputs + k;
+      const float *c0 = base + j[0] * W->ld_in, *c1 = base + j[1] * W->ld_in, *c2 = base + j[2] * W->ld_in,
+                  *c3 = base + j[3] * W->ld_in;
+      v8 w0 = splat(J->h[j[0]]), w1 = splat(J->h[j[1]]), w2 = splat(J->h[j[2]]), w3 = splat(J->h[j[3]]);
+      for (i = begin; i + 8 <= end; i += 8)
+        st(acc + i, ld(acc + i) + w0 * ld(c0 + i) + w1 * ld(c1 + i) + w2 * ld(c2 + i) + w3 * ld(c3 + i));
+      for (; i < end; i++) acc[i] += w0[0] * c0[i] + w1[0] * c1[i] + w2[0] * c2[i] + w3[0] * c3[i];
+    }
+    for (; k < J->count; k++) {
+      const float* c = base + J->inputs[k] * W->ld_in;
+      v8 w = splat(J->h[J->inputs[k]]);
+      for (i = begin; i + 8 <= end; i += 8) st(acc + i, ld(acc + i) + w * ld(c + i));
+      for (; i < end; i++) acc[i] += w[0] * c[i];
+    }
+  }
+}
+
+int dejavu_teal_mlp(const teal_weights* W, float t_in, float t_down, const float* h, float* out, int64_t* kept) {
+  int64_t d = W->d, inner = W->inner, inputs = 0, K = 0;
+  int64_t* idx = malloc(sizeof(int64_t) * (size_t)(d + inner + 1));
+  float* gate = malloc(sizeof(float) * (size_t)(2 * inner));
+  if (!idx || !gate) { free(idx); free(gate); return 2; }
+  int64_t* neurons = idx + d;
+  float* up = gate + inner;
+  for (int64_t j = 0; j < d; j++) if (fabsf(h[j]) > t_in) idx[inputs++] = j;
+  columns_job columns = {W, idx, h, gate, up, inputs};
+  parallel_for(inner, 16, (W->up_offset ? 2 : 1) * inputs, columns_range, &columns);
+  for (int64_t i = 0; i < inner; i++) {
+    float a = W->up_offset ? activate(ACT_SILU_GLU, gate[i], up[i]) : activate(ACT_RELU, gate[i], 0.f);
+    if (fabsf(a) > t_down) { neurons[K] = i; gate[K] = a; K++; }  /* gate[K <= i] is read already */
+  }
+  mlp_weights rows = {0};
+  rows.T = W->down_t; rows.ldt = W->ld_down; rows.bias = W->down_bias; rows.d = d; rows.rows = inner;
+  gathered_job sums = {&rows, neurons, h, 0, gate, out, K};
+  parallel_for(d, 16, K, sums_range, &sums);
+  kept[0] = inputs;
+  kept[1] = K;
+  free(idx);
+  free(gate);
+  return 0;
+}

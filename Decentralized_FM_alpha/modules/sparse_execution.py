@@ -36,7 +36,7 @@ from dejavu_common.helpers import KeepError, LayerSpecError, check_keep, keep_ar
 from dejavu_common.thresholds_format import ThresholdsError, read_thresholds, thresholds_file
 
 from .common import DenseMLP
-from .decode import cuda_sparse
+from .decode import cpu_training_free, cuda_sparse
 from .decode.sparse_gather import (gathered_mlp, linear_forward, pack_mlp_neurons, predicted_gathered_mlp,
                                    store_predictor_half)
 from .sparse_stats import SparseStats, StatsWriter, stats_path
@@ -218,8 +218,14 @@ def predicted_mlp(mlp, h):
 
 def teal_mlp(mlp, h):
     """TEAL: entries of h at or below t_in are zeroed before gate and up (fc1), entries of the
-    activation at or below t_down before down (fc2)."""
+    activation at or below t_down before down (fc2). One float32 CPU token in the C kernel, which
+    reads only the kept columns (decode/cpu_training_free.py); elsewhere masked in torch ops."""
     thresholds = mlp.thresholds
+    if mlp.use_gather and h.shape[:2] == (1, 1):
+        found = cpu_training_free.teal_mlp(h, *mlp.neuron_linears(), thresholds["t_in"], thresholds["t_down"])
+        if found is not None:
+            out, kept_in, kept_down = found
+            return out, {"in": kept_in / h.shape[-1], "down": kept_down / mlp.width}
     keep_in = magnitude_mask(h, thresholds["t_in"])
     act = mlp.activation(apply_mask(h, keep_in))
     keep_down = magnitude_mask(act, thresholds["t_down"])
@@ -228,7 +234,12 @@ def teal_mlp(mlp, h):
 
 def cats_mlp(mlp, h):
     """CATS: SiLU(gate(h)) computed densely; neurons whose |SiLU(gate)| is at or below t_gate are
-    dropped (masked here: their up and down are what a gathered kernel would not read)."""
+    dropped. One float32 CPU token in the C kernel, which reads the kept neurons' up and down only
+    (decode/cpu_training_free.py); elsewhere masked in torch ops."""
+    if mlp.use_gather and h.shape[:2] == (1, 1):
+        found = cpu_training_free.cats_mlp(h, *mlp.neuron_linears(), mlp.thresholds["t_gate"])
+        if found is not None:
+            return found[0], {"neurons": found[1] / mlp.width}
     gate, up, _, act_fn = mlp.neuron_linears()
     gated = act_fn(gate(h))
     keep = magnitude_mask(gated, mlp.thresholds["t_gate"])
@@ -246,6 +257,23 @@ def wina_mlp(mlp, h):
 
 
 # ---- set-up of each mode, once per stage: setup(sparse blocks, options) -----------------------------
+def lay_out(mlp, layout):
+    """Lay the MLP's weights out as the decoding kernels of a mode read them (same values, shapes
+    and state-dict keys; once per layout):
+      neurons  a kept neuron's gate, up and down weights as one run of memory (CPU:
+               pack_mlp_neurons; predicted, cats), or its down column as one row (CUDA);
+      teal     gate and up by input column, down by neuron (cpu_training_free.lay_out_teal)."""
+    if mlp.dense.__dict__.get("layout") == layout:
+        return
+    first, second, output, _ = mlp.neuron_linears()
+    if layout == "teal":
+        done = cpu_training_free.lay_out_teal(first, second, output)
+    else:
+        done = pack_mlp_neurons(first, second, output) or cuda_sparse.lay_out_for_gather(output)
+    mlp.dense.__dict__["layout"] = layout if done else None
+
+
+
 def sparse_mlps(blocks):
     return [block.mlp for block in blocks if block.mlp.mode != "dense"]
 
@@ -270,12 +298,8 @@ def setup_predicted(blocks, options):
                                        "float16's range; use --predictor-dtype float32")
             if kind == "mlp":
                 mlp.predictor, mlp.input_mode = module, input_mode
-                if options.use_gather and not mlp.dense.__dict__.get("packed"):
-                    # decoding reads a kept neuron's gate, up and down weights as one run of memory
-                    # (CPU), or its down column as one contiguous row (CUDA)
-                    first, second, output, _ = mlp.neuron_linears()
-                    mlp.dense.__dict__["packed"] = pack_mlp_neurons(first, second, output) or \
-                        cuda_sparse.lay_out_for_gather(output)
+                if options.use_gather:
+                    lay_out(mlp, "neurons")
                 continue
             if input_mode == "prev" and taps.previous is None:
                 raise SparseSetupError(
@@ -321,6 +345,8 @@ def setup_thresholds(blocks, options):
         if mlp.layer_index not in thresholds:
             raise SparseSetupError(f"sparse mode {mode}: no thresholds for layer {mlp.layer_index}")
         mlp.thresholds = {**KEEP_ALL, **(thresholds[mlp.layer_index] or {})}
+        if options.use_gather:
+            lay_out(mlp, "teal" if options.mode == "teal" else "neurons")
 
 
 def setup_cats(blocks, options):
@@ -355,8 +381,8 @@ MODES = {
     "predicted": SparseMode(predicted_mlp, setup_predicted, layer_kernel=True),
     "oracle": SparseMode(oracle_mlp),
     "dense": SparseMode(dense_mlp, layer_kernel=True),
-    "teal": SparseMode(teal_mlp, setup_thresholds, mlp_only=True, calibrated=True),
-    "cats": SparseMode(cats_mlp, setup_cats, mlp_only=True, calibrated=True),
+    "teal": SparseMode(teal_mlp, setup_thresholds, layer_kernel=True, mlp_only=True, calibrated=True),
+    "cats": SparseMode(cats_mlp, setup_cats, layer_kernel=True, mlp_only=True, calibrated=True),
     "wina": SparseMode(wina_mlp, setup_wina, mlp_only=True),
 }
 SPARSE_MODES = tuple(MODES)

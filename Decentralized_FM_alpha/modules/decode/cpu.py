@@ -169,16 +169,17 @@ def cpu_step(block, x, layer_past, mask):
 
 
 def sparse_step(lib, family, block, taps, mlp, x, layer_past, mask):
-    """cpu_step of a sparse block: only with every head kept, and an MLP the kernels run (dense, or
-    predicted at a fixed K with gathering on); the taps get what the torch path gives them."""
+    """cpu_step of a sparse block: only with every head kept, and an MLP the kernels run (dense,
+    predicted at a fixed K, teal or cats, with gathering on); the taps get what the torch path
+    gives them."""
     if taps.sparse_heads or not sparse_execution.MODES[mlp.mode].layer_kernel:
         return None
-    dense = mlp.mode == "dense"
-    k = None if dense else mlp.kept
-    if not dense and (not mlp.use_gather or k is None):
+    dense, predicting = mlp.mode == "dense", mlp.mode == "predicted"
+    k = mlp.kept if predicting else None
+    if not dense and not mlp.use_gather or predicting and k is None:
         return None  # the classifier's positives, or --no-gather: the masked MLP in torch ops
     view = cpu_views.layer_view(block, family.slots, family.build)
-    predicted = None if dense or view is None else view.predicted
+    predicted = view.predicted if predicting and view is not None else None
     if view is None or (dense and not view.has_mlp) or (
             not dense and predicted is None and family.attention_half is None):
         return None
@@ -190,7 +191,7 @@ def sparse_step(lib, family, block, taps, mlp, x, layer_past, mask):
         _check(family.layer(lib, block, view, step, mask), block)
     elif predicted is not None:
         _check(family.predicted_layer(lib, block, view, step, mask, k, mlp.input_mode != "same"), block)
-    else:  # a predictor the kernel cannot read: the attention half here, the MLP in torch ops
+    else:  # teal, cats, or a predictor the layer kernel cannot read: the attention half here, then the MLP
         h = torch.empty_like(step.x)
         _check(family.attention_half(lib, block, view, step, mask, h), block)
         taps.inputs["mlp_x"] = step.out

@@ -1,0 +1,124 @@
+"""TEAL's and CATS's MLP for one decoding token through the C kernels (dejavu_teal_mlp,
+dejavu_cats_mlp in decode_kernels.c): the cost each method really pays, measured, not only
+counted (sparse_cost.py counts it).
+
+  cats  gate read in full, then only the kept neurons' up rows and down columns: the packed
+        layout of the gathered kernels (pack_mlp_neurons: a neuron's gate, up and down side by
+        side) serves it as it is.
+  teal  h's kept entries read their columns of gate and up, and the kept activations their
+        columns of down: lay_out_teal stores gate and up transposed, side by side per input
+        ([d, 2, I]: input j's columns of both are one run), and down transposed ([I, d]), so
+        every column read is contiguous memory.
+
+The layouts re-point the Linears' weights to strided views (same values, shapes and state-dict
+keys), so the torch ops of the prompt and of every other path read the same numbers. Each
+function returns None where the kernel does not apply (not one float32 CPU token, another
+layout, autograd, no compiler): the caller's torch ops then give the same numbers.
+"""
+
+import ctypes
+
+import torch
+from torch import nn
+
+from .. import cpu_kernels
+from .huge_pages import huge_page_buffer
+from .sparse_gather import _mlp_weights, is_relu, is_silu
+
+NO_THRESHOLD = -1.0  # |x| > -1 holds for every x: the kernel keeps everything, as None does in torch
+
+
+def _pointer(tensor):
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _threshold(value):
+    return NO_THRESHOLD if value is None else float(value)
+
+
+def _one_token(h, width):
+    """h [1, 1, width] as a contiguous float32 CPU tensor for the kernels, or None."""
+    if h.dtype != torch.float32 or not h.is_cpu or h.numel() != width or torch.is_grad_enabled() and h.requires_grad:
+        return None
+    return h.contiguous()
+
+
+def lay_out_teal(first, second, output):
+    """Store first (gate / fc1) and second (up; None for OPT) as transposed views of one [d, n, I]
+    buffer and output (down / fc2) as the transposed view of an [I, d] one. float32 CPU only;
+    returns whether it did (already laid out counts)."""
+    linears = [first] if second is None else [first, second]
+    weights = [linear.weight for linear in linears] + [output.weight]
+    if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
+        return False
+    if teal_view(first, second, output) is not None:
+        return True
+    inner, d = first.weight.shape
+    with torch.no_grad():
+        columns = huge_page_buffer(d * len(linears) * inner * 4).view(torch.float32).view(d, len(linears), inner)
+        for slot, linear in enumerate(linears):
+            columns[:, slot] = linear.weight.t()
+        rows = huge_page_buffer(inner * d * 4).view(torch.float32).view(inner, d)
+        rows.copy_(output.weight.t())
+        for slot, linear in enumerate(linears):
+            linear.weight = nn.Parameter(columns[:, slot].t(), requires_grad=linear.weight.requires_grad)
+        output.weight = nn.Parameter(rows.t(), requires_grad=output.weight.requires_grad)
+    return True
+
+
+def teal_view(first, second, output):
+    """The TealWeights of an MLP in lay_out_teal's layout (kept on `first` while its weights are
+    the same tensors), or None where it is not laid out so."""
+    weights = (first.weight, None if second is None else second.weight, output.weight)
+    cached = first.__dict__.get("_teal_view")
+    if cached is not None and all(a is b for a, b in zip(cached[0], weights)):
+        return cached[1]
+    gate_t, down_t = first.weight.t(), output.weight.t()
+    inner = first.weight.shape[0]
+    ld_in = gate_t.stride(0)
+    laid_out = gate_t.stride(1) == 1 and down_t.is_contiguous() and (
+        second is None or (second.weight.t().stride(1) == 1 and second.weight.t().stride(0) == ld_in
+                           and second.weight.data_ptr() - first.weight.data_ptr() == inner * 4))
+    if not laid_out:
+        return None
+    biases = [None if linear is None or linear.bias is None else linear.bias.detach().contiguous()
+              for linear in (first, second, output)]
+    view = cpu_kernels.TealWeights(in_t=gate_t.data_ptr(), gate_bias=_pointer(biases[0]), up_bias=_pointer(biases[1]),
+                       down_t=down_t.data_ptr(), down_bias=_pointer(biases[2]), ld_in=ld_in,
+                       up_offset=0 if second is None else inner, ld_down=down_t.stride(0),
+                       d=first.weight.shape[1], inner=inner)
+    first.__dict__["_teal_view"] = (weights, view, biases)
+    return view
+
+
+def teal_mlp(h, first, second, output, act_fn, t_in, t_down):
+    """(out [1, 1, d], inputs kept, neurons kept) of TEAL for one token, or None."""
+    lib = cpu_kernels.kernel_library()
+    if lib is None or not (is_silu(act_fn) if second is not None else is_relu(act_fn)):
+        return None
+    view = teal_view(first, second, output)
+    hs = _one_token(h, first.in_features) if view is not None else None
+    if hs is None:
+        return None
+    out, kept = torch.empty(1, 1, output.out_features), torch.zeros(2, dtype=torch.int64)
+    status = lib.dejavu_teal_mlp(ctypes.byref(view), _threshold(t_in), _threshold(t_down), hs.data_ptr(),
+                                 out.data_ptr(), kept.data_ptr())
+    if status:
+        raise RuntimeError(f"TEAL kernel refused its input (status {status})")
+    return out, int(kept[0]), int(kept[1])
+
+
+def cats_mlp(h, first, second, output, act_fn, t_gate):
+    """(out [1, 1, d], neurons kept) of CATS for one token, or None."""
+    lib = cpu_kernels.kernel_library()
+    if lib is None or second is None or not is_silu(act_fn):
+        return None
+    found = _mlp_weights(first, second, output, act_fn)[0]
+    hs = _one_token(h, first.in_features) if found is not None else None
+    if hs is None:
+        return None
+    out, kept = torch.empty(1, 1, output.out_features), torch.zeros(1, dtype=torch.int64)
+    status = lib.dejavu_cats_mlp(found[1], _threshold(t_gate), hs.data_ptr(), out.data_ptr(), kept.data_ptr())
+    if status:
+        raise RuntimeError(f"CATS kernel refused its input (status {status})")
+    return out, int(kept[0])

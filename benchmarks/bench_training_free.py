@@ -1,0 +1,199 @@
+"""Decode time of every sparse MLP method on SmolLM2, beside the kept fraction it reached and the
+MLP bytes it read: the measured cost of oracle-free selection, per method and kept fraction.
+
+    .venv/bin/python benchmarks/bench_training_free.py [--quick] [--threads 1] [--json PATH]
+
+SmolLM2-135M-Instruct (the embedded model), float32, CPU, batch 1, the cpu decode backend (C
+kernels). One process, one model:
+  1. calibration: the MLP input of every layer over --calibration-tokens tokens of the offline
+     corpus's training passages; TEAL's and CATS's thresholds for each kept fraction from them
+     (sparse_predictor.calibration, as calibrate.py computes them from a dump);
+  2. decoding: a validation passage as the prompt (--prompt-tokens), then --new-tokens greedy
+     tokens, for dense and for each method at each kept fraction: tok/s = N / (t(1 + N) - t(1)),
+     the median of --repeats; a second run with --sparse-stats's counting gives the kept fraction
+     reached on those tokens and the MLP bytes per token relative to dense (sparse_cost.py).
+Methods: teal and cats through their C kernels (decode/cpu_training_free.py), wina as masks in
+torch ops (no kernel: it reads everything), predicted with random predictors at upstream's share
+of the MLP's bytes (speed only: what it keeps means nothing here). The kept fractions and the
+bytes are those of these tokens; the speeds, of this machine in this run.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+from support import DEFAULT_CHECKPOINT, ensure_checkpoint, format_table, result_path, write_json
+
+KEEPS = (0.5, 0.25, 0.1)
+METHODS = ("teal", "cats", "wina", "predicted")
+UPSTREAM_SHARE = 1000 * (12288 + 4 * 12288) / (2 * 12288 * 4 * 12288)  # DejaVu's OPT-175B predictor
+
+
+def corpus_tokens(tokenizer, split, count):
+    """The first `count` tokens of the offline corpus's passages of `split`, one passage after another."""
+    from dejavu_llama.task_datasets.offline_text import offline_documents
+
+    ids = []
+    for passage in offline_documents(split):
+        ids += tokenizer(passage.text)["input_ids"]
+        if len(ids) >= count:
+            break
+    if len(ids) < count:
+        sys.exit(f"the offline corpus gave {len(ids)} {split} tokens, {count} wanted (scripts/setup.sh installs it)")
+    return ids[:count]
+
+
+def mlp_inputs(model, token_ids, chunk=256):
+    """{layer: [tokens, d]}: each layer's MLP input over the tokens (a pre-hook on block.mlp, the
+    module sparse execution installs: a dense block runs its MLP in two halves, not as a call)."""
+    from dejavu_llama.modules.sparse_execution import configure_sparse
+
+    configure_sparse(list(model.blocks), "dense")
+    captured, hooks = {}, []
+    for block in model.blocks:
+        def record(module, args, layer=block.layer_index):
+            captured.setdefault(layer, []).append(args[0].reshape(-1, args[0].shape[-1]).clone())
+        hooks.append(block.mlp.register_forward_pre_hook(record))
+    try:
+        for start in range(0, len(token_ids), chunk):
+            model(torch.tensor([token_ids[start:start + chunk]]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {layer: torch.cat(parts) for layer, parts in captured.items()}
+
+
+def calibrated_thresholds(model, inputs, keeps):
+    """{method: {keep: {layer: thresholds}}} for teal and cats."""
+    from sparse_predictor.calibration import calibrate_cats, calibrate_teal
+
+    found = {"teal": {keep: {} for keep in keeps}, "cats": {keep: {} for keep in keeps}}
+    with torch.inference_mode():
+        for block in model.blocks:
+            h = inputs[block.layer_index]
+            for method, calibrate in (("teal", calibrate_teal), ("cats", calibrate_cats)):
+                for keep, entry in calibrate(block, h, list(keeps), 1024).items():
+                    found[method][keep][block.layer_index] = {k: v for k, v in entry.items() if k != "reached"}
+    return found
+
+
+def random_predictors(config, generator):
+    d, inner = config.hidden_size, config.intermediate_size
+    rank = max(8, round(UPSTREAM_SHARE * 3 * d * inner / (d + inner)))
+    predictors = {}
+    for layer in range(config.num_hidden_layers):
+        predictor = nn.Sequential(nn.Linear(d, rank, bias=False), nn.Linear(rank, inner, bias=False))
+        with torch.no_grad():
+            for linear in predictor:
+                linear.weight.normal_(0.0, linear.in_features ** -0.5, generator=generator)
+        predictors["mlp", layer] = (predictor.requires_grad_(False).eval(), "same")
+    return predictors, rank
+
+
+def mean_kept(summary):
+    """{input: kept fraction} averaged over the sparse layers of a --sparse-stats summary."""
+    values = {}
+    for entry in summary["layers"].values():
+        for name, value in (entry.get("kept") or {}).items():
+            values.setdefault(name, []).append(value)
+    return {name: sum(found) / len(found) for name, found in values.items()}
+
+
+def decode_rate(model, prompt, new_tokens, repeats):
+    def run(count):
+        return model.generate_greedy(prompt, count, backend="cpu")
+
+    def timed(count):
+        run(count)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run(count)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    return new_tokens / (timed(1 + new_tokens) - timed(1))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", default=os.environ.get("CHECKPOINT", DEFAULT_CHECKPOINT))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--calibration-tokens", type=int, default=4096)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="1024 calibration tokens, 16 new tokens, 2 repeats")
+    parser.add_argument("--json", default=result_path("training_free"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.calibration_tokens, args.new_tokens, args.repeats = 1024, 16, 2
+    torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    from dejavu_llama.modules import cpu_kernels
+    from dejavu_llama.modules.local_model import LocalModel
+    from dejavu_llama.modules.sparse_execution import configure_sparse
+    from dejavu_llama.modules.sparse_stats import SparseStats
+
+    cpu_kernels.set_num_threads(args.threads)
+    checkpoint = ensure_checkpoint(args.checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse", backend="cpu")
+    config = model.config
+    log = lambda message: print(message, flush=True)  # noqa: E731
+    started = time.perf_counter()
+    inputs = mlp_inputs(model, corpus_tokens(tokenizer, "train", args.calibration_tokens))
+    thresholds = calibrated_thresholds(model, inputs, KEEPS)
+    predictors, rank = random_predictors(config, torch.Generator().manual_seed(0))
+    log(f"calibrated on {args.calibration_tokens} tokens in {time.perf_counter() - started:.0f} s")
+    prompt = torch.tensor([corpus_tokens(tokenizer, "validation", args.prompt_tokens)])
+    case = (f"SmolLM2-135M, float32, batch 1, prompt {args.prompt_tokens}, {args.new_tokens} new, "
+            f"{args.threads} thread(s)")
+    blocks = list(model.blocks)
+
+    configure_sparse(blocks, "dense")
+    dense = decode_rate(model, prompt, args.new_tokens, args.repeats)
+    log(f"dense: {dense:.1f} tok/s")
+    rows = [dict(benchmark="training_free", case=case, measure="dense decode", value=dense, unit="tok/s")]
+    for method in METHODS:
+        for keep in KEEPS:
+            options = dict(mlp_keep=keep, sparse_attention=False)
+            if method in thresholds:
+                options["thresholds"] = thresholds[method][keep]
+            if method == "predicted":
+                options["predictors"] = predictors
+            configure_sparse(blocks, method, **options)
+            rate = decode_rate(model, prompt, args.new_tokens, args.repeats)
+            stats = SparseStats()
+            configure_sparse(blocks, method, stats=stats, **options)
+            model.generate_greedy(prompt, args.new_tokens, backend="cpu")
+            summary = stats.summary()
+            kept = mean_kept(summary)
+            reached = ", ".join(f"{name} {value:.3f}" for name, value in sorted(kept.items()))
+            note = f"kept reached ({summary.get('tokens')} tokens incl. the prompt): {reached}; MLP bytes " \
+                   f"{summary.get('bytes_relative', float('nan')):.3f} of dense"
+            if method == "predicted":
+                note += f"; random predictors, rank {rank}"
+            if method == "wina":
+                note += "; masks in torch ops (no kernel)"
+            log(f"{method} keep {keep}: {rate:.1f} tok/s ({rate / dense:.2f}x dense); {note}")
+            rows.append(dict(benchmark="training_free", case=case, measure=f"{method} decode, MLP keep {keep}",
+                             value=rate, unit="tok/s", baseline="dense decode", baseline_value=dense,
+                             ratio=rate / dense, note=note))
+    configure_sparse(blocks, "dense")
+    print(format_table(rows))
+    write_json({"benchmark": "training_free", "threads": args.threads, "torch": torch.__version__,
+                "machine": platform.processor() or platform.machine(), "predictor_rank": rank,
+                "calibration_tokens": args.calibration_tokens, "rows": rows}, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
