@@ -1,6 +1,7 @@
 """Run every benchmark in benchmarks/ (bench_*.py), print one table, write JSON.
 
     .venv/bin/python benchmarks/run_all.py [--quick] [--threads 1] [--only engine,sparse_mlp]
+    python benchmarks/run_all.py --device cuda        (the GPU benchmarks: bench_gpu.py)
 
 Each benchmark runs in its own process (its memory and thread settings do not leak into the
 next) with the same thread count, and writes its JSON into benchmarks/results/<name>.json;
@@ -30,6 +31,7 @@ from support import RESULTS, format_table, result_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ORDER = ["engine", "sparse_mlp", "memory"]  # the issue's order; others follow alphabetically
+GPU_BENCHMARKS = {"gpu"}  # run by --device cuda, and only by it
 # For a benchmark without --quick: smaller settings of the options it has.
 QUICK_FALLBACK = {"--new-tokens": "8", "--repeats": "2", "--prompt-tokens": "32"}
 
@@ -138,11 +140,13 @@ def main(argv=None):
                              "(default 1: see benchmarks/README.md)")
     parser.add_argument("--only", default="", help="comma-separated subset of the benchmark names")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per benchmark")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cpu: the CPU benchmarks; cuda: the GPU ones (%s)" % ", ".join(sorted(GPU_BENCHMARKS)))
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, not {args.threads}")
 
-    benchmarks = discover()
+    benchmarks = [(name, path) for name, path in discover() if (name in GPU_BENCHMARKS) == (args.device == "cuda")]
     if args.only:
         wanted = {name.strip() for name in args.only.split(",") if name.strip()}
         unknown = wanted - {name for name, _ in benchmarks}
