@@ -31,7 +31,9 @@ positions; a pass decodes one token through all of them, so the weights stream f
 instead of sitting in cache (SmolLM2: 30 layers, the model's own count; Llama-3.2-3B: 2 layers
 of 302 MB of MLP and 101 MB of attention weights). Each timed step decodes the same position
 again. The variants are interleaved round by round; every ratio is the median over rounds of
-(variant / baseline of the same round), so load on the machine hits both alike.
+(variant / baseline of the same round), so load on the machine hits both alike. --threads sets
+torch's threads and the C kernels'; with more than one, the variants that run torch ops are
+followed by an untimed 30 ms pause (TORCH_OP_KINDS: torch's OpenMP workers spin after them).
 
     .venv/bin/python benchmarks/bench_sparse_mlp.py [--quick] [--threads 1] [--json PATH]
 """
@@ -50,6 +52,13 @@ from support import format_table, result_path, write_json
 KEEPS = (0.5, 0.25, 0.1)
 TARGETS = {0.5: 0.6, 0.25: 0.35}  # sparse / dense at most
 CONTEXT = 128  # positions in each layer's KV cache
+# With several threads, torch's OpenMP workers spin after each parallel region (libgomp: about
+# 3 ms by default) on the core the C kernels' worker thread needs: a kernel variant timed right
+# after the torch-op variants below ran up to a third slower at 2 threads (keep 0.25 in the
+# layer: 0.48-0.51 of the dense MLP after them, 0.36-0.40 without them). Decoding runs no such
+# op between its layers, so those variants are followed by an untimed pause.
+TORCH_OP_KINDS = {"dense torch path", "torch ops", "predictor", "predictor reference"}
+OPENMP_SETTLE_S = 0.03
 # Upstream DejaVu's predictor on OPT-175B: D = 1000, d = 12288, I = 4d, an MLP of two matrices.
 UPSTREAM_SHARE = 1000 * (12288 + 4 * 12288) / (2 * 12288 * 4 * 12288)
 # name: hidden d, intermediate I, reference predictor width, layers in the stack, heads, kv heads, head dim
@@ -240,6 +249,8 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
                 run()
                 if round_index >= warmup:
                     times[key].append((time.perf_counter() - start) / layers)
+                if key[0] in TORCH_OP_KINDS and torch.get_num_threads() > 1:
+                    time.sleep(OPENMP_SETTLE_S)
     # The MLP in the layer, per round: the layer minus its attention half.
     attention = times[("layer attention", None)]
     in_layer = {key: [t - a for t, a in zip(samples, attention)] for key, samples in times.items()
