@@ -33,7 +33,8 @@ of 302 MB of MLP and 101 MB of attention weights). Each timed step decodes the s
 again. The variants are interleaved round by round; every ratio is the median over rounds of
 (variant / baseline of the same round), so load on the machine hits both alike. --threads sets
 torch's threads and the C kernels'; with more than one, the variants that run torch ops are
-followed by an untimed 30 ms pause (TORCH_OP_KINDS: torch's OpenMP workers spin after them).
+followed by an untimed pass of the attention halves (TORCH_OP_KINDS: torch's OpenMP workers
+spin after them, on the core the kernels' worker needs).
 
     .venv/bin/python benchmarks/bench_sparse_mlp.py [--quick] [--threads 1] [--json PATH]
 """
@@ -56,9 +57,9 @@ CONTEXT = 128  # positions in each layer's KV cache
 # 3 ms by default) on the core the C kernels' worker thread needs: a kernel variant timed right
 # after the torch-op variants below ran up to a third slower at 2 threads (keep 0.25 in the
 # layer: 0.48-0.51 of the dense MLP after them, 0.36-0.40 without them). Decoding runs no such
-# op between its layers, so those variants are followed by an untimed pause.
+# op between its layers, so those variants are followed by an untimed pass of the attention
+# halves (a pause instead would let the cores idle, and a pass after idling is slower too).
 TORCH_OP_KINDS = {"dense torch path", "torch ops", "predictor", "predictor reference"}
-OPENMP_SETTLE_S = 0.03
 # Upstream DejaVu's predictor on OPT-175B: D = 1000, d = 12288, I = 4d, an MLP of two matrices.
 UPSTREAM_SHARE = 1000 * (12288 + 4 * 12288) / (2 * 12288 * 4 * 12288)
 # name: hidden d, intermediate I, reference predictor width, layers in the stack, heads, kv heads, head dim
@@ -250,7 +251,7 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
                 if round_index >= warmup:
                     times[key].append((time.perf_counter() - start) / layers)
                 if key[0] in TORCH_OP_KINDS and torch.get_num_threads() > 1:
-                    time.sleep(OPENMP_SETTLE_S)
+                    layer_attention()  # untimed, while torch's OpenMP workers stop spinning
     # The MLP in the layer, per round: the layer minus its attention half.
     attention = times[("layer attention", None)]
     in_layer = {key: [t - a for t, a in zip(samples, attention)] for key, samples in times.items()
