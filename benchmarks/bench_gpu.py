@@ -11,7 +11,7 @@ built in memory: no hub, no checkpoint on disk. For each dims and batch, all in 
   - the memory bound: weight bytes read per token over the device's copy rate (bytes copied
     per second; as the project's GPU check defines it);
   - batch 1: DejaVu's predicted MLP at keep 0.5 / 0.25 / 0.1 against the dense engine, with
-    random predictors at upstream's share of the MLP's weights (PREDICTOR_SHARE);
+    random predictors at upstream's share of the MLP's weights (support.matched_rank);
   - (CUDA) one layer's MLP step by part, each part timed alone in CUDA-graph replays: the
     predictor, top-K, the sort, the two Triton gathers, against the dense MLP.
 Decode tok/s = rows x N / (time of 1 + N new tokens - time of 1), the median of --repeats.
@@ -19,19 +19,15 @@ Without CUDA it runs the same steps at tiny dims on the CPU: a check of the scri
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 
 import torch
-from torch import nn
 
-from support import RESULTS, format_table, write_json
+from support import RESULTS, format_table, matched_rank, random_predictors, write_json
 
-# Upstream's MLP predictor for OPT-175B (d 12288, 4d MLP, rank 1000) holds about 5% of its MLP's weights.
-PREDICTOR_SHARE = 0.05
 DIMS = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, head_dim=64),
@@ -134,21 +130,6 @@ def transformers_runner(hf_model, input_ids, **extra):
     return run
 
 
-def random_predictors(config, device, dtype, seed=0):
-    """{("mlp", layer): (predictor, "same")}: d -> D -> I with D at PREDICTOR_SHARE of the MLP."""
-    d, inner = config.hidden_size, config.intermediate_size
-    rank = max(8, round(PREDICTOR_SHARE * 3 * d * inner / (d + inner) / 8) * 8)
-    generator = torch.Generator().manual_seed(seed)
-    predictors = {}
-    for layer in range(config.num_hidden_layers):
-        predictor = nn.Sequential(nn.Linear(d, rank, bias=False), nn.Linear(rank, inner, bias=False))
-        with torch.no_grad():
-            for linear in predictor:
-                linear.weight.normal_(0.0, linear.in_features ** -0.5, generator=generator)
-        predictors["mlp", layer] = (predictor.to(device=device, dtype=dtype).requires_grad_(False), "same")
-    return predictors, rank
-
-
 def row(case, measure, value, unit="tok/s", **extra):
     return dict(benchmark="gpu", case=case, measure=measure, value=value, unit=unit, **extra)
 
@@ -217,7 +198,8 @@ def bench_sparse(config, dims, dense, args, device, dtype, log):
     dense_rate = decode_rate(engine_runner(dense, "cuda", device, dtype, prompt), 1, args.new_tokens, device,
                              args.repeats)
     sparse = random_engine_model(config, "llama-ml-att-sparse", device, dtype)
-    predictors, rank = random_predictors(config, device, dtype)
+    rank = matched_rank(config.hidden_size, config.intermediate_size, multiple=8)
+    predictors = random_predictors(config, rank, device=device, dtype=dtype)
     rows = []
     for keep in (0.5, 0.25, 0.1):
         configure_sparse(list(sparse.blocks), "predicted", predictors=predictors, mlp_keep=keep,
@@ -250,8 +232,8 @@ def bench_sparse_parts(config, dims, device, dtype, log, keeps=(0.5, 0.25, 0.1))
 
     gate, up, down = weight(inner, d), weight(inner, d), weight(d, inner)
     down_t = down.t().contiguous()
-    predictors, rank = random_predictors(config, device, dtype)
-    predictor = predictors["mlp", 0][0]
+    rank = matched_rank(d, inner, multiple=8)
+    predictor = random_predictors(config, rank, device=device, dtype=dtype)["mlp", 0][0]
     h = torch.randn(1, d, device=device, dtype=dtype, generator=generator)
 
     def time_us(fn):

@@ -26,13 +26,12 @@ import sys
 import time
 
 import torch
-from torch import nn
 
-from support import DEFAULT_CHECKPOINT, ensure_checkpoint, format_table, result_path, write_json
+from support import (DEFAULT_CHECKPOINT, ensure_checkpoint, format_table, matched_rank, random_predictors, result_path,
+                     write_json)
 
 KEEPS = (0.5, 0.25, 0.1)
 METHODS = ("teal", "cats", "wina", "predicted")
-UPSTREAM_SHARE = 1000 * (12288 + 4 * 12288) / (2 * 12288 * 4 * 12288)  # DejaVu's OPT-175B predictor
 
 
 def corpus_tokens(tokenizer, split, count):
@@ -81,19 +80,6 @@ def calibrated_thresholds(model, inputs, keeps):
                 for keep, entry in calibrate(block, h, list(keeps), 1024).items():
                     found[method][keep][block.layer_index] = {k: v for k, v in entry.items() if k != "reached"}
     return found
-
-
-def random_predictors(config, generator):
-    d, inner = config.hidden_size, config.intermediate_size
-    rank = max(8, round(UPSTREAM_SHARE * 3 * d * inner / (d + inner)))
-    predictors = {}
-    for layer in range(config.num_hidden_layers):
-        predictor = nn.Sequential(nn.Linear(d, rank, bias=False), nn.Linear(rank, inner, bias=False))
-        with torch.no_grad():
-            for linear in predictor:
-                linear.weight.normal_(0.0, linear.in_features ** -0.5, generator=generator)
-        predictors["mlp", layer] = (predictor.requires_grad_(False).eval(), "same")
-    return predictors, rank
 
 
 def mean_kept(summary):
@@ -151,7 +137,8 @@ def main(argv=None):
     started = time.perf_counter()
     inputs = mlp_inputs(model, corpus_tokens(tokenizer, "train", args.calibration_tokens))
     thresholds = calibrated_thresholds(model, inputs, KEEPS)
-    predictors, rank = random_predictors(config, torch.Generator().manual_seed(0))
+    rank = matched_rank(config.hidden_size, config.intermediate_size)
+    predictors = random_predictors(config, rank)
     log(f"calibrated on {args.calibration_tokens} tokens in {time.perf_counter() - started:.0f} s")
     prompt = torch.tensor([corpus_tokens(tokenizer, "validation", args.prompt_tokens)])
     case = (f"SmolLM2-135M, float32, batch 1, prompt {args.prompt_tokens}, {args.new_tokens} new, "

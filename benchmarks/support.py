@@ -39,6 +39,34 @@ def ensure_checkpoint(path, log=print):
     return path
 
 
+# Upstream DejaVu's MLP predictor on OPT-175B: rank 1000 for d = 12288 and an MLP of two d x 4d matrices.
+UPSTREAM_PREDICTOR_SHARE = 1000 * (12288 + 4 * 12288) / (2 * 12288 * 4 * 12288)
+
+
+def matched_rank(d, inner, multiple=1):
+    """The predictor rank whose weights (d x D + D x I) are upstream's share of a gated MLP's
+    three d x I matrices, rounded to a multiple of `multiple` (at least 8)."""
+    return max(8, round(UPSTREAM_PREDICTOR_SHARE * 3 * d * inner / (d + inner) / multiple) * multiple)
+
+
+def random_predictors(config, rank, seed=0, device=None, dtype=None):
+    """{("mlp", layer): (predictor, "same")} for every layer: Linear(d, rank) -> Linear(rank, I),
+    no biases, weights N(0, 1/fan_in). Speed only: what they keep means nothing."""
+    import torch
+    from torch import nn
+
+    d, inner = config.hidden_size, config.intermediate_size
+    generator = torch.Generator().manual_seed(seed)
+    predictors = {}
+    for layer in range(config.num_hidden_layers):
+        predictor = nn.Sequential(nn.Linear(d, rank, bias=False), nn.Linear(rank, inner, bias=False))
+        with torch.no_grad():
+            for linear in predictor:
+                linear.weight.normal_(0.0, linear.in_features ** -0.5, generator=generator)
+        predictors["mlp", layer] = (predictor.to(device=device, dtype=dtype).requires_grad_(False).eval(), "same")
+    return predictors
+
+
 def write_json(result, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as handle:
