@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import cpu_kernels
 from .huge_pages import huge_page_buffer
-from .sparse_gather import _mlp_weights, is_relu, is_silu
+from .sparse_gather import _autograd, _mlp_weights, is_relu, is_silu
 
 NO_THRESHOLD = -1.0  # |x| > -1 holds for every x: the kernel keeps everything, as None does in torch
 
@@ -36,9 +36,10 @@ def _threshold(value):
     return NO_THRESHOLD if value is None else float(value)
 
 
-def _one_token(h, width):
-    """h [1, 1, width] as a contiguous float32 CPU tensor for the kernels, or None."""
-    if h.dtype != torch.float32 or not h.is_cpu or h.numel() != width or torch.is_grad_enabled() and h.requires_grad:
+def _one_token(h, *linears):
+    """h [1, 1, d] as a contiguous float32 CPU tensor for the kernels, or None (another shape,
+    dtype or device, or autograd through h or the weights: the kernels keep no graph)."""
+    if h.dtype != torch.float32 or not h.is_cpu or h.numel() != linears[0].in_features or _autograd(h, *linears):
         return None
     return h.contiguous()
 
@@ -97,7 +98,7 @@ def teal_mlp(h, first, second, output, act_fn, t_in, t_down):
     if lib is None or not (is_silu(act_fn) if second is not None else is_relu(act_fn)):
         return None
     view = teal_view(first, second, output)
-    hs = _one_token(h, first.in_features) if view is not None else None
+    hs = _one_token(h, first, second, output) if view is not None else None
     if hs is None:
         return None
     out, kept = torch.empty(1, 1, output.out_features), torch.zeros(2, dtype=torch.int64)
@@ -114,7 +115,7 @@ def cats_mlp(h, first, second, output, act_fn, t_gate):
     if lib is None or second is None or not is_silu(act_fn):
         return None
     found = _mlp_weights(first, second, output, act_fn)[0]
-    hs = _one_token(h, first.in_features) if found is not None else None
+    hs = _one_token(h, first, second, output) if found is not None else None
     if hs is None:
         return None
     out, kept = torch.empty(1, 1, output.out_features), torch.zeros(1, dtype=torch.int64)

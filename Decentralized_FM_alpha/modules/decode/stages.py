@@ -76,11 +76,11 @@ class StaticCacheStage:
     def first_cache(self):
         return self.caches[0] if self.caches else None
 
-    def _run(self, x):
+    def _run(self, x, mask=None):
         forget_step_caches()  # values shared between layers are computed (and captured) afresh
         with kernels_enabled(False):
             for block, cache in zip(self.blocks, self.caches):
-                x, _ = block(x, layer_past=cache, mask=None)
+                x, _ = block(x, layer_past=cache, mask=mask)
         return x
 
     def reset(self):
@@ -92,10 +92,7 @@ class StaticCacheStage:
         """The prompt [B, S] in eager torch ops, written to the caches' first S slots."""
         if self.state.decoding:
             raise BackendError("a static-cache stage takes one prompt; reset() it for the next batch")
-        forget_step_caches()
-        with kernels_enabled(False):
-            for block, cache in zip(self.blocks, self.caches):
-                x, _ = block(x, layer_past=cache, mask=mask)
+        x = self._run(x, mask)
         self.state.prompt_done(mask, x.shape[1])
         return x
 
