@@ -134,6 +134,28 @@ def test_gathered_and_dense_mlp(split_everything, tmp_path, family, packed):
         close(fused, block.mlp.output(block.mlp.activation(one)))
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_gathered_mlp_sums_in_many_groups(split_everything, gated):
+    """A kept set large enough to be summed in the most partial outputs, and one small enough for
+    a single one (with a rest of neurons one by one): the same at every thread count, and equal
+    to the torch ops."""
+    torch.manual_seed(4)
+    d, width = 44, 1100  # d not a multiple of eight: the rows' tails too
+    gate, down = nn.Linear(d, width), nn.Linear(width, d)
+    up = nn.Linear(d, width) if gated else None
+    linears = (gate, up, down, nn.SiLU() if gated else nn.ReLU())
+    for module in (gate, up, down):
+        if module is not None:
+            module.requires_grad_(False)
+    assert pack_mlp_neurons(gate, up, down)
+    h = torch.randn(1, 1, d)
+    for k in (width - 1, 700, 31):
+        neurons = torch.randperm(width)[:k].sort().values[None]
+        with torch.no_grad():
+            fused = same_at_every_thread_count(lambda: gathered_mlp(h, neurons, *linears))
+            close(fused, torch_path(lambda: gathered_mlp(h, neurons, *linears)))
+
+
 @pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("half", [False, True])
 def test_predicted_mlp(split_everything, tmp_path, family, half):

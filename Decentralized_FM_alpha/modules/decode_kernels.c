@@ -667,13 +667,18 @@ static void tiled_gemv(const void* W, int64_t half, int64_t n, int64_t m, const 
 
 /* The MLP on the kept neurons i = idx[k] only:
      out = bias + residual + sum_k act_k * T[i],  act_k = activation of (A[i].h + a_bias[i], B[i].h + b_bias[i]).
-   With the packed layout (pack_mlp_neurons) a kept neuron's weights are one run of memory. On one
-   thread, one pass over the neurons, four at a time: eight (or four) rows stream at once, which
-   keeps more reads in flight than two, then their four output rows (about 5% faster than the
-   two passes below). On more, no two threads may
-   add into the same outputs: first the activations, the neurons split over the threads, then
-   the sums, the output columns split over them. Either way each output adds the same terms in the
-   same order, so the results are the same. */
+   With the packed layout (pack_mlp_neurons) a kept neuron's weights are one run of memory, so
+   the kernel walks the kept neurons in order, four at a time: eight (or four) rows of A and B
+   stream at once, then the four neurons' rows of T are added into the outputs. The neurons are
+   cut into groups (sum_groups: a number that depends on K only), each summed into its own
+   partial output, and out adds the partials in group order: the groups split over the threads
+   with no two adding into the same outputs, and every output adds the same terms in the same
+   order whatever the thread count. Splitting the output columns instead (each thread a pass
+   over every kept neuron's part of T) read short runs of each row and made two threads ~10%
+   slower than this at keep 0.5 on SmolLM2's MLP. */
+#define SUM_GROUPS 16  /* partial outputs of one call at most: more threads than this share groups */
+#define MIN_GROUP 32   /* neurons per group at least: a small K makes fewer */
+
 typedef struct {
   const mlp_weights* W;
   const int64_t* idx;
@@ -727,63 +732,96 @@ static void acts_range(void* job, int64_t begin, int64_t end) {
   }
 }
 
-/* out[j] += sum_k acts[k] * T[idx[k]][j] for k in [0, K) and j in [begin, end) (begin a multiple
-   of eight): each group of four neurons' output rows in turn, then any rest one by one. */
-static void add_rows(const mlp_weights* W, const int64_t* idx, const float* acts, int64_t K, float* out,
-                     int64_t begin, int64_t end) {
-  int64_t k = 0, j;
+/* out[j] += sum_k acts[k] * T[idx[k]][j] for k in [0, K) and j in [0, d): each group of four
+   neurons' output rows in turn, then any rest one by one. */
+static void add_rows(const mlp_weights* W, const int64_t* idx, const float* acts, int64_t K, float* out) {
+  int64_t k = 0, j, d = W->d;
   for (; k + 4 <= K; k += 4) {
     const int64_t* i = idx + k;
     const float *r0 = W->T + i[0] * W->ldt, *r1 = W->T + i[1] * W->ldt, *r2 = W->T + i[2] * W->ldt, *r3 = W->T + i[3] * W->ldt;
     v8 w0 = splat(acts[k]), w1 = splat(acts[k + 1]), w2 = splat(acts[k + 2]), w3 = splat(acts[k + 3]);
-    for (j = begin; j + 8 <= end; j += 8)
+    for (j = 0; j + 8 <= d; j += 8)
       st(out + j, ld(out + j) + w0 * ld(r0 + j) + w1 * ld(r1 + j) + w2 * ld(r2 + j) + w3 * ld(r3 + j));
-    for (; j < end; j++) out[j] += w0[0] * r0[j] + w1[0] * r1[j] + w2[0] * r2[j] + w3[0] * r3[j];
+    for (; j < d; j++) out[j] += w0[0] * r0[j] + w1[0] * r1[j] + w2[0] * r2[j] + w3[0] * r3[j];
   }
   for (; k < K; k++) {
     const float* r = W->T + idx[k] * W->ldt;
     v8 c = splat(acts[k]);
-    for (j = begin; j + 8 <= end; j += 8) st(out + j, ld(out + j) + c * ld(r + j));
-    for (; j < end; j++) out[j] += c[0] * r[j];
+    for (j = 0; j + 8 <= d; j += 8) st(out + j, ld(out + j) + c * ld(r + j));
+    for (; j < d; j++) out[j] += c[0] * r[j];
   }
 }
 
-static void init_out(const gathered_job* J, int64_t begin, int64_t end) {
-  const float *bias = J->W->bias, *residual = J->residual;
-  for (int64_t j = begin; j < end; j++) J->out[j] = (bias ? bias[j] : 0.f) + (residual ? residual[j] : 0.f);
+/* The groups K neurons are summed in (depends on K only), and group g's first neuron (a multiple of four). */
+static int64_t sum_groups(int64_t K) {
+  int64_t groups = K / MIN_GROUP;
+  return groups < 1 ? 1 : groups > SUM_GROUPS ? SUM_GROUPS : groups;
+}
+static inline int64_t group_start(int64_t g, int64_t groups, int64_t K) {
+  int64_t b = (K + 3) / 4 * g / groups * 4;
+  return b < K ? b : K;
 }
 
-/* Outputs [begin, end) (begin a multiple of eight), every neuron's activation known. */
-static void sums_range(void* job, int64_t begin, int64_t end) {
-  const gathered_job* J = job;
-  init_out(J, begin, end);
-  add_rows(J->W, J->idx, J->acts, J->K, J->out, begin, end);
+typedef struct {
+  const gathered_job* J;
+  float* partial;  /* [groups, d] */
+  int64_t groups;
+  int with_acts;   /* the activations are given in J->acts (else computed four at a time here) */
+} grouped_job;
+
+/* Partial outputs of groups [begin, end). */
+static void groups_range(void* job, int64_t begin, int64_t end) {
+  const grouped_job* G = job;
+  const gathered_job* J = G->J;
+  int64_t d = J->W->d;
+  for (int64_t g = begin; g < end; g++) {
+    float* part = G->partial + g * d;
+    memset(part, 0, sizeof(float) * (size_t)d);
+    int64_t first = group_start(g, G->groups, J->K), last = group_start(g + 1, G->groups, J->K);
+    if (G->with_acts) { add_rows(J->W, J->idx + first, J->acts + first, last - first, part); continue; }
+    for (int64_t k = first; k < last; k += 4) {
+      float four[4];
+      gathered_job one = *J;
+      one.idx = J->idx + k;
+      one.acts = four;
+      int64_t n = last - k < 4 ? last - k : 4;
+      acts_range(&one, 0, n);
+      add_rows(J->W, J->idx + k, four, n, part);
+    }
+  }
+}
+
+/* out[j] = bias + residual + the partials in group order, for j in [begin, end). */
+static void reduce_range(void* job, int64_t begin, int64_t end) {
+  const grouped_job* G = job;
+  const gathered_job* J = G->J;
+  const float *bias = J->W->bias, *residual = J->residual;
+  int64_t d = J->W->d;
+  for (int64_t j = begin; j < end; j++) {
+    float s = (bias ? bias[j] : 0.f) + (residual ? residual[j] : 0.f);
+    for (int64_t g = 0; g < G->groups; g++) s += G->partial[g * d + j];
+    J->out[j] = s;
+  }
+}
+
+/* out = bias + residual + sum over the kept neurons (acts given, or computed from h): 0, or 2
+   where memory ran out. */
+static int sum_kept_rows(const gathered_job* J, int with_acts) {
+  int64_t d = J->W->d, K = J->K, groups = sum_groups(K);
+  grouped_job G = {J, malloc(sizeof(float) * (size_t)(groups * d)), groups, with_acts};
+  if (!G.partial) return 2;
+  int64_t per_neuron = (with_acts ? 1 : J->W->B ? 3 : 2) * d;
+  parallel_for(groups, 1, (K + groups - 1) / groups * per_neuron, groups_range, &G);
+  parallel_for(d, 16, groups, reduce_range, &G);
+  free(G.partial);
+  return 0;
 }
 
 static int gathered_mlp(const mlp_weights* W, const int64_t* idx, int64_t K, const float* h, const float* residual,
                         float* out) {
   if (bad_index(idx, K, W->rows)) return 1;
-  /* The sums give each thread one range of columns: narrower ranges (each a pass over all the
-     kept rows, a few cache lines of each) made them about a tenth slower. */
-  int64_t d = W->d, columns = ((d + pool.threads - 1) / pool.threads + 15) / 16 * 16;
-  float four[4];
-  gathered_job job = {W, idx, h, residual, four, out, K};
-  if (pool.threads < 2 || chunks_for(d, columns, K) < 2) {  /* one pass, four neurons at a time */
-    init_out(&job, 0, d);
-    for (int64_t k = 0; k < K; k += 4) {
-      int64_t n = K - k < 4 ? K - k : 4;
-      job.idx = idx + k;
-      acts_range(&job, 0, n);
-      add_rows(W, idx + k, four, n, out, 0, d);
-    }
-    return 0;
-  }
-  job.acts = malloc(sizeof(float) * (size_t)K);
-  if (!job.acts) return 2;
-  parallel_for(K, 4, W->B ? 2 * d : d, acts_range, &job);
-  parallel_for(d, columns, K, sums_range, &job);
-  free(job.acts);
-  return 0;
+  gathered_job job = {W, idx, h, residual, 0, out, K};
+  return sum_kept_rows(&job, 0);
 }
 
 int dejavu_gathered_mlp(const mlp_weights* W, const int64_t* idx, int64_t K, const float* h, float* out) {
@@ -853,11 +891,11 @@ int dejavu_cats_mlp(const mlp_weights* W, float threshold, const float* h, float
   parallel_for(K, 4, d, dots_range, &chosen);
   for (int64_t k = 0; k < K; k++) acts[k] *= ups[k];
   gathered_job sums = {W, idx, h, 0, acts, out, K};
-  parallel_for(d, 16, K, sums_range, &sums);
+  int status = sum_kept_rows(&sums, 1);
   kept[0] = K;
   free(gate);
   free(idx);
-  return 0;
+  return status;
 }
 
 /* TEAL: an entry j of h with |h_j| <= t_in is dropped, so only the kept entries' columns of gate
@@ -928,10 +966,10 @@ int dejavu_teal_mlp(const teal_weights* W, float t_in, float t_down, const float
   mlp_weights rows = {0};
   rows.T = W->down_t; rows.ldt = W->ld_down; rows.bias = W->down_bias; rows.d = d; rows.rows = inner;
   gathered_job sums = {&rows, neurons, h, 0, gate, out, K};
-  parallel_for(d, 16, K, sums_range, &sums);
+  int status = sum_kept_rows(&sums, 1);
   kept[0] = inputs;
   kept[1] = K;
   free(idx);
   free(gate);
-  return 0;
+  return status;
 }
