@@ -6,9 +6,10 @@ predictor Linear(d, D) -> Linear(D, I), the top K of its scores and the MLP on t
 neurons. The MLP's time as decoding runs it is what it adds to the layer:
 
   in the layer    (layer with that MLP) - (the same layer's attention half alone), both timed
-                  through the cpu backend's entry calls (decode/cpu.py: cpu_step for the dense
-                  and the sparse layer, attention_half_step for the half), every check and
-                  allocation included. Dense is the baseline of the target ratios. The sparse
+                  through the steps decoding runs (decode/cpu.py: kernel_step for the dense and
+                  the sparse layer, attention_half_step for the half, each prepared once as a
+                  sequence's first token prepares it, the layers of a pass sharing its position
+                  arguments), every allocation included. Dense is the baseline of the target ratios. The sparse
                   rows run with the predictor's weights in float32 (as trained) and rounded to
                   float16 (--predictor-dtype float16, as upstream runs its predictors: half the
                   predictor's bytes).
@@ -157,21 +158,24 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
                 cpu_views.layer_view(block, family.slots, family.build)
         return setup
 
-    # In the layer: what decoding runs.
-    def layer_dense():
-        for block, cache in zip(dense_blocks, caches):
-            rewind(cache)
-            cpu.cpu_step(block, x, cache, None)
+    # In the layer: what decoding runs, each layer's step prepared as a sequence's first token
+    # prepares it (cpu.DecodingSteps), the step's position arguments shared by its layers.
+    prepared = {}
 
-    def layer_attention():
-        for block, cache in zip(blocks, caches):
-            rewind(cache)
-            cpu.attention_half_step(block, x, cache, None)
+    def prepare(name, make, which, before=None):
+        def setup():
+            if before is not None:
+                before()
+            prepared[name] = [make(block, x, cache) for block, cache in zip(which, caches)]
+        return setup
 
-    def layer_sparse():
-        for block, cache in zip(blocks, caches):
-            rewind(cache)
-            cpu.cpu_step(block, x, cache, None)
+    def layer(name):
+        def run():
+            shared = {}
+            for step, cache in zip(prepared[name], caches):
+                rewind(cache)
+                step(x, cache, None, shared)
+        return run
 
     # Standalone: one MLP per call. The dense one reads the dense layers' own (checkpoint) layout.
     def dense():
@@ -211,11 +215,13 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
         pass
 
     # (kind, keep): (untimed setup, timed run)
-    variants = {("layer dense", None): (nothing, layer_dense), ("layer attention", None): (nothing, layer_attention),
+    variants = {("layer dense", None): (prepare("dense", cpu.kernel_step, dense_blocks), layer("dense")),
+                ("layer attention", None): (prepare("attention", cpu.attention_half_step, blocks), layer("attention")),
                 ("dense", None): (nothing, dense), ("dense torch path", None): (nothing, dense_torch_path)}
     for keep in KEEPS:
         for kind, width in (("", "matched"), (" float16", "matched float16"), (" reference", "reference")):
-            variants[("layer sparse" + kind, keep)] = (use(keep, width), layer_sparse)
+            variants[("layer sparse" + kind, keep)] = (prepare("sparse", cpu.kernel_step, blocks, use(keep, width)),
+                                                       layer("sparse"))
             variants[("sparse" + kind, keep)] = (use(keep, width), sparse())
         variants[("gather", keep)] = (nothing, gather(keep))
         if with_torch_ops:
@@ -239,7 +245,7 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
         rewind(caches[0])
         whole = cpu.cpu_step(block, x, caches[0], None)
         rewind(caches[0])
-        x_mid, h_mid, _ = cpu.attention_half_step(block, x, caches[0], None)
+        x_mid, h_mid, _ = cpu.attention_half_step(block, x, caches[0])(x, caches[0], None)
         block.taps.inputs["mlp_x"] = x_mid
         layer_error = (whole[0] - (x_mid + block.mlp(h_mid))).abs().max().item()
         block.taps.inputs["mlp_x"] = x
@@ -251,7 +257,7 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
                 if round_index >= warmup:
                     times[key].append((time.perf_counter() - start) / layers)
                 if key[0] in TORCH_OP_KINDS and torch.get_num_threads() > 1:
-                    layer_attention()  # untimed, while torch's OpenMP workers stop spinning
+                    layer("attention")()  # untimed, while torch's OpenMP workers stop spinning
     # The MLP in the layer, per round: the layer minus its attention half.
     attention = times[("layer attention", None)]
     in_layer = {key: [t - a for t, a in zip(samples, attention)] for key, samples in times.items()

@@ -29,6 +29,9 @@ _rope_cache = StepCache()  # one step's cos/sin tables, shared by all blocks wit
 UNSUPPORTED_ROPE_TYPES = ("dynamic", "longrope")
 
 
+_ROPE_KEYS = {}  # (inverse frequencies, scaling) -> LlamaBlock.rope_key
+
+
 def head_dim_of(config):
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -145,7 +148,8 @@ class LlamaBlock(TappedModule):
             inv_freq, scaling = rope_inverse_frequencies(self.config)
         self.register_buffer("inv_freq", inv_freq.to(device or "cpu"), persistent=False)
         self.rope_scaling = scaling
-        self.rope_key = (tuple(inv_freq.tolist()), scaling)  # blocks with equal RoPE share cos/sin
+        # blocks with equal RoPE share cos/sin; a small number, cheap to compare every layer of every step
+        self.rope_key = _ROPE_KEYS.setdefault((tuple(inv_freq.tolist()), scaling), len(_ROPE_KEYS))
 
     def rope(self, positions, dtype):
         """cos, sin [B, 1, S, head_dim] for the given positions [B, S]."""

@@ -3,11 +3,14 @@
   cpu_step(block, x, layer_past, mask)   (x, present) of one token at batch 1 through a C
                                          decoder layer, or None: the block's forward runs
                                          instead (the same numbers)
+  kernel_step(block, x, layer_past)      that step checked and prepared once, to call per token
+  DecodingSteps(blocks)                  a sequence's decoding steps: each block's kernel_step
+                                         prepared at its first token and reused
   kernel_applies(x, layer_past)          whether a step can go through a decoder-layer kernel
   prepare_modules / release_modules      the modules the backend runs, readied and given back
   kernels_enabled(on)                    the kernels on or off for a block of calls
 
-What cpu_step runs, by what the block holds:
+What a kernel step runs, by what the block holds:
   a dense block (no taps installed, a dense MLP): the whole layer in one call;
   a sparse block (sparse_execution: SparseTaps at block.taps, SparseMLP at block.mlp) whose
   heads are all kept: the whole layer with its dense MLP, or with DejaVu's predicted MLP at a
@@ -39,11 +42,10 @@ class KernelStep(NamedTuple):
     x: torch.Tensor  # the token's input [1, 1, d], contiguous
     out: torch.Tensor  # where the kernel writes the layer's output
     present: KVCache  # the cache grown by the token: the kernel writes its keys and values
-    keys: int  # address of present's key buffer [1, kv_heads, capacity, head_dim]
-    values: int  # address of its value buffer
-    head_stride: int  # floats from one head to the next in those buffers
-    past: int  # positions before the token
-    key_valid: Optional[int]  # address of the uint8 mask of the keys the token sees; None: all
+    cache: tuple  # the C calls' cache arguments: present's key and value buffer addresses
+    #               ([1, kv_heads, capacity, head_dim]), floats from one head to the next, positions before the token
+    where: tuple  # the family's arguments of the step's position (Family.geometry), shared by its layers
+    held: tuple  # the tensors those arguments point into, alive while the step is
 
 
 def kernel_applies(x, layer_past):
@@ -72,63 +74,93 @@ def key_validity(mask, total):
     return _key_validity_cache.get((tensor_key(mask), total), compute, mask)
 
 
-def begin_step(x, layer_past, mask):
+def _address(tensor):
+    return None if tensor is None else tensor.data_ptr()
+
+
+def cache_arguments(buffers):
+    """(key buffer address, value buffer address, head stride) of a cache's buffers, read once."""
+    arguments = buffers.__dict__.get("kernel_arguments")
+    if arguments is None:
+        keys = buffers.keys
+        arguments = buffers.kernel_arguments = (keys.data_ptr(), buffers.values.data_ptr(), keys.stride(1))
+    return arguments
+
+
+def position_key(block, family):
+    """What decides a block's position arguments besides the step: its family and RoPE."""
+    return family, getattr(block, "rope_key", None)
+
+
+def begin_step(block, family, x, layer_past, mask, shared=None, key=None):
+    """The KernelStep of a token: its cache grown, an output to write, and the family's position
+    arguments, computed once per step where `shared` (a dict for the step's layers) is given,
+    under `key` (position_key)."""
     past, present = layer_past.length, layer_past.grown(1)
-    keys, values = present.buffers.keys, present.buffers.values
-    valid = key_validity(mask, past + 1)  # kept alive by its StepCache during the call
+    where = None if shared is None else shared.get(key)
+    if where is None:
+        where = family.geometry(block, mask, past)  # (arguments, the tensors they point into)
+        if shared is not None:
+            shared[key] = where
     x = x.contiguous()
-    return KernelStep(x, torch.empty_like(x), present, keys.data_ptr(), values.data_ptr(), keys.stride(1), past,
-                      None if valid is None else valid.data_ptr())
+    return KernelStep(x, torch.empty_like(x), present, (*cache_arguments(present.buffers), past), *where)
 
 
-# ---- each family's C calls: (lib, block, view, step, mask, ...) -> status (0: done) --------------------
-def llama_geometry(block, step, mask):
-    positions, _ = step_geometry(mask, step.past, 1, step.x.device)
-    cos, _, signed_sin = block.rope_tables(positions, torch.float32)  # kept alive by the RoPE StepCache
-    return (step.keys, step.values, step.head_stride, step.past, cos.data_ptr(), signed_sin.data_ptr(),
-            step.key_valid, block.head_dim**-0.5)
+# ---- each family's position arguments and C calls: (lib, view, step, scale, ...) -> status (0: done) ----
+def llama_geometry(block, mask, past):
+    """(RoPE cos and sign-folded sin addresses, key mask address), and the tensors behind them."""
+    positions, _ = step_geometry(mask, past, 1, torch.device("cpu"))
+    cos, _, signed_sin = block.rope_tables(positions, torch.float32)
+    valid = key_validity(mask, past + 1)
+    return (cos.data_ptr(), signed_sin.data_ptr(), _address(valid)), (cos, signed_sin, valid)
 
 
-def llama_layer(lib, block, view, step, mask):
-    return lib.dejavu_llama_decode_layer(view.ref, step.x.data_ptr(), step.out.data_ptr(),
-                                         *llama_geometry(block, step, mask), 1, None)
+def opt_geometry(block, mask, past):
+    valid = key_validity(mask, past + 1)
+    return (_address(valid),), (valid,)
 
 
-def llama_attention_half(lib, block, view, step, mask, mlp_input):
+def llama_layer(lib, view, step, scale):
+    return lib.dejavu_llama_decode_layer(view.ref, step.x.data_ptr(), step.out.data_ptr(), *step.cache, *step.where,
+                                         scale, 1, None)
+
+
+def llama_attention_half(lib, view, step, scale, mlp_input):
     """x + attention into step.out, the MLP's normalised input into mlp_input."""
-    return lib.dejavu_llama_decode_layer(view.ref, step.x.data_ptr(), step.out.data_ptr(),
-                                         *llama_geometry(block, step, mask), 0, mlp_input.data_ptr())
+    return lib.dejavu_llama_decode_layer(view.ref, step.x.data_ptr(), step.out.data_ptr(), *step.cache, *step.where,
+                                         scale, 0, mlp_input.data_ptr())
 
 
-def llama_predicted_layer(lib, block, view, step, mask, k, predict_from_input):
+def llama_predicted_layer(lib, view, step, scale, k, predict_from_input):
     """The layer with DejaVu's predicted MLP keeping k neurons; its predictor reads the layer's
     input with predict_from_input, else the MLP's residual input."""
     call = view.predicted
     return lib.dejavu_llama_predicted_decode_layer(view.ref, call.mlp_ref, call.predictor_ref, k,
                                                    int(predict_from_input), step.x.data_ptr(), step.out.data_ptr(),
-                                                   *llama_geometry(block, step, mask))
+                                                   *step.cache, *step.where, scale)
 
 
-def opt_layer(lib, block, view, step, mask):
-    return lib.dejavu_opt_decode_layer(view.ref, step.x.data_ptr(), step.out.data_ptr(), step.keys, step.values,
-                                       step.head_stride, step.past, step.key_valid, block.head_dim**-0.5)
+def opt_layer(lib, view, step, scale):
+    return lib.dejavu_opt_decode_layer(view.ref, step.x.data_ptr(), step.out.data_ptr(), *step.cache, *step.where,
+                                       scale)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity
 class Family:
     """One model family's kernels: its view (slots, build: cpu_views) and its C calls."""
 
     slots: Callable
     build: Callable
+    geometry: Callable  # (block, mask, past) -> (the C calls' arguments of the step's position, tensors held)
     layer: Callable  # the whole layer, its dense MLP included
     attention_half: Optional[Callable] = None  # None: the family has no kernel for the half
     predicted_layer: Optional[Callable] = None  # None: no layer kernel with the predicted MLP
 
 
 FAMILIES = {
-    LlamaBlock: Family(cpu_views.llama_slots, cpu_views.build_llama_view, llama_layer, llama_attention_half,
-                       llama_predicted_layer),
-    OPTBlock: Family(cpu_views.opt_slots, cpu_views.build_opt_view, opt_layer),
+    LlamaBlock: Family(cpu_views.llama_slots, cpu_views.build_llama_view, llama_geometry, llama_layer,
+                       llama_attention_half, llama_predicted_layer),
+    OPTBlock: Family(cpu_views.opt_slots, cpu_views.build_opt_view, opt_geometry, opt_layer),
 }
 
 
@@ -145,10 +177,19 @@ def _check(status, block):
         raise RuntimeError(f"layer {block.layer_index}: the C decoder layer refused its input (status {status})")
 
 
-# ---- the step ---------------------------------------------------------------------------------------------
+# ---- the step ----------------------------------------------------------------------------------------------
 def cpu_step(block, x, layer_past, mask):
     """(x, present) of one decoding step of `block` through the C kernels, or None where they do
     not apply: then the block's own forward runs, with the same numbers."""
+    step = kernel_step(block, x, layer_past)
+    return None if step is None else step(x, layer_past, mask)
+
+
+def kernel_step(block, x, layer_past):
+    """step(x, layer_past, mask, shared=None) -> (x, present): the block's decoding step through
+    the C kernels for a token and cache like x and layer_past, checked and prepared now (its
+    kernel view, its path); None where the kernels do not apply. `shared`: a dict the step's
+    layers share (begin_step). DecodingSteps reuses the step for a sequence's tokens."""
     if not kernel_applies(x, layer_past) or type(block).tap is not TappedModule.tap:
         return None  # taps that record (the save variants) must see the torch ops
     family = family_of(block)
@@ -160,16 +201,20 @@ def cpu_step(block, x, layer_past, mask):
         view = cpu_views.layer_view(block, family.slots, family.build)
         if view is None or not view.has_mlp:
             return None
-        step = begin_step(x, layer_past, mask)
-        _check(family.layer(lib, block, view, step, mask), block)
-        return step.out, step.present
+        layer, scale, key = family.layer, block.head_dim**-0.5, position_key(block, family)
+
+        def dense_step(x, layer_past, mask, shared=None):
+            step = begin_step(block, family, x, layer_past, mask, shared, key)
+            _check(layer(lib, view, step, scale), block)
+            return step.out, step.present
+        return dense_step
     if isinstance(taps, sparse_execution.SparseTaps) and isinstance(mlp, sparse_execution.SparseMLP):
-        return sparse_step(lib, family, block, taps, mlp, x, layer_past, mask)
+        return sparse_kernel_step(lib, family, block, taps, mlp)
     return None
 
 
-def sparse_step(lib, family, block, taps, mlp, x, layer_past, mask):
-    """cpu_step of a sparse block: only with every head kept, and an MLP the kernels run (dense,
+def sparse_kernel_step(lib, family, block, taps, mlp):
+    """kernel_step of a sparse block: only with every head kept, and an MLP the kernels run (dense,
     predicted at a fixed K, teal or cats, with gathering on); the taps get what the torch path
     gives them."""
     if taps.sparse_heads or not sparse_execution.MODES[mlp.mode].layer_kernel:
@@ -185,33 +230,80 @@ def sparse_step(lib, family, block, taps, mlp, x, layer_past, mask):
         return None
     if predicted is not None and not 1 <= k <= predicted.rows:
         raise ValueError(f"layer {block.layer_index}: cannot keep {k} of {predicted.rows} MLP neurons")
-    step = begin_step(x, layer_past, mask)
-    taps.begin(x, None)  # as the att_x tap: the next layer's look-ahead input
-    if dense:
-        _check(family.layer(lib, block, view, step, mask), block)
-    elif predicted is not None:
-        _check(family.predicted_layer(lib, block, view, step, mask, k, mlp.input_mode != "same"), block)
-    else:  # teal, cats, or a predictor the layer kernel cannot read: the attention half here, then the MLP
+    scale, key = block.head_dim**-0.5, position_key(block, family)
+
+    if dense or predicted is not None:
+        kept = {"neurons": None if dense else k / mlp.width}
+        if dense:
+            def run_layer(step):
+                return family.layer(lib, view, step, scale)
+        else:
+            from_input = mlp.input_mode != "same"
+
+            def run_layer(step):
+                return family.predicted_layer(lib, view, step, scale, k, from_input)
+
+        def layer_step(x, layer_past, mask, shared=None):
+            step = begin_step(block, family, x, layer_past, mask, shared, key)
+            taps.begin(x, None)  # as the att_x tap: the next layer's look-ahead input
+            _check(run_layer(step), block)
+            taps.record(kept, None, x.shape[:-1])
+            return step.out, step.present
+        return layer_step
+
+    def half_step(x, layer_past, mask, shared=None):  # teal, cats, or a predictor the layer kernel cannot read
+        step = begin_step(block, family, x, layer_past, mask, shared, key)
+        taps.begin(x, None)
         h = torch.empty_like(step.x)
-        _check(family.attention_half(lib, block, view, step, mask, h), block)
+        _check(family.attention_half(lib, view, step, scale, h), block)
         taps.inputs["mlp_x"] = step.out
         return step.out + mlp(h), step.present  # the MLP records what it kept
-    taps.record({"neurons": None if dense else k / mlp.width}, None, x.shape[:-1])
-    return step.out, step.present
+    return half_step
 
 
-def attention_half_step(block, x, layer_past, mask):
-    """(x + attention, the MLP's normalised input, present) of a step through the family's
-    attention-half kernel, or None where there is none (benchmarks time the MLP against it)."""
+class DecodingSteps:
+    """One sequence's decoding steps over a stage's blocks (the cpu backend's DynamicCacheStage):
+    each block's kernel_step is prepared at the sequence's first token and reused for the
+    following ones, since nothing can change a block's weights or settings between two tokens of
+    one call, and the layers of a step share its position arguments. The checks, the view lookup
+    and the per-layer lookups of the position are Python work done after the layer's weights have
+    pushed its objects out of the CPU's caches: about 40 us a layer (SmolLM2, 2 threads), 5-10% of
+    a token. Blocks the kernels do not take run their forward."""
+
+    def __init__(self, blocks):
+        self.blocks = list(blocks)
+        self.steps = None
+
+    def run(self, x, caches, mask):
+        """x after the blocks; caches (one per block) replaced by the grown ones."""
+        if self.steps is None:
+            self.steps = [kernel_step(block, x, cache) for block, cache in zip(self.blocks, caches)]
+        shared = {}
+        for index, (block, step) in enumerate(zip(self.blocks, self.steps)):
+            if step is None:
+                x, caches[index] = block(x, layer_past=caches[index], mask=mask)
+            else:
+                x, caches[index] = step(x, caches[index], mask, shared)
+        return x
+
+
+def attention_half_step(block, x, layer_past):
+    """step(x, layer_past, mask, shared=None) -> (x + attention, the MLP's normalised input,
+    present): the attention half alone through the family's kernel, prepared as kernel_step
+    prepares a layer (benchmarks time the MLP against it), or None where there is none."""
     family = family_of(block)
     lib = cpu_kernels.kernel_library() if kernel_applies(x, layer_past) and family is not None else None
     view = cpu_views.layer_view(block, family.slots, family.build) if lib is not None else None
     if view is None or family.attention_half is None:
         return None
-    step = begin_step(x, layer_past, mask)
-    h = torch.empty_like(step.x)
-    _check(family.attention_half(lib, block, view, step, mask, h), block)
-    return step.out, h, step.present
+    scale, key = block.head_dim**-0.5, position_key(block, family)
+
+    def half_step(x, layer_past, mask, shared=None):
+        step = begin_step(block, family, x, layer_past, mask, shared, key)
+        h = torch.empty_like(step.x)
+        _check(family.attention_half(lib, view, step, scale, h), block)
+        return step.out, h, step.present
+    return half_step
 
 
 # ---- the modules the backend runs ---------------------------------------------------------------------

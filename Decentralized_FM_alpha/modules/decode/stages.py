@@ -15,7 +15,7 @@ import logging
 import torch
 
 from ..common import StaticDecodeState, StaticKVCache, forget_step_caches
-from .cpu import kernels_enabled
+from .cpu import DecodingSteps, kernels_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +25,14 @@ class BackendError(ValueError):
 
 
 class DynamicCacheStage:
-    """The blocks, each run by `backend`, one KV cache per block grown per token (common.KVCache)."""
+    """The blocks, each run by `backend`, one KV cache per block grown per token (common.KVCache).
+    With the C kernels (cpu), a sequence's decoding steps go through cpu.DecodingSteps: each
+    block's kernel step is prepared at the first token after the prompt and reused."""
 
     def __init__(self, blocks, backend):
         self.blocks, self.backend = list(blocks), backend
         self.caches = [None] * len(self.blocks)
+        self.decoding = None  # the sequence's cpu.DecodingSteps, made at its first token
 
     @property
     def first_cache(self):
@@ -44,10 +47,16 @@ class DynamicCacheStage:
         return x
 
     def prefill(self, x, mask):
+        self.decoding = None  # a new sequence: its steps are prepared afresh
         return self._run(x, mask)
 
     def decode(self, x, mask):
-        return self._run(x, mask)
+        if not self.backend.kernels:
+            return self._run(x, mask)
+        if self.decoding is None:
+            self.decoding = DecodingSteps(self.blocks)
+        with self.backend.running():
+            return self.decoding.run(x, self.caches, mask)
 
 
 class StaticCacheStage:
