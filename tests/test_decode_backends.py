@@ -250,3 +250,36 @@ def test_a_reused_static_stage_gives_the_same_tokens(tmp_path):
     for seed in (1, 2):
         input_ids, mask = prompts(2, 6, seed=seed)
         assert torch.equal(greedy(input_ids, mask, 5), model.generate_greedy(input_ids, 5, mask=mask, backend="torch"))
+
+
+def test_a_sequence_prepares_each_kernel_step_once(family_checkpoint, monkeypatch):
+    """The cpu backend checks and prepares a block's kernel step at a sequence's first token and
+    reuses it (cpu.DecodingSteps); the next sequence prepares afresh, so a weight replaced
+    between two calls is read by the second."""
+    family, checkpoint = family_checkpoint
+    if cpu_kernels.kernel_library() is None:
+        pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
+    model = LocalModel.from_checkpoint(checkpoint, family)
+    input_ids, _ = prompts(1, 5, seed=6)
+    prepared = []
+    real_kernel_step = cpu.kernel_step
+
+    def counting(block, x, layer_past):
+        step = real_kernel_step(block, x, layer_past)
+        if step is not None:
+            prepared.append(block.layer_index)
+        return step
+
+    monkeypatch.setattr(cpu, "kernel_step", counting)
+    first = model.generate_greedy(input_ids, 6, backend="cpu")
+    layers = [block.layer_index for block in model.blocks]
+    assert prepared == layers  # one preparation per block for the 5 decoding steps
+    assert torch.equal(first, model.generate_greedy(input_ids, 6, backend="torch"))
+    output = model.blocks[0].self_attn.o_proj if family == "llama" else model.blocks[0].self_attn.out_proj
+    with torch.no_grad():
+        output.weight = nn.Parameter(output.weight * -3.0, requires_grad=False)
+    prepared.clear()
+    second = model.generate_greedy(input_ids, 6, backend="cpu")
+    assert prepared == layers
+    assert torch.equal(second, model.generate_greedy(input_ids, 6, backend="torch"))
+    assert not torch.equal(second, first)
