@@ -11,7 +11,8 @@ built in memory: no hub, no checkpoint on disk. For each dims and batch, all in 
   - the memory bound: weight bytes read per token over the device's copy rate (bytes copied
     per second; as the project's GPU check defines it);
   - batch 1: DejaVu's predicted MLP at keep 0.5 / 0.25 / 0.1 against the dense engine, with
-    random predictors at upstream's share of the MLP's weights (support.matched_rank);
+    random predictors at upstream's share of the MLP's weights (support.matched_rank), and the
+    MLP at keep 0.5 with predicted heads at keep 0.5 (the kept heads' q rows and o columns);
   - (CUDA) one layer's MLP step by part, each part timed alone in CUDA-graph replays: the
     predictor, top-K, the sort, the two Triton gathers, against the dense MLP.
 Decode tok/s = rows x N / (time of 1 + N new tokens - time of 1), the median of --repeats.
@@ -212,8 +213,33 @@ def bench_sparse(config, dims, dense, args, device, dtype, log):
                     baseline_value=dense_rate, ratio=rate / dense_rate,
                     note="random predictors: speed only, the tokens mean nothing")
         rows.append(with_target(entry, f"keep_{keep}") if f"keep_{keep}" in TARGETS else entry)
+    predictors.update(random_head_predictors(config, rank, device, dtype))
+    configure_sparse(list(sparse.blocks), "predicted", predictors=predictors, mlp_keep=0.5, att_keep=0.5)
+    case = f"Llama-3.2-{dims.upper()} dims, {str(dtype)[6:]}, batch 1, predicted MLP and heads, predictor rank {rank}"
+    rate = decode_rate(engine_runner(sparse, "cuda", device, dtype, prompt), 1, args.new_tokens, device, args.repeats)
+    log(f"{case}: MLP keep 0.5, heads keep 0.5: {rate:.1f} tok/s (dense {dense_rate:.1f})")
+    rows.append(row(case, "sparse decode, MLP keep 0.5, heads keep 0.5", rate, baseline="dense engine (cuda backend)",
+                    baseline_value=dense_rate, ratio=rate / dense_rate,
+                    note="random predictors: speed only, the tokens mean nothing"))
     del sparse
     return rows
+
+
+def random_head_predictors(config, rank, device, dtype, seed=1):
+    """{("att", layer): (predictor, "same")}: Linear(d, rank) -> Linear(rank, heads) per layer, no
+    biases, weights N(0, 1/fan_in), as support.random_predictors for the MLP. Speed only."""
+    from torch import nn
+
+    generator = torch.Generator().manual_seed(seed)
+    predictors = {}
+    for layer in range(config.num_hidden_layers):
+        predictor = nn.Sequential(nn.Linear(config.hidden_size, rank, bias=False),
+                                  nn.Linear(rank, config.num_attention_heads, bias=False))
+        with torch.no_grad():
+            for linear in predictor:
+                linear.weight.normal_(0.0, linear.in_features ** -0.5, generator=generator)
+        predictors["att", layer] = (predictor.to(device=device, dtype=dtype).requires_grad_(False).eval(), "same")
+    return predictors
 
 
 def bench_sparse_parts(config, dims, device, dtype, log, keeps=(0.5, 0.25, 0.1)):

@@ -97,3 +97,33 @@ def test_the_triton_predicted_mlp_gives_the_cpu_torch_path_numbers(tmp_path):
                 assert cuda_sparse.usable(torch.zeros(1, device="cuda")), "the Triton path did not apply"
     assert torch.equal(runs[0][0], runs[1][0].cpu())
     assert torch.allclose(runs[0][1], runs[1][1].cpu(), atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_graph_replays_of_the_kept_heads_path_give_the_masked_heads(tmp_path, monkeypatch, batch):
+    """Predicted heads at keep 0.5 (MLP dense): the kept-heads path (q rows and o columns through
+    Triton, captured as a CUDA graph) against the masked torch heads (--no-gather), same weights."""
+    from dejavu_llama.modules.decode import cuda_sparse
+
+    checkpoint = tiny_llama(tmp_path)[1]
+    model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse", device="cuda")
+    config = model.config
+    torch.manual_seed(5)
+    predictors = {("att", layer): (nn.Sequential(nn.Linear(config.hidden_size, 8, bias=False),
+                                                 nn.Linear(8, config.num_attention_heads, bias=False)).cuda(), "same")
+                  for layer in range(config.num_hidden_layers)}
+    calls = []
+    sparse_heads_attention = cuda_sparse.sparse_heads_attention
+    monkeypatch.setattr(cuda_sparse, "sparse_heads_attention",
+                        lambda *args: calls.append(1) or sparse_heads_attention(*args))
+    input_ids, mask = prompts(batch, 9, seed=7)
+    runs = {}
+    for use_gather, backend in ((False, "torch"), (True, "cuda")):
+        configure_sparse(list(model.blocks), "predicted", predictors=predictors, att_keep=0.5, sparse_mlp=False,
+                         use_gather=use_gather)
+        calls.clear()
+        runs[use_gather] = model.generate_greedy(input_ids, 10, mask=mask, backend=backend, with_logprobs=True)
+        assert bool(calls) == use_gather
+    assert all(block.self_attn.o_proj.weight.t().is_contiguous() for block in model.blocks)
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert torch.allclose(runs[True][1], runs[False][1], atol=1e-4)

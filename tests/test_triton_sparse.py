@@ -23,6 +23,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 pytest.importorskip("triton")
 
@@ -350,3 +351,144 @@ def test_fixed_size_path_captures_in_cuda_graph(ts):
         top = predictor(x_pred).topk(k, dim=-1).indices.cpu()
     ref = masked_reference(h, act, down, None, ts.kept_mask(top, inter))
     assert rel_err(out, ref) < TOL[torch.float16]
+
+
+# ---- sparse heads on the decoding step (decode/cuda_sparse.py) ---------------------------------
+@pytest.fixture
+def heads_kernels(ts, monkeypatch):
+    """decode/cuda_sparse with the kernels under test and its device check on ts's: the Triton heads
+    path then runs here too (on CPU through the interpreter). Returns the module."""
+    from dejavu_llama.modules.decode import cuda_sparse
+
+    monkeypatch.setattr(cuda_sparse, "triton_sparse", ts)
+    monkeypatch.setattr(cuda_sparse, "usable", lambda h: not torch.is_grad_enabled() and ts.available(h))
+    return cuda_sparse
+
+
+class MaskHeads:
+    """block.taps zeroing the heads not in `keep` [B, 1, H] at head_out: the masked torch attention."""
+
+    def __init__(self, keep):
+        self.keep = keep
+
+    def __call__(self, name, value, token_mask):
+        return value * self.keep[..., None].to(value.dtype) if name == "head_out" else value
+
+
+def random_keep(batch, n_heads, k, g):
+    """[B, 1, H] bool, k heads per row, different rows."""
+    keep = torch.zeros(batch, 1, n_heads, dtype=torch.bool)
+    for row in range(batch):
+        keep[row, 0, torch.randperm(n_heads, generator=g)[:k]] = True
+    return keep.to(DEVICE)
+
+
+def test_padded_kept_heads(heads_kernels):
+    keep = torch.tensor([[0, 1, 0, 1, 0, 0], [0, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    assert heads_kernels.padded_kept_heads(keep[:1], 2).tolist() == [1, 3]
+    assert heads_kernels.padded_kept_heads(keep, 2).tolist() == [1, 2, 3, 6]  # union, then the sentinel H
+    assert heads_kernels.padded_kept_heads(torch.ones(3, 6, dtype=torch.bool), 4).tolist() == list(range(6))
+
+
+@pytest.mark.parametrize("batch, keep_fraction, bias, dtype", [(1, 0.5, False, torch.float32), (3, 0.5, True, torch.float32),
+                                                               (3, 0.25, False, torch.float32),
+                                                               (3, 0.5, False, torch.float16)])
+def test_sparse_heads_attention_equals_the_masked_attention(heads_kernels, batch, keep_fraction, bias, dtype):
+    """GQA (8 heads over 2 KV heads) after a left-padded prompt of 5 positions: the kept heads'
+    q rows and o columns give the block's attention with each row's dropped heads zeroed."""
+    from transformers import LlamaConfig
+
+    from dejavu_llama.modules.hf_llama_module import LlamaBlock
+
+    g = gen(110 + batch)
+    torch.manual_seed(110 + batch)
+    config = LlamaConfig(hidden_size=64, intermediate_size=32, num_attention_heads=8, num_key_value_heads=2,
+                         attention_bias=bias, rms_norm_eps=1e-5)
+    block = LlamaBlock(config).to(DEVICE, dtype).eval()
+    heads_kernels.store_transposed(block.self_attn.o_proj)
+    n_heads, k = 8, max(1, round(keep_fraction * 8))
+    prompt, mask = rand(batch, 5, 64, dtype=dtype, gen=g), torch.ones(batch, 6, dtype=torch.long, device=DEVICE)
+    mask[1:, 0] = 0  # left padding
+    h, keep = rand(batch, 1, 64, dtype=dtype, gen=g), random_keep(batch, n_heads, k, g)
+    with torch.no_grad():
+        _, present = block.attention(prompt, None, mask[:, :5], None)
+        past = (present[0].clone(), present[1].clone())
+        dense, _ = block.attention(h, past, mask, None)
+        block.taps = MaskHeads(keep)
+        masked, masked_present = block.attention(h, past, mask, None)
+        block.taps = None
+        out, out_present = heads_kernels.sparse_heads_attention(block, h, past, mask, keep, k)
+    assert torch.equal(out_present[0], masked_present[0]) and torch.equal(out_present[1], masked_present[1])
+    assert out.shape == (batch, 1, 64) and out.dtype == dtype and rel_err(out, d64(masked)) < TOL[dtype]
+    assert rel_err(out, d64(dense)) > 1e-2  # the dropped heads do matter
+    if batch > 1:  # the union is larger than one row's k: each row's own dropped heads were zeroed
+        assert (heads_kernels.padded_kept_heads(keep[:, 0], k) < n_heads).sum() > k
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_llama_with_predicted_heads_decodes_as_the_masked_torch_path(heads_kernels, tmp_path, monkeypatch, batch):
+    """Tiny Llama (6 heads over 2 KV heads), predicted heads at keep 0.5, the static-cache step
+    (eager here): the kept-heads path gives the masked torch path's tokens, logprobs and stats."""
+    from dejavu_llama.modules.local_model import LocalModel
+    from dejavu_llama.modules.sparse_execution import configure_sparse
+    from dejavu_llama.modules.sparse_stats import SparseStats
+    from tiny_models import tiny_llama
+
+    if ON_GPU:
+        pytest.skip("the interpreter's run of the CUDA path; tests/test_cuda_decode.py covers the GPU")
+    model = LocalModel.from_checkpoint(tiny_llama(tmp_path)[1], "llama-ml-att-sparse")
+    config = model.config
+    torch.manual_seed(7)
+    predictors = {("att", layer): (nn.Sequential(nn.Linear(config.hidden_size, 8, bias=False),
+                                                 nn.Linear(8, config.num_attention_heads, bias=False)), "same")
+                  for layer in range(config.num_hidden_layers)}
+    ids = torch.randint(3, 256, (batch, 6), generator=gen(batch))
+    mask = torch.ones(batch, 6, dtype=torch.long)
+    mask[1:, :2] = 0
+
+    calls = []
+    sparse_heads_attention = heads_kernels.sparse_heads_attention
+    monkeypatch.setattr(heads_kernels, "sparse_heads_attention",
+                        lambda *args: calls.append(1) or sparse_heads_attention(*args))
+
+    def run(use_gather):
+        """(tokens, logprobs, stats, kept-heads calls); use_gather False: the masked torch path."""
+        calls.clear()
+        stats = SparseStats()
+        configure_sparse(list(model.blocks), "predicted", predictors=predictors, att_keep=0.5, sparse_mlp=False,
+                         use_gather=use_gather, stats=stats)
+        for block in model.blocks:
+            heads_kernels.store_transposed(block.self_attn.o_proj)
+        tokens, logprobs = model.generate_greedy(ids, 5, mask=mask, backend="cuda", with_logprobs=True)
+        return tokens, logprobs, stats, len(calls)
+
+    masked, sparse = run(use_gather=False), run(use_gather=True)
+    assert masked[3] == 0
+    assert sparse[3] == 4 * config.num_hidden_layers  # every decoding step of every layer, no prompt step
+    assert torch.equal(sparse[0], masked[0])
+    assert torch.allclose(sparse[1], masked[1], rtol=0, atol=2e-6)  # float32 rounding of the gathered products
+    for key, total in masked[2].sums.items():
+        assert torch.allclose(torch.as_tensor(sparse[2].sums[key]).float(), torch.as_tensor(total).float()), key
+        assert int(sparse[2].counts[key]) == int(masked[2].counts[key]), key
+    assert {name for _, name in masked[2].sums} == {"heads", "neurons"}
+
+
+@pytest.mark.parametrize("mode, att_keep", [("oracle", 0.5), ("predicted", None)])
+def test_the_kept_heads_path_leaves_oracle_heads_and_positives_masked(heads_kernels, tmp_path, monkeypatch, mode,
+                                                                      att_keep):
+    """Oracle heads (chosen from the heads' own outputs) and predicted positives (no fixed K)
+    keep the masked torch path, even where the Triton path is usable."""
+    from dejavu_llama.modules.local_model import LocalModel
+    from dejavu_llama.modules.sparse_execution import configure_sparse
+    from tiny_models import tiny_llama
+
+    model = LocalModel.from_checkpoint(tiny_llama(tmp_path)[1], "llama-ml-att-sparse")
+    config = model.config
+    predictors = {("att", layer): (nn.Sequential(nn.Linear(config.hidden_size, 8, bias=False),
+                                                 nn.Linear(8, config.num_attention_heads, bias=False)), "same")
+                  for layer in range(config.num_hidden_layers)}
+    configure_sparse(list(model.blocks), mode, predictors=predictors, att_keep=att_keep, sparse_mlp=False)
+    for block in model.blocks:
+        heads_kernels.store_transposed(block.self_attn.o_proj)
+    monkeypatch.setattr(heads_kernels, "sparse_heads_attention", lambda *args: pytest.fail("kept-heads path taken"))
+    model.generate_greedy(torch.randint(3, 256, (1, 5), generator=gen(3)), 3, backend="cuda")

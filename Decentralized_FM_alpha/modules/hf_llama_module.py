@@ -170,6 +170,10 @@ class LlamaBlock(TappedModule):
         return cos, sin, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
     def attention(self, h, layer_past, mask, token_mask):
+        step = getattr(self.taps, "attention_step", None)  # sparse execution: the kept heads only, where it can
+        sparse = None if step is None else step(self, h, layer_past, mask, token_mask)
+        if sparse is not None:
+            return sparse
         batch, seq_len, _ = h.shape
         weights = self.self_attn
         q = weights.q_proj(h).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)

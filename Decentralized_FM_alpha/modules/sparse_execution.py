@@ -70,6 +70,7 @@ class SparseTaps:
         self.att_keep = None
         self.att_predictor = None
         self.att_input = "same"
+        self.use_gather = True  # predicted heads: a decoding step on CUDA reads the kept heads only
         self.inputs, self.token_mask, self.last_att_x = {}, None, None
 
     def __call__(self, name, value, token_mask):
@@ -98,8 +99,26 @@ class SparseTaps:
         """[B, S, H] boolean: heads kept per token."""
         if self.mode == "oracle":
             return top_k_mask(heads.float().norm(dim=-1), count_or_none(self.att_keep, self.num_heads))
+        return self.predicted_head_mask()
+
+    def predicted_head_mask(self):
+        """[B, S, H] boolean: the attention predictor's top K (or positives) per token."""
         x = self.inputs["att_x"] if self.att_input == "same" else self.previous.last_att_x
         return select(self.att_predictor, x, self.att_keep, self.num_heads)
+
+    def attention_step(self, block, h, layer_past, mask, token_mask):
+        """The block's attention for a decoding step (h [B, 1, d]) reading only the kept heads' q
+        rows and o columns (decode/cuda_sparse.py): (output, present), or None where that does not
+        apply (then the block's own attention runs and head_out masks). Predicted heads at a
+        fixed K, on CUDA through Triton; what it keeps is recorded as head_out records it."""
+        if not (self.mode == "predicted" and self.sparse_heads and self.att_keep is not None and self.use_gather):
+            return None
+        if not cuda_sparse.heads_usable(block, h):
+            return None
+        keep = self.predicted_head_mask()  # [B, 1, H]
+        self.record({"heads": keep}, token_mask, h.shape[:2])
+        return cuda_sparse.sparse_heads_attention(block, h, layer_past, mask, keep,
+                                                  kept_count(self.att_keep, self.num_heads))
 
     def record(self, kept, token_mask, token_shape):
         """Count what one call kept (--sparse-stats); nothing when no stats are collected."""
@@ -108,7 +127,7 @@ class SparseTaps:
 
     def configuration(self):
         """What a captured CUDA graph bakes in of the heads (decode/stages.py)."""
-        return self.mode, self.att_keep, id(self.att_predictor)
+        return self.mode, self.att_keep, id(self.att_predictor), self.use_gather
 
 
 class SparseMLP(nn.Module):
@@ -155,7 +174,7 @@ class SparseMLP(nn.Module):
 
     def configuration(self):
         """What a captured CUDA graph bakes in of the MLP (decode/stages.py)."""
-        return self.mode, self.keep, id(self.predictor)
+        return self.mode, self.keep, id(self.predictor), self.use_gather
 
     def forward(self, h):
         output, kept = MODES[self.mode].mlp(self, h)
@@ -307,6 +326,8 @@ def setup_predicted(blocks, options):
                     "input, which is not on this stage; train it with --input same or move the stage split"
                 )
             taps.att_predictor, taps.att_input = module, input_mode
+            if options.use_gather:
+                cuda_sparse.lay_out_o_proj(block)  # CUDA weights only: o_proj transposed for the kept heads
         if mlp.predictor is None:
             mlp.mode = "dense"
 
@@ -414,7 +435,8 @@ def add_arguments(parser):
                        help="'all', '4-29', '4-' (to the last) or '0,3,5' (default: all, or from $LAYER onwards)")
     group.add_argument("--sparse-attention", choices=("on", "off"), default="on")
     group.add_argument("--sparse-mlp", choices=("on", "off"), default="on")
-    group.add_argument("--no-gather", action="store_true", help="always mask, never gather, the MLP")
+    group.add_argument("--no-gather", action="store_true",
+                       help="always mask, never gather: the MLP's neurons and (CUDA, Llama) the heads")
     group.add_argument("--predictor-dtype", choices=PREDICTOR_DTYPES, default=env.get("PREDICTOR_DTYPE", "float32"),
                        help="weights the predictors run with: float32 as trained, or rounded to float16 "
                             "as upstream runs them (half the bytes per token on the CPU; default: "
@@ -499,7 +521,7 @@ def configure_sparse(blocks, mode, sparse_path=None, mlp_keep=None, att_keep=Non
         taps = SparseTaps(block, previous, stats)
         block.taps, previous = taps, taps
         mlp = block.mlp = SparseMLP(dense_mlp_of(block), taps)
-        mlp.use_gather = use_gather
+        mlp.use_gather = taps.use_gather = use_gather
         if layers is not None and block.layer_index not in layers:
             continue  # a dense layer: its taps still keep the look-ahead input
         taps.mode = mode

@@ -1,4 +1,4 @@
-"""DejaVu's predicted MLP on CUDA through the Triton kernels (triton_sparse.py).
+"""DejaVu's predicted MLP and sparse heads on CUDA through the Triton kernels (triton_sparse.py).
 
 One decoding token per row: the predictor (cuBLAS), top-K per row, then the kept neurons' rows of
 gate/up (fc1) and of down (fc2) transposed, read once for all rows. At batch > 1 the rows share
@@ -8,11 +8,20 @@ gets the neurons the other rows kept, so batch > 1 is not the per-row masked MLP
 path. The down (fc2) weight is laid out transposed once (lay_out_for_gather) so that a kept
 neuron's column is one contiguous row; its values, shape and state-dict key stay those of the
 Linear.
+
+Sparse heads (Llama; sparse_execution.SparseTaps.attention_step calls in): q of the kept heads
+only (their rows of q_proj), k and v dense (the cache needs every KV head), attention, each row's
+dropped heads zeroed, then o_proj on the kept heads' columns (o_proj.weight laid out transposed
+like down). At batch > 1 q and o read the union of the rows' kept heads (fixed size, as for the
+MLP), but each row's output is exactly the masked torch path's: a row's dropped heads are zeroed
+before o_proj.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..common import cache_geometry, extend_cache
 from . import triton_sparse
 
 
@@ -25,12 +34,20 @@ def lay_out_for_gather(output):
     """Store output.weight [d, I] as the transposed view of a contiguous [I, d] buffer (same
     values and key): output.weight.t() is then the row-major table the gather kernel reads.
     CUDA weights only; returns whether it did."""
-    weight = output.weight
-    if not weight.is_cuda or weight.t().is_contiguous():
-        return weight.is_cuda
-    with torch.no_grad():
-        output.weight = nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=weight.requires_grad)
+    if not output.weight.is_cuda:
+        return False
+    store_transposed(output)
     return True
+
+
+def store_transposed(linear):
+    """linear.weight [out, in] re-stored as the transposed view of a contiguous [in, out] buffer,
+    on any device (same values, shape and key); nothing to do where it already is."""
+    weight = linear.weight
+    if weight.t().is_contiguous():
+        return
+    with torch.no_grad():
+        linear.weight = nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=weight.requires_grad)
 
 
 def predicted_mlp(h, x_pred, predictor, k, first, second, output, act_fn, predictor_scores):
@@ -55,3 +72,82 @@ def predicted_mlp(h, x_pred, predictor, k, first, second, output, act_fn, predic
 def _two_linears(predictor):
     layers = list(predictor) if isinstance(predictor, nn.Sequential) else []
     return len(layers) == 2 and all(isinstance(layer, nn.Linear) and layer.bias is None for layer in layers)
+
+
+# ---- DejaVu's sparse heads (Llama) --------------------------------------------------------------
+def heads_usable(block, h):
+    """Whether sparse_heads_attention runs for a Llama block's decoding input h [B, 1, d]: the
+    Triton path is usable and o_proj.weight is laid out transposed (lay_out_o_proj)."""
+    return h.shape[1] == 1 and usable(h) and block.self_attn.o_proj.weight.t().is_contiguous()
+
+
+def lay_out_o_proj(block):
+    """o_proj.weight [d, H*hd] stored transposed (lay_out_for_gather) so that a kept head's columns
+    are contiguous rows of o_proj.weight.t() [H*hd, d]. Blocks without o_proj (OPT) are left
+    as they are. Returns whether it did."""
+    output = getattr(block.self_attn, "o_proj", None)
+    return output is not None and lay_out_for_gather(output)
+
+
+def padded_kept_heads(keep, k):
+    """keep [B, H] bool (k heads per row) -> [min(B*k, H)] int64: the heads any row keeps, sorted,
+    then the sentinel H in the slots left over (triton_sparse.padded_union's form). Fixed size,
+    no sync: capturable in a CUDA graph. Batch 1: exactly that row's k heads."""
+    n_heads = keep.shape[1]
+    capacity = min(keep.shape[0] * k, n_heads)
+    order = torch.arange(n_heads, device=keep.device)
+    keys = torch.where(keep.any(dim=0), order, torch.full_like(order, n_heads))
+    return keys.sort().values[:capacity]
+
+
+def sparse_heads_attention(block, h, layer_past, mask, keep, k):
+    """A Llama block's attention for one decoding token per row, reading only the kept heads' rows
+    of q_proj and columns of o_proj: h [B, 1, d], keep [B, 1, H] bool (each row's kept heads, k
+    per row) -> (out [B, 1, d], present).
+
+    Equals the block's attention with the heads a row did not keep zeroed before o_proj (the
+    head_out tap of sparse execution). q is computed for the heads any row keeps (the padded
+    union, padded_kept_heads); k and v stay dense, since the cache must hold every KV head. The
+    attention runs over all H head slots with the other heads' q zero, so each KV head's cache
+    is read once as in the dense step; each row's own dropped heads are then zeroed, and o_proj
+    reads the kept heads' columns only."""
+    batch = h.shape[0]
+    n_heads, n_kv_heads, head_dim = block.num_heads, block.num_kv_heads, block.head_dim
+    weights = block.self_attn
+    keep = keep[:, 0]
+    heads = padded_kept_heads(keep, k)
+    q = _kept_queries(h[:, 0], weights.q_proj, heads, n_heads, head_dim)  # [B, H, 1, hd]
+    k_new = weights.k_proj(h).view(batch, 1, n_kv_heads, head_dim).transpose(1, 2)
+    v_new = weights.v_proj(h).view(batch, 1, n_kv_heads, head_dim).transpose(1, 2)
+    positions, allowed = cache_geometry(layer_past, mask, 1, h.device)
+    cos, _, signed_sin = block.rope_tables(positions, h.dtype)
+    half = head_dim // 2
+    q = torch.addcmul(q * cos, q.roll(half, dims=-1), signed_sin)
+    k_new = torch.addcmul(k_new * cos, k_new.roll(half, dims=-1), signed_sin)
+    present, keys, values = extend_cache(layer_past, k_new, v_new)
+    attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=head_dim**-0.5,
+                                              enable_gqa=n_kv_heads != n_heads)  # [B, H, 1, hd]
+    kept = _kept_outputs(attended[:, :, 0], heads, keep)  # [B, R*hd]
+    output = weights.o_proj
+    out = triton_sparse.gather_head_columns(kept, output.weight.t(), heads, head_dim, output.bias)
+    return out[:, None], present
+
+
+def _kept_queries(x, q_proj, heads, n_heads, head_dim):
+    """x [B, d], heads [R] (sentinel n_heads pads) -> q [B, H, 1, hd]: the kept heads' rows of
+    q_proj through the gather kernel, zero at every other head."""
+    batch = x.shape[0]
+    q_kept = triton_sparse.gather_head_rows(x, q_proj.weight, heads, head_dim, q_proj.bias)
+    q = x.new_zeros(batch, n_heads + 1, head_dim)  # slot n_heads takes the padding heads
+    q.index_copy_(1, heads, q_kept.view(batch, -1, head_dim))
+    return q[:, :n_heads, None]
+
+
+def _kept_outputs(attended, heads, keep):
+    """attended [B, H, hd], heads [R], keep [B, H] -> [B, R*hd]: the heads' outputs in heads'
+    order, zero where a row did not keep the head (and at padding slots)."""
+    batch, n_heads, head_dim = attended.shape
+    padded = torch.cat((attended, attended.new_zeros(batch, 1, head_dim)), dim=1)
+    row_keep = torch.cat((keep, keep.new_zeros(batch, 1)), dim=1).index_select(1, heads)  # [B, R]
+    kept = padded.index_select(1, heads) * row_keep[..., None].to(attended.dtype)
+    return kept.reshape(batch, -1)
