@@ -677,6 +677,7 @@ static void tiled_gemv(const void* W, int64_t half, int64_t n, int64_t m, const 
    over every kept neuron's part of T) read short runs of each row and made two threads ~10%
    slower than this at keep 0.5 on SmolLM2's MLP. */
 #define SUM_GROUPS 16  /* partial outputs of one call at most: more threads than this share groups */
+#define PREFETCH_LINES 4  /* cache lines of each row a prefetch starts */
 #define MIN_GROUP 32   /* neurons per group at least: a small K makes fewer */
 
 typedef struct {
@@ -769,6 +770,25 @@ typedef struct {
   int with_acts;   /* the activations are given in J->acts (else computed four at a time here) */
 } grouped_job;
 
+/* Prefetch the first lines of kept neurons [from, to)'s rows of A, B and T, except a neuron right
+   after the one before it (the hardware's stream already runs on into it): a kept neuron is a
+   run of a few kilobytes after a gap, too short for the hardware prefetcher to ramp up on its
+   own. With the next four neurons started while the current four stream, the gathered MLP at
+   keep 0.25 on SmolLM2's dims took 0.24 of the dense MLP's time instead of 0.33 (2 threads;
+   keep 0.5, where most kept neurons are neighbours, unchanged). */
+static inline void start_streams(const mlp_weights* W, const int64_t* idx, int64_t from, int64_t to) {
+  for (int64_t q = from; q < to; q++) {
+    if (idx[q] == idx[q - 1] + 1) continue;
+    const char *a = (const char*)(W->A + idx[q] * W->lda), *t = (const char*)(W->T + idx[q] * W->ldt),
+               *b = W->B ? (const char*)(W->B + idx[q] * W->ldb) : 0;
+    for (int line = 0; line < PREFETCH_LINES; line++) {
+      __builtin_prefetch(a + 64 * line);
+      __builtin_prefetch(t + 64 * line);
+      if (b) __builtin_prefetch(b + 64 * line);
+    }
+  }
+}
+
 /* Partial outputs of groups [begin, end). */
 static void groups_range(void* job, int64_t begin, int64_t end) {
   const grouped_job* G = job;
@@ -780,6 +800,7 @@ static void groups_range(void* job, int64_t begin, int64_t end) {
     int64_t first = group_start(g, G->groups, J->K), last = group_start(g + 1, G->groups, J->K);
     if (G->with_acts) { add_rows(J->W, J->idx + first, J->acts + first, last - first, part); continue; }
     for (int64_t k = first; k < last; k += 4) {
+      start_streams(J->W, J->idx, k + 4, k + 8 < last ? k + 8 : last);
       float four[4];
       gathered_job one = *J;
       one.idx = J->idx + k;
