@@ -283,3 +283,26 @@ def test_a_sequence_prepares_each_kernel_step_once(family_checkpoint, monkeypatc
     assert prepared == layers
     assert torch.equal(second, model.generate_greedy(input_ids, 6, backend="torch"))
     assert not torch.equal(second, first)
+
+
+def test_cpu_decoding_steps_run_torch_on_one_thread(family_checkpoint, monkeypatch):
+    """The cpu backend's decoding steps run torch's ops on one thread (their OpenMP workers would
+    spin on the kernels' cores) and give torch its thread count back after each step."""
+    family, checkpoint = family_checkpoint
+    model = LocalModel.from_checkpoint(checkpoint, family)
+    input_ids, _ = prompts(1, 5, seed=7)
+    seen = []
+    real_run = cpu.DecodingSteps.run
+
+    def recording_run(self, x, caches, mask):
+        seen.append(torch.get_num_threads())
+        return real_run(self, x, caches, mask)
+
+    monkeypatch.setattr(cpu.DecodingSteps, "run", recording_run)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model.generate_greedy(input_ids, 4, backend="cpu")
+        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

@@ -61,7 +61,7 @@ def predicted_mlp(h, x_pred, predictor, k, first, second, output, act_fn, predic
     if _two_linears(predictor):
         neurons = triton_sparse.predict_neurons(rows_in, predictor, k, fixed_size=True)
     else:
-        top = predictor_scores(predictor, x_pred)[:, 0].topk(k, dim=-1).indices
+        top = predictor_scores(predictor, x_pred)[:, 0].topk(k, dim=-1, sorted=False).indices
         neurons = top[0].sort().values if top.shape[0] == 1 else triton_sparse.padded_union(top, first.out_features)
     out = triton_sparse.sparse_mlp(h[:, 0], neurons, first.weight, None if second is None else second.weight,
                                    output.weight.t(), activation, first.bias,

@@ -15,7 +15,7 @@ import logging
 import torch
 
 from ..common import StaticDecodeState, StaticKVCache, forget_step_caches
-from .cpu import DecodingSteps, kernels_enabled
+from .cpu import DecodingSteps, kernels_enabled, torch_single_threaded
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class DynamicCacheStage:
             return self._run(x, mask)
         if self.decoding is None:
             self.decoding = DecodingSteps(self.blocks)
-        with self.backend.running():
+        with self.backend.running(), torch_single_threaded():
             return self.decoding.run(x, self.caches, mask)
 
 

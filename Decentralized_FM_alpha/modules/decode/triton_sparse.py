@@ -479,7 +479,9 @@ def predict_neurons(x_pred: torch.Tensor, predictor_weights, k: int, fixed_size:
     """
     w1, w2 = _predictor_pair(predictor_weights)
     scores = torch.nn.functional.linear(torch.nn.functional.linear(x_pred.to(w1.dtype), w1), w2)
-    top = scores.topk(k, dim=-1).indices  # [B, k]; fixed k keeps it graph-capturable
+    # [B, k]; fixed k keeps it graph-capturable. Unsorted: only the set matters, and the indices
+    # are sorted next (batch 1) or scattered into a mask (the union), so topk's value sort is waste.
+    top = scores.topk(k, dim=-1, sorted=False).indices
     if top.shape[0] == 1:
         return top[0].sort().values
     return padded_union(top, w2.shape[0]) if fixed_size else union_of_rows(top)
