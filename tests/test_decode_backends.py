@@ -286,8 +286,8 @@ def test_a_sequence_prepares_each_kernel_step_once(family_checkpoint, monkeypatc
 
 
 def test_cpu_decoding_steps_run_torch_on_one_thread(family_checkpoint, monkeypatch):
-    """The cpu backend's decoding steps run torch's ops on one thread (their OpenMP workers would
-    spin on the kernels' cores) and give torch its thread count back after each step."""
+    """The cpu backend's batch-1 decoding steps run torch's ops on one thread (their OpenMP workers
+    would spin on the kernels' cores) and give torch its thread count back after each step."""
     family, checkpoint = family_checkpoint
     model = LocalModel.from_checkpoint(checkpoint, family)
     input_ids, _ = prompts(1, 5, seed=7)
@@ -304,5 +304,8 @@ def test_cpu_decoding_steps_run_torch_on_one_thread(family_checkpoint, monkeypat
     try:
         model.generate_greedy(input_ids, 4, backend="cpu")
         assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+        seen.clear()  # a larger batch runs the blocks' torch forward, on torch's threads
+        model.generate_greedy(input_ids.repeat(2, 1), 3, backend="cpu")
+        assert seen == [2, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)

@@ -10,6 +10,7 @@ kernels from Python (about 16% of the memory bound at Llama-3.2-1B dims, batch 1
 same step runs eagerly, which is how tests compare it with the dynamic cache on the CPU.
 """
 
+import contextlib
 import logging
 
 import torch
@@ -55,7 +56,9 @@ class DynamicCacheStage:
             return self._run(x, mask)
         if self.decoding is None:
             self.decoding = DecodingSteps(self.blocks)
-        with self.backend.running(), torch_single_threaded():
+        # batch 1: single-row ops (the kernels' steps); larger batches run torch's forward on its threads
+        single_row = x.shape[0] == 1 and x.device.type == "cpu"
+        with self.backend.running(), torch_single_threaded() if single_row else contextlib.nullcontext():
             return self.decoding.run(x, self.caches, mask)
 
 
