@@ -5,7 +5,10 @@ from the same GGUF), same inputs (real English text, every row cut to the same p
 so neither side pads), same thread count, greedy decoding, float32.
 
 Method, identical for both sides: time a run that produces 1 new token (= the prompt phase)
-and a run that produces 1 + N new tokens; decode time = the difference. Median of --repeats.
+and a run that produces 1 + N new tokens; decode time = the difference. --repeats rounds, each
+timing every run once in turn (engine, transformers, the sparse runs), so that a change in the
+machine's state hits all of them; rates are medians over rounds, ratios medians of the
+per-round ratios.
 --threads sets torch's threads (both sides) and the C decode kernels' (cpu_kernels).
 
 The memory bound of dense decoding at that thread count, measured in the same run: weight
@@ -162,20 +165,34 @@ def main(argv=None):
         runs += sparse_runs(checkpoint, prompts, settings, args)
     for _, run in runs:
         run(2)  # warm-up
+    # Round-robin: each round times every run once (its prompt alone, then prompt + N tokens), so
+    # a change in the machine's state during the benchmark hits all of them alike; the ratios are
+    # medians of per-round ratios.
+    samples = {name: [] for name, _ in runs}
+    for _ in range(args.repeats):
+        for name, run in runs:
+            prompt_time, _ = timed(lambda: run(1), 1)
+            full_time, result = timed(lambda: run(1 + args.new_tokens), 1)
+            samples[name].append((prompt_time, max(full_time - prompt_time, 1e-9)))
+            if name == "engine":
+                engine_tokens = [row["generated"] for row in result]
+            elif name == "transformers":
+                hf_tokens = result[:, ids.shape[1]:].tolist()
     figures = {}
-    for name, run in runs:
-        prompt_time, _ = timed(lambda: run(1), args.repeats)
-        full_time, result = timed(lambda: run(1 + args.new_tokens), args.repeats)
-        decode_time = max(full_time - prompt_time, 1e-9)
+    for name, rounds in samples.items():
+        prompt_time = statistics.median(p for p, _ in rounds)
+        decode_time = statistics.median(d for _, d in rounds)
         figures[name] = {
             "prompt_seconds": prompt_time, "decode_seconds": decode_time,
             "prompt_tokens_per_s": args.batch * args.prompt_tokens / prompt_time,
             "decode_tokens_per_s": args.batch * args.new_tokens / decode_time,
         }
-        if name == "engine":
-            engine_tokens = [row["generated"] for row in result]
-        elif name == "transformers":
-            hf_tokens = result[:, ids.shape[1]:].tolist()
+
+    def round_ratio(name, baseline, phase):
+        """Median over rounds of name's rate / baseline's rate in the same round."""
+        index = 0 if phase == "prompt" else 1
+        return statistics.median(b[index] / a[index] for a, b in zip(samples[name], samples[baseline]))
+
     bandwidths.append(copy_bandwidth(256, 10))
     bandwidth = max(bandwidths)
     bound = bandwidth * 1e9 / token_bytes  # tok/s at batch 1
@@ -188,10 +205,10 @@ def main(argv=None):
         "copy_bandwidths_gbps": bandwidths, "copy_bandwidth_gbps": bandwidth, "bytes_per_token": token_bytes,
         "memory_bound_tokens_per_s": bound,
         "bound_fraction_decode": figures["engine"]["decode_tokens_per_s"] / bound,
-        "ratio_prompt": figures["engine"]["prompt_tokens_per_s"] / figures["transformers"]["prompt_tokens_per_s"],
-        "ratio_decode": figures["engine"]["decode_tokens_per_s"] / figures["transformers"]["decode_tokens_per_s"],
+        "ratio_prompt": round_ratio("engine", "transformers", "prompt"),
+        "ratio_decode": round_ratio("engine", "transformers", "decode"),
         "same_greedy_tokens": engine_tokens == hf_tokens,
-        "sparse_decode_vs_engine": {name: figures[name]["decode_tokens_per_s"] / figures["engine"]["decode_tokens_per_s"]
+        "sparse_decode_vs_engine": {name: round_ratio(name, "engine", "decode")
                                     for name in figures if name.startswith("sparse")},
     }
     report["rows"] = table_rows(report, figures)
