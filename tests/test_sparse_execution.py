@@ -266,6 +266,32 @@ def test_missing_predictor_file_is_named(tmp_path):
         configure_sparse(list(model.blocks), "predicted", sparse_path=str(tmp_path))
 
 
+def test_predictors_trained_under_another_label_are_read_with_predictor_dataset(tmp_path):
+    """The predictor package names files by its --dataset label; the runner reads that label
+    (--predictor-dataset), and a folder holding the files under another label says which."""
+    from sparse_predictor.predictor import build_predictor, checkpoint_path, save_predictor
+
+    checkpoint = build("llama", tmp_path)
+    model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse")
+    config = model.config
+    folder = tmp_path / "predictors"
+    folder.mkdir()
+    torch.manual_seed(0)
+    saved = {}
+    for layer in range(config.num_hidden_layers):
+        for kind, width in (("mlp", config.intermediate_size), ("att", config.num_attention_heads)):
+            saved[kind, layer] = build_predictor(config.hidden_size, 4, width)
+            save_predictor(checkpoint_path(str(folder), kind, layer, "wiki"), saved[kind, layer])
+    with pytest.raises(SparseSetupError, match=r"c4_layer0\.pt \(the folder has it under 'wiki': pass --predictor-dataset"):
+        configure_sparse(list(model.blocks), "predicted", sparse_path=str(folder), mlp_keep=0.5, att_keep=0.5)
+    blocks = configure_sparse(list(model.blocks), "predicted", sparse_path=str(folder), mlp_keep=0.5, att_keep=0.5,
+                              predictor_dataset="wiki")
+    for block in blocks:
+        want_mlp, want_att = saved["mlp", block.layer_index], saved["att", block.layer_index]
+        assert torch.equal(block.mlp.predictor[1].weight, want_mlp[1].weight)
+        assert torch.equal(block.taps.att_predictor[0].weight, want_att[0].weight)
+
+
 def test_top_k_mask_counts():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.3], [4.0, 3.0, 2.0, 1.0]])
     assert top_k_mask(scores, 2).tolist() == [[False, True, True, False], [True, True, False, False]]

@@ -309,7 +309,8 @@ def setup_predicted(blocks, options):
             if key not in predictors:
                 if not options.sparse_path:
                     raise SparseSetupError("predicted mode needs --sparse-path (or $SPRARSE_PATH)")
-                predictors[key] = load_predictors(options.sparse_path, kind, block.layer_index)
+                predictors[key] = load_predictors(options.sparse_path, kind, block.layer_index,
+                                                   options.predictor_dataset)
             module, input_mode = predictors[key]
             module = module.to(next(block.parameters()).device)
             if options.predictor_dtype == "float16" and not store_predictor_half(module):
@@ -417,8 +418,12 @@ def add_arguments(parser):
                        help="predicted, oracle, dense, or a training-free MLP baseline: teal, cats (Llama), wina "
                             "(default: $SPARSE_MODE or predicted)")
     group.add_argument("--sparse-path", default=env.get("SPRARSE_PATH") or env.get("SPARSE_PATH"),
-                       help="folder of c4_layer{L}.pt / c4_att_layer{L}.pt, and thresholds_{teal,cats}.json "
+                       help="folder of c4_layer{L}.pt / c4_att_layer{L}.pt (c4: --predictor-dataset), and "
+                            "thresholds_{teal,cats}.json "
                             "(default: $SPRARSE_PATH)")
+    group.add_argument("--predictor-dataset", default=env.get("PREDICTOR_DATASET") or "c4",
+                       help="the label the predictors were trained under (the predictor package's --dataset): "
+                            "files {label}_layer{L}.pt / {label}_att_layer{L}.pt (default: $PREDICTOR_DATASET or c4)")
     group.add_argument("--thresholds", default=None,
                        help="teal / cats: the calibrated thresholds file (default: "
                             "--sparse-path/thresholds_{mode}.json)")
@@ -451,19 +456,36 @@ def _layers_env():
     return f"{first}-" if first not in (None, "") else "all"
 
 
-def load_predictors(folder, kind, layer):
-    """(predictor, input mode) for one layer, from the predictor package's files."""
-    from sparse_predictor.predictor import load_predictor, load_predictor_info
+def load_predictors(folder, kind, layer, dataset="c4"):
+    """(predictor, input mode) for one layer, from the predictor package's files: the names it
+    writes (sparse_predictor.predictor.checkpoint_name) under the label it was trained with."""
+    from sparse_predictor.predictor import checkpoint_name, load_predictor, load_predictor_info
 
-    name = f"c4_layer{layer}.pt" if kind == "mlp" else f"c4_att_layer{layer}.pt"
-    path = os.path.join(folder, name)
+    path = os.path.join(folder, checkpoint_name(kind, layer, dataset))
     if not os.path.isfile(path):
-        raise SparseSetupError(f"predictor file not found: {path}")
+        raise SparseSetupError(f"predictor file not found: {path}{other_labels(folder, kind, layer)}")
     info = load_predictor_info(folder, kind, layer)
     if info is None:  # e.g. upstream's checkpoints, which carry no metrics file
         logger.warning("%s: no metrics line records its input mode; assuming 'same'", path)
         info = {}
     return load_predictor(path), info.get("input_mode", "same")
+
+
+def other_labels(folder, kind, layer):
+    """A hint naming the labels the folder does hold this layer's predictor under ('' if none)."""
+    from sparse_predictor.predictor import checkpoint_name
+
+    suffix = checkpoint_name(kind, layer, "")  # "_layer{L}.pt" / "_att_layer{L}.pt"
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return ""
+    labels = [name[:-len(suffix)] for name in names if name.endswith(suffix) and len(name) > len(suffix)]
+    if kind == "mlp":  # "{label}_att_layer{L}.pt" ends with "_layer{L}.pt" too
+        labels = [label for label in labels if not label.endswith("_att")]
+    if not labels:
+        return ""
+    return f" (the folder has it under {', '.join(repr(label) for label in labels)}: pass --predictor-dataset)"
 
 
 @dataclass
@@ -477,6 +499,7 @@ class SetupOptions:
     use_gather: bool
     sparse_mlp: bool
     sparse_attention: bool
+    predictor_dataset: str = "c4"  # the label in the predictor files' names
 
 
 def check_mode_flags(mode, mlp_keep, att_keep, sparse_mlp):
@@ -497,10 +520,11 @@ def check_mode_flags(mode, mlp_keep, att_keep, sparse_mlp):
 
 def configure_sparse(blocks, mode, sparse_path=None, mlp_keep=None, att_keep=None, layers=None,
                      sparse_mlp=True, sparse_attention=True, use_gather=True, predictors=None,
-                     predictor_dtype="float32", thresholds=None, stats=None):
+                     predictor_dtype="float32", thresholds=None, stats=None, predictor_dataset="c4"):
     """Set up a stage's blocks. `predictors` {(kind, layer): (module, input mode)} overrides files.
     predictor_dtype "float16" rounds the predictors' weights to float16 (store_predictor_half).
-    `thresholds` (teal, cats): a thresholds file, or {layer: {"t_in", "t_down"} / {"t_gate"}}; by
+    predictor_dataset: the label of the predictor files read from sparse_path
+    ({label}_layer{L}.pt). `thresholds` (teal, cats): a thresholds file, or {layer: {"t_in", "t_down"} / {"t_gate"}}; by
     default --sparse-path/thresholds_{mode}.json. `stats`: a SparseStats that the blocks report
     what they keep to (None: no counting). Returns the blocks."""
     if mode not in MODES:
@@ -515,7 +539,7 @@ def configure_sparse(blocks, mode, sparse_path=None, mlp_keep=None, att_keep=Non
                 raise SparseSetupError(str(error)) from None
     check_mode_flags(mode, mlp_keep, att_keep, sparse_mlp)
     options = SetupOptions(mode, mlp_keep, sparse_path, thresholds, dict(predictors or {}), predictor_dtype,
-                           use_gather, sparse_mlp, sparse_attention)
+                           use_gather, sparse_mlp, sparse_attention, predictor_dataset)
     sparse_blocks, previous = [], None
     for block in blocks:
         taps = SparseTaps(block, previous, stats)
@@ -596,6 +620,7 @@ def prepare_stage(blocks, args, config):
         predictor_dtype=args.predictor_dtype,
         thresholds=getattr(args, "thresholds", None),
         stats=stats,
+        predictor_dataset=getattr(args, "predictor_dataset", "c4"),
     )
     logger.info("sparse execution: mode %s, MLP keep %s, heads keep %s, layers %s, predictors in %s",
                 args.sparse_mode, args.mlp_keep, args.att_keep, args.sparse_layers, args.predictor_dtype)
