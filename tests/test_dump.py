@@ -126,6 +126,22 @@ def test_different_model_in_folder_is_refused(tmp_path):
     assert meta["hidden_size"] == 72
 
 
+def test_the_same_checkpoint_under_another_spelling_is_the_same_model(tmp_path, monkeypatch):
+    """A dump made with a relative checkpoint path is resumed with the absolute one (and through
+    a symlink): the same model, not a different one."""
+    hf_model, checkpoint = tiny_llama(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(checkpoint, tmp_path)
+    link = tmp_path / "linked"
+    link.symlink_to(checkpoint, target_is_directory=True)
+    collect(relative, "llama-save", tmp_path / "dump", [(ids(1, 6, seed=2), None)], capacity=100)
+    collect(os.path.abspath(checkpoint) + os.sep, "llama-save", tmp_path / "dump", [(ids(1, 4, seed=3), None)],
+            capacity=100, resume=True)
+    meta = collect(str(link), "llama-save", tmp_path / "dump", [(ids(1, 5, seed=4), None)], capacity=100,
+                   resume=True)
+    assert meta["tokens"] == 15
+
+
 KILLED_COLLECTOR = r"""
 import sys, torch
 from dump_helpers import collect_args

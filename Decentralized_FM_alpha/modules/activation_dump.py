@@ -95,6 +95,19 @@ class DumpSettings:
         )
 
 
+def same_model(recorded, given):
+    """Whether a dump's recorded model names the model given now: the same string, or two
+    spellings of one checkpoint folder (relative and absolute, a symlink, a trailing slash)."""
+    if recorded == given:
+        return True
+    if not isinstance(recorded, str) or not isinstance(given, str):
+        return False
+    try:
+        return os.path.samefile(recorded, given)
+    except OSError:  # a path that is not there (moved, or a name that is not a path)
+        return False
+
+
 class DumpWriter:
     """Writes this rank's layers; keeps meta.json consistent with what was flushed."""
 
@@ -140,7 +153,8 @@ class DumpWriter:
         with meta_lock(self.folder):
             meta = read_meta(self.folder)
             if meta is not None and not s.force:
-                different = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+                different = {k: (meta.get(k), v) for k, v in expected.items()
+                             if not (same_model(meta.get(k), v) if k == "model" else meta.get(k) == v)}
                 if different:
                     detail = ", ".join(f"{k}: {old!r} there, {new!r} here" for k, (old, new) in different.items())
                     raise DumpError(
