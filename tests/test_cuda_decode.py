@@ -99,14 +99,16 @@ def test_the_triton_predicted_mlp_gives_the_cpu_torch_path_numbers(tmp_path):
     assert torch.allclose(runs[0][1], runs[1][1].cpu(), atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_graph_replays_of_the_kept_heads_path_give_the_masked_heads(tmp_path, monkeypatch, batch):
-    """Predicted heads at keep 0.5 (MLP dense): the kept-heads path (q rows and o columns through
-    Triton, captured as a CUDA graph) against the masked torch heads (--no-gather), same weights."""
+def test_graph_replays_of_the_kept_heads_path_give_the_masked_heads(tmp_path, monkeypatch, family, batch):
+    """Predicted heads at keep 0.5 (MLP dense): the kept-heads path (q rows and output-projection
+    columns through Triton, captured as a CUDA graph) against the masked torch heads (--no-gather),
+    same weights."""
     from dejavu_llama.modules.decode import cuda_sparse
 
-    checkpoint = tiny_llama(tmp_path)[1]
-    model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse", device="cuda")
+    checkpoint = (tiny_llama if family == "llama" else tiny_opt)(tmp_path)[1]
+    model = LocalModel.from_checkpoint(checkpoint, f"{family}-ml-att-sparse", device="cuda")
     config = model.config
     torch.manual_seed(5)
     predictors = {("att", layer): (nn.Sequential(nn.Linear(config.hidden_size, 8, bias=False),
@@ -124,6 +126,6 @@ def test_graph_replays_of_the_kept_heads_path_give_the_masked_heads(tmp_path, mo
         calls.clear()
         runs[use_gather] = model.generate_greedy(input_ids, 10, mask=mask, backend=backend, with_logprobs=True)
         assert bool(calls) == use_gather
-    assert all(block.self_attn.o_proj.weight.t().is_contiguous() for block in model.blocks)
+    assert all(cuda_sparse.output_projection(block).weight.t().is_contiguous() for block in model.blocks)
     assert torch.equal(runs[True][0], runs[False][0])
     assert torch.allclose(runs[True][1], runs[False][1], atol=1e-4)

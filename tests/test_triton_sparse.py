@@ -390,27 +390,44 @@ def test_padded_kept_heads(heads_kernels):
     assert heads_kernels.padded_kept_heads(torch.ones(3, 6, dtype=torch.bool), 4).tolist() == list(range(6))
 
 
-@pytest.mark.parametrize("batch, keep_fraction, bias, dtype", [(1, 0.5, False, torch.float32), (3, 0.5, True, torch.float32),
-                                                               (3, 0.25, False, torch.float32),
-                                                               (3, 0.5, False, torch.float16)])
-def test_sparse_heads_attention_equals_the_masked_attention(heads_kernels, batch, keep_fraction, bias, dtype):
-    """GQA (8 heads over 2 KV heads) after a left-padded prompt of 5 positions: the kept heads'
-    q rows and o columns give the block's attention with each row's dropped heads zeroed."""
-    from transformers import LlamaConfig
+def attention_block(family, bias, dtype):
+    """A Llama block with GQA (8 heads over 2 KV heads) or an OPT block (8 heads), d = 64, its
+    output projection laid out transposed as sparse execution does on CUDA."""
+    from transformers import LlamaConfig, OPTConfig
 
+    from dejavu_llama.modules.decode import cuda_sparse
     from dejavu_llama.modules.hf_llama_module import LlamaBlock
+    from dejavu_llama.modules.hf_opt_module import OPTBlock
 
+    if family == "llama":
+        block = LlamaBlock(LlamaConfig(hidden_size=64, intermediate_size=32, num_attention_heads=8,
+                                       num_key_value_heads=2, attention_bias=bias, rms_norm_eps=1e-5))
+    else:
+        block = OPTBlock(OPTConfig(hidden_size=64, ffn_dim=32, num_attention_heads=8, enable_bias=bias))
+    block = block.to(DEVICE, dtype).eval()
+    cuda_sparse.store_transposed(cuda_sparse.output_projection(block))
+    return block
+
+
+@pytest.mark.parametrize("family, batch, keep_fraction, bias, dtype", [
+    ("llama", 1, 0.5, False, torch.float32), ("llama", 3, 0.5, True, torch.float32),
+    ("llama", 3, 0.25, False, torch.float32), ("llama", 3, 0.5, False, torch.float16),
+    ("opt", 1, 0.5, True, torch.float32), ("opt", 3, 0.5, True, torch.float32),
+    ("opt", 3, 0.25, True, torch.float32), ("opt", 3, 0.5, True, torch.float16),
+    ("opt", 3, 0.5, False, torch.float32)])
+def test_sparse_heads_attention_equals_the_masked_attention(heads_kernels, family, batch, keep_fraction, bias, dtype):
+    """After a left-padded prompt of 5 positions, the kept heads' q rows and output-projection
+    columns give the block's attention with each row's dropped heads zeroed (Llama: RoPE, GQA;
+    OPT: biased q, k, v and out_proj)."""
     g = gen(110 + batch)
     torch.manual_seed(110 + batch)
-    config = LlamaConfig(hidden_size=64, intermediate_size=32, num_attention_heads=8, num_key_value_heads=2,
-                         attention_bias=bias, rms_norm_eps=1e-5)
-    block = LlamaBlock(config).to(DEVICE, dtype).eval()
-    heads_kernels.store_transposed(block.self_attn.o_proj)
+    block = attention_block(family, bias, dtype)
     n_heads, k = 8, max(1, round(keep_fraction * 8))
     prompt, mask = rand(batch, 5, 64, dtype=dtype, gen=g), torch.ones(batch, 6, dtype=torch.long, device=DEVICE)
     mask[1:, 0] = 0  # left padding
     h, keep = rand(batch, 1, 64, dtype=dtype, gen=g), random_keep(batch, n_heads, k, g)
     with torch.no_grad():
+        assert heads_kernels.heads_usable(block, h)
         _, present = block.attention(prompt, None, mask[:, :5], None)
         past = (present[0].clone(), present[1].clone())
         dense, _ = block.attention(h, past, mask, None)
@@ -425,23 +442,51 @@ def test_sparse_heads_attention_equals_the_masked_attention(heads_kernels, batch
         assert (heads_kernels.padded_kept_heads(keep[:, 0], k) < n_heads).sum() > k
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_a_llama_with_predicted_heads_decodes_as_the_masked_torch_path(heads_kernels, tmp_path, monkeypatch, batch):
-    """Tiny Llama (6 heads over 2 KV heads), predicted heads at keep 0.5, the static-cache step
-    (eager here): the kept-heads path gives the masked torch path's tokens, logprobs and stats."""
-    from dejavu_llama.modules.local_model import LocalModel
-    from dejavu_llama.modules.sparse_execution import configure_sparse
-    from dejavu_llama.modules.sparse_stats import SparseStats
-    from tiny_models import tiny_llama
+def test_output_projection_and_layout_of_both_families(heads_kernels):
+    """o_proj (Llama) and out_proj (OPT) are found; the transposed layout keeps values, shape and
+    state-dict key; a block without either is refused by name."""
+    for family, name in (("llama", "o_proj"), ("opt", "out_proj")):
+        block = attention_block(family, True, torch.float32)
+        output = heads_kernels.output_projection(block)
+        assert output is getattr(block.self_attn, name) and output.weight.t().is_contiguous()
+        assert block.state_dict()[f"self_attn.{name}.weight"].shape == (64, 64)
+    plain = nn.Module()
+    assert heads_kernels.output_projection(plain) is None and not heads_kernels.lay_out_o_proj(plain)
+    assert not heads_kernels.heads_usable(plain, torch.zeros(1, 1, 64, device=DEVICE))
+    with pytest.raises(TypeError, match="o_proj.*out_proj"):
+        heads_kernels.sparse_heads_attention(plain, torch.zeros(1, 1, 64), None, None,
+                                             torch.ones(1, 1, 8, dtype=torch.bool), 8)
 
-    if ON_GPU:
-        pytest.skip("the interpreter's run of the CUDA path; tests/test_cuda_decode.py covers the GPU")
-    model = LocalModel.from_checkpoint(tiny_llama(tmp_path)[1], "llama-ml-att-sparse")
+
+def tiny_sparse_model(family, tmp_path, seed=7):
+    """A tiny Llama (6 heads over 2 KV heads) or OPT (4 heads) as an *-ml-att-sparse model, and
+    attention predictors for every layer (random, from seed)."""
+    from dejavu_llama.modules.local_model import LocalModel
+    from tiny_models import tiny_llama, tiny_opt
+
+    checkpoint = (tiny_llama if family == "llama" else tiny_opt)(tmp_path)[1]
+    model = LocalModel.from_checkpoint(checkpoint, f"{family}-ml-att-sparse")
     config = model.config
-    torch.manual_seed(7)
+    torch.manual_seed(seed)
     predictors = {("att", layer): (nn.Sequential(nn.Linear(config.hidden_size, 8, bias=False),
                                                  nn.Linear(8, config.num_attention_heads, bias=False)), "same")
                   for layer in range(config.num_hidden_layers)}
+    return model, predictors
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_model_with_predicted_heads_decodes_as_the_masked_torch_path(heads_kernels, tmp_path, monkeypatch, family,
+                                                                      batch):
+    """Tiny Llama or OPT, predicted heads at keep 0.5, the static-cache step (eager here): the
+    kept-heads path gives the masked torch path's tokens, logprobs and stats."""
+    from dejavu_llama.modules.sparse_execution import configure_sparse
+    from dejavu_llama.modules.sparse_stats import SparseStats
+
+    if ON_GPU:
+        pytest.skip("the interpreter's run of the CUDA path; tests/test_cuda_decode.py covers the GPU")
+    model, predictors = tiny_sparse_model(family, tmp_path)
+    config = model.config
     ids = torch.randint(3, 256, (batch, 6), generator=gen(batch))
     mask = torch.ones(batch, 6, dtype=torch.long)
     mask[1:, :2] = 0
@@ -458,7 +503,7 @@ def test_a_llama_with_predicted_heads_decodes_as_the_masked_torch_path(heads_ker
         configure_sparse(list(model.blocks), "predicted", predictors=predictors, att_keep=0.5, sparse_mlp=False,
                          use_gather=use_gather, stats=stats)
         for block in model.blocks:
-            heads_kernels.store_transposed(block.self_attn.o_proj)
+            heads_kernels.store_transposed(heads_kernels.output_projection(block))
         tokens, logprobs = model.generate_greedy(ids, 5, mask=mask, backend="cuda", with_logprobs=True)
         return tokens, logprobs, stats, len(calls)
 
@@ -473,22 +518,17 @@ def test_a_llama_with_predicted_heads_decodes_as_the_masked_torch_path(heads_ker
     assert {name for _, name in masked[2].sums} == {"heads", "neurons"}
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("mode, att_keep", [("oracle", 0.5), ("predicted", None)])
-def test_the_kept_heads_path_leaves_oracle_heads_and_positives_masked(heads_kernels, tmp_path, monkeypatch, mode,
-                                                                      att_keep):
+def test_the_kept_heads_path_leaves_oracle_heads_and_positives_masked(heads_kernels, tmp_path, monkeypatch, family,
+                                                                      mode, att_keep):
     """Oracle heads (chosen from the heads' own outputs) and predicted positives (no fixed K)
     keep the masked torch path, even where the Triton path is usable."""
-    from dejavu_llama.modules.local_model import LocalModel
     from dejavu_llama.modules.sparse_execution import configure_sparse
-    from tiny_models import tiny_llama
 
-    model = LocalModel.from_checkpoint(tiny_llama(tmp_path)[1], "llama-ml-att-sparse")
-    config = model.config
-    predictors = {("att", layer): (nn.Sequential(nn.Linear(config.hidden_size, 8, bias=False),
-                                                 nn.Linear(8, config.num_attention_heads, bias=False)), "same")
-                  for layer in range(config.num_hidden_layers)}
+    model, predictors = tiny_sparse_model(family, tmp_path)
     configure_sparse(list(model.blocks), mode, predictors=predictors, att_keep=att_keep, sparse_mlp=False)
     for block in model.blocks:
-        heads_kernels.store_transposed(block.self_attn.o_proj)
+        heads_kernels.store_transposed(heads_kernels.output_projection(block))
     monkeypatch.setattr(heads_kernels, "sparse_heads_attention", lambda *args: pytest.fail("kept-heads path taken"))
     model.generate_greedy(torch.randint(3, 256, (1, 5), generator=gen(3)), 3, backend="cuda")

@@ -115,6 +115,10 @@ class OPTBlock(TappedModule):
         self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
 
     def attention(self, h, layer_past, mask, token_mask):
+        step = getattr(self.taps, "attention_step", None)  # sparse execution: the kept heads only, where it can
+        sparse = None if step is None else step(self, h, layer_past, mask, token_mask)
+        if sparse is not None:
+            return sparse
         batch, seq_len, _ = h.shape
         weights = self.self_attn
 

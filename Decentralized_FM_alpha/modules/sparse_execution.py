@@ -328,7 +328,7 @@ def setup_predicted(blocks, options):
                 )
             taps.att_predictor, taps.att_input = module, input_mode
             if options.use_gather:
-                cuda_sparse.lay_out_o_proj(block)  # CUDA weights only: o_proj transposed for the kept heads
+                cuda_sparse.lay_out_o_proj(block)  # CUDA only: o_proj (OPT: out_proj) transposed, for kept heads
         if mlp.predictor is None:
             mlp.mode = "dense"
 

@@ -9,12 +9,14 @@ path. The down (fc2) weight is laid out transposed once (lay_out_for_gather) so 
 neuron's column is one contiguous row; its values, shape and state-dict key stay those of the
 Linear.
 
-Sparse heads (Llama; sparse_execution.SparseTaps.attention_step calls in): q of the kept heads
-only (their rows of q_proj), k and v dense (the cache needs every KV head), attention, each row's
-dropped heads zeroed, then o_proj on the kept heads' columns (o_proj.weight laid out transposed
-like down). At batch > 1 q and o read the union of the rows' kept heads (fixed size, as for the
-MLP), but each row's output is exactly the masked torch path's: a row's dropped heads are zeroed
-before o_proj.
+Sparse heads (Llama and OPT; sparse_execution.SparseTaps.attention_step calls in): q of the kept
+heads only (their rows of q_proj), k and v dense (the cache needs every KV head), attention, each
+row's dropped heads zeroed, then the output projection (o_proj, OPT's out_proj) on the kept
+heads' columns (its weight laid out transposed like down). At batch > 1 q and the output
+projection read the union of the rows' kept heads (fixed size, as for the MLP), but each row's
+output is exactly the masked torch path's: a row's dropped heads are zeroed before the output
+projection. The families differ only in how q, k and v are made (_HEADS_FAMILIES): Llama rotates
+q and k (RoPE) and may share KV heads (GQA); OPT has neither.
 """
 
 import torch
@@ -74,18 +76,25 @@ def _two_linears(predictor):
     return len(layers) == 2 and all(isinstance(layer, nn.Linear) and layer.bias is None for layer in layers)
 
 
-# ---- DejaVu's sparse heads (Llama) --------------------------------------------------------------
+# ---- DejaVu's sparse heads (Llama and OPT) ------------------------------------------------------
 def heads_usable(block, h):
-    """Whether sparse_heads_attention runs for a Llama block's decoding input h [B, 1, d]: the
-    Triton path is usable and o_proj.weight is laid out transposed (lay_out_o_proj)."""
-    return h.shape[1] == 1 and usable(h) and block.self_attn.o_proj.weight.t().is_contiguous()
+    """Whether sparse_heads_attention runs for a block's decoding input h [B, 1, d]: a Llama or OPT
+    block, the Triton path usable, its output projection laid out transposed (lay_out_o_proj)."""
+    output = output_projection(block)
+    return h.shape[1] == 1 and output is not None and usable(h) and output.weight.t().is_contiguous()
+
+
+def output_projection(block):
+    """The Linear from the heads back to d: o_proj (Llama) or out_proj (OPT); None for neither."""
+    family = _heads_family(block)
+    return None if family is None else getattr(block.self_attn, family[0])
 
 
 def lay_out_o_proj(block):
-    """o_proj.weight [d, H*hd] stored transposed (lay_out_for_gather) so that a kept head's columns
-    are contiguous rows of o_proj.weight.t() [H*hd, d]. Blocks without o_proj (OPT) are left
-    as they are. Returns whether it did."""
-    output = getattr(block.self_attn, "o_proj", None)
+    """The output projection's weight [d, H*hd] (o_proj, OPT's out_proj) stored transposed
+    (lay_out_for_gather) so that a kept head's columns are contiguous rows of weight.t() [H*hd, d].
+    Blocks with neither are left as they are. Returns whether it did."""
+    output = output_projection(block)
     return output is not None and lay_out_for_gather(output)
 
 
@@ -101,36 +110,73 @@ def padded_kept_heads(keep, k):
 
 
 def sparse_heads_attention(block, h, layer_past, mask, keep, k):
-    """A Llama block's attention for one decoding token per row, reading only the kept heads' rows
-    of q_proj and columns of o_proj: h [B, 1, d], keep [B, 1, H] bool (each row's kept heads, k
-    per row) -> (out [B, 1, d], present).
+    """A Llama or OPT block's attention for one decoding token per row, reading only the kept
+    heads' rows of q_proj and columns of the output projection: h [B, 1, d], keep [B, 1, H] bool
+    (each row's kept heads, k per row) -> (out [B, 1, d], present).
 
-    Equals the block's attention with the heads a row did not keep zeroed before o_proj (the
-    head_out tap of sparse execution). q is computed for the heads any row keeps (the padded
-    union, padded_kept_heads); k and v stay dense, since the cache must hold every KV head. The
-    attention runs over all H head slots with the other heads' q zero, so each KV head's cache
-    is read once as in the dense step; each row's own dropped heads are then zeroed, and o_proj
-    reads the kept heads' columns only."""
-    batch = h.shape[0]
-    n_heads, n_kv_heads, head_dim = block.num_heads, block.num_kv_heads, block.head_dim
-    weights = block.self_attn
+    Equals the block's attention with the heads a row did not keep zeroed before the output
+    projection (the head_out tap of sparse execution). q is computed for the heads any row keeps
+    (the padded union, padded_kept_heads); k and v stay dense, since the cache must hold every
+    KV head. The attention runs over all H head slots with the other heads' q zero, so each KV
+    head's cache is read once as in the dense step; each row's own dropped heads are then zeroed,
+    and the output projection reads the kept heads' columns only."""
+    family = _heads_family(block)
+    if family is None:
+        raise TypeError(f"{type(block).__name__}: sparse heads need a Llama (o_proj) or OPT (out_proj) block")
+    output_name, queries_keys_values = family
     keep = keep[:, 0]
     heads = padded_kept_heads(keep, k)
-    q = _kept_queries(h[:, 0], weights.q_proj, heads, n_heads, head_dim)  # [B, H, 1, hd]
-    k_new = weights.k_proj(h).view(batch, 1, n_kv_heads, head_dim).transpose(1, 2)
-    v_new = weights.v_proj(h).view(batch, 1, n_kv_heads, head_dim).transpose(1, 2)
     positions, allowed = cache_geometry(layer_past, mask, 1, h.device)
+    q, k_new, v_new = queries_keys_values(block, h, heads, positions)  # [B, H, 1, hd], [B, KV, 1, hd] x2
+    present, keys, values = extend_cache(layer_past, k_new, v_new)
+    attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=block.head_dim**-0.5,
+                                              enable_gqa=keys.shape[1] != q.shape[1])  # [B, H, 1, hd]
+    kept = _kept_outputs(attended[:, :, 0], heads, keep)  # [B, R*hd]
+    output = getattr(block.self_attn, output_name)
+    out = triton_sparse.gather_head_columns(kept, output.weight.t(), heads, block.head_dim, output.bias)
+    return out[:, None], present
+
+
+def _llama_queries_keys_values(block, h, heads, positions):
+    """As LlamaBlock.attention: the kept heads' q and the dense new k, v over num_kv_heads (GQA),
+    q and k rotated (RoPE) at positions [B, 1]."""
+    q, k_new, v_new = _kept_q_dense_kv(block.self_attn, h, heads, block.num_heads, block.num_kv_heads,
+                                       block.head_dim)
     cos, _, signed_sin = block.rope_tables(positions, h.dtype)
-    half = head_dim // 2
+    half = block.head_dim // 2
     q = torch.addcmul(q * cos, q.roll(half, dims=-1), signed_sin)
     k_new = torch.addcmul(k_new * cos, k_new.roll(half, dims=-1), signed_sin)
-    present, keys, values = extend_cache(layer_past, k_new, v_new)
-    attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=head_dim**-0.5,
-                                              enable_gqa=n_kv_heads != n_heads)  # [B, H, 1, hd]
-    kept = _kept_outputs(attended[:, :, 0], heads, keep)  # [B, R*hd]
-    output = weights.o_proj
-    out = triton_sparse.gather_head_columns(kept, output.weight.t(), heads, head_dim, output.bias)
-    return out[:, None], present
+    return q, k_new, v_new
+
+
+def _opt_queries_keys_values(block, h, heads, positions):
+    """As OPTBlock.attention: the kept heads' q and the dense new k, v, biases included; no RoPE
+    (positions are added at the embedding) and no GQA. q is not scaled here: OPTBlock scales by
+    head_dim^-0.5 inside the attention, as sparse_heads_attention does."""
+    return _kept_q_dense_kv(block.self_attn, h, heads, block.num_heads, block.num_heads, block.head_dim)
+
+
+# the output projection's name and the family's q, k, v step
+_HEADS_FAMILIES = (("o_proj", _llama_queries_keys_values), ("out_proj", _opt_queries_keys_values))
+
+
+def _heads_family(block):
+    """(output projection name, q/k/v step) of a Llama or OPT block, else None."""
+    weights = getattr(block, "self_attn", None)
+    for output_name, queries_keys_values in _HEADS_FAMILIES:
+        if isinstance(getattr(weights, output_name, None), nn.Linear):
+            return output_name, queries_keys_values
+    return None
+
+
+def _kept_q_dense_kv(weights, h, heads, n_heads, n_kv_heads, head_dim):
+    """h [B, 1, d] -> q [B, H, 1, hd] of the kept heads (zero elsewhere, _kept_queries) and the new
+    k, v [B, KV, 1, hd], dense: the cache holds every KV head."""
+    batch = h.shape[0]
+    q = _kept_queries(h[:, 0], weights.q_proj, heads, n_heads, head_dim)
+    k_new = weights.k_proj(h).view(batch, 1, n_kv_heads, head_dim).transpose(1, 2)
+    v_new = weights.v_proj(h).view(batch, 1, n_kv_heads, head_dim).transpose(1, 2)
+    return q, k_new, v_new
 
 
 def _kept_queries(x, q_proj, heads, n_heads, head_dim):
