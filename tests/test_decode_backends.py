@@ -82,6 +82,8 @@ SPARSE_CASES = {
     "predicted biased": (dict(mlp_keep=0.25, sparse_attention=False), dict(biased=True), "half"),
     "predicted heads prev": (dict(mlp_keep=0.25, att_keep=0.5), dict(prev_layers=(1, 2)), None),
     "predicted layers 1-": (dict(mlp_keep=2, layers={1, 2}, sparse_attention=False), {}, "predicted"),
+    # layers 0 and 1 through the kernels, layer 2's heads read layer 1's input (a kernel step's output)
+    "predicted heads prev layer 2": (dict(mlp_keep=0.25, att_keep=0.5, layers={2}), dict(prev_layers=(2,)), "layer"),
     "teal": (dict(mlp_keep=0.5, thresholds=TEAL), None, "half"),
     "cats": (dict(mlp_keep=0.5, thresholds=CATS), None, "half"),
     "wina": (dict(mlp_keep=0.5), None, None),

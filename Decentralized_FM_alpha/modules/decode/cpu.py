@@ -92,10 +92,10 @@ def position_key(block, family):
     return family, getattr(block, "rope_key", None)
 
 
-def begin_step(block, family, x, layer_past, mask, shared=None, key=None):
-    """The KernelStep of a token: its cache grown, an output to write, and the family's position
-    arguments, computed once per step where `shared` (a dict for the step's layers) is given,
-    under `key` (position_key)."""
+def begin_step(block, family, x, layer_past, mask, shared=None, key=None, out=None):
+    """The KernelStep of a token: its cache grown, an output to write (`out`, else a new tensor),
+    and the family's position arguments, computed once per step where `shared` (a dict for the
+    step's layers) is given, under `key` (position_key)."""
     past, present = layer_past.length, layer_past.grown(1)
     where = None if shared is None else shared.get(key)
     if where is None:
@@ -103,7 +103,8 @@ def begin_step(block, family, x, layer_past, mask, shared=None, key=None):
         if shared is not None:
             shared[key] = where
     x = x.contiguous()
-    return KernelStep(x, torch.empty_like(x), present, (*cache_arguments(present.buffers), past), *where)
+    out = torch.empty_like(x) if out is None else out
+    return KernelStep(x, out, present, (*cache_arguments(present.buffers), past), *where)
 
 
 # ---- each family's position arguments and C calls: (lib, view, step, scale, ...) -> status (0: done) ----
@@ -186,10 +187,11 @@ def cpu_step(block, x, layer_past, mask):
 
 
 def kernel_step(block, x, layer_past):
-    """step(x, layer_past, mask, shared=None) -> (x, present): the block's decoding step through
-    the C kernels for a token and cache like x and layer_past, checked and prepared now (its
-    kernel view, its path); None where the kernels do not apply. `shared`: a dict the step's
-    layers share (begin_step). DecodingSteps reuses the step for a sequence's tokens."""
+    """step(x, layer_past, mask, shared=None, out=None) -> (x, present): the block's decoding step
+    through the C kernels for a token and cache like x and layer_past, checked and prepared now
+    (its kernel view, its path); None where the kernels do not apply. `shared`: a dict the step's
+    layers share, `out`: where to write the layer's output (begin_step). DecodingSteps reuses
+    the step for a sequence's tokens."""
     if not kernel_applies(x, layer_past) or type(block).tap is not TappedModule.tap:
         return None  # taps that record (the save variants) must see the torch ops
     family = family_of(block)
@@ -203,8 +205,8 @@ def kernel_step(block, x, layer_past):
             return None
         layer, scale, key = family.layer, block.head_dim**-0.5, position_key(block, family)
 
-        def dense_step(x, layer_past, mask, shared=None):
-            step = begin_step(block, family, x, layer_past, mask, shared, key)
+        def dense_step(x, layer_past, mask, shared=None, out=None):
+            step = begin_step(block, family, x, layer_past, mask, shared, key, out)
             _check(layer(lib, view, step, scale), block)
             return step.out, step.present
         return dense_step
@@ -243,16 +245,16 @@ def sparse_kernel_step(lib, family, block, taps, mlp):
             def run_layer(step):
                 return family.predicted_layer(lib, view, step, scale, k, from_input)
 
-        def layer_step(x, layer_past, mask, shared=None):
-            step = begin_step(block, family, x, layer_past, mask, shared, key)
+        def layer_step(x, layer_past, mask, shared=None, out=None):
+            step = begin_step(block, family, x, layer_past, mask, shared, key, out)
             taps.begin(x, None)  # as the att_x tap: the next layer's look-ahead input
             _check(run_layer(step), block)
             taps.record(kept, None, x.shape[:-1])
             return step.out, step.present
         return layer_step
 
-    def half_step(x, layer_past, mask, shared=None):  # teal, cats, or a predictor the layer kernel cannot read
-        step = begin_step(block, family, x, layer_past, mask, shared, key)
+    def half_step(x, layer_past, mask, shared=None, out=None):  # teal, cats, or a predictor the layer kernel cannot read
+        step = begin_step(block, family, x, layer_past, mask, shared, key, out)
         taps.begin(x, None)
         h = torch.empty_like(step.x)
         _check(family.attention_half(lib, view, step, scale, h), block)
@@ -268,22 +270,32 @@ class DecodingSteps:
     one call, and the layers of a step share its position arguments. The checks, the view lookup
     and the per-layer lookups of the position are Python work done after the layer's weights have
     pushed its objects out of the CPU's caches: about 40 us a layer (SmolLM2, 2 threads), 5-10% of
-    a token. Blocks the kernels do not take run their forward."""
+    a token. Blocks the kernels do not take run their forward.
+
+    The kernel steps but the stage's last write into two buffers in turn instead of a new tensor
+    each (allocating one cost about 12 us a layer, for the same reason). A step's input is the
+    buffer the step before wrote; the buffer is written again two kernel steps later, once the
+    block after it (the only reader of its taps' look-ahead input) is done. The stage's output is
+    always a new tensor: the caller keeps it (and a pipeline stage may still be sending it)."""
 
     def __init__(self, blocks):
         self.blocks = list(blocks)
         self.steps = None
+        self.buffers = None
 
     def run(self, x, caches, mask):
         """x after the blocks; caches (one per block) replaced by the grown ones."""
         if self.steps is None:
             self.steps = [kernel_step(block, x, cache) for block, cache in zip(self.blocks, caches)]
-        shared = {}
+            self.buffers = (torch.empty_like(x), torch.empty_like(x))
+        shared, written, last = {}, 0, len(self.blocks) - 1
         for index, (block, step) in enumerate(zip(self.blocks, self.steps)):
             if step is None:
                 x, caches[index] = block(x, layer_past=caches[index], mask=mask)
-            else:
-                x, caches[index] = step(x, caches[index], mask, shared)
+                continue
+            out = None if index == last else self.buffers[written % 2]
+            x, caches[index] = step(x, caches[index], mask, shared, out)
+            written += 1
         return x
 
 
