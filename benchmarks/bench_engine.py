@@ -14,7 +14,9 @@ per-round ratios.
 The memory bound of dense decoding at that thread count, measured in the same run: weight
 bytes one token reads (every block, the LM head, one embedding row) / the copy bandwidth of
 dst.copy_(src) with torch at --threads threads (bench_memory.copy_bandwidth: read + write
-bytes, best of plain and huge-page tensors, measured before and after the decode runs).
+bytes, best of plain and huge-page tensors), measured at the start of every round: the
+fraction of the bound is the median over rounds of that round's engine decode over that
+round's bound (best-of-10 rates before and after the runs are reported beside it).
 
     .venv/bin/python benchmarks/bench_engine.py [--batch 1 --prompt-tokens 128 --new-tokens 32]
 
@@ -169,7 +171,9 @@ def main(argv=None):
     # a change in the machine's state during the benchmark hits all of them alike; the ratios are
     # medians of per-round ratios.
     samples = {name: [] for name, _ in runs}
+    round_bandwidths = []  # GB/s, measured in each round right before its runs
     for _ in range(args.repeats):
+        round_bandwidths.append(copy_bandwidth(256, 5))
         for name, run in runs:
             prompt_time, _ = timed(lambda: run(1), 1)
             full_time, result = timed(lambda: run(1 + args.new_tokens), 1)
@@ -194,8 +198,13 @@ def main(argv=None):
         return statistics.median(b[index] / a[index] for a, b in zip(samples[name], samples[baseline]))
 
     bandwidths.append(copy_bandwidth(256, 10))
-    bandwidth = max(bandwidths)
-    bound = bandwidth * 1e9 / token_bytes  # tok/s at batch 1
+    # The bound of each round from the copy rate measured at its start, so that load on the
+    # machine during the benchmark lowers a round's bound and its decode alike; the median.
+    round_bounds = [rate * 1e9 / token_bytes for rate in round_bandwidths]  # tok/s at batch 1
+    round_fractions = [args.batch * args.new_tokens / decode / bound
+                       for (_, decode), bound in zip(samples["engine"], round_bounds)]
+    bandwidth = statistics.median(round_bandwidths)
+    bound = statistics.median(round_bounds)
     report = {
         "model": "SmolLM2-135M-Instruct (float32)", "checkpoint": checkpoint, "batch": args.batch,
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "threads": args.threads,
@@ -204,7 +213,8 @@ def main(argv=None):
         "kernels": cpu_kernels.kernel_library() is not None, **figures,
         "copy_bandwidths_gbps": bandwidths, "copy_bandwidth_gbps": bandwidth, "bytes_per_token": token_bytes,
         "memory_bound_tokens_per_s": bound,
-        "bound_fraction_decode": figures["engine"]["decode_tokens_per_s"] / bound,
+        "bound_fraction_decode": statistics.median(round_fractions),
+        "round_copy_bandwidths_gbps": round_bandwidths, "round_bound_fractions": round_fractions,
         "ratio_prompt": round_ratio("engine", "transformers", "prompt"),
         "ratio_decode": round_ratio("engine", "transformers", "decode"),
         "same_greedy_tokens": engine_tokens == hf_tokens,
@@ -239,14 +249,14 @@ def table_rows(report, figures):
                       f"C kernels at {report['kernel_threads']} thread(s)"
     bandwidths = ", ".join(f"{b:.1f}" for b in report["copy_bandwidths_gbps"])
     rows.append(dict(benchmark="engine", case=f"copy bandwidth, {threads} thread(s)",
-                     measure="dst.copy_(src), 256 MB, best of 10", value=report["copy_bandwidth_gbps"], unit="GB/s",
-                     note=f"before / after the decode runs: {bandwidths} GB/s"))
+                     measure="dst.copy_(src), 256 MB, best of 5 per round, median", value=report["copy_bandwidth_gbps"],
+                     unit="GB/s", note=f"best of 10 before / after the decode runs: {bandwidths} GB/s"))
     rows.append(dict(benchmark="engine", case=case, measure="engine decode vs memory bound",
                      value=engine["decode_tokens_per_s"], unit="tok/s",
                      baseline=f"bound at {threads} thread(s)", baseline_value=report["memory_bound_tokens_per_s"],
                      ratio=report["bound_fraction_decode"],
-                     note=f"bound = {report['bytes_per_token'] / 1e6:.0f} MB/token / "
-                          f"{report['copy_bandwidth_gbps']:.1f} GB/s copy"))
+                     note=f"bound = {report['bytes_per_token'] / 1e6:.0f} MB/token / the copy rate of each round; "
+                          f"median of the rounds' decode / bound"))
     if batch == 1:
         rows[0].update(target=f">= {TARGET_VS_TRANSFORMERS}", met=rows[0]["ratio"] >= TARGET_VS_TRANSFORMERS)
         rows[-1].update(target=f">= {TARGET_BOUND_FRACTION}", met=rows[-1]["ratio"] >= TARGET_BOUND_FRACTION)
