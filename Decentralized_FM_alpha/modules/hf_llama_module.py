@@ -32,6 +32,12 @@ UNSUPPORTED_ROPE_TYPES = ("dynamic", "longrope")
 _ROPE_KEYS = {}  # (inverse frequencies, scaling) -> LlamaBlock.rope_key
 
 
+def rotated(x, cos, signed_sin):
+    """RoPE of x [..., head_dim] with LlamaBlock.rope_tables' cos and sign-folded sin:
+    rotate_half(x) * sin == roll(x, half) * signed_sin, one op instead of chunk, neg, cat."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+
+
 def head_dim_of(config):
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -181,10 +187,7 @@ class LlamaBlock(TappedModule):
         v = weights.v_proj(h).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         positions, allowed = cache_geometry(layer_past, mask, seq_len, h.device)
         cos, _, signed_sin = self.rope_tables(positions, h.dtype)
-        # rotate_half(x) * sin == roll(x, half) * signed_sin: one op instead of chunk, neg, cat
-        half = self.head_dim // 2
-        q = torch.addcmul(q * cos, q.roll(half, dims=-1), signed_sin)
-        k = torch.addcmul(k * cos, k.roll(half, dims=-1), signed_sin)
+        q, k = rotated(q, cos, signed_sin), rotated(k, cos, signed_sin)
         present, k, v = extend_cache(layer_past, k, v)
         heads = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, scale=self.head_dim**-0.5,

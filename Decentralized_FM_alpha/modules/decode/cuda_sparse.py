@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common import cache_geometry, extend_cache
+from ..hf_llama_module import rotated
 from . import triton_sparse
 
 
@@ -102,11 +103,7 @@ def padded_kept_heads(keep, k):
     """keep [B, H] bool (k heads per row) -> [min(B*k, H)] int64: the heads any row keeps, sorted,
     then the sentinel H in the slots left over (triton_sparse.padded_union's form). Fixed size,
     no sync: capturable in a CUDA graph. Batch 1: exactly that row's k heads."""
-    n_heads = keep.shape[1]
-    capacity = min(keep.shape[0] * k, n_heads)
-    order = torch.arange(n_heads, device=keep.device)
-    keys = torch.where(keep.any(dim=0), order, torch.full_like(order, n_heads))
-    return keys.sort().values[:capacity]
+    return triton_sparse.padded_indices(keep.any(dim=0), min(keep.shape[0] * k, keep.shape[1]))
 
 
 def sparse_heads_attention(block, h, layer_past, mask, keep, k):
@@ -143,10 +140,7 @@ def _llama_queries_keys_values(block, h, heads, positions):
     q, k_new, v_new = _kept_q_dense_kv(block.self_attn, h, heads, block.num_heads, block.num_kv_heads,
                                        block.head_dim)
     cos, _, signed_sin = block.rope_tables(positions, h.dtype)
-    half = block.head_dim // 2
-    q = torch.addcmul(q * cos, q.roll(half, dims=-1), signed_sin)
-    k_new = torch.addcmul(k_new * cos, k_new.roll(half, dims=-1), signed_sin)
-    return q, k_new, v_new
+    return rotated(q, cos, signed_sin), rotated(k_new, cos, signed_sin), v_new
 
 
 def _opt_queries_keys_values(block, h, heads, positions):

@@ -13,7 +13,7 @@ Public functions (x, h: [B, d] activations; weights row-major with a contiguous 
                                                             or relu(x fc1[rows].T + b) (OPT)
     gather_columns_gemv(act, weight_t, rows, bias=None)     [B, d] = act @ weight_t[rows] (+ bias)
     sparse_mlp(h, neurons, gate, up, down_t, ...)           the MLP on the kept neurons
-    kept_mask / union_of_rows / padded_union                the kept set of a batch (see "Batches")
+    kept_mask / union_of_rows / padded_union / padded_indices   the kept set of a batch (see "Batches")
     predict_neurons(x_pred, predictor_weights, k, ...)      DejaVu's predictor + top-k (+ union)
     predicted_sparse_mlp(h, x_pred, predictor_weights, k, gate, up, down_t, ...)
     head_rows / gather_head_rows / gather_head_columns      q rows and o columns of the kept heads
@@ -445,9 +445,14 @@ def padded_union(indices: torch.Tensor, width: int) -> torch.Tensor:
     padding sentinel `width` in the remaining slots. Fixed size (graph-capturable, no nonzero):
     a kept mask by scatter, then a sort of where(mask, arange(width), width). The kernels skip
     the sentinel (an index outside [0, width) reads nothing and contributes 0)."""
-    capacity = min(indices.numel(), width)
-    mask = kept_mask(indices, width)
-    order = torch.arange(width, device=indices.device)
+    return padded_indices(kept_mask(indices, width), min(indices.numel(), width))
+
+
+def padded_indices(mask: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Bool mask [width] -> [capacity] int64: the kept positions ascending, then the sentinel
+    `width` in the remaining slots; a sort of where(mask, arange(width), width), no nonzero."""
+    width = mask.shape[0]
+    order = torch.arange(width, device=mask.device)
     keys = torch.where(mask, order, torch.full_like(order, width))
     return keys.sort().values[:capacity]
 
