@@ -552,28 +552,70 @@ static inline uint32_t order_key(float f) {
 /* kept[0..K) = the indices of the K highest scores in index order; at the K-th value, ties go to
    the lowest indices (as topk + sort). A radix select on the keys, a byte at a time from the top,
    keeping only the keys still in the running: no comparison of a score decides a branch (a
-   quickselect mispredicts on about every other one). keys, candidates: n each; kept: K + 1. */
+   quickselect mispredicts on about every other one). It stops early once every key left is
+   kept. Each byte is counted into TOP_K_HISTOGRAMS histograms in turn (scores share their top
+   byte: counting into one made every count wait for the one before), and with AVX-512 the
+   filters and the final pass compress sixteen keys at a time: 1.6 instead of 4.7 us for
+   SmolLM2's 1536 neurons (K = 154 to 616), a serial step of each layer that the threads do not
+   share. keys, candidates: n each; kept: K + 1. */
+#define TOP_K_HISTOGRAMS 4
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 static void top_k_indices(const float* scores, int64_t n, int64_t K, uint32_t* keys, uint32_t* candidates,
                           int64_t* kept) {
   for (int64_t i = 0; i < n; i++) keys[i] = order_key(scores[i]);
   const uint32_t* pool = keys;
   int64_t size = n, need = K;  /* of the keys in pool (they share the bytes found so far), take need */
   uint32_t prefix = 0, mask = 0;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    int64_t count[256] = {0};
-    for (int64_t i = 0; i < size; i++) count[(pool[i] >> shift) & 255]++;
+  for (int shift = 24; shift >= 0 && size > need; shift -= 8) {
+    uint32_t count[TOP_K_HISTOGRAMS][256];
+    memset(count, 0, sizeof count);
+    int64_t i = 0;
+    for (; i + TOP_K_HISTOGRAMS <= size; i += TOP_K_HISTOGRAMS)
+      for (int c = 0; c < TOP_K_HISTOGRAMS; c++) count[c][(pool[i + c] >> shift) & 255]++;
+    for (; i < size; i++) count[0][(pool[i] >> shift) & 255]++;
     int64_t byte = 255;
-    while (count[byte] < need) need -= count[byte--];
+    for (;; byte--) {
+      int64_t here = 0;
+      for (int c = 0; c < TOP_K_HISTOGRAMS; c++) here += count[c][byte];
+      if (here >= need) break;
+      need -= here;
+    }
     prefix |= (uint32_t)byte << shift;
     mask |= 255u << shift;
     int64_t next = 0;
-    for (int64_t i = 0; i < size; i++) { candidates[next] = pool[i]; next += (pool[i] & mask) == prefix; }
+    i = 0;
+#if defined(__AVX512F__)
+    for (__m512i m = _mm512_set1_epi32((int)mask), p = _mm512_set1_epi32((int)prefix); i + 16 <= size; i += 16) {
+      __m512i k = _mm512_loadu_si512(pool + i);
+      __mmask16 in = _mm512_cmpeq_epi32_mask(_mm512_and_si512(k, m), p);
+      _mm512_mask_compressstoreu_epi32(candidates + next, in, k);
+      next += __builtin_popcount(in);
+    }
+#endif
+    for (; i < size; i++) { candidates[next] = pool[i]; next += (pool[i] & mask) == prefix; }
     pool = candidates;
     size = next;
   }
-  /* prefix is now the K-th highest key; `need` of the keys equal to it are kept, lowest index first */
-  int64_t count = 0;
-  for (int64_t i = 0; i < n; i++) {
+  /* The keys above prefix are kept, and `need` of those equal to it, lowest index first: prefix
+     is the K-th highest key, or (stopped early) the bytes the kept keys of its bucket share,
+     every key of that bucket kept. */
+  int64_t count = 0, i = 0;
+#if defined(__AVX512F__)
+  __m512i p = _mm512_set1_epi32((int)prefix), index = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  for (; i + 16 <= n; i += 16) {
+    __m512i k = _mm512_loadu_si512(keys + i);
+    __mmask16 take = _mm512_cmpgt_epu32_mask(k, p), tie = _mm512_cmpeq_epu32_mask(k, p);
+    for (; tie && need > 0; need--) { take |= tie & (__mmask16)-tie; tie &= tie - 1; }  /* lowest first */
+    _mm512_mask_compressstoreu_epi64(kept + count, (__mmask8)take, index);
+    count += __builtin_popcount(take & 0xff);
+    _mm512_mask_compressstoreu_epi64(kept + count, (__mmask8)(take >> 8), _mm512_add_epi64(index, _mm512_set1_epi64(8)));
+    count += __builtin_popcount(take >> 8);
+    index = _mm512_add_epi64(index, _mm512_set1_epi64(16));
+  }
+#endif
+  for (; i < n; i++) {
     int64_t tie = keys[i] == prefix && need > 0;
     need -= tie;
     kept[count] = i;
