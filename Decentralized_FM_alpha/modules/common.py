@@ -400,6 +400,14 @@ class TappedModule(CheckpointPart):
         taps = self.taps
         return value if taps is None else taps(name, value, token_mask)
 
+    def attend(self, h, layer_past, mask, token_mask):
+        """(output, present) of the block's attention on h: the step sparse execution offers for
+        the kept heads only (taps.attention_step, CUDA decoding), where it applies, else the
+        family's own `attention`."""
+        step = getattr(self.taps, "attention_step", None)
+        sparse = None if step is None else step(self, h, layer_past, mask, token_mask)
+        return self.attention(h, layer_past, mask, token_mask) if sparse is None else sparse
+
     def feed_forward(self, h, token_mask):
         """block.mlp on h. A dense MLP's activation passes the mlp_act tap on its way to the
         output projection; an MLP put in its place (sparse execution) computes its own way."""

@@ -176,10 +176,6 @@ class LlamaBlock(TappedModule):
         return cos, sin, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
     def attention(self, h, layer_past, mask, token_mask):
-        step = getattr(self.taps, "attention_step", None)  # sparse execution: the kept heads only, where it can
-        sparse = None if step is None else step(self, h, layer_past, mask, token_mask)
-        if sparse is not None:
-            return sparse
         batch, seq_len, _ = h.shape
         weights = self.self_attn
         q = weights.q_proj(h).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
@@ -199,7 +195,7 @@ class LlamaBlock(TappedModule):
     def forward(self, x, layer_past=None, mask=None):
         token_mask = token_mask_of(mask, x.shape[1])
         x = self.tap("att_x", x, token_mask)
-        attn_out, present = self.attention(self.input_layernorm(x), layer_past, mask, token_mask)
+        attn_out, present = self.attend(self.input_layernorm(x), layer_past, mask, token_mask)
         x = self.tap("mlp_x", x + attn_out, token_mask)
         x = x + self.feed_forward(self.post_attention_layernorm(x), token_mask)
         return x, present

@@ -115,10 +115,6 @@ class OPTBlock(TappedModule):
         self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=affine)
 
     def attention(self, h, layer_past, mask, token_mask):
-        step = getattr(self.taps, "attention_step", None)  # sparse execution: the kept heads only, where it can
-        sparse = None if step is None else step(self, h, layer_past, mask, token_mask)
-        if sparse is not None:
-            return sparse
         batch, seq_len, _ = h.shape
         weights = self.self_attn
 
@@ -136,7 +132,7 @@ class OPTBlock(TappedModule):
         token_mask = token_mask_of(mask, x.shape[1])
         x = self.tap("att_x", x, token_mask)
         h = self.self_attn_layer_norm(x) if self.norm_first else x
-        attn_out, present = self.attention(h, layer_past, mask, token_mask)
+        attn_out, present = self.attend(h, layer_past, mask, token_mask)
         x = x + attn_out
         if not self.norm_first:
             x = self.self_attn_layer_norm(x)
