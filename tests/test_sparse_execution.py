@@ -298,26 +298,45 @@ def test_top_k_mask_counts():
     assert top_k_mask(scores, 10).all()
 
 
-@pytest.mark.parametrize("scores", ["ties", "special", "equal"])
-def test_predicted_mlp_kernel_selects_as_topk(scores):
+@pytest.fixture(scope="module")
+def portable_kernels():
+    """The kernels built without -march=native: the scalar top-K and float16 conversion that
+    CPUs without AVX-512 or F16C run (the library's last flag set)."""
+    from dejavu_llama.modules import cpu_kernels
+
+    if cpu_kernels.kernel_library() is None:
+        pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
+    lib = cpu_kernels.compile_library(cpu_kernels.FLAG_SETS[-1:])
+    lib.dejavu_set_threads(2)
+    return lib
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("scores, half", [("ties", False), ("special", False), ("equal", False), ("small", True)])
+def test_predicted_mlp_kernel_selects_as_topk(scores, half, build, request):
     """The kernel's top-K of the predictor's scores, read back from the call: the K highest, NaN
     above +inf (as torch.topk), ties at the K-th value to the lowest indices, in index order, for
-    K from 1 to all; 300 neurons, many sharing their first bytes."""
-    import ctypes
-
+    every K from 1 to all; 300 neurons, many sharing their first bytes. Both builds (the native one's
+    vector filters, the portable one's scalar loops); float16 tiles too (the scores rounded)."""
     from dejavu_llama.modules import cpu_kernels
-    from dejavu_llama.modules.decode.sparse_gather import predicted_call
+    from dejavu_llama.modules.decode.sparse_gather import predicted_call, store_predictor_half
 
     lib = cpu_kernels.kernel_library()
     if lib is None:
         pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
+    if build == "portable":
+        lib = request.getfixturevalue("portable_kernels")
     width, d = 300, 8
     generator = torch.Generator().manual_seed(5)
     values = {
         "ties": (torch.randn(width, generator=generator) * 20).round() / 100,  # about 100 distinct values
         "special": torch.randn(width, generator=generator) * 1e-3,
         "equal": torch.full((width,), 0.25),
+        "small": torch.randn(width, generator=generator) * 1e-4,  # about half float16 subnormals
     }[scores]
+    if scores == "small":
+        values[[8, 9, 10, 11]] = torch.tensor([-0.0, 0.0, 6e4, -6e4])  # near float16's largest
+        values[20:30] = values[19]
     if scores == "special":
         values[[3, 40, 41, 200]] = float("nan")
         values[[5, 6, 250]] = float("inf")
@@ -329,12 +348,15 @@ def test_predicted_mlp_kernel_selects_as_topk(scores):
     with torch.no_grad():  # scores = values exactly: P1 picks x[0] = 1, P2's column is the values
         predictor[0].weight.zero_()[0, 0] = 1.0
         predictor[1].weight.copy_(values[:, None])
+    if half:
+        store_predictor_half(predictor)  # rounds the weights: the scores are the rounded values
+        values = predictor[1].weight[:, 0].clone()
     call = predicted_call(predictor, gate, up, down, nn.SiLU())
-    assert call is not None
+    assert call is not None and call.predictor_ref._obj.half == half
     x_pred, h, out = torch.zeros(d), torch.randn(d, generator=generator), torch.empty(d)
     x_pred[0] = 1.0
     rank = sorted(range(width), key=lambda i: (not values[i].isnan(), -values[i].nan_to_num(0.0).item(), i))
-    for k in (1, 2, 7, 23, 150, 299, 300):
+    for k in range(1, width + 1):
         neurons = torch.full((k,), -1, dtype=torch.int64)
         status = lib.dejavu_predicted_mlp(call.mlp_ref, call.predictor_ref, x_pred.data_ptr(), k, h.data_ptr(),
                                           None, out.data_ptr(), neurons.data_ptr())

@@ -111,7 +111,14 @@ def _cpu_fingerprint():
         return platform.processor()
 
 
-def _compile():
+# The flags tried in turn: the first that builds and loads is used. The last builds anywhere
+# (no AVX-512 or F16C: the scalar fallbacks in decode_kernels.c, tested against the first).
+FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
+
+
+def compile_library(flag_sets=FLAG_SETS):
+    """The kernels built with the first of flag_sets that builds and loads (a ctypes library, its
+    signatures set; cached per source, compiler, flags and CPU). RuntimeError where none does."""
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not compiler:
         raise RuntimeError("no C compiler (gcc/cc) found")
@@ -121,7 +128,7 @@ def _compile():
         tempfile.gettempdir(), f"dejavu_kernels_{os.getuid() if hasattr(os, 'getuid') else 'user'}")
     os.makedirs(folder, exist_ok=True)
     errors = []
-    for flags in (["-O3", "-march=native"], ["-O3"]):
+    for flags in flag_sets:
         key = hashlib.sha256("\0".join([source, compiler, *flags, platform.machine(),
                                         _cpu_fingerprint()]).encode()).hexdigest()[:16]
         target = os.path.join(folder, f"decode_{key}.so")
@@ -163,7 +170,7 @@ def kernel_library():
     if not _state["tried"]:
         _state["tried"] = True
         try:
-            lib = _compile()
+            lib = compile_library()
             threads = _state["threads"]
             if threads is None:
                 import torch
