@@ -13,10 +13,11 @@ built in memory: no hub, no checkpoint on disk. For each dims and batch, all in 
   - batch 1: DejaVu's predicted MLP at keep 0.5 / 0.25 / 0.1 against the dense engine, with
     random predictors at upstream's share of the MLP's weights (support.matched_rank), and the
     MLP at keep 0.5 with predicted heads at keep 0.5 (the kept heads' q rows and o columns);
-  - (CUDA) one layer's MLP step by part, each part timed alone in CUDA-graph replays: the
+  - one layer's MLP step by part, each part timed alone in CUDA-graph replays: the
     predictor, top-K, the sort, the two Triton gathers, against the dense MLP.
 Decode tok/s = rows x N / (time of 1 + N new tokens - time of 1), the median of --repeats.
-Without CUDA it runs the same steps at tiny dims on the CPU: a check of the script, not a speed.
+Without CUDA it runs the same steps at tiny dims on the CPU: a check of the script, not a speed
+(the parts by layer too where TRITON_INTERPRET=1 runs the Triton kernels through the interpreter).
 """
 
 import argparse
@@ -244,8 +245,9 @@ def random_head_predictors(config, rank, device, dtype, seed=1):
 
 def bench_sparse_parts(config, dims, device, dtype, log, keeps=(0.5, 0.25, 0.1)):
     """One layer's MLP step by part, each timed alone as CUDA-graph replays (median): where a
-    sparse decoding step spends its time against the dense MLP it replaces. CUDA only."""
-    import triton.testing
+    sparse decoding step spends its time against the dense MLP it replaces. On the CPU (the dry
+    run, with Triton's interpreter) each part runs twice and the second is timed: a check of the
+    calls, not a speed."""
     import torch.nn.functional as F
 
     from dejavu_llama.modules.decode import triton_sparse
@@ -264,10 +266,18 @@ def bench_sparse_parts(config, dims, device, dtype, log, keeps=(0.5, 0.25, 0.1))
 
     def time_us(fn):
         with torch.inference_mode():
-            return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+            if device.type == "cuda":
+                import triton.testing
+
+                return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+            fn()
+            start = time.perf_counter()
+            fn()
+            return 1e6 * (time.perf_counter() - start)
 
     dense_us = time_us(lambda: F.linear(F.silu(F.linear(h, gate)) * F.linear(h, up), down))
-    case = f"Llama-3.2-{dims.upper()} dims, {str(dtype)[6:]}, batch 1, one layer's MLP (CUDA-graph replays)"
+    how = "CUDA-graph replays" if device.type == "cuda" else "CPU dry run, Triton interpreted"
+    case = f"Llama-3.2-{dims.upper()} dims, {str(dtype)[6:]}, batch 1, one layer's MLP ({how})"
     rows = [row(case, "dense MLP", dense_us, unit="us")]
     scores = F.linear(F.linear(h, predictor[0].weight), predictor[1].weight)
     rows.append(row(case, f"predictor (rank {rank})", time_us(
@@ -292,6 +302,14 @@ def bench_sparse_parts(config, dims, device, dtype, log, keeps=(0.5, 0.25, 0.1))
         log(f"{case}: keep {keep}: " + ", ".join(f"{r['measure'].split(': ')[1]} {r['value']:.1f}"
                                                    for r in rows[-len(parts):]) + f" us; dense {dense_us:.1f} us")
     return rows
+
+
+def triton_interpreted():
+    """Whether the Triton kernels run through the interpreter here (TRITON_INTERPRET=1 when they
+    were imported): then the CPU dry run checks the parts too."""
+    from dejavu_llama.modules.decode import triton_sparse
+
+    return triton_sparse.INTERPRET
 
 
 def main(argv=None):
@@ -323,7 +341,7 @@ def main(argv=None):
     log(f"torch {torch.__version__}, {torch.cuda.get_device_name(device) if cuda else 'CPU dry run'}")
     rows = []
     for dims in dims_list:
-        if cuda and not args.no_sparse:
+        if not args.no_sparse and (cuda or triton_interpreted()):
             rows += bench_sparse_parts(llama_config(dims), dims, device, dtype, log)
         rows += bench_dims(dims, batches, args, device, dtype, log)
         if cuda:
