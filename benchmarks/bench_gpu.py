@@ -14,7 +14,9 @@ built in memory: no hub, no checkpoint on disk. For each dims and batch, all in 
     random predictors at upstream's share of the MLP's weights (support.matched_rank), and the
     MLP at keep 0.5 with predicted heads at keep 0.5 (the kept heads' q rows and o columns);
   - one layer's MLP step by part, each part timed alone in CUDA-graph replays: the
-    predictor, top-K, the sort, the two Triton gathers, against the dense MLP.
+    predictor, top-K, the sort, the selection as one Triton program (triton_sparse.top_k_indices:
+    topk and sort in one launch, not yet in the decoding path), the two Triton gathers, against
+    the dense MLP.
 Decode tok/s = rows x N / (time of 1 + N new tokens - time of 1), the median of --repeats.
 Without CUDA it runs the same steps at tiny dims on the CPU: a check of the script, not a speed
 (the parts by layer too where TRITON_INTERPRET=1 runs the Triton kernels through the interpreter).
@@ -291,14 +293,17 @@ def bench_sparse_parts(config, dims, device, dtype, log, keeps=(0.5, 0.25, 0.1))
             "top-K": lambda: scores.topk(k, dim=-1),
             "top-K unsorted": lambda: scores.topk(k, dim=-1, sorted=False),
             "sort of the kept indices": lambda: top.sort(),
+            "top-K sorted, one Triton program": lambda: triton_sparse.top_k_indices(scores, k),
             "gathered gate/up (Triton)": lambda: triton_sparse.gather_glu_gemv(h, gate, up, neurons),
             "gathered down (Triton)": lambda: triton_sparse.gather_columns_gemv(act, down_t, neurons),
             "whole predicted MLP": lambda: triton_sparse.predicted_sparse_mlp(h, h, predictor, k, gate, up, down_t),
         }
+        same = torch.equal(triton_sparse.top_k_indices(scores, k)[0], neurons)  # float16 ties may differ
         for name, fn in parts.items():
             value = time_us(fn)
+            note = {"note": f"the same kept set as topk: {same}"} if "Triton program" in name else {}
             rows.append(row(case, f"keep {keep}: {name}", value, unit="us", baseline="dense MLP",
-                            baseline_value=dense_us, ratio=value / dense_us))
+                            baseline_value=dense_us, ratio=value / dense_us, **note))
         log(f"{case}: keep {keep}: " + ", ".join(f"{r['measure'].split(': ')[1]} {r['value']:.1f}"
                                                    for r in rows[-len(parts):]) + f" us; dense {dense_us:.1f} us")
     return rows

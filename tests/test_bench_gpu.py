@@ -11,8 +11,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ("top-K", "top-K unsorted", "sort of the kept indices", "gathered gate/up (Triton)",
-         "gathered down (Triton)", "whole predicted MLP")
+PARTS = ("top-K", "top-K unsorted", "sort of the kept indices", "top-K sorted, one Triton program",
+         "gathered gate/up (Triton)", "gathered down (Triton)", "whole predicted MLP")
 
 
 def test_the_gpu_benchmark_dry_run_writes_every_row(tmp_path):
@@ -33,3 +33,5 @@ def test_the_gpu_benchmark_dry_run_writes_every_row(tmp_path):
     assert not missing, f"rows missing from the dry run: {missing}"
     assert all(row["value"] > 0 for row in report["rows"])
     assert all("dry run" in rows[f"keep 0.5: {part}"]["case"] for part in PARTS)
+    # float32 random scores have no ties: the one-program selection keeps topk's set
+    assert rows["keep 0.25: top-K sorted, one Triton program"]["note"] == "the same kept set as topk: True"

@@ -339,6 +339,7 @@ def test_predicted_mlp_kernel_selects_as_topk(scores, half, build, request):
         values[20:30] = values[19]
     if scores == "special":
         values[[3, 40, 41, 200]] = float("nan")
+        values[41] = -values[41]  # a NaN with its sign bit set ranks above +inf too
         values[[5, 6, 250]] = float("inf")
         values[[7, 299]] = float("-inf")
         values[[8, 9, 10]] = torch.tensor([-0.0, 0.0, 1e-42])  # a float32 subnormal

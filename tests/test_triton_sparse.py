@@ -175,6 +175,43 @@ def test_union_and_padded_union(ts):
     assert torch.equal(ts.padded_union(everything, width), torch.arange(width))  # capacity min(B*K, width)
 
 
+def top_k_reference(row, k):
+    """The k highest of a row in index order: NaN first, ties to the lowest index, -0 == +0."""
+    values = row.double().cpu()
+    rank = sorted(range(len(values)), key=lambda i: (not values[i].isnan(), -values[i].nan_to_num(0.0).item(), i))
+    return sorted(rank[:k])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_top_k_indices_one_program_per_row(ts, dtype):
+    """Each row's k highest in ascending index order, as the CPU kernel selects them: rows of
+    distinct scores, of few values (ties at the k-th), of specials (NaN above +inf, -inf, -0 and
+    +0, subnormals), of one value; widths not a power of two; k from 1 to all."""
+    g = gen(60)
+    rows = torch.randn(4, 300, generator=g, dtype=torch.float64)
+    rows[1] = (rows[1] * 5).round() / 10  # about 30 distinct values
+    rows[2, [3, 40]] = float("nan")
+    rows[2, 41] = -rows[2, 3]  # a NaN with its sign bit set ranks above +inf too
+    rows[2, [5, 6]] = float("inf")
+    rows[2, [7, 299]] = float("-inf")
+    rows[2, [8, 9, 10, 11]] = torch.tensor([-0.0, 0.0, 1e-42, -1e-42], dtype=torch.float64)
+    rows[3] = 0.25
+    scores = rows.to(dtype).to(DEVICE)
+    for k in (1, 2, 7, 150, 298, 299, 300):
+        got = ts.top_k_indices(scores, k)
+        assert got.shape == (4, k) and got.dtype == torch.int64
+        for row in range(4):
+            assert got[row].tolist() == top_k_reference(scores[row], k), (row, k)
+    odd = torch.randn(2, 1537, generator=g).to(dtype).to(DEVICE)  # SmolLM2's 1536 + 1
+    assert [ts.top_k_indices(odd, 384)[r].tolist() for r in range(2)] == [top_k_reference(odd[r], 384) for r in range(2)]
+    one = torch.ones(1, 1, dtype=dtype, device=DEVICE)
+    assert ts.top_k_indices(one, 1).tolist() == [[0]]
+    with pytest.raises(ValueError, match="cannot keep 301 of 300"):
+        ts.top_k_indices(scores, 301)
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        ts.top_k_indices(scores.t(), 2)
+
+
 def test_padding_slots_read_nothing(ts):
     g = gen(51)
     x, w, b = rand(3, 64, gen=g), rand(30, 64, gen=g), rand(30, gen=g)

@@ -14,6 +14,7 @@ Public functions (x, h: [B, d] activations; weights row-major with a contiguous 
     gather_columns_gemv(act, weight_t, rows, bias=None)     [B, d] = act @ weight_t[rows] (+ bias)
     sparse_mlp(h, neurons, gate, up, down_t, ...)           the MLP on the kept neurons
     kept_mask / union_of_rows / padded_union / padded_indices   the kept set of a batch (see "Batches")
+    top_k_indices(scores, k)                                [B, k] each row's top k, ascending (one program a row)
     predict_neurons(x_pred, predictor_weights, k, ...)      DejaVu's predictor + top-k (+ union)
     predicted_sparse_mlp(h, x_pred, predictor_weights, k, gate, up, down_t, ...)
     head_rows / gather_head_rows / gather_head_columns      q rows and o columns of the kept heads
@@ -229,6 +230,36 @@ if triton is not None:
             acc += tl.load(bias_ptr + offs_d, mask=d_ok & (pid_s == 0), other=0.0).to(tl.float32)[None, :]
         out = out_ptr + pid_s * stride_os + offs_b[:, None] * stride_ob + offs_d[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=b_ok[:, None] & d_ok[None, :])
+
+
+    @triton.jit
+    def _top_k_kernel(scores_ptr, stride_s, out_ptr, N, K, BLOCK: tl.constexpr):
+        """out[row, :K] = the indices of the row's K highest scores, ascending; at the K-th value
+        ties go to the lowest indices, NaN ranks above +inf and -0 ties with +0 (the CPU kernel's
+        top_k_indices). One program per row, the whole row in registers: the K-th highest
+        order-preserving key by bisection over its 32 bits (one count each), then the kept
+        positions by two prefix sums."""
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        inside = offs < N
+        s = tl.load(scores_ptr + row * stride_s + offs, mask=inside, other=0.0).to(tl.float32) + 0.0
+        sign, ones = tl.full((BLOCK,), 0x80000000, tl.uint32), tl.full((BLOCK,), 0xFFFFFFFF, tl.uint32)
+        u = s.to(tl.uint32, bitcast=True)
+        key = u ^ tl.where((u & sign) != 0, ones, sign)  # negatives flipped, positives above them
+        key = tl.where(s != s, ones, key)
+        key = tl.where(inside, key, tl.full((BLOCK,), 0, tl.uint32))  # below every real key
+        kth = tl.full((), 0, tl.uint32)
+        for bit in tl.static_range(32):  # the largest t with at least K keys >= t
+            trial = kth | tl.full((), 1 << (31 - bit), tl.uint32)
+            at_least = tl.reduce((key >= trial).to(tl.int32), 0, _SUM)
+            kth = tl.where(at_least >= K, trial, kth)
+        above = key > kth
+        need = K - tl.reduce(above.to(tl.int32), 0, _SUM)
+        tie = key == kth
+        tie_rank = tl.associative_scan(tie.to(tl.int32), 0, _SUM)  # 1 for the lowest-index tie
+        take = above | (tie & (tie_rank <= need))
+        position = tl.associative_scan(take.to(tl.int32), 0, _SUM) - 1
+        tl.store(out_ptr + row * K + position, offs.to(tl.int64), mask=take)
 
 
 # ---- host side -----------------------------------------------------------------------------------
@@ -455,6 +486,24 @@ def padded_indices(mask: torch.Tensor, capacity: int) -> torch.Tensor:
     order = torch.arange(width, device=mask.device)
     keys = torch.where(mask, order, torch.full_like(order, width))
     return keys.sort().values[:capacity]
+
+
+def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [B, N] -> [B, k] int64: each row's k highest, in ascending index order (ties at the
+    k-th value to the lowest indices, NaN above +inf): topk + sort in one program per row, for
+    rows of up to 2^16 scores. Not yet in the decoding path: bench_gpu's parts time it against
+    topk and sort."""
+    _require(scores)
+    if scores.dim() != 2 or scores.stride(1) != 1:
+        raise ValueError(f"scores must be [B, N] with a contiguous last dimension, got {tuple(scores.shape)}")
+    batch, width = scores.shape
+    if not 1 <= k <= width or width > 1 << 16:
+        raise ValueError(f"cannot keep {k} of {width} scores (1 to N, N up to 65536)")
+    out = torch.empty(batch, k, dtype=torch.int64, device=scores.device)
+    block = triton.next_power_of_2(width)
+    _top_k_kernel[(batch,)](scores, scores.stride(0), out, width, k, BLOCK=block,
+                            num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16)
+    return out
 
 
 # ---- DejaVu's predicted MLP ---------------------------------------------------------------------
