@@ -125,11 +125,10 @@ def existing_checkpoint_state(save_path, signature):
     return "same" if all(recorded.get(k) == v for k, v in signature.items()) else "different"
 
 
-def write_checkpoint(save_path, signature, plan, source, save_extras, dtype=None, force=False):
-    """Write the files of `plan` ({file: [(source_key, key), ...]}) atomically at `save_path`.
-
-    `save_extras(folder)` writes config and tokenizer. Returns False if an identical
-    conversion already exists (and `force` is off).
+def write_checkpoint(save_path, signature, plan, source, extras, dtype=None, force=False):
+    """Write the files of `plan` ({file: [(source_key, key), ...]}) atomically at `save_path`,
+    with each of `extras` (the config, the tokenizer) saved beside them by its save_pretrained.
+    Returns False if an identical conversion already exists (and `force` is off).
     """
     state = existing_checkpoint_state(save_path, signature)
     if state == "same" and not force:
@@ -145,7 +144,8 @@ def write_checkpoint(save_path, signature, plan, source, save_extras, dtype=None
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(save_path)}.partial-", dir=parent)
     os.chmod(staging, 0o755)
     try:
-        save_extras(staging)
+        for extra in extras:
+            extra.save_pretrained(staging)
         for file_name, keys in tqdm(plan.items(), desc="converting", unit="file"):
             tensors = {}
             for source_key, key in keys:
@@ -165,6 +165,7 @@ def write_checkpoint(save_path, signature, plan, source, save_extras, dtype=None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    logger.info("wrote %d layers to %s", signature["num_layers"], save_path)
     return True
 
 

@@ -112,13 +112,7 @@ def main(argv=None):
         config, tokenizer, source = load_folder(folder, args.auth_token)
     plan = conversion_plan(source.keys(), config.num_hidden_layers)
     signature = {**settings, "num_layers": config.num_hidden_layers}
-
-    def save_extras(staging):
-        config.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-
-    if write_checkpoint(args.save_path, signature, plan, source, save_extras, args.dtype, args.force):
-        logger.info("wrote %d layers to %s", config.num_hidden_layers, args.save_path)
+    write_checkpoint(args.save_path, signature, plan, source, (config, tokenizer), args.dtype, args.force)
 
 
 def script_main():

@@ -3,7 +3,6 @@
     python convert_opt_checkpoint.py --model-name facebook/opt-125m --save-path ../pretrained_models/opt-125m
 """
 
-import logging
 import os
 import re
 
@@ -19,8 +18,6 @@ from dejavu_llama.checkpoint_conversion import (
     run_converter,
     write_checkpoint,
 )
-
-logger = logging.getLogger(__name__)
 
 LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 EMBEDDING_KEYS = ("embed_tokens.weight", "embed_positions.weight", "project_in.weight")
@@ -89,13 +86,7 @@ def main(argv=None):
         "dtype": args.dtype,
         "num_layers": config.num_hidden_layers,
     }
-
-    def save_extras(staging):
-        config.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-
-    if write_checkpoint(args.save_path, signature, plan, source, save_extras, args.dtype, args.force):
-        logger.info("wrote %d layers to %s", config.num_hidden_layers, args.save_path)
+    write_checkpoint(args.save_path, signature, plan, source, (config, tokenizer), args.dtype, args.force)
 
 
 def script_main():
