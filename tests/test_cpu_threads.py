@@ -156,6 +156,59 @@ def test_gathered_mlp_sums_in_many_groups(split_everything, gated):
             close(fused, torch_path(lambda: gathered_mlp(h, neurons, *linears)))
 
 
+def training_free_mlp(gated, d=140, width=1100):
+    """Random gate/up/down (d and the ReLU MLP's width not multiples of eight: the rows' tails)."""
+    torch.manual_seed(5)
+    gate, down = nn.Linear(d, width), nn.Linear(width, d)
+    up = nn.Linear(d, width) if gated else None
+    for module in (gate, up, down):
+        if module is not None:
+            module.requires_grad_(False)
+    return gate, up, down, nn.SiLU() if gated else nn.ReLU()
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_teal_mlp(split_everything, gated):
+    """TEAL's kernel with many kept inputs (the most partial sums of the gate and up products),
+    a few (one partial) and none, and with no neuron kept: the same at every thread count, and
+    the masked torch ops."""
+    from dejavu_llama.modules.decode.cpu_training_free import lay_out_teal, teal_mlp
+
+    gate, up, down, act_fn = linears = training_free_mlp(gated)
+    assert lay_out_teal(gate, up, down)
+    h = torch.randn(1, 1, gate.in_features)
+    for keep_in, keep_down in ((0.9, 0.5), (0.15, 0.3), (0.0, 0.5), (0.9, 0.0)):
+        t_in = float(h.abs().quantile(1 - keep_in)) if keep_in else float("inf")
+        with torch.no_grad():
+            masked = h * (h.abs() > t_in)
+            act = act_fn(gate(masked)) * (up(masked) if gated else 1.0)
+            t_down = float(act.abs().quantile(1 - keep_down)) if keep_down else float("inf")
+            reference = down(act * (act.abs() > t_down))
+            out = same_at_every_thread_count(lambda: teal_mlp(h, *linears, t_in, t_down)[0])
+            _, inputs, neurons = teal_mlp(h, *linears, t_in, t_down)
+        close(out, reference)
+        assert inputs == int((h.abs() > t_in).sum()) and neurons == int((act.abs() > t_down).sum())
+
+
+def test_cats_mlp(split_everything):
+    """CATS's kernel (silu of the whole gate on the threads, then each kept neuron's up and down
+    rows in one pass): the same at every thread count, and the masked torch ops."""
+    from dejavu_llama.modules.decode.cpu_training_free import cats_mlp
+
+    gate, up, down, act_fn = linears = training_free_mlp(True)
+    assert pack_mlp_neurons(gate, up, down)
+    h = torch.randn(1, 1, gate.in_features)
+    with torch.no_grad():
+        act = act_fn(gate(h))
+        for keep in (0.7, 0.05, 0.0):
+            t_gate = float(act.abs().quantile(1 - keep)) if keep else float("inf")
+            reference = down(act * up(h) * (act.abs() > t_gate))
+            out = same_at_every_thread_count(lambda: cats_mlp(h, *linears, t_gate)[0])
+            close(out, reference)
+            neurons = cats_mlp(h, *linears, t_gate)[1]
+            assert neurons == int((act.abs() > t_gate).sum())
+
+
 @pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("half", [False, True])
 def test_predicted_mlp(split_everything, tmp_path, family, half):

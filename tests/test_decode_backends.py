@@ -72,7 +72,8 @@ TEAL = {layer: {"t_in": 0.6, "t_down": 0.005} for layer in range(3)}
 CATS = {layer: {"t_gate": 0.03} for layer in range(3)}
 # name: (configure_sparse options, predictor options or None, what the cpu backend's layer kernel
 # runs for Llama: "layer" (the dense layer), "predicted" (the layer with the predicted MLP),
-# "half" (the attention half, then the MLP in torch ops), None (the block's torch forward))
+# "teal" / "cats" (the layer with that MLP), "half" (the attention half, then the MLP in torch
+# ops), None (the block's torch forward))
 SPARSE_CASES = {
     "dense": (dict(), None, "layer"),
     "oracle": (dict(mlp_keep=0.25, att_keep=0.5), None, None),
@@ -84,14 +85,14 @@ SPARSE_CASES = {
     "predicted layers 1-": (dict(mlp_keep=2, layers={1, 2}, sparse_attention=False), {}, "predicted"),
     # layers 0 and 1 through the kernels, layer 2's heads read layer 1's input (a kernel step's output)
     "predicted heads prev layer 2": (dict(mlp_keep=0.25, att_keep=0.5, layers={2}), dict(prev_layers=(2,)), "layer"),
-    "teal": (dict(mlp_keep=0.5, thresholds=TEAL), None, "half"),
-    "cats": (dict(mlp_keep=0.5, thresholds=CATS), None, "half"),
+    "teal": (dict(mlp_keep=0.5, thresholds=TEAL), None, "teal"),
+    "cats": (dict(mlp_keep=0.5, thresholds=CATS), None, "cats"),
     "wina": (dict(mlp_keep=0.5), None, None),
 }
 
 
 @pytest.mark.parametrize("case", SPARSE_CASES)
-def test_every_backend_gives_the_reference_under_sparse_modes(family_checkpoint, case):
+def test_every_backend_gives_the_reference_under_sparse_modes(family_checkpoint, case, monkeypatch):
     """Batch 1 (where the C kernels apply): each sparse mode through every backend gives the torch
     backend's tokens, logprobs and --sparse-stats; the cpu backend runs the layer kernel it should."""
     family, checkpoint = family_checkpoint
@@ -99,8 +100,17 @@ def test_every_backend_gives_the_reference_under_sparse_modes(family_checkpoint,
     mode = case.split()[0]
     if mode == "cats" and family == "opt":
         pytest.skip("cats needs a gated MLP (Llama)")
-    if cpu_kernels.kernel_library() is None:
+    lib = cpu_kernels.kernel_library()
+    if lib is None:
         pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
+    training_free_layers = {}  # TEAL's and CATS's layer kernels: calls per method
+    for method in ("teal", "cats"):
+        real = getattr(lib, f"dejavu_llama_{method}_decode_layer")
+
+        def counted(*arguments, real=real, method=method):
+            training_free_layers[method] = training_free_layers.get(method, 0) + 1
+            return real(*arguments)
+        monkeypatch.setattr(lib, f"dejavu_llama_{method}_decode_layer", counted)
     model = LocalModel.from_checkpoint(checkpoint, f"{family}-ml-att-sparse")
     if predictor_options is not None:
         options = dict(options, predictors=random_predictors(model.config, **predictor_options))
@@ -127,6 +137,9 @@ def test_every_backend_gives_the_reference_under_sparse_modes(family_checkpoint,
         kernel = "layer" if kernel == "layer" else None
     view = views[1]  # layer 1 is sparse in every case
     ran = None if view is None else "predicted" if view.predicted is not None else "layer" if view.has_mlp else "half"
+    if ran == "half" and training_free_layers:
+        assert list(training_free_layers) == [mode] and training_free_layers[mode] == 7 * 3  # 7 steps, 3 layers
+        ran = mode
     assert ran == kernel
 
 

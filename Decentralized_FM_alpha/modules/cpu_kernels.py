@@ -90,6 +90,13 @@ _SIGNATURES = {
     "dejavu_llama_predicted_decode_layer": [ctypes.POINTER(LlamaLayer), ctypes.POINTER(MlpWeights),
                                             ctypes.POINTER(PredictorWeights), _N, _N, _P, _P, _P, _P, _N, _N, _P,
                                             _P, _P, _float],
+    # layer, TEAL's weights, t_in, t_down, kept [2], x, x_out, k_cache, v_cache, head_stride, t, cos, signed_sin,
+    # key_valid, scale
+    "dejavu_llama_teal_decode_layer": [ctypes.POINTER(LlamaLayer), ctypes.POINTER(TealWeights), _float, _float, _P,
+                                       _P, _P, _P, _P, _N, _N, _P, _P, _P, _float],
+    # layer, mlp, t_gate, kept [1], x, x_out, k_cache, v_cache, head_stride, t, cos, signed_sin, key_valid, scale
+    "dejavu_llama_cats_decode_layer": [ctypes.POINTER(LlamaLayer), ctypes.POINTER(MlpWeights), _float, _P, _P, _P,
+                                       _P, _P, _N, _N, _P, _P, _P, _float],
     # layer, x, x_out, k_cache, v_cache, head_stride, t, key_valid, scale
     "dejavu_opt_decode_layer": [ctypes.POINTER(OptLayer), _P, _P, _P, _P, _N, _N, _P, _float],
     # weights, threshold, h, out, kept [1]

@@ -242,9 +242,11 @@ static float dot(const float* w, const float* h, int64_t d) {
 #define ACT_NONE 0
 #define ACT_SILU_GLU 1
 #define ACT_RELU 2
+#define ACT_SILU 3
 static inline float activate(int64_t act, float a, float b) {
   if (act == ACT_SILU_GLU) return a / (1.f + expf(-a)) * b;
   if (act == ACT_RELU) return a > 0.f ? a : 0.f;
+  if (act == ACT_SILU) return a / (1.f + expf(-a));
   return a;
 }
 
@@ -805,11 +807,19 @@ static inline int64_t group_start(int64_t g, int64_t groups, int64_t K) {
   return b < K ? b : K;
 }
 
+/* What sum_kept_rows adds for kept neuron i, with its rows read four neurons at a time:
+   ACTS_COMPUTED  act(A[i].h + a_bias, B[i].h + b_bias) * T[i]   (the gathered MLP)
+   ACTS_GIVEN     acts[k] * T[i]                                 (TEAL's down)
+   ACTS_TIMES_B   acts[k] * (B[i].h + b_bias) * T[i]             (CATS: acts are silu(gate)) */
+#define ACTS_COMPUTED 0
+#define ACTS_GIVEN 1
+#define ACTS_TIMES_B 2
+
 typedef struct {
   const gathered_job* J;
   float* partial;  /* [groups, d] */
   int64_t groups;
-  int with_acts;   /* the activations are given in J->acts (else computed four at a time here) */
+  int mode;        /* ACTS_* */
 } grouped_job;
 
 /* Prefetch the first lines of kept neurons [from, to)'s rows of A, B and T, except a neuron right
@@ -818,15 +828,16 @@ typedef struct {
    own. With the next four neurons started while the current four stream, the gathered MLP at
    keep 0.25 on SmolLM2's dims took 0.24 of the dense MLP's time instead of 0.33 (2 threads;
    keep 0.5, where most kept neurons are neighbours, unchanged). */
-static inline void start_streams(const mlp_weights* W, const int64_t* idx, int64_t from, int64_t to) {
+static inline void start_streams(const mlp_weights* W, const int64_t* idx, int64_t from, int64_t to, int mode) {
   for (int64_t q = from; q < to; q++) {
     if (idx[q] == idx[q - 1] + 1) continue;
-    const char *a = (const char*)(W->A + idx[q] * W->lda), *t = (const char*)(W->T + idx[q] * W->ldt),
-               *b = W->B ? (const char*)(W->B + idx[q] * W->ldb) : 0;
+    const char *a = mode == ACTS_COMPUTED ? (const char*)(W->A + idx[q] * W->lda) : 0,
+               *b = mode != ACTS_GIVEN && W->B ? (const char*)(W->B + idx[q] * W->ldb) : 0,
+               *t = (const char*)(W->T + idx[q] * W->ldt);
     for (int line = 0; line < PREFETCH_LINES; line++) {
-      __builtin_prefetch(a + 64 * line);
-      __builtin_prefetch(t + 64 * line);
+      if (a) __builtin_prefetch(a + 64 * line);
       if (b) __builtin_prefetch(b + 64 * line);
+      __builtin_prefetch(t + 64 * line);
     }
   }
 }
@@ -840,15 +851,22 @@ static void groups_range(void* job, int64_t begin, int64_t end) {
     float* part = G->partial + g * d;
     memset(part, 0, sizeof(float) * (size_t)d);
     int64_t first = group_start(g, G->groups, J->K), last = group_start(g + 1, G->groups, J->K);
-    if (G->with_acts) { add_rows(J->W, J->idx + first, J->acts + first, last - first, part); continue; }
     for (int64_t k = first; k < last; k += 4) {
-      start_streams(J->W, J->idx, k + 4, k + 8 < last ? k + 8 : last);
-      float four[4];
-      gathered_job one = *J;
-      one.idx = J->idx + k;
-      one.acts = four;
+      start_streams(J->W, J->idx, k + 4, k + 8 < last ? k + 8 : last, G->mode);
       int64_t n = last - k < 4 ? last - k : 4;
-      acts_range(&one, 0, n);
+      if (G->mode == ACTS_GIVEN) { add_rows(J->W, J->idx + k, J->acts + k, n, part); continue; }
+      float four[4];
+      if (G->mode == ACTS_COMPUTED) {
+        gathered_job one = *J;
+        one.idx = J->idx + k;
+        one.acts = four;
+        acts_range(&one, 0, n);
+      } else {
+        const mlp_weights* W = J->W;
+        dots_job second = {W->B, 0, W->b_bias, 0, J->h, J->idx + k, four, W->ldb, 0, W->d, ACT_NONE};
+        dots_range(&second, 0, n);
+        for (int64_t q = 0; q < n; q++) four[q] *= J->acts[k + q];
+      }
       add_rows(J->W, J->idx + k, four, n, part);
     }
   }
@@ -867,13 +885,13 @@ static void reduce_range(void* job, int64_t begin, int64_t end) {
   }
 }
 
-/* out = bias + residual + sum over the kept neurons (acts given, or computed from h): 0, or 2
-   where memory ran out. */
-static int sum_kept_rows(const gathered_job* J, int with_acts) {
+/* out = bias + residual + sum over the kept neurons as `mode` (ACTS_*) says: 0, or 2 where
+   memory ran out. */
+static int sum_kept_rows(const gathered_job* J, int mode) {
   int64_t d = J->W->d, K = J->K, groups = sum_groups(K);
-  grouped_job G = {J, malloc(sizeof(float) * (size_t)(groups * d)), groups, with_acts};
+  grouped_job G = {J, malloc(sizeof(float) * (size_t)(groups * d)), groups, mode};
   if (!G.partial) return 2;
-  int64_t per_neuron = (with_acts ? 1 : J->W->B ? 3 : 2) * d;
+  int64_t per_neuron = (mode == ACTS_GIVEN ? 1 : mode == ACTS_TIMES_B ? 2 : J->W->B ? 3 : 2) * d;
   parallel_for(groups, 1, (K + groups - 1) / groups * per_neuron, groups_range, &G);
   parallel_for(d, 16, groups, reduce_range, &G);
   free(G.partial);
@@ -884,7 +902,7 @@ static int gathered_mlp(const mlp_weights* W, const int64_t* idx, int64_t K, con
                         float* out) {
   if (bad_index(idx, K, W->rows)) return 1;
   gathered_job job = {W, idx, h, residual, 0, out, K};
-  return sum_kept_rows(&job, 0);
+  return sum_kept_rows(&job, ACTS_COMPUTED);
 }
 
 int dejavu_gathered_mlp(const mlp_weights* W, const int64_t* idx, int64_t K, const float* h, float* out) {
@@ -936,34 +954,38 @@ int dejavu_llama_predicted_decode_layer(const llama_layer* L, const mlp_weights*
    |a_i| <= threshold; only the kept neurons' up rows and down columns (rows of T) are read:
      out = down_bias + sum_{kept i} a_i * (up_i . h + up_bias_i) * T_i.
    W is the MLP as the gathered kernels read it (packed: a neuron's gate, up and down one run).
+   The activations are computed on the threads with the gate products, and each kept neuron's up
+   and down rows are read in one pass, in the gathered MLP's groups (before: silu on one thread
+   after the products, then a pass over the kept up rows and another over their down rows).
    kept[0]: how many neurons were kept. */
-int dejavu_cats_mlp(const mlp_weights* W, float threshold, const float* h, float* out, int64_t* kept) {
+static int cats_mlp(const mlp_weights* W, float threshold, const float* h, const float* residual, float* out,
+                    int64_t* kept) {
   int64_t inner = W->rows, d = W->d, K = 0;
   if (!W->B) return 1;
-  float* gate = malloc(sizeof(float) * (size_t)(3 * inner));
+  float* acts = malloc(sizeof(float) * (size_t)inner);
   int64_t* idx = malloc(sizeof(int64_t) * (size_t)(inner + 1));
-  if (!gate || !idx) { free(gate); free(idx); return 2; }
-  float *acts = gate + inner, *ups = acts + inner;
-  dots_job all = {W->A, 0, W->a_bias, 0, h, 0, gate, W->lda, 0, d, ACT_NONE};
+  if (!acts || !idx) { free(acts); free(idx); return 2; }
+  dots_job all = {W->A, 0, W->a_bias, 0, h, 0, acts, W->lda, 0, d, ACT_SILU};  /* silu on the threads */
   parallel_for(inner, 4, d, dots_range, &all);
   for (int64_t i = 0; i < inner; i++) {
-    float a = activate(ACT_SILU_GLU, gate[i], 1.f);
-    if (fabsf(a) > threshold) { idx[K] = i; acts[K] = a; K++; }
+    float a = acts[i];
+    if (fabsf(a) > threshold) { idx[K] = i; acts[K] = a; K++; }  /* acts[K <= i] is read already */
   }
-  dots_job chosen = {W->B, 0, W->b_bias, 0, h, idx, ups, W->ldb, 0, d, ACT_NONE};
-  parallel_for(K, 4, d, dots_range, &chosen);
-  for (int64_t k = 0; k < K; k++) acts[k] *= ups[k];
-  gathered_job sums = {W, idx, h, 0, acts, out, K};
-  int status = sum_kept_rows(&sums, 1);
+  gathered_job sums = {W, idx, h, residual, acts, out, K};
+  int status = sum_kept_rows(&sums, ACTS_TIMES_B);  /* each kept neuron's up and down rows in one pass */
   kept[0] = K;
-  free(gate);
+  free(acts);
   free(idx);
   return status;
 }
 
+int dejavu_cats_mlp(const mlp_weights* W, float threshold, const float* h, float* out, int64_t* kept) {
+  return cats_mlp(W, threshold, h, 0, out, kept);
+}
+
 /* TEAL: an entry j of h with |h_j| <= t_in is dropped, so only the kept entries' columns of gate
    and up (fc1) are read: one row of in_t each, [d rows of ld_in floats]: gate's column j at
-   in_t + j * ld_in, up's at + up_offset (up_offset 0: no up, OPT's ReLU MLP). Then
+   in_t + j * ld_in, up's at + up_offset (inner: right after it; 0: no up, OPT's ReLU MLP). Then
    act_i = silu(g_i) * u_i (relu(g_i)), and neuron i with |act_i| <= t_down is dropped from
    down: out = down_bias + sum_{kept i} act_i * down_t_i, down_t [inner rows of ld_down].
    kept[0], kept[1]: how many inputs and neurons were kept. */
@@ -975,64 +997,137 @@ typedef struct {
   int64_t ld_in, up_offset, ld_down, d, inner;
 } teal_weights;
 
+/* TEAL's gate and up products from the kept inputs' columns: the kept inputs are cut into groups
+   (teal_groups: a number that depends on their count only), each group summed into its own
+   partial [parts * inner] while it streams its columns whole (gate's column j and up's, one
+   run of the layout), four at a time; then each output adds the partials in group order (and
+   the bias) and takes its activation, on the threads. Every output adds the same terms in the
+   same order whatever the thread count. Splitting the outputs over the threads instead had
+   each read a short piece of every kept column, and the activations ran on one thread. */
+#define TEAL_GROUPS 8
+#define TEAL_MIN_GROUP 4
+
 typedef struct {
   const teal_weights* W;
   const int64_t* inputs;
   const float* h;
-  float *gate, *up;
-  int64_t count;
-} columns_job;
+  float *partial, *act;
+  int64_t count, groups, width;  /* width: the floats of one column pair (parts * inner) */
+} teal_job;
 
-/* g[i], u[i] for i in [begin, end): the bias, plus h_j times the kept inputs' columns, four
-   columns at a time. */
-static void columns_range(void* job, int64_t begin, int64_t end) {
-  const columns_job* J = job;
+static int64_t teal_groups(int64_t count) {
+  int64_t groups = count / TEAL_MIN_GROUP;
+  return groups < 1 ? 1 : groups > TEAL_GROUPS ? TEAL_GROUPS : groups;
+}
+
+static void teal_columns_range(void* job, int64_t begin, int64_t end) {
+  const teal_job* J = job;
   const teal_weights* W = J->W;
-  for (int part = 0; part < (W->up_offset ? 2 : 1); part++) {
-    const float* bias = part ? W->up_bias : W->gate_bias;
-    float* acc = part ? J->up : J->gate;
-    const float* base = W->in_t + (part ? W->up_offset : 0);
-    for (int64_t i = begin; i < end; i++) acc[i] = bias ? bias[i] : 0.f;
-    int64_t k = 0, i;
-    for (; k + 4 <= J->count; k += 4) {
+  const float* h = J->h;
+  int64_t width = J->width;
+  for (int64_t g = begin; g < end; g++) {
+    float* acc = J->partial + g * width;
+    memset(acc, 0, sizeof(float) * (size_t)width);
+    int64_t k = group_start(g, J->groups, J->count), last = group_start(g + 1, J->groups, J->count), i;
+    for (; k + 4 <= last; k += 4) {
       const int64_t* j = J->inputs + k;
-      const float *c0 = base + j[0] * W->ld_in, *c1 = base + j[1] * W->ld_in, *c2 = base + j[2] * W->ld_in,
-                  *c3 = base + j[3] * W->ld_in;
-      v8 w0 = splat(J->h[j[0]]), w1 = splat(J->h[j[1]]), w2 = splat(J->h[j[2]]), w3 = splat(J->h[j[3]]);
-      for (i = begin; i + 8 <= end; i += 8)
+      const float *c0 = W->in_t + j[0] * W->ld_in, *c1 = W->in_t + j[1] * W->ld_in, *c2 = W->in_t + j[2] * W->ld_in,
+                  *c3 = W->in_t + j[3] * W->ld_in;
+      v8 w0 = splat(h[j[0]]), w1 = splat(h[j[1]]), w2 = splat(h[j[2]]), w3 = splat(h[j[3]]);
+      for (i = 0; i + 8 <= width; i += 8)
         st(acc + i, ld(acc + i) + w0 * ld(c0 + i) + w1 * ld(c1 + i) + w2 * ld(c2 + i) + w3 * ld(c3 + i));
-      for (; i < end; i++) acc[i] += w0[0] * c0[i] + w1[0] * c1[i] + w2[0] * c2[i] + w3[0] * c3[i];
+      for (; i < width; i++) acc[i] += w0[0] * c0[i] + w1[0] * c1[i] + w2[0] * c2[i] + w3[0] * c3[i];
     }
-    for (; k < J->count; k++) {
-      const float* c = base + J->inputs[k] * W->ld_in;
-      v8 w = splat(J->h[J->inputs[k]]);
-      for (i = begin; i + 8 <= end; i += 8) st(acc + i, ld(acc + i) + w * ld(c + i));
-      for (; i < end; i++) acc[i] += w[0] * c[i];
+    for (; k < last; k++) {
+      const float* c = W->in_t + J->inputs[k] * W->ld_in;
+      v8 w = splat(h[J->inputs[k]]);
+      for (i = 0; i + 8 <= width; i += 8) st(acc + i, ld(acc + i) + w * ld(c + i));
+      for (; i < width; i++) acc[i] += w[0] * c[i];
     }
   }
 }
 
-int dejavu_teal_mlp(const teal_weights* W, float t_in, float t_down, const float* h, float* out, int64_t* kept) {
+/* act[i] for i in [begin, end): the partials in group order plus the bias, then the activation. */
+static void teal_act_range(void* job, int64_t begin, int64_t end) {
+  const teal_job* J = job;
+  const teal_weights* W = J->W;
+  int64_t inner = W->inner;
+  for (int64_t i = begin; i < end; i++) {
+    float g = W->gate_bias ? W->gate_bias[i] : 0.f, u = W->up_bias ? W->up_bias[i] : 0.f;
+    for (int64_t p = 0; p < J->groups; p++) g += J->partial[p * J->width + i];
+    if (!W->up_offset) { J->act[i] = activate(ACT_RELU, g, 0.f); continue; }
+    for (int64_t p = 0; p < J->groups; p++) u += J->partial[p * J->width + inner + i];
+    J->act[i] = activate(ACT_SILU_GLU, g, u);
+  }
+}
+
+static int teal_mlp(const teal_weights* W, float t_in, float t_down, const float* h, const float* residual,
+                    float* out, int64_t* kept) {
   int64_t d = W->d, inner = W->inner, inputs = 0, K = 0;
+  if (W->up_offset && W->up_offset != inner) return 1;  /* up's column right after gate's */
+  int64_t width = (W->up_offset ? 2 : 1) * inner;
   int64_t* idx = malloc(sizeof(int64_t) * (size_t)(d + inner + 1));
-  float* gate = malloc(sizeof(float) * (size_t)(2 * inner));
-  if (!idx || !gate) { free(idx); free(gate); return 2; }
+  float* act = malloc(sizeof(float) * (size_t)(inner + TEAL_GROUPS * width));
+  if (!idx || !act) { free(idx); free(act); return 2; }
   int64_t* neurons = idx + d;
-  float* up = gate + inner;
   for (int64_t j = 0; j < d; j++) if (fabsf(h[j]) > t_in) idx[inputs++] = j;
-  columns_job columns = {W, idx, h, gate, up, inputs};
-  parallel_for(inner, 16, (W->up_offset ? 2 : 1) * inputs, columns_range, &columns);
+  teal_job job = {W, idx, h, act + inner, act, inputs, teal_groups(inputs), width};
+  parallel_for(job.groups, 1, (inputs + job.groups - 1) / job.groups * width, teal_columns_range, &job);
+  parallel_for(inner, 16, job.groups * (width / inner) + 16, teal_act_range, &job);  /* + 16: the activation */
   for (int64_t i = 0; i < inner; i++) {
-    float a = W->up_offset ? activate(ACT_SILU_GLU, gate[i], up[i]) : activate(ACT_RELU, gate[i], 0.f);
-    if (fabsf(a) > t_down) { neurons[K] = i; gate[K] = a; K++; }  /* gate[K <= i] is read already */
+    float a = act[i];
+    if (fabsf(a) > t_down) { neurons[K] = i; act[K] = a; K++; }  /* act[K <= i] is read already */
   }
   mlp_weights rows = {0};
   rows.T = W->down_t; rows.ldt = W->ld_down; rows.bias = W->down_bias; rows.d = d; rows.rows = inner;
-  gathered_job sums = {&rows, neurons, h, 0, gate, out, K};
-  int status = sum_kept_rows(&sums, 1);
+  gathered_job sums = {&rows, neurons, h, residual, act, out, K};
+  int status = sum_kept_rows(&sums, ACTS_GIVEN);
   kept[0] = inputs;
   kept[1] = K;
   free(idx);
-  free(gate);
+  free(act);
   return status;
+}
+
+int dejavu_teal_mlp(const teal_weights* W, float t_in, float t_down, const float* h, float* out, int64_t* kept) {
+  return teal_mlp(W, t_in, t_down, h, 0, out, kept);
+}
+
+/* One Llama decoder layer for one token with TEAL's or CATS's MLP (as dejavu_teal_mlp and
+   dejavu_cats_mlp) in place of the dense one: x_out = x_mid + mlp(norm(x_mid)), x_mid = x +
+   attn(norm(x)). kept: what the MLP kept (TEAL: inputs, neurons; CATS: neurons). In one call,
+   like the predicted layer: with the MLP a call of its own after the attention half (its
+   Python run cold, after the layer's weights), SmolLM2 at 2 threads decoded TEAL at keep
+   0.5 / 0.25 / 0.1 at 0.96 / 1.08 / 1.35x dense; in one call, with the kernels above, at
+   1.31 / 1.57 / 1.89x (CATS: 1.01 / 1.09 / 0.80x, then 1.11 / 1.28 / 1.59x). */
+static int llama_sparse_layer(const llama_layer* L, const void* weights, int teal, float t_first, float t_second,
+                              int64_t* kept, const float* x, float* x_out, float* k_cache, float* v_cache,
+                              int64_t head_stride, int64_t t, const float* cos, const float* ssin,
+                              const uint8_t* key_valid, float scale) {
+  int64_t d = L->hidden;
+  if (teal ? ((const teal_weights*)weights)->d != d : ((const mlp_weights*)weights)->d != d) return 1;
+  float* xn = malloc(sizeof(float) * (size_t)d);
+  if (!xn) return 2;
+  int status = llama_attention_half(L, x, x_out, k_cache, v_cache, head_stride, t, cos, ssin, key_valid, scale, xn);
+  if (!status)
+    status = teal ? teal_mlp(weights, t_first, t_second, xn, x_out, x_out, kept)
+                  : cats_mlp(weights, t_first, xn, x_out, x_out, kept);
+  free(xn);
+  return status;
+}
+
+int dejavu_llama_teal_decode_layer(const llama_layer* L, const teal_weights* W, float t_in, float t_down,
+                                   int64_t* kept, const float* x, float* x_out, float* k_cache, float* v_cache,
+                                   int64_t head_stride, int64_t t, const float* cos, const float* ssin,
+                                   const uint8_t* key_valid, float scale) {
+  return llama_sparse_layer(L, W, 1, t_in, t_down, kept, x, x_out, k_cache, v_cache, head_stride, t, cos, ssin,
+                            key_valid, scale);
+}
+
+int dejavu_llama_cats_decode_layer(const llama_layer* L, const mlp_weights* W, float t_gate, int64_t* kept,
+                                   const float* x, float* x_out, float* k_cache, float* v_cache, int64_t head_stride,
+                                   int64_t t, const float* cos, const float* ssin, const uint8_t* key_valid,
+                                   float scale) {
+  return llama_sparse_layer(L, W, 0, t_gate, 0.f, kept, x, x_out, k_cache, v_cache, head_stride, t, cos, ssin,
+                            key_valid, scale);
 }

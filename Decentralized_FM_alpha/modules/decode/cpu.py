@@ -13,9 +13,9 @@
 What a kernel step runs, by what the block holds:
   a dense block (no taps installed, a dense MLP): the whole layer in one call;
   a sparse block (sparse_execution: SparseTaps at block.taps, SparseMLP at block.mlp) whose
-  heads are all kept: the whole layer with its dense MLP, or with DejaVu's predicted MLP at a
-  fixed K in the same call; where the kernel cannot read the predictor, the attention half in
-  one call and the MLP in torch ops;
+  heads are all kept: the whole layer with its dense MLP, with DejaVu's predicted MLP at a
+  fixed K, or (Llama) with TEAL's or CATS's MLP, in the same call; where the kernel cannot read
+  the predictor or the layout, the attention half in one call and the MLP after it;
   nothing else: taps that record (the save variants), sparse heads, the other sparse modes.
 Each family's view of its weights (cpu_views.py) and C calls are one entry of FAMILIES.
 """
@@ -31,7 +31,7 @@ from .. import cpu_kernels, sparse_execution
 from ..common import DenseMLP, KVCache, StepCache, TappedModule, step_geometry, tensor_key
 from ..hf_llama_module import LlamaBlock
 from ..hf_opt_module import OPTBlock
-from . import cpu_views
+from . import cpu_training_free, cpu_views
 from .huge_pages import move_to_huge_pages
 from .sparse_gather import CpuLinear
 
@@ -141,6 +141,20 @@ def llama_predicted_layer(lib, view, step, scale, k, predict_from_input):
                                                    *step.cache, *step.where, scale)
 
 
+def llama_teal_layer(lib, view, step, scale, weights, t_in, t_down, kept):
+    """The layer with TEAL's MLP (weights: cpu_training_free.teal_weights); kept [2] gets the
+    inputs and neurons it kept."""
+    return lib.dejavu_llama_teal_decode_layer(view.ref, weights, t_in, t_down, kept.data_ptr(), step.x.data_ptr(),
+                                              step.out.data_ptr(), *step.cache, *step.where, scale)
+
+
+def llama_cats_layer(lib, view, step, scale, weights, t_gate, kept):
+    """The layer with CATS's MLP (weights: cpu_training_free.cats_weights); kept [1] gets the
+    neurons it kept."""
+    return lib.dejavu_llama_cats_decode_layer(view.ref, weights, t_gate, kept.data_ptr(), step.x.data_ptr(),
+                                              step.out.data_ptr(), *step.cache, *step.where, scale)
+
+
 def opt_layer(lib, view, step, scale):
     return lib.dejavu_opt_decode_layer(view.ref, step.x.data_ptr(), step.out.data_ptr(), *step.cache, *step.where,
                                        scale)
@@ -156,11 +170,13 @@ class Family:
     layer: Callable  # the whole layer, its dense MLP included
     attention_half: Optional[Callable] = None  # None: the family has no kernel for the half
     predicted_layer: Optional[Callable] = None  # None: no layer kernel with the predicted MLP
+    teal_layer: Optional[Callable] = None  # None: none with TEAL's MLP
+    cats_layer: Optional[Callable] = None  # None: none with CATS's MLP
 
 
 FAMILIES = {
     LlamaBlock: Family(cpu_views.llama_slots, cpu_views.build_llama_view, llama_geometry, llama_layer,
-                       llama_attention_half, llama_predicted_layer),
+                       llama_attention_half, llama_predicted_layer, llama_teal_layer, llama_cats_layer),
     OPTBlock: Family(cpu_views.opt_slots, cpu_views.build_opt_view, opt_geometry, opt_layer),
 }
 
@@ -233,23 +249,14 @@ def sparse_kernel_step(lib, family, block, taps, mlp):
     if predicted is not None and not 1 <= k <= predicted.rows:
         raise ValueError(f"layer {block.layer_index}: cannot keep {k} of {predicted.rows} MLP neurons")
     scale, key = block.head_dim**-0.5, position_key(block, family)
-
-    if dense or predicted is not None:
-        kept = {"neurons": None if dense else k / mlp.width}
-        if dense:
-            def run_layer(step):
-                return family.layer(lib, view, step, scale)
-        else:
-            from_input = mlp.input_mode != "same"
-
-            def run_layer(step):
-                return family.predicted_layer(lib, view, step, scale, k, from_input)
-
+    run_layer, kept = layer_call(lib, family, view, mlp, scale, k, dense, predicted)
+    if run_layer is not None:
         def layer_step(x, layer_past, mask, shared=None, out=None):
             step = begin_step(block, family, x, layer_past, mask, shared, key, out)
             taps.begin(x, None)  # as the att_x tap: the next layer's look-ahead input
             _check(run_layer(step), block)
-            taps.record(kept, None, x.shape[:-1])
+            if taps.stats is not None:
+                taps.record(kept(), None, x.shape[:-1])
             return step.out, step.present
         return layer_step
 
@@ -261,6 +268,33 @@ def sparse_kernel_step(lib, family, block, taps, mlp):
         taps.inputs["mlp_x"] = step.out
         return step.out + mlp(h), step.present  # the MLP records what it kept
     return half_step
+
+
+def layer_call(lib, family, view, mlp, scale, k, dense, predicted):
+    """(run_layer(step) -> status, kept() -> what --sparse-stats counts) of a sparse block whose
+    whole layer one kernel call runs (its dense MLP, DejaVu's predicted MLP, TEAL's or CATS's),
+    or (None, None) where none does."""
+    if dense:
+        return (lambda step: family.layer(lib, view, step, scale)), (lambda: {"neurons": None})
+    if predicted is not None:
+        from_input = mlp.input_mode != "same"
+        return ((lambda step: family.predicted_layer(lib, view, step, scale, k, from_input)),
+                (lambda: {"neurons": k / mlp.width}))
+    linears = mlp.neuron_linears()
+    if mlp.mode == "teal" and family.teal_layer is not None:
+        weights = cpu_training_free.teal_weights(*linears)
+        if weights is not None:
+            t_in, t_down = (cpu_training_free.threshold(mlp.thresholds[name]) for name in ("t_in", "t_down"))
+            counts, d = torch.zeros(2, dtype=torch.int64), linears[0].in_features
+            return ((lambda step: family.teal_layer(lib, view, step, scale, weights, t_in, t_down, counts)),
+                    (lambda: {"in": int(counts[0]) / d, "down": int(counts[1]) / mlp.width}))
+    if mlp.mode == "cats" and family.cats_layer is not None:
+        weights = cpu_training_free.cats_weights(*linears)
+        if weights is not None:
+            t_gate, counts = cpu_training_free.threshold(mlp.thresholds["t_gate"]), torch.zeros(1, dtype=torch.int64)
+            return ((lambda step: family.cats_layer(lib, view, step, scale, weights, t_gate, counts)),
+                    (lambda: {"neurons": int(counts[0]) / mlp.width}))
+    return None, None
 
 
 class DecodingSteps:

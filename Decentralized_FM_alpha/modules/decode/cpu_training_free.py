@@ -32,7 +32,7 @@ def _pointer(tensor):
     return None if tensor is None else tensor.data_ptr()
 
 
-def _threshold(value):
+def threshold(value):
     return NO_THRESHOLD if value is None else float(value)
 
 
@@ -92,18 +92,34 @@ def teal_view(first, second, output):
     return view
 
 
+def teal_weights(first, second, output, act_fn):
+    """A ctypes reference to TEAL's weights as the kernels read them (the TealWeights struct,
+    kept alive on `first`), or None where they are not laid out for it or the activation is not
+    the kernel's."""
+    if not (is_silu(act_fn) if second is not None else is_relu(act_fn)):
+        return None
+    view = teal_view(first, second, output)
+    return None if view is None else ctypes.byref(view)
+
+
+def cats_weights(first, second, output, act_fn):
+    """A ctypes reference to the packed MLP as CATS's kernels read it, or None."""
+    if second is None or not is_silu(act_fn):
+        return None
+    found = _mlp_weights(first, second, output, act_fn)[0]
+    return None if found is None else found[1]
+
+
 def teal_mlp(h, first, second, output, act_fn, t_in, t_down):
     """(out [1, 1, d], inputs kept, neurons kept) of TEAL for one token, or None."""
     lib = cpu_kernels.kernel_library()
-    if lib is None or not (is_silu(act_fn) if second is not None else is_relu(act_fn)):
-        return None
-    view = teal_view(first, second, output)
-    hs = _one_token(h, first, second, output) if view is not None else None
+    weights = teal_weights(first, second, output, act_fn) if lib is not None else None
+    hs = _one_token(h, first, second, output) if weights is not None else None
     if hs is None:
         return None
     out, kept = torch.empty(1, 1, output.out_features), torch.zeros(2, dtype=torch.int64)
-    status = lib.dejavu_teal_mlp(ctypes.byref(view), _threshold(t_in), _threshold(t_down), hs.data_ptr(),
-                                 out.data_ptr(), kept.data_ptr())
+    status = lib.dejavu_teal_mlp(weights, threshold(t_in), threshold(t_down), hs.data_ptr(), out.data_ptr(),
+                                 kept.data_ptr())
     if status:
         raise RuntimeError(f"TEAL kernel refused its input (status {status})")
     return out, int(kept[0]), int(kept[1])
@@ -112,14 +128,12 @@ def teal_mlp(h, first, second, output, act_fn, t_in, t_down):
 def cats_mlp(h, first, second, output, act_fn, t_gate):
     """(out [1, 1, d], neurons kept) of CATS for one token, or None."""
     lib = cpu_kernels.kernel_library()
-    if lib is None or second is None or not is_silu(act_fn):
-        return None
-    found = _mlp_weights(first, second, output, act_fn)[0]
-    hs = _one_token(h, first, second, output) if found is not None else None
+    weights = cats_weights(first, second, output, act_fn) if lib is not None else None
+    hs = _one_token(h, first, second, output) if weights is not None else None
     if hs is None:
         return None
     out, kept = torch.empty(1, 1, output.out_features), torch.zeros(1, dtype=torch.int64)
-    status = lib.dejavu_cats_mlp(found[1], _threshold(t_gate), hs.data_ptr(), out.data_ptr(), kept.data_ptr())
+    status = lib.dejavu_cats_mlp(weights, threshold(t_gate), hs.data_ptr(), out.data_ptr(), kept.data_ptr())
     if status:
         raise RuntimeError(f"CATS kernel refused its input (status {status})")
     return out, int(kept[0])
