@@ -143,6 +143,32 @@ def test_every_backend_gives_the_reference_under_sparse_modes(family_checkpoint,
     assert ran == kernel
 
 
+def test_a_dense_configuration_gives_the_mlp_its_rows_back(family_checkpoint):
+    """After a sparse mode laid the MLP out for its kernels (teal: by input column; cats: by
+    neuron), configuring dense lays the checkpoint's rows back: the same state dict and tokens,
+    and the cpu backend's dense layer kernel reads the MLP again."""
+    family, checkpoint = family_checkpoint
+    if cpu_kernels.kernel_library() is None:
+        pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
+    model = LocalModel.from_checkpoint(checkpoint, f"{family}-ml-att-sparse")
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    input_ids, _ = prompts(1, 6, seed=12)
+    reference = model.generate_greedy(input_ids, 4, backend="torch")
+
+    def weights(block):
+        return [linear.weight for linear in block.mlp.neuron_linears()[:3] if linear is not None]
+
+    for mode, thresholds in (("teal", TEAL), ("cats", CATS))[: 1 if family == "opt" else 2]:
+        configure_sparse(list(model.blocks), mode, mlp_keep=0.5, thresholds=thresholds)
+        assert not all(weight.is_contiguous() for weight in weights(model.blocks[1]))
+        configure_sparse(list(model.blocks), "dense")
+        assert all(weight.is_contiguous() for block in model.blocks for weight in weights(block))
+        state = model.state_dict()
+        assert all(torch.equal(state[key], value) for key, value in before.items())
+        assert torch.equal(model.generate_greedy(input_ids, 4, backend="cpu"), reference)
+        assert all(view_of(block).has_mlp for block in model.blocks), mode
+
+
 def test_the_torch_backend_never_takes_the_kernels(family_checkpoint, monkeypatch):
     """torch is the reference: no cpu_step, plain nn.Linears; the cpu backend gives its modules'
     Linears the one-row kernel and takes the step."""

@@ -38,7 +38,7 @@ from dejavu_common.thresholds_format import ThresholdsError, read_thresholds, th
 from .common import DenseMLP
 from .decode import cpu_training_free, cuda_sparse
 from .decode.sparse_gather import (gathered_mlp, linear_forward, pack_mlp_neurons, predicted_gathered_mlp,
-                                   store_predictor_half)
+                                   store_predictor_half, unpack_mlp)
 from .sparse_stats import SparseStats, StatsWriter, stats_path
 from .training_free import apply_mask, column_norms, magnitude_mask, top_k_mask, wina_mask
 
@@ -279,13 +279,17 @@ def wina_mlp(mlp, h):
 def lay_out(mlp, layout):
     """Lay the MLP's weights out as the decoding kernels of a mode read them (same values, shapes
     and state-dict keys; once per layout):
+      rows     each weight row-major as the checkpoint has it (the dense layer kernel's; None);
       neurons  a kept neuron's gate, up and down weights as one run of memory (CPU:
                pack_mlp_neurons; predicted, cats), or its down column as one row (CUDA);
       teal     gate and up by input column, down by neuron (cpu_training_free.lay_out_teal)."""
     if mlp.dense.__dict__.get("layout") == layout:
         return
     first, second, output, _ = mlp.neuron_linears()
-    if layout == "teal":
+    if layout is None:
+        unpack_mlp(first, second, output)
+        done = True
+    elif layout == "teal":
         done = cpu_training_free.lay_out_teal(first, second, output)
     else:
         done = pack_mlp_neurons(first, second, output) or cuda_sparse.lay_out_for_gather(output)
@@ -408,6 +412,7 @@ MODES = {
     "wina": SparseMode(wina_mlp, setup_wina, mlp_only=True),
 }
 SPARSE_MODES = tuple(MODES)
+LAID_OUT_MODES = ("predicted", "teal", "cats")  # their set-up lays the MLP out for the kernels (lay_out)
 TRAINING_FREE_MODES = tuple(name for name, mode in MODES.items() if mode.mlp_only)
 
 
@@ -560,6 +565,9 @@ def configure_sparse(blocks, mode, sparse_path=None, mlp_keep=None, att_keep=Non
         mlp.keep = mlp_keep if sparse_mlp else None
         taps.att_keep = att_keep if sparse_attention else None
         sparse_blocks.append(block)
+    for block in blocks:
+        if block.mlp.mode not in LAID_OUT_MODES:
+            lay_out(block.mlp, None)  # a dense MLP (or masks in torch ops): the checkpoint's rows
     setup = MODES[mode].setup
     if setup is not None:
         setup(sparse_blocks, options)
