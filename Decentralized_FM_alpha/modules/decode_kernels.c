@@ -1009,7 +1009,9 @@ typedef struct {
    run of the layout), four at a time; then each output adds the partials in group order (and
    the bias) and takes its activation, on the threads. Every output adds the same terms in the
    same order whatever the thread count. Splitting the outputs over the threads instead had
-   each read a short piece of every kept column, and the activations ran on one thread. */
+   each read a short piece of every kept column, and the activations ran on one thread: TEAL's
+   MLP alone at SmolLM2's dims (30 layers, inputs kept 0.5 / 0.25 / 0.1) took 0.87 / 0.84 /
+   0.75 of that version's time at 2 threads, the same within 1% at 1 thread. */
 #define TEAL_GROUPS 8
 #define TEAL_MIN_GROUP 4
 
