@@ -260,13 +260,13 @@ def sparse_kernel_step(lib, family, block, taps, mlp):
             return step.out, step.present
         return layer_step
 
+    half = attention_half(lib, family, view, block)
+
     def half_step(x, layer_past, mask, shared=None, out=None):  # teal, cats, or a predictor the layer kernel cannot read
-        step = begin_step(block, family, x, layer_past, mask, shared, key, out)
         taps.begin(x, None)
-        h = torch.empty_like(step.x)
-        _check(family.attention_half(lib, view, step, scale, h), block)
-        taps.inputs["mlp_x"] = step.out
-        return step.out + mlp(h), step.present  # the MLP records what it kept
+        x_mid, h, present = half(x, layer_past, mask, shared, out)
+        taps.inputs["mlp_x"] = x_mid
+        return x_mid + mlp(h), present  # the MLP records what it kept
     return half_step
 
 
@@ -333,23 +333,29 @@ class DecodingSteps:
         return x
 
 
+def attention_half(lib, family, view, block):
+    """half(x, layer_past, mask, shared=None, out=None) -> (x + attention, the MLP's normalised
+    input, present): the block's attention half through the family's kernel."""
+    scale, key = block.head_dim**-0.5, position_key(block, family)
+
+    def half(x, layer_past, mask, shared=None, out=None):
+        step = begin_step(block, family, x, layer_past, mask, shared, key, out)
+        h = torch.empty_like(step.x)
+        _check(family.attention_half(lib, view, step, scale, h), block)
+        return step.out, h, step.present
+    return half
+
+
 def attention_half_step(block, x, layer_past):
-    """step(x, layer_past, mask, shared=None) -> (x + attention, the MLP's normalised input,
-    present): the attention half alone through the family's kernel, prepared as kernel_step
-    prepares a layer (benchmarks time the MLP against it), or None where there is none."""
+    """attention_half of the block for a token and cache like x and layer_past, checked and
+    prepared as kernel_step prepares a layer (benchmarks time the MLP against it), or None where
+    the family has no kernel for it."""
     family = family_of(block)
     lib = cpu_kernels.kernel_library() if kernel_applies(x, layer_past) and family is not None else None
     view = cpu_views.layer_view(block, family.slots, family.build) if lib is not None else None
     if view is None or family.attention_half is None:
         return None
-    scale, key = block.head_dim**-0.5, position_key(block, family)
-
-    def half_step(x, layer_past, mask, shared=None):
-        step = begin_step(block, family, x, layer_past, mask, shared, key)
-        h = torch.empty_like(step.x)
-        _check(family.attention_half(lib, view, step, scale, h), block)
-        return step.out, h, step.present
-    return half_step
+    return attention_half(lib, family, view, block)
 
 
 # ---- the modules the backend runs ---------------------------------------------------------------------

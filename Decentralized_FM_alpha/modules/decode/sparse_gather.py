@@ -373,8 +373,7 @@ def unpack_mlp(*linears):
     lay_out_teal) its own row-major [out, in] weight again, in huge pages as the cpu backend
     keeps weights: the dense layer kernel reads that layout only (after a sparse layout, dense
     decoding of SmolLM2 at 2 threads ran 23 instead of 39 tok/s). Same values, shapes and
-    state-dict keys; returns whether any weight moved."""
-    moved = False
+    state-dict keys."""
     with torch.no_grad():
         for linear in linears:
             if linear is None or linear.weight.is_contiguous() or linear.weight.device.type != "cpu":
@@ -383,8 +382,6 @@ def unpack_mlp(*linears):
             rows = huge_page_buffer(weight.numel() * weight.element_size()).view(weight.dtype).view(weight.shape)
             rows.copy_(weight)
             linear.weight = nn.Parameter(rows, requires_grad=weight.requires_grad)
-            moved = True
-    return moved
 
 
 def linear_forward(linear, x):
