@@ -110,30 +110,27 @@ def cats_weights(first, second, output, act_fn):
     return None if found is None else found[1]
 
 
-def teal_mlp(h, first, second, output, act_fn, t_in, t_down):
-    """(out [1, 1, d], inputs kept, neurons kept) of TEAL for one token, or None."""
+def _run_mlp(method, kernel, weights_of, counted, h, first, second, output, act_fn, *thresholds):
+    """(out [1, 1, d], *counts) of one token through the MLP kernel `kernel` (counted: how many
+    counts it writes), or None where it does not apply."""
     lib = cpu_kernels.kernel_library()
-    weights = teal_weights(first, second, output, act_fn) if lib is not None else None
+    weights = weights_of(first, second, output, act_fn) if lib is not None else None
     hs = _one_token(h, first, second, output) if weights is not None else None
     if hs is None:
         return None
-    out, kept = torch.empty(1, 1, output.out_features), torch.zeros(2, dtype=torch.int64)
-    status = lib.dejavu_teal_mlp(weights, threshold(t_in), threshold(t_down), hs.data_ptr(), out.data_ptr(),
-                                 kept.data_ptr())
+    out, kept = torch.empty(1, 1, output.out_features), torch.zeros(counted, dtype=torch.int64)
+    status = getattr(lib, kernel)(weights, *(threshold(t) for t in thresholds), hs.data_ptr(), out.data_ptr(),
+                                  kept.data_ptr())
     if status:
-        raise RuntimeError(f"TEAL kernel refused its input (status {status})")
-    return out, int(kept[0]), int(kept[1])
+        raise RuntimeError(f"{method} kernel refused its input (status {status})")
+    return (out, *(int(count) for count in kept))
+
+
+def teal_mlp(h, first, second, output, act_fn, t_in, t_down):
+    """(out [1, 1, d], inputs kept, neurons kept) of TEAL for one token, or None."""
+    return _run_mlp("TEAL", "dejavu_teal_mlp", teal_weights, 2, h, first, second, output, act_fn, t_in, t_down)
 
 
 def cats_mlp(h, first, second, output, act_fn, t_gate):
     """(out [1, 1, d], neurons kept) of CATS for one token, or None."""
-    lib = cpu_kernels.kernel_library()
-    weights = cats_weights(first, second, output, act_fn) if lib is not None else None
-    hs = _one_token(h, first, second, output) if weights is not None else None
-    if hs is None:
-        return None
-    out, kept = torch.empty(1, 1, output.out_features), torch.zeros(1, dtype=torch.int64)
-    status = lib.dejavu_cats_mlp(weights, threshold(t_gate), hs.data_ptr(), out.data_ptr(), kept.data_ptr())
-    if status:
-        raise RuntimeError(f"CATS kernel refused its input (status {status})")
-    return out, int(kept[0])
+    return _run_mlp("CATS", "dejavu_cats_mlp", cats_weights, 1, h, first, second, output, act_fn, t_gate)
