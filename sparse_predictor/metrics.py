@@ -83,18 +83,27 @@ def classifier_sparsity(logits: torch.Tensor) -> float:
     return _ratio((~p).sum().item(), p.numel())
 
 
-def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: torch.Tensor | int) -> tuple[int, int]:
-    """(hits, total K) when each row keeps its k highest logits; k per row or scalar, clamped to [0, width]."""
-    y = _as_bool(labels)
-    rows, width = y.shape
-    k = torch.as_tensor(k, device=logits.device).long().clamp(0, width).expand(rows)
+def ranked_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[rows, width] int: entry (r, j) = how many of row r's j + 1 highest logits are true active.
+    One stable sort (ties resolve the same way every time) serves every K read from it."""
+    order = torch.sort(logits, dim=1, descending=True, stable=True).indices
+    return _as_bool(labels).gather(1, order).cumsum(dim=1)
+
+
+def hits_at(ranked: torch.Tensor, k: torch.Tensor | int) -> tuple[int, int]:
+    """(hits, total K) of ranked_hits' rows when each keeps its k highest; k per row or scalar,
+    clamped to [0, width]."""
+    rows, width = ranked.shape
+    k = torch.as_tensor(k, device=ranked.device).long().clamp(0, width).expand(rows)
     if rows == 0 or width == 0:
         return 0, 0
-    # stable sort so ties always resolve the same way
-    order = torch.sort(logits, dim=1, descending=True, stable=True).indices
-    kept = torch.arange(width, device=logits.device).unsqueeze(0) < k.unsqueeze(1)
-    hits = (y.gather(1, order) & kept).sum().item()
-    return int(hits), int(k.sum().item())
+    hits = ranked.gather(1, (k - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    return int(hits[k > 0].sum().item()), int(k.sum().item())
+
+
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: torch.Tensor | int) -> tuple[int, int]:
+    """(hits, total K) when each row keeps its k highest logits; k per row or scalar, clamped to [0, width]."""
+    return hits_at(ranked_hits(logits, labels), k)
 
 
 def recall_at_k(logits: torch.Tensor, labels: torch.Tensor, k: torch.Tensor | int) -> float:
@@ -131,7 +140,8 @@ def metric_sums(logits: torch.Tensor, labels: torch.Tensor, pos_weight: float = 
     recall-vs-kept-fraction curve (what a top-K sparse executor keeps at that budget).
     """
     y, p = _as_bool(labels), predicted_active(logits)
-    hits, k_total = topk_hits(logits, y, y.sum(dim=1))
+    ranked = ranked_hits(logits, y)
+    hits, k_total = hits_at(ranked, y.sum(dim=1))
     sums = {
         "entries": y.numel(),
         "true_active": int(y.sum().item()),
@@ -142,7 +152,7 @@ def metric_sums(logits: torch.Tensor, labels: torch.Tensor, pos_weight: float = 
         "loss_sum": weighted_bce_sum(logits, y, pos_weight),
     }
     for f in curve_fractions:
-        sums[f"curve_hits@{f}"] = topk_hits(logits, y, kept_count(f, y.shape[1]))[0]
+        sums[f"curve_hits@{f}"] = hits_at(ranked, kept_count(f, y.shape[1]))[0]
     return sums
 
 

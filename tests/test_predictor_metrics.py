@@ -38,6 +38,30 @@ def test_recall_at_matched_k_skips_rows_without_active_label():
     assert M.recall_at_matched_k(LOGITS, LABELS) == pytest.approx(4 / 5)
 
 
+def test_top_k_hits_follow_a_rank_by_rank_count_with_ties_to_the_lower_index():
+    """Every K read from the one sort (the matched K per row, the curve's K) keeps what ranking
+    each row by hand keeps: higher logits first, equal logits by lower index."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randint(-2, 3, (12, 9), generator=generator).float()  # many ties
+    labels = torch.rand(12, 9, generator=generator) < 0.4
+
+    def by_hand(k_of_row):
+        hits = total = 0
+        for row, k in enumerate(k_of_row):
+            k = max(0, min(int(k), 9))
+            ranked = sorted(range(9), key=lambda j: (-float(logits[row, j]), j))[:k]
+            hits += sum(bool(labels[row, j]) for j in ranked)
+            total += k
+        return hits, total
+
+    per_row = torch.randint(-1, 11, (12,), generator=generator)
+    assert M.topk_hits(logits, labels, per_row) == by_hand(per_row.tolist())
+    sums = M.metric_sums(logits, labels, curve_fractions=(0.2, 0.5, 1.0))
+    assert (sums["matched_k_hits"], sums["matched_k_total"]) == by_hand(labels.sum(1).tolist())
+    for fraction in (0.2, 0.5, 1.0):
+        assert sums[f"curve_hits@{fraction}"] == by_hand([M.kept_count(fraction, 9)] * 12)[0]
+
+
 def test_recall_at_k_clamps_k_to_width():
     assert M.recall_at_k(LOGITS, LABELS, 10) == pytest.approx(1.0)  # K=10 > width 4 -> keeps all
     assert M.recall_at_k(LOGITS, LABELS, 1) == pytest.approx(2 / 5)  # top-1 hits in rows 0 and 1
