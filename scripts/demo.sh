@@ -39,6 +39,7 @@ MLP_METHODS="${MLP_METHODS:-oracle predicted teal cats wina}"  # MLP modes run a
 CALIBRATION_ROWS="${CALIBRATION_ROWS:-4096}"  # dump rows TEAL's and CATS's thresholds are calibrated on
 BATCH_SIZE="${BATCH_SIZE:-4}"
 PORT="${PORT:-29517}"
+CPU_WORKERS="${CPU_WORKERS:-$(nproc)}"       # predictor-training processes without a GPU (run_layers.sh)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 
 mkdir -p "$RUN"
@@ -106,7 +107,7 @@ for input in same prev; do
   for kind in mlp att; do
     [ "$input" = prev ] && [[ " $PREV_KINDS " != *" $kind "* ]] && continue
     DATA_PATH="$RUN/dump" CKPT_DIR="$RUN/predictors/$input" INPUT="$input" EPOCHS="$EPOCHS" DEVICE="$DEVICE" \
-      PATIENCE="$PATIENCE" SELECT_METRIC="$SELECT_METRIC" D="$D" LR="$LR" \
+      PATIENCE="$PATIENCE" SELECT_METRIC="$SELECT_METRIC" D="$D" LR="$LR" CPU_WORKERS="$CPU_WORKERS" \
       bash "$ROOT/sparse_predictor/run_c4_${kind}${suffix}.sh" || echo "some $kind layers failed (input $input); see above"
   done
 done

@@ -32,6 +32,7 @@ EPOCHS="${EPOCHS:-30}"                        # a cap; early stopping (PATIENCE)
 PATIENCE="${PATIENCE:-2}"
 LR="${LR:-3e-3}"                              # with TRAIN_BATCH_SIZE 1024: 200k rows train in minutes per layer
 TRAIN_BATCH_SIZE="${TRAIN_BATCH_SIZE:-1024}"
+CPU_WORKERS="${CPU_WORKERS:-$(nproc)}"        # predictor-training processes without a GPU (run_layers.sh)
 REUSE_DUMP="${REUSE_DUMP:-0}"                 # 1: keep a complete dump already in $RUN/dump (retrain only)
 BATCH_SIZE="${BATCH_SIZE:-4}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
@@ -87,7 +88,7 @@ suffix=""; [ "$MODEL_TYPE" = llama ] && suffix="_llama"
 train() {  # train ROWS LABEL_K
   DATA_PATH="$RUN/dump" CKPT_DIR="$RUN/predictors/rows$1_k$2" LAYERS="$LAYERS" TRAIN_ROWS="$1" K="$2" \
     INPUT=same D="$D" EPOCHS="$EPOCHS" PATIENCE="$PATIENCE" VAL_FRACTION="$VAL_FRACTION" DEVICE="$DEVICE" \
-    LR="$LR" BATCH_SIZE="$TRAIN_BATCH_SIZE" \
+    LR="$LR" BATCH_SIZE="$TRAIN_BATCH_SIZE" CPU_WORKERS="$CPU_WORKERS" \
     SELECT_METRIC=recall_at_matched_k bash "$ROOT/sparse_predictor/run_c4_mlp${suffix}.sh" \
     || echo "some layers failed (rows $1, label k $2); see above"
 }

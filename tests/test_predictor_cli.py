@@ -123,12 +123,45 @@ def test_run_script_end_to_end_from_another_directory(tmp_path):
         "c4_att_layer0.pt", "c4_att_layer1.pt", "c4_att_layer2.pt"]
 
 
-def test_run_script_reports_a_failed_layer(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_run_script_reports_a_failed_layer(tmp_path, workers):
     dump = small_dump(tmp_path / "dump", family="opt")
     os.remove(dump / "mlp_x_1.mmap")
     proc = run_script("run_c4_mlp.sh", cwd=REPO / "sparse_predictor", DATA_PATH=str(dump),
-                      CKPT_DIR=str(tmp_path / "ckpt"))
+                      CKPT_DIR=str(tmp_path / "ckpt"), CPU_WORKERS=workers)
     assert proc.returncode != 0
     assert "FAILED" in proc.stdout and str(dump / "mlp_x_1.mmap") in proc.stdout + proc.stderr
     assert "mlp: 2 of 3 layers ok, 1 failed or missing" in proc.stdout
     assert (tmp_path / "ckpt" / "c4_layer0.pt").is_file() and (tmp_path / "ckpt" / "c4_layer2.pt").is_file()
+
+
+def test_cpu_workers_train_the_layers_one_process_trains(tmp_path):
+    """CPU_WORKERS=2 deals the layers out over two processes: the same checkpoints and metrics
+    as one process (both on one thread), the workers' lines on the terminal and in their logs."""
+    small_dump(tmp_path / "dump")
+    one = run_script("run_c4_mlp_llama.sh", cwd=tmp_path, DATA_PATH="dump", CKPT_DIR=str(tmp_path / "one"))
+    two = run_script("run_c4_mlp_llama.sh", cwd=tmp_path, DATA_PATH="dump", CKPT_DIR=str(tmp_path / "two"),
+                     CPU_WORKERS="2")
+    assert one.returncode == 0 and two.returncode == 0, one.stdout + one.stderr + two.stdout + two.stderr
+    assert "CPU worker 0: layers 0,2 on 1 thread(s)" in two.stdout
+    assert "CPU worker 1: layers 1 on 1 thread(s)" in two.stdout
+    assert "mlp layer 1: recall=" in two.stdout + two.stderr  # a worker's own line, shown as it trains
+    assert "mlp: 3 of 3 layers ok" in two.stdout
+    logs = sorted(p.name.split("_")[1] for p in (tmp_path / "two" / "logs").glob("mlp_cpu*.log"))
+    assert logs == ["cpu0", "cpu1"]
+    for layer in range(3):
+        name = f"c4_layer{layer}.pt"
+        first, second = torch.load(tmp_path / "one" / name), torch.load(tmp_path / "two" / name)
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+    def val_metrics(folder):
+        entries = [json.loads(line) for line in (folder / "metrics_mlp.jsonl").read_text().splitlines()]
+        return {entry["layer"]: entry["val"] for entry in entries}
+    assert val_metrics(tmp_path / "one") == val_metrics(tmp_path / "two")
+
+
+def test_cpu_workers_must_be_a_whole_number(tmp_path):
+    small_dump(tmp_path / "dump", layers=1)
+    proc = run_script("run_c4_mlp_llama.sh", cwd=tmp_path, DATA_PATH="dump", CKPT_DIR=str(tmp_path / "ckpt"),
+                      CPU_WORKERS="two")
+    assert proc.returncode == 2 and "CPU_WORKERS" in proc.stderr and "'two'" in proc.stderr
