@@ -1,5 +1,6 @@
 """Activation dumps: content against transformers' hooks, alignment, capacity, resume, crashes."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -224,3 +225,41 @@ def test_two_stage_pipeline_dump_equals_one_stage_and_transformers(tmp_path):
         reference = hf_reference_taps(hf_model, input_ids, "llama")
         assert_dump_matches(two, reference, range(4), rows=slice(start, start + length))
         start += length
+
+
+def test_a_full_disk_is_a_clear_error_and_the_rows_before_it_stay(tmp_path, monkeypatch):
+    """Disk blocks are reserved ahead of the rows; when the disk is full the collection stops with
+    an error naming the file, and meta.json counts the rows written before it, which hold the
+    right values (instead of the process dying of SIGBUS on a page with no block)."""
+    import dejavu_llama.modules.activation_dump as activation_dump
+    import dejavu_llama.modules.hf_llama_module_save as save
+    from dejavu_llama.modules.local_model import LocalModel
+    from dump_helpers import collect_args
+
+    _, checkpoint = tiny_llama(tmp_path)
+    folder = tmp_path / "dump"
+    reserved = []
+    real = os.posix_fallocate
+
+    def fallocate(fd, offset, length):
+        if len(reserved) == 3 * 4:  # the first reservation of 3 layers x 4 files went through
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        reserved.append((offset, length))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    monkeypatch.setattr(activation_dump, "RESERVE_ROWS", 16)
+    model = LocalModel.from_checkpoint(checkpoint, "llama-save")
+    writer = save.prepare_stage(list(model.blocks), collect_args(folder, checkpoint, "llama-save", 1000, num_layers=3),
+                                model.config)
+    prompts = [ids(1, 10, seed=s) for s in range(3)]
+    with pytest.raises(DumpError, match=r"att_x_0\.mmap: no space left on the device for rows 16-"):
+        for prompt in prompts:
+            model(prompt)
+    writer.close(False)  # as the runner does on an error
+    assert all(offset == 0 for offset, _ in reserved)
+    meta = read_meta(folder)
+    assert not meta["complete"] and meta["tokens"] == 10 and set(meta["rows"].values()) == {10}
+    with torch.no_grad():
+        expected = LocalModel.from_checkpoint(checkpoint, "llama").embeddings(prompts[0])[0]
+    assert (read_dump(folder, "att_x", 0)[:10] - expected).abs().max() < 1e-2

@@ -9,13 +9,21 @@ meta.json is rewritten atomically, under a lock shared by the ranks of one machi
 memmaps have been flushed, so its row counts never include rows that were not written. Flushing
 forces the rows to disk, so it happens at most every --sp-commit-seconds (and at capacity and at
 the end): a killed run loses at most that interval's rows, and meta.json never counts them.
+
+The memmaps are sparse files of the full capacity (400k rows of SmolLM2 would be 64 GB): disk
+blocks are taken as rows are written. Writing a page with no block left kills the process with
+SIGBUS, so the writer reserves each file's blocks RESERVE_ROWS rows ahead (posix_fallocate): a
+full disk is then a DumpError naming the file and the space it needs, the rows already written
+stay counted, and --sp-resume continues once there is room.
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -30,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CAPACITY = 400000
 DEFAULT_COMMIT_SECONDS = 10.0
+RESERVE_ROWS = 4096  # rows of disk blocks reserved ahead per file (SmolLM2: 22 MB a layer)
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 
 @contextlib.contextmanager
@@ -141,6 +151,8 @@ class DumpWriter:
                 self.files[kind, layer] = np.memmap(
                     path, dtype=np.float16, mode=mode, shape=(self.capacity, widths[kind])
                 )
+        self.row_bytes = {kind: 2 * widths[kind] for kind in TAPS}
+        self.reserved = dict(self.written)  # rows of each layer's files backed by disk blocks
         self.last_commit = time.monotonic()
         if start:
             logger.info("resuming the dump in %s at row %d", self.folder, start)
@@ -182,6 +194,7 @@ class DumpWriter:
         count = min(len(tensors["att_x"]), self.capacity - start)
         if count <= 0:
             return
+        self._reserve(layer, start + count)
         for kind in TAPS:
             values = tensors[kind][:count].clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16)
             self.files[kind, layer][start : start + count] = values.cpu().numpy()
@@ -193,6 +206,33 @@ class DumpWriter:
                 self.capacity_reached = True
             if self.capacity_reached or time.monotonic() - self.last_commit >= self.settings.commit_seconds:
                 self.commit()
+
+    def _reserve(self, layer, rows):
+        """Disk blocks for the first `rows` rows of the layer's files (RESERVE_ROWS ahead), or a
+        DumpError where the disk is full. Where the system cannot reserve (no posix_fallocate,
+        a file system without it), rows are written as before."""
+        have = self.reserved[layer]
+        if rows <= have or not hasattr(os, "posix_fallocate"):
+            return
+        want = min(self.capacity, max(rows, have + RESERVE_ROWS))
+        for kind in TAPS:
+            path, size = dump_file(self.folder, kind, layer), self.row_bytes[kind]
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, have * size, (want - have) * size)
+            except OSError as error:
+                if error.errno not in FULL_DISK:
+                    logger.debug("%s: cannot reserve disk blocks (%s); writing without", path, error)
+                    continue
+                free = shutil.disk_usage(self.folder).free
+                raise DumpError(
+                    f"{path}: no space left on the device for rows {have}-{want - 1} "
+                    f"({(want - have) * size / 1e6:.1f} MB; {free / 1e6:.0f} MB free). The {self.written[layer]} "
+                    "rows written before stay in the dump: free space, or dump fewer layers (--sp-layers), "
+                    "then continue with --sp-resume") from None
+            finally:
+                os.close(fd)
+        self.reserved[layer] = want
 
     def commit(self, finished=False):
         for array in self.files.values():
