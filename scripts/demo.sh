@@ -32,7 +32,8 @@ LR="${LR:-3e-3}"
 # model on 2 cores (0.44 of the weights of D=576, trains about twice as fast).
 D="${D:-$([ "$MODEL" = smollm2 ] && echo 256)}"
 # Kinds whose predictors are also trained on the look-ahead input (prev). On the embedded model on
-# 2 cores only the heads' (cheap: 9 outputs): the MLP's would add about 3.5 of its 14 minutes; both on real models.
+# 2 cores only the heads' (cheap: 9 outputs): the MLP's would add about 3.5 minutes to its 14;
+# both on real models.
 PREV_KINDS="${PREV_KINDS:-$([ "$MODEL" = smollm2 ] && echo att || echo "mlp att")}"
 SELECT_METRIC="${SELECT_METRIC:-recall_at_matched_k}"  # what a top-K executor uses
 MLP_METHODS="${MLP_METHODS:-oracle predicted teal cats wina}"  # MLP modes run at each of KEEP_FRACTIONS
