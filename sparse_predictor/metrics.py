@@ -86,8 +86,8 @@ def classifier_sparsity(logits: torch.Tensor) -> float:
 def ranked_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[rows, width] int: entry (r, j) = how many of row r's j + 1 highest logits are true active.
     One stable sort (ties resolve the same way every time) serves every K read from it."""
-    order = torch.sort(logits, dim=1, descending=True, stable=True).indices
-    return _as_bool(labels).gather(1, order).cumsum(dim=1)
+    ranked_labels = _as_bool(labels).gather(1, torch.sort(logits, dim=1, descending=True, stable=True).indices)
+    return ranked_labels.cumsum(dim=1, dtype=torch.int32)
 
 
 def hits_at(ranked: torch.Tensor, k: torch.Tensor | int) -> tuple[int, int]:
