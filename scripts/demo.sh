@@ -40,7 +40,9 @@ MLP_METHODS="${MLP_METHODS:-oracle predicted teal cats wina}"  # MLP modes run a
 CALIBRATION_ROWS="${CALIBRATION_ROWS:-4096}"  # dump rows TEAL's and CATS's thresholds are calibrated on
 BATCH_SIZE="${BATCH_SIZE:-4}"
 PORT="${PORT:-29517}"
-CPU_WORKERS="${CPU_WORKERS:-$(nproc)}"       # predictor-training processes without a GPU (run_layers.sh)
+# Predictor-training processes without a GPU (run_layers.sh): one per core on the embedded model;
+# one on others, since each holds its layer's training rows (Llama-3.2-3B: up to 8 GB at 400k rows).
+CPU_WORKERS="${CPU_WORKERS:-$([ "$MODEL" = smollm2 ] && nproc || echo 1)}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 
 mkdir -p "$RUN"

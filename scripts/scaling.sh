@@ -32,7 +32,9 @@ EPOCHS="${EPOCHS:-30}"                        # a cap; early stopping (PATIENCE)
 PATIENCE="${PATIENCE:-2}"
 LR="${LR:-3e-3}"                              # with TRAIN_BATCH_SIZE 1024: 200k rows train in minutes per layer
 TRAIN_BATCH_SIZE="${TRAIN_BATCH_SIZE:-1024}"
-CPU_WORKERS="${CPU_WORKERS:-$(nproc)}"        # predictor-training processes without a GPU (run_layers.sh)
+# Predictor-training processes without a GPU (run_layers.sh): one per core on the embedded model;
+# one on others, since each holds its layer's training rows (Llama-3.2-3B: up to 8 GB at 400k rows).
+CPU_WORKERS="${CPU_WORKERS:-$([ "$MODEL" = smollm2 ] && nproc || echo 1)}"
 REUSE_DUMP="${REUSE_DUMP:-0}"                 # 1: keep a complete dump already in $RUN/dump (retrain only)
 BATCH_SIZE="${BATCH_SIZE:-4}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
