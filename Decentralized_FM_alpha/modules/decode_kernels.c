@@ -935,22 +935,44 @@ int dejavu_predicted_mlp(const mlp_weights* W, const predictor_weights* P, const
   return status;
 }
 
-/* One Llama decoder layer for one token with DejaVu's predicted MLP (dejavu_predicted_mlp: W,
-   P, K) in place of the dense one: x_out = x_mid + mlp_K(norm(x_mid)), x_mid = x + attn(norm(x)).
-   The predictor reads x_mid, or x with predict_from_input (the look-ahead input). The layer's
-   own MLP weights in L are not read. */
+/* One Llama decoder layer for one token with a sparse MLP in place of the dense one (whose
+   weights in L are not read): x_out = x_mid + mlp(xn), x_mid = x + attn(norm(x)), xn =
+   norm(x_mid). `mlp(how, x, xn, x_out)` gets x_mid in x_out and adds its output there; x is the
+   layer's input (a look-ahead predictor reads it). */
+typedef int (*sparse_mlp_fn)(const void* how, const float* x, const float* xn, float* x_out);
+
+static int llama_layer_with(const llama_layer* L, sparse_mlp_fn mlp, const void* how, const float* x, float* x_out,
+                            float* k_cache, float* v_cache, int64_t head_stride, int64_t t, const float* cos,
+                            const float* ssin, const uint8_t* key_valid, float scale) {
+  float* xn = malloc(sizeof(float) * (size_t)L->hidden);
+  if (!xn) return 2;
+  int status = llama_attention_half(L, x, x_out, k_cache, v_cache, head_stride, t, cos, ssin, key_valid, scale, xn);
+  if (!status) status = mlp(how, x, xn, x_out);
+  free(xn);
+  return status;
+}
+
+/* DejaVu's predicted MLP (dejavu_predicted_mlp: W, P, K) in the layer: the predictor reads x_mid,
+   or x with predict_from_input (the look-ahead input). */
+typedef struct {
+  const mlp_weights* W;
+  const predictor_weights* P;
+  int64_t K, predict_from_input;
+} predicted_how;
+
+static int predicted_in_layer(const void* how, const float* x, const float* xn, float* x_out) {
+  const predicted_how* p = how;
+  return dejavu_predicted_mlp(p->W, p->P, p->predict_from_input ? x : x_out, p->K, xn, x_out, x_out, 0);
+}
+
 int dejavu_llama_predicted_decode_layer(const llama_layer* L, const mlp_weights* W, const predictor_weights* P,
                                         int64_t K, int64_t predict_from_input, const float* x, float* x_out,
                                         float* k_cache, float* v_cache, int64_t head_stride, int64_t t,
                                         const float* cos, const float* ssin, const uint8_t* key_valid, float scale) {
-  int64_t d = L->hidden;
-  if (W->d != d || P->d != d) return 1;
-  float* xn = malloc(sizeof(float) * (size_t)d);
-  if (!xn) return 2;
-  int status = llama_attention_half(L, x, x_out, k_cache, v_cache, head_stride, t, cos, ssin, key_valid, scale, xn);
-  if (!status) status = dejavu_predicted_mlp(W, P, predict_from_input ? x : x_out, K, xn, x_out, x_out, 0);
-  free(xn);
-  return status;
+  if (W->d != L->hidden || P->d != L->hidden) return 1;
+  predicted_how how = {W, P, K, predict_from_input};
+  return llama_layer_with(L, predicted_in_layer, &how, x, x_out, k_cache, v_cache, head_stride, t, cos, ssin,
+                          key_valid, scale);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -1111,41 +1133,44 @@ int dejavu_teal_mlp(const teal_weights* W, float t_in, float t_down, const float
   return teal_mlp(W, t_in, t_down, h, 0, out, kept);
 }
 
-/* One Llama decoder layer for one token with TEAL's or CATS's MLP (as dejavu_teal_mlp and
-   dejavu_cats_mlp) in place of the dense one: x_out = x_mid + mlp(norm(x_mid)), x_mid = x +
-   attn(norm(x)). kept: what the MLP kept (TEAL: inputs, neurons; CATS: neurons). In one call,
-   like the predicted layer: with the MLP a call of its own after the attention half (its
-   Python run cold, after the layer's weights), SmolLM2 at 2 threads decoded TEAL at keep
-   0.5 / 0.25 / 0.1 at 0.96 / 1.08 / 1.35x dense; in one call, with the kernels above, at
-   1.31 / 1.57 / 1.89x (CATS: 1.01 / 1.09 / 0.80x, then 1.11 / 1.28 / 1.59x). */
-static int llama_sparse_layer(const llama_layer* L, const void* weights, int teal, float t_first, float t_second,
-                              int64_t* kept, const float* x, float* x_out, float* k_cache, float* v_cache,
-                              int64_t head_stride, int64_t t, const float* cos, const float* ssin,
-                              const uint8_t* key_valid, float scale) {
-  int64_t d = L->hidden;
-  if (teal ? ((const teal_weights*)weights)->d != d : ((const mlp_weights*)weights)->d != d) return 1;
-  float* xn = malloc(sizeof(float) * (size_t)d);
-  if (!xn) return 2;
-  int status = llama_attention_half(L, x, x_out, k_cache, v_cache, head_stride, t, cos, ssin, key_valid, scale, xn);
-  if (!status)
-    status = teal ? teal_mlp(weights, t_first, t_second, xn, x_out, x_out, kept)
-                  : cats_mlp(weights, t_first, xn, x_out, x_out, kept);
-  free(xn);
-  return status;
+/* The Llama layer with TEAL's or CATS's MLP (as dejavu_teal_mlp and dejavu_cats_mlp; kept: what
+   the MLP kept, TEAL: inputs, neurons; CATS: neurons), in one call like the predicted layer:
+   with the MLP a call of its own after the attention half (its Python run cold, after the
+   layer's weights), SmolLM2 at 2 threads decoded TEAL at keep 0.5 / 0.25 / 0.1 at 0.96 / 1.08 /
+   1.35x dense; in one call, with the kernels above, at 1.31 / 1.57 / 1.89x (CATS: 1.01 / 1.09 /
+   0.80x, then 1.11 / 1.28 / 1.59x). */
+typedef struct {
+  const void* W;  /* teal_weights (TEAL) or mlp_weights (CATS) */
+  float first, second;  /* TEAL: t_in, t_down; CATS: t_gate */
+  int64_t* kept;
+} thresholded_how;
+
+static int teal_in_layer(const void* how, const float* x, const float* xn, float* x_out) {
+  const thresholded_how* p = how;
+  return teal_mlp(p->W, p->first, p->second, xn, x_out, x_out, p->kept);
+}
+
+static int cats_in_layer(const void* how, const float* x, const float* xn, float* x_out) {
+  const thresholded_how* p = how;
+  return cats_mlp(p->W, p->first, xn, x_out, x_out, p->kept);
 }
 
 int dejavu_llama_teal_decode_layer(const llama_layer* L, const teal_weights* W, float t_in, float t_down,
                                    int64_t* kept, const float* x, float* x_out, float* k_cache, float* v_cache,
                                    int64_t head_stride, int64_t t, const float* cos, const float* ssin,
                                    const uint8_t* key_valid, float scale) {
-  return llama_sparse_layer(L, W, 1, t_in, t_down, kept, x, x_out, k_cache, v_cache, head_stride, t, cos, ssin,
-                            key_valid, scale);
+  if (W->d != L->hidden) return 1;
+  thresholded_how how = {W, t_in, t_down, kept};
+  return llama_layer_with(L, teal_in_layer, &how, x, x_out, k_cache, v_cache, head_stride, t, cos, ssin, key_valid,
+                          scale);
 }
 
 int dejavu_llama_cats_decode_layer(const llama_layer* L, const mlp_weights* W, float t_gate, int64_t* kept,
                                    const float* x, float* x_out, float* k_cache, float* v_cache, int64_t head_stride,
                                    int64_t t, const float* cos, const float* ssin, const uint8_t* key_valid,
                                    float scale) {
-  return llama_sparse_layer(L, W, 0, t_gate, 0.f, kept, x, x_out, k_cache, v_cache, head_stride, t, cos, ssin,
-                            key_valid, scale);
+  if (W->d != L->hidden) return 1;
+  thresholded_how how = {W, t_gate, 0.f, kept};
+  return llama_layer_with(L, cats_in_layer, &how, x, x_out, k_cache, v_cache, head_stride, t, cos, ssin, key_valid,
+                          scale);
 }
