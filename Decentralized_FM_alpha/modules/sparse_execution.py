@@ -401,18 +401,19 @@ class SparseMode:
     layer_kernel: bool = False  # the cpu backend may run the layer in C when its heads are dense
     mlp_only: bool = False  # a training-free baseline: attention dense, --mlp-keep a fraction, required
     calibrated: bool = False  # reads a thresholds file (sparse_predictor/calibrate.py)
+    lays_out: bool = False  # its setup lays the MLP out for its kernels (lay_out); others get the checkpoint's rows
 
 
 MODES = {
-    "predicted": SparseMode(predicted_mlp, setup_predicted, layer_kernel=True),
+    "predicted": SparseMode(predicted_mlp, setup_predicted, layer_kernel=True, lays_out=True),
     "oracle": SparseMode(oracle_mlp),
     "dense": SparseMode(dense_mlp, layer_kernel=True),
-    "teal": SparseMode(teal_mlp, setup_thresholds, layer_kernel=True, mlp_only=True, calibrated=True),
-    "cats": SparseMode(cats_mlp, setup_cats, layer_kernel=True, mlp_only=True, calibrated=True),
+    "teal": SparseMode(teal_mlp, setup_thresholds, layer_kernel=True, mlp_only=True, calibrated=True,
+                       lays_out=True),
+    "cats": SparseMode(cats_mlp, setup_cats, layer_kernel=True, mlp_only=True, calibrated=True, lays_out=True),
     "wina": SparseMode(wina_mlp, setup_wina, mlp_only=True),
 }
 SPARSE_MODES = tuple(MODES)
-LAID_OUT_MODES = ("predicted", "teal", "cats")  # their set-up lays the MLP out for the kernels (lay_out)
 TRAINING_FREE_MODES = tuple(name for name, mode in MODES.items() if mode.mlp_only)
 
 
@@ -566,7 +567,7 @@ def configure_sparse(blocks, mode, sparse_path=None, mlp_keep=None, att_keep=Non
         taps.att_keep = att_keep if sparse_attention else None
         sparse_blocks.append(block)
     for block in blocks:
-        if block.mlp.mode not in LAID_OUT_MODES:
+        if not MODES[block.mlp.mode].lays_out:
             lay_out(block.mlp, None)  # a dense MLP (or masks in torch ops): the checkpoint's rows
     setup = MODES[mode].setup
     if setup is not None:
