@@ -24,9 +24,10 @@ import torch
 from dejavu_common.helpers import DEVICE_CHOICES, keep_argument, parse_layers, repo_root, resolve_device
 
 from .dump_reader import DumpError, DumpReader, format_layers
+from .label_targets import GATE_TARGETS, LABEL_TARGETS, check_checkpoint
 from .labels import LABEL_RULES
 from .metrics import format_metrics
-from .predictor import metrics_path
+from .predictor import PREDICTOR_FORMS, metrics_path
 from .trainer_att import AttentionTask
 from .trainer_mlp import MLPTask
 from .training import PredictorTask, RunSettings, TrainConfig, train_layer
@@ -60,6 +61,9 @@ def build_parser(kind: str, family: str) -> argparse.ArgumentParser:
     p.add_argument("--D", type=int, default=None,
                    help=f"low-rank width of the predictor (default min({UPSTREAM_D}, hidden_size): the "
                         "predictor's rank cannot exceed hidden_size, so a wider D only costs time)")
+    p.add_argument("--predictor-form", choices=PREDICTOR_FORMS, default="lowrank",
+                   help="lowrank: Linear(d, D) -> Linear(D, out) (upstream's); linear: Linear(d, out) (full rank, "
+                        "--D unused); mlp: Linear(d, D) -> ReLU -> Linear(D, out)")
     p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=None,
                    help=f"max epochs (default {DEFAULT_EPOCHS['cuda']} on cuda, {DEFAULT_EPOCHS['cpu']} on cpu)")
@@ -71,6 +75,17 @@ def build_parser(kind: str, family: str) -> argparse.ArgumentParser:
     p.add_argument("--label", choices=LABEL_RULES, default=None,
                    help=f"label rule (default {task.default_label(family)}); see labels.py")
     p.add_argument("--threshold", type=float, default=None, help="--label threshold: active when |y| > threshold")
+    if kind == "mlp":
+        p.add_argument("--label-target", choices=LABEL_TARGETS, default=None,
+                       help="Llama MLP training target instead of --label: act-topk (top-k of |SiLU(gate)*up|), "
+                            "gate-positive (gate > 0) or gate-topk (top-k of |SiLU(gate)|); the gate targets need "
+                            "--checkpoint. Every target is also scored against act-topk (val_act_topk)")
+        p.add_argument("--checkpoint", default=None,
+                       help="converted checkpoint the dump was collected from (for the gate targets)")
+    p.add_argument("--eval-data-path", default=None,
+                   help="a second dump of the same model (other documents, e.g. the validation passages): the "
+                        "trained predictor is also scored on its rows (metrics line key eval_dump)")
+    p.add_argument("--eval-max-rows", type=int, default=None, help="use at most the first N rows of --eval-data-path")
     p.add_argument("--target-sparsity", type=float, default=0.9,
                    help="--label target-sparsity: fraction of training entries made inactive")
     p.add_argument("--input", dest="input_mode", choices=("same", "prev"),
@@ -207,6 +222,28 @@ def make_settings(args: argparse.Namespace, task: PredictorTask, family: str, re
     if args.max_rows is not None and args.max_rows < 2:
         raise ValueError(f"--max-rows must be at least 2, got {args.max_rows}")
     label = args.label or task.default_label(family)
+    label_target = getattr(args, "label_target", None)
+    label_checkpoint = getattr(args, "checkpoint", None)
+    if label_target:
+        if args.label:
+            raise ValueError(f"--label {args.label} and --label-target {label_target}: give one of them")
+        if label_target in GATE_TARGETS:
+            label_checkpoint = check_checkpoint(label_checkpoint, reader.hidden_size, reader.intermediate_size,
+                                                reader.meta_path)
+        label = "topk"
+    elif label_checkpoint:
+        raise ValueError("--checkpoint is only used with --label-target gate-positive or gate-topk")
+    eval_data_path = None
+    if args.eval_data_path:
+        eval_data_path = resolve_data_path(args.eval_data_path)
+        other = DumpReader(eval_data_path)
+        if (other.hidden_size, other.intermediate_size, other.num_heads) != (
+                reader.hidden_size, reader.intermediate_size, reader.num_heads):
+            raise ValueError(f"--eval-data-path {eval_data_path}: a dump of other widths (hidden {other.hidden_size}, "
+                             f"MLP {other.intermediate_size}, heads {other.num_heads}) than --data-path "
+                             f"{reader.path} ({reader.hidden_size}, {reader.intermediate_size}, {reader.num_heads})")
+    if args.eval_max_rows is not None and args.eval_max_rows < 1:
+        raise ValueError(f"--eval-max-rows must be at least 1, got {args.eval_max_rows}")
     settings = RunSettings(
         family=family, model=args.model or reader.model or os.path.basename(reader.path),
         dataset=args.dataset, ckpt_dir=os.path.abspath(args.ckpt_dir or default_ckpt_dir(reader.path)),
@@ -214,9 +251,11 @@ def make_settings(args: argparse.Namespace, task: PredictorTask, family: str, re
         target_sparsity=args.target_sparsity, val_fraction=args.val_fraction, max_rows=args.max_rows,
         train_rows=args.train_rows,
         select_metric=args.select_metric, run_id=args.run_id,
+        label_target=label_target, label_checkpoint=label_checkpoint,
+        eval_data_path=eval_data_path, eval_max_rows=args.eval_max_rows,
         train=TrainConfig(D=D, lr=args.lr, epochs=epochs, batch_size=args.batch_size,
                           weight_decay=args.weight_decay, patience=args.patience, seed=args.seed,
-                          device=device, progress=not args.no_progress))
+                          device=device, progress=not args.no_progress, form=args.predictor_form))
     task.label_rule(settings)  # validate the rule's parameters before any layer starts
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")

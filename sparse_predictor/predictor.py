@@ -1,10 +1,16 @@
 """The predictor network, its checkpoint names, and saving / loading.
 
-A checkpoint is a plain state dict of `nn.Sequential(Linear(d, D), Linear(D, out))` without
-biases (keys "0.weight" [D, d] and "1.weight" [out, D]), the same as upstream DejaVu writes, so
-upstream's `load_state_dict(torch.load(path))` keeps working. d, D and out are read back from
-the weight shapes; the settings a checkpoint was trained with (label rule, input mode, metrics)
-are in the metrics file beside it (see `load_predictor_info`).
+Three forms (`--predictor-form`), each a plain state dict of an `nn.Sequential`:
+
+    lowrank  Linear(d, D) -> Linear(D, out), no biases        "0.weight" [D, d], "1.weight" [out, D]
+    linear   Linear(d, out), no bias (full rank)               "0.weight" [out, d]
+    mlp      Linear(d, D) -> ReLU -> Linear(D, out)            "0.weight" [D, d], "0.bias" [D], "2.weight" [out, D]
+
+`lowrank` is upstream DejaVu's classifier, so upstream's `load_state_dict(torch.load(path))`
+keeps working on it. The hidden layer of `mlp` has a bias so that its ReLU units can set their
+own thresholds. The form and d, D, out are read back from the keys and weight shapes; the
+settings a checkpoint was trained with (label rule, input mode, metrics) are in the metrics file
+beside it (see `load_predictor_info`).
 
 This module imports only torch and the standard library so the sparse-execution code can use it
 without the training dependencies.
@@ -21,12 +27,19 @@ from torch import nn
 from dejavu_common.helpers import atomic_write
 
 KINDS = ("mlp", "att")
+PREDICTOR_FORMS = ("lowrank", "linear", "mlp")
 METRICS_FILES = {"mlp": "metrics_mlp.jsonl", "att": "metrics_att.jsonl"}
 
 
-def build_predictor(d: int, D: int, out: int) -> nn.Sequential:
-    """Upstream's low-rank classifier: d -> D -> out logits, no biases."""
-    return nn.Sequential(nn.Linear(d, D, bias=False), nn.Linear(D, out, bias=False))
+def build_predictor(d: int, D: int | None, out: int, form: str = "lowrank") -> nn.Sequential:
+    """d -> out logits in the given form (see the module docstring); D is ignored by `linear`."""
+    if form == "lowrank":
+        return nn.Sequential(nn.Linear(d, D, bias=False), nn.Linear(D, out, bias=False))
+    if form == "linear":
+        return nn.Sequential(nn.Linear(d, out, bias=False))
+    if form == "mlp":
+        return nn.Sequential(nn.Linear(d, D, bias=True), nn.ReLU(), nn.Linear(D, out, bias=False))
+    raise ValueError(f"unknown predictor form {form!r} (--predictor-form); known: {', '.join(PREDICTOR_FORMS)}")
 
 
 def checkpoint_name(kind: str, layer: int, dataset: str = "c4") -> str:
@@ -53,24 +66,49 @@ def save_predictor(path: str, model: nn.Module) -> None:
         torch.save(state, handle)
 
 
-def predictor_dims(state_dict: dict) -> tuple[int, int, int]:
-    """(d, D, out) from the two weight shapes of a predictor state dict."""
-    try:
-        first, second = state_dict["0.weight"], state_dict["1.weight"]
-    except KeyError as e:
-        raise ValueError(f"not a predictor state dict (keys: {sorted(state_dict)[:6]})") from e
+def predictor_form(state_dict: dict) -> str:
+    """The form a predictor state dict was saved from, told apart by its keys."""
+    keys = set(state_dict)
+    if keys == {"0.weight", "1.weight"}:
+        return "lowrank"
+    if keys == {"0.weight"}:
+        return "linear"
+    if keys == {"0.weight", "0.bias", "2.weight"}:
+        return "mlp"
+    raise ValueError(f"not a predictor state dict (keys: {sorted(keys)[:6]}; "
+                     f"known forms: {', '.join(PREDICTOR_FORMS)})")
+
+
+def predictor_shape(state_dict: dict) -> tuple[str, int, int | None, int]:
+    """(form, d, D, out) of a predictor state dict; D is None for the full-rank linear form."""
+    form = predictor_form(state_dict)
+    first = state_dict["0.weight"]
+    if form == "linear":
+        out, d = first.shape
+        return form, int(d), None, int(out)
+    second = state_dict["1.weight" if form == "lowrank" else "2.weight"]
     D, d = first.shape
     out, D2 = second.shape
     if D != D2:
-        raise ValueError(f"inconsistent predictor weights: 0.weight {tuple(first.shape)}, 1.weight {tuple(second.shape)}")
-    return int(d), int(D), int(out)
+        raise ValueError(f"inconsistent {form} predictor weights: first {tuple(first.shape)}, "
+                         f"second {tuple(second.shape)}")
+    return form, int(d), int(D), int(out)
+
+
+def predictor_dims(state_dict: dict) -> tuple[int, int, int]:
+    """(d, D, out) of a low-rank predictor state dict (upstream's form)."""
+    form, d, D, out = predictor_shape(state_dict)
+    if form != "lowrank":
+        raise ValueError(f"a {form} predictor, not upstream's low-rank form")
+    return d, D, out
 
 
 def load_predictor(path: str, device: str | torch.device = "cpu") -> nn.Sequential:
     """Rebuild a trained predictor from its checkpoint, in eval mode on `device`.
 
-    Accepts this project's checkpoints and upstream's (both plain state dicts). A missing file
-    or a file that is not a predictor raises an error naming the path.
+    Accepts this project's checkpoints of every form and upstream's (all plain state dicts); the
+    form comes from the keys. A missing file or a file that is not a predictor raises an error
+    naming the path.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"predictor checkpoint not found: {path}")
@@ -78,10 +116,10 @@ def load_predictor(path: str, device: str | torch.device = "cpu") -> nn.Sequenti
     if isinstance(state, dict) and "state_dict" in state:  # tolerate wrapped checkpoints
         state = state["state_dict"]
     try:
-        d, D, out = predictor_dims(state)
+        form, d, D, out = predictor_shape(state)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
-    model = build_predictor(d, D, out)
+    model = build_predictor(d, D, out, form)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
 

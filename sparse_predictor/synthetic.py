@@ -82,3 +82,48 @@ def make_dump(path: str, *, model_type: str = "llama", structure: str = "planted
     return write_dump(path, arrays, model_type=model_type, capacity=capacity, hidden_size=d,
                       intermediate_size=inter, num_heads=heads, layers=list(range(num_layers)),
                       rows={l: rows for l in range(num_layers)}, model=f"synthetic-{model_type}-{structure}")
+
+
+def make_checkpoint_dump(path: str, checkpoint: str, *, rows: int = 2000, layers: list[int] | None = None,
+                         capacity: int | None = None, clusters: int = 0, seed: int = 0) -> dict:
+    """A Llama dump whose MLP labels are the real activations of a converted checkpoint's layers.
+
+    mlp_x and att_x are random (Gaussian, or around `clusters` random centres when clusters > 0);
+    mlp_label_l = SiLU(gate) * up of layer l's own MLP on mlp_x_l (after its post-attention norm),
+    computed from the float16 mlp_x the dump holds, so the gate the label targets recompute from
+    the dump is exactly the one behind the labels. att_label is random. Loads torch and the model
+    modules, unlike make_dump.
+    """
+    import json
+
+    import torch
+
+    from sparse_predictor.calibration import load_block
+
+    with open(os.path.join(checkpoint, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    d, inter, heads = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
+    layers = list(range(config["num_hidden_layers"])) if layers is None else list(layers)
+    rng = np.random.default_rng(seed)
+
+    def inputs() -> np.ndarray:
+        if clusters:
+            centres = rng.standard_normal((clusters, d))
+            values = centres[rng.integers(0, clusters, rows)] + 0.3 * rng.standard_normal((rows, d))
+        else:
+            values = rng.standard_normal((rows, d))
+        return values.astype(NUMPY_DTYPE).astype(np.float32)
+
+    arrays = {}
+    for layer in layers:
+        block = load_block(checkpoint, "llama", layer, "cpu")
+        mlp_x = inputs()
+        with torch.no_grad():
+            act = block.mlp.activation(block.post_attention_layernorm(torch.from_numpy(mlp_x)))
+        arrays[("att_x", layer)] = inputs()
+        arrays[("mlp_x", layer)] = mlp_x
+        arrays[("mlp_label", layer)] = act.numpy()
+        arrays[("att_label", layer)] = np.exp(rng.standard_normal((rows, heads)))
+    return write_dump(path, arrays, model_type="llama", capacity=capacity or rows + 16, hidden_size=d,
+                      intermediate_size=inter, num_heads=heads, layers=layers, rows={l: rows for l in layers},
+                      model=f"synthetic-from-{os.path.basename(checkpoint.rstrip('/'))}")

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from . import metrics as M
 from .dump_reader import DumpError, DumpReader
+from . import label_targets
 from .labels import MAX_CALIBRATION_ENTRIES, LabelRule
 from .predictor import build_predictor, checkpoint_path, save_predictor
 
@@ -65,6 +66,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    form: str = "lowrank"   # predictor.PREDICTOR_FORMS
 
 
 @dataclass
@@ -74,6 +76,7 @@ class LayerData:
     x_val: torch.Tensor
     y_val: torch.Tensor
     info: dict = field(default_factory=dict)
+    y_val_reference: torch.Tensor | None = None   # the reference label of the validation rows, if asked
 
 
 @dataclass
@@ -138,14 +141,18 @@ def calibration_sample(raw_labels: np.ndarray, train_idx: np.ndarray, seed: int)
 
 def load_layer_data(reader: DumpReader, input_tap: tuple[str, int], label_tap: tuple[str, int],
                     rule: LabelRule, val_fraction: float, seed: int,
-                    max_rows: int | None = None, train_rows: int | None = None) -> LayerData:
+                    max_rows: int | None = None, train_rows: int | None = None,
+                    label_values=None, reference: tuple | None = None) -> LayerData:
     """Read one layer's inputs and labels, split them, and calibrate the label rule on training rows.
 
     train_rows keeps only the first (earliest) training rows after the split: the validation rows
     stay the same whatever train_rows is, and a smaller training set is a subset of a larger one
-    (what a study of predictor quality against training-set size needs)."""
+    (what a study of predictor quality against training-set size needs).
+    label_values replaces the label tap's memmap by computed raw values (label_targets.GateValues);
+    reference = (raw values, rule) also labels the validation rows by that rule (y_val_reference)."""
     (x_name, x_layer), (y_name, y_layer) = input_tap, label_tap
-    x_src, y_src = reader.open(x_name, x_layer), reader.open(y_name, y_layer)
+    x_src = reader.open(x_name, x_layer)
+    y_src = reader.open(y_name, y_layer) if label_values is None else label_values
     available = reader.rows_for(sorted({x_layer, y_layer}))
     n_rows = available if max_rows is None else min(available, max_rows)
     if n_rows < 2:
@@ -159,11 +166,15 @@ def load_layer_data(reader: DumpReader, input_tap: tuple[str, int], label_tap: t
         train_idx = train_idx[:train_rows]
     rule.calibrate(calibration_sample(y_src, train_idx, seed), seed)
 
-    parts, dropped = [], 0
-    for rows in (train_idx, val_idx):
+    parts, dropped, y_reference = [], 0, None
+    for split, rows in (("train", train_idx), ("val", val_idx)):
         x, x_ok = read_rows_float32(x_src, rows)
         y, y_ok = compute_labels(y_src, rows, rule)
         keep = x_ok & y_ok
+        if reference is not None and split == "val":
+            y_reference, ref_ok = compute_labels(reference[0], rows, reference[1])
+            keep &= ref_ok
+            y_reference = y_reference[keep]
         if not bool(keep.all()):
             dropped += int((~keep).sum())
             x, y = x[keep], y[keep]
@@ -176,7 +187,32 @@ def load_layer_data(reader: DumpReader, input_tap: tuple[str, int], label_tap: t
         raise DumpError(f"dump {reader.path}: no finite rows left in the training or validation split")
     info = {"rows_available": available, "rows_used": n_rows, "rows_dropped_nonfinite": dropped,
             "rows_train": int(x_train.shape[0]), "rows_val": int(x_val.shape[0])}
-    return LayerData(x_train, y_train, x_val, y_val, info)
+    return LayerData(x_train, y_train, x_val, y_val, info, y_reference)
+
+
+def load_eval_rows(reader: DumpReader, input_tap: tuple[str, int], label_values, rule: LabelRule,
+                   max_rows: int | None = None, reference: tuple | None = None) -> dict:
+    """All valid rows (or the first max_rows) of another dump, labelled by an already calibrated rule:
+    {"x", "y", "y_reference" (or None), "info"}. Rows with non-finite values are dropped and counted."""
+    x_name, x_layer = input_tap
+    available = reader.rows_for([x_layer])
+    n_rows = available if max_rows is None else min(available, max_rows)
+    if n_rows < 1:
+        raise DumpError(f"evaluation dump {reader.path} has no valid rows for layer {x_layer} (meta.json rows)")
+    rows = np.arange(n_rows)
+    x, keep = read_rows_float32(reader.open(x_name, x_layer), rows)
+    y, y_ok = compute_labels(label_values, rows, rule)
+    keep &= y_ok
+    y_reference = None
+    if reference is not None:
+        y_reference, ref_ok = compute_labels(reference[0], rows, reference[1])
+        keep &= ref_ok
+    dropped = int((~keep).sum())
+    if dropped == n_rows:
+        raise DumpError(f"evaluation dump {reader.path}: no finite rows for layer {x_layer}")
+    return {"x": x[keep], "y": y[keep], "y_reference": None if y_reference is None else y_reference[keep],
+            "info": {"data_path": reader.path, "rows_available": available, "rows_used": n_rows,
+                     "rows_dropped_nonfinite": dropped, "rows": n_rows - dropped}}
 
 
 # ---- loss and evaluation ------------------------------------------------------------------------
@@ -301,6 +337,10 @@ class RunSettings:
     select_metric: str = "recall"
     train: TrainConfig = field(default_factory=TrainConfig)
     run_id: str = ""
+    label_target: str | None = None   # label_targets.LABEL_TARGETS (MLP only); None: the rule above
+    label_checkpoint: str | None = None  # converted checkpoint for the gate targets
+    eval_data_path: str | None = None    # a second dump (other documents) to score the predictor on
+    eval_max_rows: int | None = None
 
 
 class PredictorTask:
@@ -334,17 +374,35 @@ def train_layer(reader: DumpReader, task: PredictorTask, layer: int, settings: R
     started = time.perf_counter()
     input_tap = task.input_tap(layer, settings.input_mode)
     label_tap = (task.label_tap_name, layer)
-    rule = task.label_rule(settings)
+    k = task.default_k if settings.k is None else settings.k
+    if settings.label_target:
+        if task.kind != "mlp":
+            raise ValueError(f"--label-target is for MLP predictors only, not {task.kind}")
+        label_values, rule, label_source = label_targets.label_plan(
+            reader, layer, settings.label_target, k, settings.label_checkpoint)
+        reference = (reader.mlp_label(layer), label_targets.reference_rule(k))
+    else:
+        label_values, rule, label_source = None, task.label_rule(settings), f"{label_tap[0]}_{label_tap[1]}"
+        reference = None
     data = load_layer_data(reader, input_tap, label_tap, rule, settings.val_fraction,
-                           settings.train.seed, settings.max_rows, settings.train_rows)
+                           settings.train.seed, settings.max_rows, settings.train_rows,
+                           label_values=label_values, reference=reference)
     d, out = reader.hidden_size, task.output_width(reader)
-    seed_everything(settings.train.seed)
-    model = build_predictor(d, settings.train.D, out)
-    result = train_predictor(model, data, settings.train, settings.select_metric,
+    cfg = settings.train
+    D = None if cfg.form == "linear" else cfg.D
+    seed_everything(cfg.seed)
+    model = build_predictor(d, D, out, cfg.form)
+    result = train_predictor(model, data, cfg, settings.select_metric,
                              desc=f"{task.kind} layer {layer}")
+    extra = {}
+    if reference is not None:
+        extra["val_act_topk"] = json_metrics(evaluate(result.model.to(cfg.device), data.x_val, data.y_val_reference,
+                                                      result.pos_weight, cfg.device, curve_fractions=CURVE_FRACTIONS))
+    if settings.eval_data_path:
+        extra["eval_dump"] = evaluate_other_dump(result, task, layer, settings, input_tap, rule, k, (d, out))
+    result.model.cpu().eval()
     ckpt = checkpoint_path(settings.ckpt_dir, task.kind, layer, settings.dataset)
     save_predictor(ckpt, result.model)
-    cfg = settings.train
     return {
         "status": "ok",
         "kind": task.kind,
@@ -358,9 +416,12 @@ def train_layer(reader: DumpReader, task: PredictorTask, layer: int, settings: R
         "input_mode": task.effective_input_mode(layer, settings.input_mode),
         "input_mode_requested": settings.input_mode,
         "input_source": f"{input_tap[0]}_{input_tap[1]}",
-        "label_source": f"{label_tap[0]}_{label_tap[1]}",
+        "label_source": label_source,
         "label_rule": rule.describe(),
-        "d": d, "D": cfg.D, "out": out,
+        "label_target": settings.label_target,
+        "label_checkpoint": settings.label_checkpoint,
+        "predictor_form": cfg.form,
+        "d": d, "D": D, "out": out,
         "lr": cfg.lr, "epochs": cfg.epochs, "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch, "batch_size": cfg.batch_size,
         "weight_decay": cfg.weight_decay, "patience": cfg.patience,
@@ -368,6 +429,7 @@ def train_layer(reader: DumpReader, task: PredictorTask, layer: int, settings: R
         "seed": cfg.seed, "val_fraction": settings.val_fraction, "max_rows": settings.max_rows, "train_rows_requested": settings.train_rows,
         **data.info,
         "val": json_metrics(result.val),
+        **extra,
         "train_subset": json_metrics(result.train),
         "history": result.history,
         "checkpoint": ckpt,
@@ -375,3 +437,32 @@ def train_layer(reader: DumpReader, task: PredictorTask, layer: int, settings: R
         "seconds": round(time.perf_counter() - started, 3),
         "run_id": settings.run_id,
     }
+
+
+def evaluate_other_dump(result: TrainResult, task: PredictorTask, layer: int, settings: RunSettings,
+                        input_tap: tuple[str, int], rule: LabelRule, k: float, widths: tuple[int, int]) -> dict:
+    """Metrics of the trained predictor on the rows of another dump (other documents), with the
+    training run's label rule (its calibrated threshold, if any) and, for a label target, also
+    against the reference label (top-k of |SiLU(gate) * up|)."""
+    other = DumpReader(settings.eval_data_path)
+    if (other.hidden_size, task.output_width(other)) != widths:
+        raise DumpError(f"evaluation dump {other.meta_path} (--eval-data-path): hidden {other.hidden_size}, "
+                        f"{task.label_tap_name} width {task.output_width(other)} do not match the training dump's "
+                        f"{widths[0]}, {widths[1]}")
+    reference = None
+    if settings.label_target:
+        label_values, rule, _ = label_targets.label_plan(other, layer, settings.label_target, k,
+                                                         settings.label_checkpoint)
+        reference = (other.mlp_label(layer), label_targets.reference_rule(k))
+    else:
+        label_values = other.open(task.label_tap_name, layer)
+    rows = load_eval_rows(other, input_tap, label_values, rule, settings.eval_max_rows, reference)
+    device = settings.train.device
+    model = result.model.to(device)
+    out = {**rows["info"], "split": "all rows of the evaluation dump (documents not in the training dump)",
+           "metrics": json_metrics(evaluate(model, rows["x"], rows["y"], result.pos_weight, device,
+                                            curve_fractions=CURVE_FRACTIONS))}
+    if reference is not None:
+        out["act_topk"] = json_metrics(evaluate(model, rows["x"], rows["y_reference"], result.pos_weight, device,
+                                                curve_fractions=CURVE_FRACTIONS))
+    return out

@@ -1,0 +1,429 @@
+"""Controls report: why DejaVu's MLP predictors fall short on a SiLU-gated Llama.
+
+    python -m dejavu_study.controls CONTROLS --dump RUN/dump [--out DIR] [--model NAME] [--layers SPEC]
+
+CONTROLS is what scripts/controls.sh writes:
+    predictors/{variant}/metrics_mlp.jsonl   one predictor set per variant: capacity (lowrank_D{D},
+                                             linear, mlp_D{D}), label targets (label_{target}), and
+                                             the ReLU models' sets (relu-{name}_topk)
+    relu/{name}/checkpoint/relu_control.json the ReLU fits (dejavu_study/relu_control.py)
+    controls.jsonl                           perplexity lines: model (silu | relu-{name}), mode
+                                             (dense | oracle | predicted), keep, predictors, perplexity, tokens
+    timings.jsonl                            seconds per step
+and RUN/dump (the scaling study's dump, with drift.json from scripts/drift.py).
+
+Each predictor set is scored three ways where its metrics line has them: recall at matched K on
+the held-out tokens of the training dump (`val`), against the top-k of |SiLU(gate) * up| on those
+tokens (`val_act_topk`, label targets), and on the rows of the validation passages' dump
+(`eval_dump`: documents the predictors never saw). Output in DIR: summary.json (every number),
+controls.md (rendered from it) and PNG plots. The report states what was measured; it draws no
+conclusion the numbers do not show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import math
+import os
+import re
+import sys
+
+from dejavu_common.helpers import atomic_write, write_json_atomic, write_text_atomic
+from dejavu_study.report.markdown import fmt, fmt_pct
+from dejavu_study.report.runs import ReportError, mean, pearson, read_json_file, read_jsonl
+
+log = logging.getLogger("controls")
+
+CAPACITY = re.compile(r"^(lowrank_D\d+|linear|mlp_D\d+)$")
+LABEL = re.compile(r"^label_(act-topk|gate-positive|gate-topk)$")
+RELU = re.compile(r"^(relu-[\w.-]+?)_(\w[\w.-]*)$")
+DRIFT_QUANTITIES = ("cos_mlp_x", "rel_change_mlp_x", "cos_next_layer", "rel_change_next_layer")
+RELU_RECORD = "relu_control.json"
+
+
+# ---- drift against depth --------------------------------------------------------------------------
+def ranks(values: list[float]) -> list[float]:
+    """Ranks 1..n, ties sharing their mean rank (what Spearman's coefficient needs)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        stop = start
+        while stop + 1 < len(order) and values[order[stop + 1]] == values[order[start]]:
+            stop += 1
+        for position in range(start, stop + 1):
+            out[order[position]] = (start + stop) / 2 + 1
+        start = stop + 1
+    return out
+
+
+def spearman(xs, ys) -> float | None:
+    """Spearman's rank correlation of the pairs where both are known; None below 3 pairs or without variance."""
+    pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None
+             and math.isfinite(x) and math.isfinite(y)]
+    if len(pairs) < 3:
+        return None
+    return pearson(ranks([p[0] for p in pairs]), ranks([p[1] for p in pairs]))
+
+
+def drift_vs_depth(recall_by_layer: dict, drift: dict, quantities=DRIFT_QUANTITIES) -> dict:
+    """Per-layer recall at matched K beside the drift summary (dejavu_study/drift.py's drift.json).
+
+    Returns the layers both know, the values, and Spearman's rank correlations: recall against each
+    drift quantity (its per-token mean), recall against depth, and each quantity against depth.
+    """
+    by_layer = {int(e["layer"]): e for e in drift.get("layers", [])}
+    layers = sorted(l for l in (int(k) for k in recall_by_layer) if l in by_layer
+                    and recall_by_layer.get(l, recall_by_layer.get(str(l))) is not None)
+    recall = [recall_by_layer.get(l, recall_by_layer.get(str(l))) for l in layers]
+    values = {q: [(by_layer[l].get(q) or {}).get("mean") for l in layers] for q in quantities}
+    return {
+        "layers": layers, "recall_at_matched_k": recall, "drift_means": values,
+        "spearman_recall_vs_depth": spearman(layers, recall),
+        "spearman_recall_vs_drift": {q: spearman(recall, values[q]) for q in quantities},
+        "spearman_drift_vs_depth": {q: spearman(layers, values[q]) for q in quantities},
+    }
+
+
+def plot_drift_vs_depth(result: dict, path: str, title: str = "") -> str | None:
+    """Recall at matched K and the drift means against depth (left), recall against cos(att_x, mlp_x) (right)."""
+    if not result["layers"]:
+        return None
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(result["layers"], result["recall_at_matched_k"], marker="o", color="black", label="recall at matched K")
+    for q, values in result["drift_means"].items():
+        if any(v is not None for v in values):
+            left.plot(result["layers"], [math.nan if v is None else v for v in values], marker=".", linestyle="--",
+                      label=f"{q} (mean)")
+    left.set(xlabel="layer", title=title or "recall and drift against depth")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    drift = result["drift_means"].get("cos_mlp_x") or []
+    points = [(d, r, l) for d, r, l in zip(drift, result["recall_at_matched_k"], result["layers"]) if d is not None]
+    right.scatter([p[0] for p in points], [p[1] for p in points])
+    for d, r, l in points:
+        right.annotate(str(l), (d, r), fontsize=7)
+    rho = result["spearman_recall_vs_drift"].get("cos_mlp_x")
+    right.set(xlabel="cos(att_x_l, mlp_x_l), mean over tokens", ylabel="recall at matched K",
+              title=f"Spearman rho = {fmt(rho)}")
+    right.grid(alpha=0.3)
+    return save(fig, plt, path)
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+def latest_ok(path: str) -> dict[int, dict]:
+    """Per layer the latest ok MLP metrics line of a metrics_mlp.jsonl."""
+    if not os.path.isfile(path):
+        return {}
+    layers = {}
+    for entry in read_jsonl(path)[0]:
+        if entry.get("status") == "ok" and entry.get("kind") == "mlp":
+            layers[int(entry["layer"])] = entry
+    return layers
+
+
+def metric(block, name="recall_at_matched_k"):
+    return (block or {}).get(name)
+
+
+def read_set(name: str, folder: str) -> dict | None:
+    layers = latest_ok(os.path.join(folder, "metrics_mlp.jsonl"))
+    if not layers:
+        return None
+    ordered = [layers[l] for l in sorted(layers)]
+    first = ordered[0]
+    per_layer = {}
+    for e in ordered:
+        ev = e.get("eval_dump") or {}
+        per_layer[str(e["layer"])] = {
+            "val": metric(e.get("val")), "val_act_topk": metric(e.get("val_act_topk")),
+            "other_docs": metric(ev.get("metrics")), "other_docs_act_topk": metric(ev.get("act_topk")),
+            "chance": None if e.get("val", {}).get("true_sparsity") is None else 1 - e["val"]["true_sparsity"],
+            "recall": metric(e.get("val"), "recall"), "precision": metric(e.get("val"), "precision"),
+            "best_epoch": e.get("best_epoch"), "epochs_run": e.get("epochs_run")}
+    keys = ("val", "val_act_topk", "other_docs", "other_docs_act_topk", "chance")
+    return {
+        "name": name, "path": folder, "layers": sorted(layers),
+        "form": first.get("predictor_form", "lowrank"), "D": first.get("D"),
+        "label_rule": first.get("label_rule"), "label_target": first.get("label_target"),
+        "data_path": first.get("data_path"), "eval_data_path": (first.get("eval_dump") or {}).get("data_path"),
+        "rows_train": first.get("rows_train"), "rows_val": first.get("rows_val"),
+        "rows_other_docs": (first.get("eval_dump") or {}).get("rows"),
+        "epoch_cap": max(e.get("epochs") or 0 for e in ordered), "lr": first.get("lr"),
+        "select_metric": first.get("select_metric"),
+        "best_epoch_max": max((e.get("best_epoch") or 0) for e in ordered),
+        **{f"mean_{k}": mean(p[k] for p in per_layer.values()) for k in keys},
+        "per_layer": per_layer,
+    }
+
+
+def read_sets(controls: str) -> dict[str, dict]:
+    folder = os.path.join(controls, "predictors")
+    if not os.path.isdir(folder):
+        raise ReportError(f"no predictors folder: {folder}")
+    sets = {}
+    for name in sorted(os.listdir(folder)):
+        entry = read_set(name, os.path.join(folder, name))
+        if entry is not None:
+            sets[name] = entry
+    if not sets:
+        raise ReportError(f"no trained predictors under {folder}")
+    return sets
+
+
+def capacity_order(name: str) -> tuple:
+    form, _, width = name.partition("_D")
+    return ({"lowrank": 0, "linear": 1, "mlp": 2}.get(form, 3), int(width or 0))
+
+
+def read_relu(controls: str) -> dict[str, dict]:
+    folder = os.path.join(controls, "relu")
+    out = {}
+    if not os.path.isdir(folder):
+        return out
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name, "checkpoint", RELU_RECORD)
+        if os.path.isfile(path):
+            record = read_json_file(path, "ReLU control record")
+            layers = record.get("per_layer", {})
+            out[name] = {
+                "settings": record.get("settings"), "overrides": record.get("overrides"),
+                "per_layer": {l: {"shift": r.get("shift"), "rows_train": r.get("rows_train"),
+                                  "rows_heldout": r.get("rows_heldout"), "relu_swap": r.get("relu_swap"),
+                                  "fitted": r.get("fitted")} for l, r in layers.items()},
+                "mean_fitted_rel_mse": mean((r.get("fitted") or {}).get("heldout_rel_mse") for r in layers.values()),
+                "mean_swap_rel_mse": mean((r.get("relu_swap") or {}).get("heldout_rel_mse") for r in layers.values()),
+                "mean_fitted_zero_fraction": mean((r.get("fitted") or {}).get("heldout_zero_fraction")
+                                                  for r in layers.values())}
+    return out
+
+
+def read_perplexity(controls: str) -> dict:
+    """{model: {"dense": ppl, "tokens": n, "oracle": {keep: ppl}, "predicted": {(predictors, keep): ppl}}}."""
+    path = os.path.join(controls, "controls.jsonl")
+    if not os.path.isfile(path):
+        return {}
+    out = {}
+    for e in read_jsonl(path)[0]:
+        model = out.setdefault(e.get("model", "silu"), {"dense": None, "tokens": None, "oracle": {}, "predicted": {}})
+        if e.get("mode") == "dense":
+            model["dense"], model["tokens"] = e.get("perplexity"), e.get("tokens")
+        elif e.get("mode") == "oracle":
+            model["oracle"][str(e["keep"])] = e.get("perplexity")
+        elif e.get("mode") == "predicted":
+            model["predicted"][f"{e.get('predictors')}@{e['keep']}"] = e.get("perplexity")
+    return out
+
+
+def change_pct(value, base):
+    return None if value is None or not base else 100.0 * (value / base - 1.0)
+
+
+# ---- summary ----------------------------------------------------------------------------------------
+def build_summary(controls: str, dump: str, model: str, layer_spec: str, drift_set: str) -> dict:
+    meta = read_json_file(os.path.join(dump, "meta.json"), "dump metadata file")
+    sets = read_sets(controls)
+    ppl = read_perplexity(controls)
+    for name, model_ppl in ppl.items():
+        for key, value in list(model_ppl["predicted"].items()):
+            predictors, _, keep = key.rpartition("@")
+            model_ppl["predicted"][key] = {
+                "predictors": predictors, "keep": float(keep), "perplexity": value,
+                "change_pct": change_pct(value, model_ppl["dense"]),
+                "gap_to_oracle_pct": change_pct(value, model_ppl["oracle"].get(keep))}
+        model_ppl["oracle_change_pct"] = {k: change_pct(v, model_ppl["dense"]) for k, v in model_ppl["oracle"].items()}
+    drift_path = os.path.join(dump, "drift.json")
+    drift = read_json_file(drift_path, "drift file") if os.path.isfile(drift_path) else None
+    reference = sets.get(drift_set)
+    drift_result = None
+    if drift is not None and reference is not None:
+        drift_result = {"predictors": drift_set, "drift_file": drift_path, "source": "val",
+                        **drift_vs_depth({int(l): v["val"] for l, v in reference["per_layer"].items()}, drift)}
+    timings = read_jsonl(os.path.join(controls, "timings.jsonl"))[0] if os.path.isfile(
+        os.path.join(controls, "timings.jsonl")) else []
+    return {
+        "format": "dejavu-llama-controls", "version": 1,
+        "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "controls": os.path.abspath(controls), "dump": os.path.abspath(dump),
+        "model": model or meta.get("model"), "layers": meta.get("layers"), "layer_spec": layer_spec,
+        "num_layers": meta.get("num_layers"), "dump_tokens": meta.get("tokens"),
+        "capacity": [sets[n] for n in sorted((n for n in sets if CAPACITY.match(n)), key=capacity_order)],
+        "labels": [sets[n] for n in sets if LABEL.match(n)],
+        "relu_predictors": [sets[n] for n in sets if RELU.match(n) and not LABEL.match(n)],
+        "relu_fits": read_relu(controls), "perplexity": ppl, "drift_vs_depth": drift_result,
+        "timings": {t["step"]: t.get("seconds") for t in timings if "step" in t},
+    }
+
+
+# ---- plots -------------------------------------------------------------------------------------------
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, plt, path: str) -> str:
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return os.path.basename(path)
+
+
+def make_plots(summary: dict, out: str) -> dict:
+    written = {}
+    groups = [("capacity", summary["capacity"]), ("labels", summary["labels"]),
+              ("relu", summary["relu_predictors"])]
+    for group, sets in groups:
+        if not sets:
+            continue
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(7, 4))
+        names = [s["name"] for s in sets]
+        positions = list(range(len(sets)))
+        for offset, (key, label) in enumerate((("mean_val", "held-out tokens, own label"),
+                                               ("mean_val_act_topk", "held-out tokens, top-k |SiLU(gate)*up|"),
+                                               ("mean_other_docs", "other documents, own label"),
+                                               ("mean_other_docs_act_topk", "other documents, top-k |SiLU(gate)*up|"))):
+            values = [s.get(key) for s in sets]
+            if all(v is None for v in values):
+                continue
+            ax.bar([p + 0.2 * offset - 0.3 for p in positions], [v or 0 for v in values], width=0.2, label=label)
+        chance = mean(s.get("mean_chance") for s in sets)
+        if chance is not None:
+            ax.axhline(chance, color="grey", linestyle=":", label="chance (K / width)")
+        ax.set_xticks(positions, names, rotation=30, ha="right")
+        ax.set(ylabel=f"recall at matched K, mean over layers {summary['layer_spec']}", ylim=(0, 1),
+               title=f"MLP predictors: {group}")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+        written[group] = save(fig, plt, os.path.join(out, f"{group}.png"))
+    if summary["drift_vs_depth"]:
+        path = plot_drift_vs_depth(summary["drift_vs_depth"], os.path.join(out, "drift_vs_depth.png"),
+                                   f"predictors {summary['drift_vs_depth']['predictors']}")
+        if path:
+            written["drift_vs_depth"] = path
+    return written
+
+
+# ---- markdown ----------------------------------------------------------------------------------------
+def set_row(s: dict) -> str:
+    return (f"| {s['name']} | {s['form']} | {s['D'] if s['D'] is not None else 'full'} | "
+            f"{fmt(s['mean_val'])} | {fmt(s['mean_val_act_topk'])} | {fmt(s['mean_other_docs'])} | "
+            f"{fmt(s['mean_other_docs_act_topk'])} | {fmt(s['mean_chance'])} | {s['best_epoch_max']} / {s['epoch_cap']} |")
+
+
+SET_HEADER = ["| set | form | D | held-out tokens | held-out, top-k act | other documents | other docs, top-k act "
+              "| chance | best epoch (max) / cap |", "|---|---|---|---|---|---|---|---|---|"]
+
+
+def perplexity_lines(summary: dict, model: str) -> list[str]:
+    p = summary["perplexity"].get(model)
+    if not p:
+        return [f"- No perplexity was measured for {model}."]
+    lines = [f"- {model}: dense perplexity {fmt(p['dense'], 2)} on {p['tokens'] or 0:,} validation tokens; oracle "
+             + ", ".join(f"keep {k}: {fmt_pct(v)}" for k, v in sorted(p["oracle_change_pct"].items())) + "."]
+    for entry in sorted(p["predicted"].values(), key=lambda e: (e["predictors"], -e["keep"])):
+        lines.append(f"- {model}, predictors {entry['predictors']}, keep {entry['keep']:g}: "
+                     f"{fmt_pct(entry['change_pct'])} over dense (gap to oracle {fmt_pct(entry['gap_to_oracle_pct'])}).")
+    return lines
+
+
+def render_markdown(summary: dict, plots: dict) -> str:
+    sets = summary["capacity"] + summary["labels"] + summary["relu_predictors"]
+    first = sets[0]
+    lines = [f"# Controls: why MLP predictors fall short on {summary['model']}", "",
+             f"Generated {summary['generated']} from `{summary['controls']}`.", "", "## What was measured", "",
+             f"- Model {summary['model']}; layers {summary['layer_spec']} of {summary['num_layers']} (the others "
+             "stay dense in every perplexity run); MLP predictors only, attention dense.",
+             f"- Training dump of {summary['dump_tokens']:,} tokens; each set trains on {first['rows_train']:,} "
+             f"training rows and is scored on {first['rows_val']:,} held-out rows of the same dump and on "
+             f"{first['rows_other_docs'] or 0:,} rows of the validation passages' dump (other documents).",
+             f"- Training: AdamW lr {first['lr']}, the epoch with the best {first['select_metric']} kept, under a "
+             f"cap of {first['epoch_cap']} epochs.",
+             "- Recall at matched K: per token the K highest predictor scores against the K true units; chance is "
+             "K / width. 'top-k act' scores every set against the top-k of |act(gate) * up| of its own model (SiLU; ReLU "
+             "for the ReLU models' sets), whatever it trained on.",
+             "", "## Predictor capacity", ""]
+    lines += SET_HEADER + [set_row(s) for s in summary["capacity"]] if summary["capacity"] else ["No capacity sets."]
+    lines += ["", "## Label targets", ""]
+    lines += SET_HEADER + [set_row(s) for s in summary["labels"]] if summary["labels"] else ["No label-target sets."]
+    lines += ["", "## ReLU stand-in", ""]
+    fits = summary["relu_fits"]
+    if not fits:
+        lines.append("No ReLU fit was found.")
+    for name, fit in fits.items():
+        s = fit["settings"] or {}
+        lines.append(f"- {name}: overrides {fit['overrides']}; fitted on {s.get('rows')} rows for {s.get('epochs')} "
+                     f"epochs (lr {s.get('lr')}, l1 {s.get('l1')}, target zeros {s.get('target_zeros')}); held-out "
+                     f"relative MLP error {fmt(fit['mean_swap_rel_mse'])} with the original weights, "
+                     f"{fmt(fit['mean_fitted_rel_mse'])} fitted; zero fraction {fmt(fit['mean_fitted_zero_fraction'])} "
+                     "(means over layers).")
+        for layer, r in sorted(fit["per_layer"].items(), key=lambda item: int(item[0])):
+            lines.append(f"  - layer {layer}: shift {fmt(r['shift'], 4)}, error {fmt(r['relu_swap']['heldout_rel_mse'])}"
+                         f" -> {fmt(r['fitted']['heldout_rel_mse'])}, zeros "
+                         f"{fmt(r['relu_swap']['heldout_zero_fraction'])} -> {fmt(r['fitted']['heldout_zero_fraction'])}")
+    if summary["relu_predictors"]:
+        lines += ["", "Predictors trained on the ReLU models' own dumps:", ""] + SET_HEADER
+        lines += [set_row(s) for s in summary["relu_predictors"]]
+    lines += ["", "## Perplexity", ""]
+    for model in sorted(summary["perplexity"]):
+        lines += perplexity_lines(summary, model)
+    lines += ["", "## Drift against depth", ""]
+    d = summary["drift_vs_depth"]
+    if not d:
+        lines.append("No drift file or no reference predictor set: not computed.")
+    else:
+        lines.append(f"- Predictors {d['predictors']} (held-out tokens), layers {d['layers']}: Spearman rho of recall "
+                     f"at matched K against depth {fmt(d['spearman_recall_vs_depth'])}; against the drift means: "
+                     + ", ".join(f"{q} {fmt(v)}" for q, v in d["spearman_recall_vs_drift"].items()) + ".")
+        lines.append(f"- With {len(d['layers'])} layers a rank correlation is coarse: one swapped pair moves it by "
+                     f"{fmt(6 * 2 / (len(d['layers']) * (len(d['layers']) ** 2 - 1)) if len(d['layers']) > 1 else None)}.")
+    lines += ["", "## Per layer (recall at matched K: held-out tokens / other documents)", "",
+              "| set | " + " | ".join(f"layer {l}" for l in summary["layers"]) + " |",
+              "|---|" + "---|" * len(summary["layers"])]
+    for s in sets:
+        cells = [f"{fmt(s['per_layer'].get(str(l), {}).get('val'))} / "
+                 f"{fmt(s['per_layer'].get(str(l), {}).get('other_docs'))}" for l in summary["layers"]]
+        lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
+    t = summary["timings"]
+    if t:
+        lines += ["", "## Cost of this run", "", "- " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in t.items()
+                                                                    if isinstance(v, (int, float))) + "."]
+    lines += ["", "## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("controls", help="the controls folder scripts/controls.sh writes")
+    parser.add_argument("--dump", required=True, help="the training dump (its meta.json and drift.json)")
+    parser.add_argument("--out", default=None, help="output folder (default: CONTROLS/report)")
+    parser.add_argument("--model", default="", help="model name for the report (default: meta.json's)")
+    parser.add_argument("--layers", default="", help="the layer spec the run used, for the text")
+    parser.add_argument("--drift-set", default="lowrank_D128",
+                        help="the predictor set whose per-layer recall is set against drift")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[controls] %(levelname)s: %(message)s", stream=sys.stderr)
+    out = args.out or os.path.join(args.controls, "report")
+    try:
+        summary = build_summary(args.controls, args.dump, args.model, args.layers, args.drift_set)
+        os.makedirs(out, exist_ok=True)
+        plots = {} if args.no_plots else make_plots(summary, out)
+        write_json_atomic(os.path.join(out, "summary.json"), summary)
+        write_text_atomic(os.path.join(out, "controls.md"), render_markdown(summary, plots))
+    except ReportError as error:
+        log.error("%s", error)
+        return 1
+    log.info("wrote %s", os.path.join(out, "controls.md"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
