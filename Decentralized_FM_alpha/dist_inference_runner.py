@@ -21,8 +21,11 @@ before any weight is loaded.
 matmuls on CPU are slow and lose accuracy for no memory the run needs.
 
 Model-type variants (save, sparse) plug in through the registry's hooks: their
-`add_arguments(parser)` adds flags before the final parse, and `prepare_stage(blocks, args,
-config)` runs once per rank after its blocks are built; its `close(ok)` runs at the end.
+`add_arguments(parser)` adds flags before the final parse, `settings_from_args(args, environ)`
+turns them (and upstream's environment names) into the variant's settings (`args.variant_settings`,
+e.g. a SparseConfig, saved beside the results as `<output>.sparse_config.json`), and
+`prepare_stage(blocks, args, config)` runs once per rank after its blocks are built; its
+`close(ok)` runs at the end.
 """
 
 import argparse
@@ -113,19 +116,24 @@ def build_parser():
     return parser
 
 
-def parse_arguments(argv):
-    """Parse in two steps so the model type's own flags (variant hooks) are known."""
+def parse_arguments(argv, environ=None):
+    """Parse in two steps so the model type's own flags (variant hooks) are known; the variant's
+    settings (e.g. a SparseConfig) are made here, from its flags and the environment `environ`
+    (default: this process's): the one place the run reads upstream's environment names."""
     from dejavu_llama.pipeline_parallel.model_registry import variant_hooks
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model-type", default="llama")
     known, _ = pre.parse_known_args(argv)
-    add_arguments, prepare_stage = variant_hooks(known.model_type)  # unknown type: error here
+    hooks = variant_hooks(known.model_type)  # unknown type: error here
     parser = build_parser()
-    if add_arguments is not None:
-        add_arguments(parser)
+    if hooks.add_arguments is not None:
+        hooks.add_arguments(parser)
     args = parser.parse_args(argv)
-    args.prepare_stage = prepare_stage
+    args.prepare_stage = hooks.prepare_stage
+    args.variant_settings = None
+    if hooks.settings_from_args is not None:
+        args.variant_settings = hooks.settings_from_args(args, os.environ if environ is None else environ)
     return args
 
 
@@ -331,6 +339,9 @@ def write_results(args, config, entries, batches, outputs):
     results = [build_result(entry, outputs.get(entry.index, []), token_text, eos_ids)
                for entry in entries[: last_entry + 1]]
     path = args.output_path or default_output_path(args.infer_data)
+    save_beside = getattr(args.variant_settings, "save_beside", None)
+    if save_beside is not None:  # e.g. the SparseConfig, beside the results it produced
+        save_beside(path)
     write_jsonl_atomic(path, results)
     errors = sum(1 for r in results if "error" in r)
     logger.info("wrote %d result(s) to %s%s", len(results), path, f" ({errors} error result(s))" if errors else "")
@@ -347,6 +358,9 @@ def main(argv=None):
     try:
         args = parse_arguments(argv)
         logging.getLogger().setLevel(args.log_level.upper())
+        from dejavu_llama.modules.decode.environment import apply_environment
+
+        apply_environment(os.environ)
         url, rank = resolve_rendezvous(args)
         configure_logging(rank)
         if args.num_threads:

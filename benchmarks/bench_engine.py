@@ -75,11 +75,11 @@ def sparse_runs(checkpoint, prompts, settings, args):
         for linear in predictor:
             linear.weight.normal_(0.0, linear.in_features ** -0.5, generator=generator)
         predictors["mlp", layer] = (predictor, "same")
+    configure_sparse(list(model.blocks), "predicted", predictors=predictors, sparse_attention=False)
     engine = DistInferenceMaskTokenPipeSync(
         LocalCommunicator(), 0, 1, model.embeddings, model.blocks, model.head, config.hidden_size, "cpu",
         torch.float32, micro_batch_size=args.batch,
     )
-    configure_sparse(list(model.blocks), "predicted", predictors=predictors, sparse_attention=False)
     sets = {"float32": [predictors["mlp", layer][0] for layer in range(config.num_hidden_layers)]}
     if "float16" in args.sparse_predictor_dtypes:
         sets["float16"] = [copy.deepcopy(predictor) for predictor in sets["float32"]]
@@ -88,9 +88,10 @@ def sparse_runs(checkpoint, prompts, settings, args):
     runs = []
     for dtype in args.sparse_predictor_dtypes:
         for keep in args.sparse_keeps:
-            def run(new, keep=keep, chosen=sets[dtype]):
+            def run(new, keep=keep, chosen=sets[dtype], half=dtype == "float16"):
                 for block, predictor in zip(model.blocks, chosen):
-                    block.mlp.predictor, block.mlp.keep = predictor, keep
+                    block.mlp.predictor, block.mlp.keep, block.mlp.predictor_half = predictor, keep, half
+                engine.prepare()  # a new set-up: a new plan
                 return engine.inference_batch(prompts, new, settings)
             suffix = "" if dtype == "float32" else ", float16"
             runs.append((f"sparse MLP keep {keep} (D={args.sparse_D}{suffix})", run))
@@ -269,4 +270,7 @@ def table_rows(report, figures):
 
 
 if __name__ == "__main__":
+    from dejavu_llama.modules.decode.environment import apply_environment
+
+    apply_environment(os.environ)  # DEJAVU_CPU_KERNELS, DEJAVU_HUGE_PAGES, ...: read at the command's edge
     main()

@@ -77,12 +77,11 @@ def matched_D(d, inter):
 
 def build_layers(spec, generator):
     """(dense `llama` blocks, sparse `llama-ml-att-sparse` blocks, KV caches): decoder layers with
-    the same random weights, prepared as the cpu backend prepares them (huge pages, one-row
-    kernel Linears), and a KV cache of CONTEXT positions per layer (filled by a prompt pass of
+    the same random weights, in huge pages as a checkpoint loads on the CPU, and a KV cache of CONTEXT positions per layer (filled by a prompt pass of
     the dense layer)."""
     from transformers import LlamaConfig
 
-    from dejavu_llama.modules.decode.cpu import prepare_modules
+    from dejavu_llama.modules.decode.huge_pages import move_to_huge_pages
     from dejavu_llama.pipeline_parallel.model_registry import load_model_module
 
     d = spec["d"]
@@ -101,7 +100,7 @@ def build_layers(spec, generator):
                     0.0, 0.02, generator=generator) for name, p in block.named_parameters()}
             block.load_state_dict({name: w.clone() for name, w in weights.items()}, assign=True)
             block.requires_grad_(False)
-            prepare_modules(block)
+            move_to_huge_pages(block)
             block.materialize_buffers()
             blocks.append(block.eval())
         with torch.inference_mode():
@@ -125,7 +124,7 @@ def rewind(cache):
 
 def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
     from dejavu_llama.modules import cpu_kernels
-    from dejavu_llama.modules.decode import cpu, cpu_views
+    from dejavu_llama.modules.decode import choose_backend, cpu, cpu_views
     from dejavu_llama.modules.decode.sparse_gather import dense_mlp, gathered_mlp, store_predictor_half
     from dejavu_llama.modules.sparse_execution import configure_sparse, kept_count, select
 
@@ -140,6 +139,9 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
         store_predictor_half(predictor)  # as configure_sparse(..., predictor_dtype="float16") does
     configure_sparse(blocks, "predicted", mlp_keep=0.5, sparse_attention=False,
                      predictors={("mlp", i): (predictors["matched"][i], "same") for i in range(layers)})
+    cpu_backend = choose_backend("cpu", "cpu")
+    dense_plan, torch_plan = cpu_backend.prepare(dense_blocks), choose_backend("torch", "cpu").prepare(blocks)
+    plans = {"sparse": cpu_backend.prepare(blocks)}  # a new one for each predictor set-up (use)
     x = torch.randn(1, 1, d, generator=generator)
     h = blocks[0].post_attention_layernorm(x)
     fixed = {keep: torch.randperm(inter, generator=generator)[: kept_count(keep, inter)].sort().values[None]
@@ -148,14 +150,16 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
         f"in {time.perf_counter() - started:.1f} s")
 
     def use(keep, width):
-        """Untimed: install the predictors and K, and let each layer prepare its kernel view (as
-        the first decoded token would)."""
+        """Untimed: install the predictors and K, make the plan of that set-up and let each layer
+        build its kernel view (as the first decoded token would)."""
         def setup():
             for block, predictor in zip(blocks, predictors[width]):
                 block.mlp.predictor, block.mlp.keep = predictor, keep
+                block.mlp.predictor_half = width.endswith("float16")
                 block.taps.inputs["mlp_x"] = x  # what the standalone block.mlp's predictor reads
-                family = cpu.family_of(block)
-                cpu_views.layer_view(block, family.slots, family.build)
+            plan = plans["sparse"] = cpu_backend.prepare(blocks)
+            for block in blocks:
+                cpu_views.layer_view(plan, block, cpu.family_of(block).build)
         return setup
 
     # In the layer: what decoding runs, each layer's step prepared as a sequence's first token
@@ -166,7 +170,8 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
         def setup():
             if before is not None:
                 before()
-            prepared[name] = [make(block, x, cache) for block, cache in zip(which, caches)]
+            plan = dense_plan if which is dense_blocks else plans["sparse"]
+            prepared[name] = [make(plan, block, x, cache) for block, cache in zip(which, caches)]
         return setup
 
     def layer(name):
@@ -180,7 +185,7 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
     # Standalone: one MLP per call. The dense one reads the dense layers' own (checkpoint) layout.
     def dense():
         for block in dense_blocks:
-            dense_mlp(h, *block.mlp.neuron_linears())
+            dense_mlp(dense_plan, h, *block.mlp.neuron_linears())
 
     def dense_torch_path():
         for block in dense_blocks:
@@ -188,18 +193,15 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
 
     def sparse(kernel=True):
         def run():
-            cpu_kernels.ENABLED = kernel
-            try:
+            with (plans["sparse"] if kernel else torch_plan).running():
                 for block in blocks:
                     block.mlp(h)
-            finally:
-                cpu_kernels.ENABLED = True
         return run
 
     def gather(keep):
         def run():
             for block in blocks:
-                gathered_mlp(h, fixed[keep], *block.mlp.neuron_linears())
+                gathered_mlp(plans["sparse"], h, fixed[keep], *block.mlp.neuron_linears())
         return run
 
     def predictor_only(keep, width):
@@ -236,18 +238,20 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
         block = blocks[0]
         keep_mask = torch.zeros(1, 1, inter, dtype=torch.bool).scatter_(-1, fixed[0.25][:, None], True)
         masked = block.mlp.output(block.mlp.activation(h) * keep_mask)
-        error = (gathered_mlp(h, fixed[0.25], *block.mlp.neuron_linears()) - masked).abs().max().item()
-        fast_dense = dense_mlp(h, *dense_blocks[0].mlp.neuron_linears())
+        error = (gathered_mlp(plans["sparse"], h, fixed[0.25], *block.mlp.neuron_linears()) - masked).abs().max().item()
+        fast_dense = dense_mlp(dense_plan, h, *dense_blocks[0].mlp.neuron_linears())
         if fast_dense is None:
             raise SystemExit(f"the dense MLP kernel does not run here: {cpu_kernels.unavailable_reason()}")
         dense_error = (fast_dense - block.mlp.output(block.mlp.activation(h))).abs().max().item()
         use(0.25, "matched")()
+        plan = plans["sparse"]
         rewind(caches[0])
-        whole = cpu.cpu_step(block, x, caches[0], None)
+        whole = cpu.cpu_step(plan, block, x, caches[0], None)
         rewind(caches[0])
-        x_mid, h_mid, _ = cpu.attention_half_step(block, x, caches[0])(x, caches[0], None)
+        x_mid, h_mid, _ = cpu.attention_half_step(plan, block, x, caches[0])(x, caches[0], None)
         block.taps.inputs["mlp_x"] = x_mid
-        layer_error = (whole[0] - (x_mid + block.mlp(h_mid))).abs().max().item()
+        with plan.running():
+            layer_error = (whole[0] - (x_mid + block.mlp(h_mid))).abs().max().item()
         block.taps.inputs["mlp_x"] = x
         for round_index in range(warmup + rounds):
             for key, (setup, run) in variants.items():
@@ -374,4 +378,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from dejavu_llama.modules.decode.environment import apply_environment
+
+    apply_environment(os.environ)  # DEJAVU_CPU_KERNELS, DEJAVU_HUGE_PAGES, ...: read at the command's edge
     main()

@@ -772,4 +772,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from dejavu_llama.modules.decode.environment import apply_environment
+
+    apply_environment(os.environ)  # DEJAVU_CPU_KERNELS, DEJAVU_HUGE_PAGES, ...: read at the command's edge
     sys.exit(main())

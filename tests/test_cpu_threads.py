@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from dejavu_llama.modules import cpu_kernels
-from dejavu_llama.modules.decode.cpu import prepare_modules
+from dejavu_llama.modules.decode import choose_backend
 from dejavu_llama.modules.decode.cpu_views import view_of
-from dejavu_llama.modules.decode.sparse_gather import (dense_mlp, gathered_mlp, pack_mlp_neurons, predicted_gathered_mlp,
-                                                       store_predictor_half)
+from dejavu_llama.modules.decode.sparse_gather import (dense_mlp, gathered_mlp, gathered_mlp_torch, linear_forward,
+                                                       pack_mlp_neurons, predicted_gathered_mlp, store_predictor_half)
 from dejavu_llama.modules.local_model import LocalModel
 from dejavu_llama.modules.sparse_execution import configure_sparse, kept_count
 from tiny_models import tiny_llama, tiny_opt
@@ -31,7 +31,6 @@ def split_everything():
     yield
     cpu_kernels.set_min_chunk(chunk)
     cpu_kernels.set_num_threads(threads)
-    cpu_kernels.ENABLED = True
 
 
 def same_at_every_thread_count(run):
@@ -51,19 +50,18 @@ def _tensors(output):
     return list(output) if isinstance(output, (tuple, list)) else [output]
 
 
-def torch_path(run):
-    cpu_kernels.ENABLED = False
-    try:
-        return run()
-    finally:
-        cpu_kernels.ENABLED = True
+class OneRowLinear:
+    """An nn.Linear as the cpu backend's plan runs it (one input row through the kernel)."""
+
+    def __init__(self, width, rows, bias=True):
+        self.layer = nn.Linear(width, rows, bias=bias).requires_grad_(False)
+        self.plan = choose_backend("cpu", "cpu").prepare([])
+
+    def __call__(self, x):
+        return linear_forward(self.plan, self.layer, x)
 
 
-def one_row_linear(width, rows, bias=True):
-    """An nn.Linear as the cpu backend runs it (one input row through the kernel)."""
-    layer = nn.Linear(width, rows, bias=bias).requires_grad_(False)
-    prepare_modules(layer)
-    return layer
+one_row_linear = OneRowLinear
 
 
 def close(got, want):
@@ -85,8 +83,8 @@ def test_decode_linear_one_row(split_everything, rows, width, bias):
     layer = one_row_linear(width, rows, bias=bias)
     x = torch.randn(1, 1, width)
     fused = same_at_every_thread_count(lambda: layer(x))
-    assert "_decode_plan" in layer.__dict__  # the kernel ran
-    close(fused, nn.functional.linear(x, layer.weight, layer.bias))
+    assert layer.plan.built("rows", layer.layer) is not None  # the kernel ran
+    close(fused, nn.functional.linear(x, layer.layer.weight, layer.layer.bias))
 
 
 def test_decode_linear_at_the_default_chunk_size():
@@ -101,7 +99,7 @@ def test_decode_linear_at_the_default_chunk_size():
         fused = same_at_every_thread_count(lambda: layer(x))
     finally:
         cpu_kernels.set_num_threads(threads)
-    close(fused, nn.functional.linear(x, layer.weight, layer.bias))
+    close(fused, nn.functional.linear(x, layer.layer.weight, layer.layer.bias))
 
 
 def sparse_block(family, tmp_path, packed):
@@ -125,11 +123,11 @@ def test_gathered_and_dense_mlp(split_everything, tmp_path, family, packed):
     for k in (width // 4 + 3, width - 1):  # K not a multiple of four: a rest of neurons one by one
         neurons = torch.stack([torch.randperm(width, generator=generator)[:k].sort().values for _ in range(2)])
         with torch.no_grad():
-            fused = same_at_every_thread_count(lambda: gathered_mlp(h, neurons, *linears))
-            close(fused, torch_path(lambda: gathered_mlp(h, neurons, *linears)))
+            fused = same_at_every_thread_count(lambda: gathered_mlp(None, h, neurons, *linears))
+            close(fused, gathered_mlp_torch(h, neurons, *linears))
     with torch.no_grad():
         one = h[:1]
-        fused = same_at_every_thread_count(lambda: dense_mlp(one, *linears))
+        fused = same_at_every_thread_count(lambda: dense_mlp(None, one, *linears))
         assert fused is not None
         close(fused, block.mlp.output(block.mlp.activation(one)))
 
@@ -152,8 +150,8 @@ def test_gathered_mlp_sums_in_many_groups(split_everything, gated):
     for k in (width - 1, 700, 31):
         neurons = torch.randperm(width)[:k].sort().values[None]
         with torch.no_grad():
-            fused = same_at_every_thread_count(lambda: gathered_mlp(h, neurons, *linears))
-            close(fused, torch_path(lambda: gathered_mlp(h, neurons, *linears)))
+            fused = same_at_every_thread_count(lambda: gathered_mlp(None, h, neurons, *linears))
+            close(fused, gathered_mlp_torch(h, neurons, *linears))
 
 
 def training_free_mlp(gated, d=140, width=1100):
@@ -184,8 +182,8 @@ def test_teal_mlp(split_everything, gated):
             act = act_fn(gate(masked)) * (up(masked) if gated else 1.0)
             t_down = float(act.abs().quantile(1 - keep_down)) if keep_down else float("inf")
             reference = down(act * (act.abs() > t_down))
-            out = same_at_every_thread_count(lambda: teal_mlp(h, *linears, t_in, t_down)[0])
-            _, inputs, neurons = teal_mlp(h, *linears, t_in, t_down)
+            out = same_at_every_thread_count(lambda: teal_mlp(None, h, *linears, t_in, t_down)[0])
+            _, inputs, neurons = teal_mlp(None, h, *linears, t_in, t_down)
         close(out, reference)
         assert inputs == int((h.abs() > t_in).sum()) and neurons == int((act.abs() > t_down).sum())
 
@@ -203,9 +201,9 @@ def test_cats_mlp(split_everything):
         for keep in (0.7, 0.05, 0.0):
             t_gate = float(act.abs().quantile(1 - keep)) if keep else float("inf")
             reference = down(act * up(h) * (act.abs() > t_gate))
-            out = same_at_every_thread_count(lambda: cats_mlp(h, *linears, t_gate)[0])
+            out = same_at_every_thread_count(lambda: cats_mlp(None, h, *linears, t_gate)[0])
             close(out, reference)
-            neurons = cats_mlp(h, *linears, t_gate)[1]
+            neurons = cats_mlp(None, h, *linears, t_gate)[1]
             assert neurons == int((act.abs() > t_gate).sum())
 
 
@@ -225,21 +223,22 @@ def test_predicted_mlp(split_everything, tmp_path, family, half):
     for keep in (0.25, 1.0):
         k = kept_count(keep, width)
         with torch.no_grad():
-            fused = same_at_every_thread_count(lambda: predicted_gathered_mlp(h, x_pred, predictor, k, *linears))
+            fused = same_at_every_thread_count(
+                lambda: predicted_gathered_mlp(None, h, x_pred, predictor, k, *linears, half=half))
             assert fused is not None
             neurons = torch.sort(-predictor(x_pred)[:, 0], dim=-1, stable=True).indices[:, :k].sort(dim=-1).values
-            close(fused, torch_path(lambda: gathered_mlp(h, neurons, *linears)))
+            close(fused, gathered_mlp_torch(h, neurons, *linears))
 
 
-def decode_steps(model, prompt, steps=4):
-    """Logits of each decoded token (one kernel call per layer) and a greedy continuation."""
+def decode_steps(model, prompt, backend="cpu", steps=4):
+    """Logits of each decoded token (cpu: one kernel call per layer) and a greedy continuation."""
     with torch.no_grad():
-        logits, past = model(prompt)
+        logits, past = model(prompt, backend=backend)
         outputs = []
         for token in range(11, 11 + steps):
-            logits, past = model(torch.tensor([[token]]), past=past)
+            logits, past = model(torch.tensor([[token]]), past=past, backend=backend)
             outputs.append(logits[:, -1])
-        return torch.cat(outputs), model.generate_greedy(prompt, 4)
+        return torch.cat(outputs), model.generate_greedy(prompt, 4, backend=backend)
 
 
 @pytest.mark.parametrize("family,overrides", [("llama", {}), ("llama", {"num_key_value_heads": 6}),
@@ -250,8 +249,8 @@ def test_decode_layer(split_everything, tmp_path, family, overrides):
     model = LocalModel.from_checkpoint(checkpoint, family)
     prompt = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(4))
     fused = same_at_every_thread_count(lambda: decode_steps(model, prompt))
-    assert view_of(model.blocks[0]) is not None  # the C layer ran
-    reference = torch_path(lambda: decode_steps(model, prompt))
+    assert view_of(model.plan("cpu"), model.blocks[0]) is not None  # the C layer ran
+    reference = decode_steps(model, prompt, "torch")
     close(fused[0], reference[0])
     assert torch.equal(fused[1], reference[1])
 
@@ -270,9 +269,9 @@ def test_llama_decode_layer_with_predicted_mlp(split_everything, tmp_path, mode)
                      predictor_dtype="float16" if "float16" in mode else "float32")
     prompt = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(6))
     fused = same_at_every_thread_count(lambda: decode_steps(model, prompt))
-    view = view_of(model.blocks[1])
+    view = view_of(model.plan("cpu"), model.blocks[1])
     assert view is not None and (view.predicted is not None) == (not biased)  # the predicted MLP inside, unless biased
-    reference = torch_path(lambda: decode_steps(model, prompt))
+    reference = decode_steps(model, prompt, "torch")
     close(fused[0], reference[0])
     assert torch.equal(fused[1], reference[1])
 
@@ -305,7 +304,7 @@ def _child(queue):
     torch.manual_seed(8)
     layer = one_row_linear(64, 99, bias=False)
     x = torch.randn(1, 1, 64)
-    queue.put(bool(torch.allclose(layer(x), nn.functional.linear(x, layer.weight), rtol=1e-5, atol=1e-5)))
+    queue.put(bool(torch.allclose(layer(x), nn.functional.linear(x, layer.layer.weight), rtol=1e-5, atol=1e-5)))
 
 
 def test_forked_child_runs_the_kernels(split_everything):

@@ -5,7 +5,6 @@ import torch
 
 from dejavu_llama.modules import cpu_kernels
 from dejavu_llama.modules.decode import cpu_training_free
-from dejavu_llama.modules.decode.cpu import kernels_enabled
 from dejavu_llama.modules.local_model import LocalModel
 from dejavu_llama.modules.sparse_execution import MODES, configure_sparse
 from tiny_models import tiny_llama, tiny_opt
@@ -52,6 +51,7 @@ def test_the_kernel_equals_the_masked_torch_ops(family_model, mode, keep, thread
     inputs = mlp_inputs(model, 4, seed=int(keep * 100))
     thresholds = None if keep == 1.0 else quantile_thresholds(model, torch.cat(inputs, 1), mode, keep)
     configure_sparse(list(model.blocks), mode, mlp_keep=keep, thresholds=thresholds)
+    plan = model.plan("cpu")
     previous = cpu_kernels.num_threads()
     cpu_kernels.set_num_threads(threads)
     kernel_calls = []
@@ -60,13 +60,12 @@ def test_the_kernel_equals_the_masked_torch_ops(family_model, mode, keep, thread
             mlp = block.mlp
             for h in inputs:
                 with torch.inference_mode():
-                    found = (cpu_training_free.teal_mlp(h, *mlp.neuron_linears(), mlp.thresholds["t_in"],
+                    found = (cpu_training_free.teal_mlp(None, h, *mlp.neuron_linears(), mlp.thresholds["t_in"],
                                                          mlp.thresholds["t_down"]) if mode == "teal" else
-                             cpu_training_free.cats_mlp(h, *mlp.neuron_linears(), mlp.thresholds["t_gate"]))
+                             cpu_training_free.cats_mlp(None, h, *mlp.neuron_linears(), mlp.thresholds["t_gate"]))
                     kernel_calls.append(found is not None)
-                    out, kept = MODES[mode].mlp(mlp, h)
-                    with kernels_enabled(False):
-                        reference, masks = MODES[mode].mlp(mlp, h)
+                    out, kept = MODES[mode].kernels["cpu"](plan, mlp, h)  # the mode's kernel on the cpu backend
+                    reference, masks = MODES[mode].mlp(mlp, h)  # its torch ops
                 assert torch.allclose(out, reference, atol=1e-5, rtol=1e-4)
                 assert torch.allclose(found[0], reference, atol=1e-5, rtol=1e-4)
                 for name, mask in masks.items():
@@ -87,7 +86,8 @@ def test_the_teal_layout_keeps_values_and_keys(family_model):
         dense = block.mlp(h)
     first, second, output, _ = block.mlp.neuron_linears()
     assert cpu_training_free.lay_out_teal(first, second, output)
-    assert cpu_training_free.teal_view(first, second, output) is not None
+    assert cpu_training_free.teal_laid_out(first, second, output)
+    assert cpu_training_free.teal_weights(model.plan("cpu"), first, second, output, block.mlp.neuron_linears()[3]) is not None
     after = block.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[name], before[name]) for name in before)
@@ -103,5 +103,5 @@ def test_no_kernel_for_batches_or_other_dtypes(family_model):
     cpu_training_free.lay_out_teal(first, second, output)
     with torch.inference_mode():
         two = torch.randn(2, 1, model.config.hidden_size)
-        assert cpu_training_free.teal_mlp(two, first, second, output, act_fn, 0.1, 0.1) is None
-        assert cpu_training_free.teal_mlp(two[:1].double(), first, second, output, act_fn, 0.1, 0.1) is None
+        assert cpu_training_free.teal_mlp(None, two, first, second, output, act_fn, 0.1, 0.1) is None
+        assert cpu_training_free.teal_mlp(None, two[:1].double(), first, second, output, act_fn, 0.1, 0.1) is None

@@ -11,9 +11,8 @@ from torch import nn
 
 from dejavu_llama.modules import cpu_kernels
 from dejavu_llama.modules.common import StaticDecodeState, StaticKVCache
-from dejavu_llama.modules.decode import BackendError, StaticCacheStage, choose_backend, cpu
-from dejavu_llama.modules.decode.cpu_views import VIEW_KEY, view_of
-from dejavu_llama.modules.decode.sparse_gather import CpuLinear
+from dejavu_llama.modules.decode import BackendError, StaticCacheStage, choose_backend, cpu, sparse_gather
+from dejavu_llama.modules.decode.cpu_views import view_of
 from dejavu_llama.modules.local_model import LocalModel
 from dejavu_llama.modules.sparse_execution import configure_sparse
 from dejavu_llama.modules.sparse_stats import SparseStats
@@ -103,14 +102,16 @@ def test_every_backend_gives_the_reference_under_sparse_modes(family_checkpoint,
     lib = cpu_kernels.kernel_library()
     if lib is None:
         pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
-    training_free_layers = {}  # TEAL's and CATS's layer kernels: calls per method
-    for method in ("teal", "cats"):
-        real = getattr(lib, f"dejavu_llama_{method}_decode_layer")
+    training_free_layers = {}  # Llama layer calls with TEAL's or CATS's MLP: calls per method
+    methods = {cpu_kernels.MLP_TEAL: "teal", cpu_kernels.MLP_CATS: "cats"}
+    real = lib.dejavu_llama_layer
 
-        def counted(*arguments, real=real, method=method):
+    def counted(layer, mlp_step, layer_step):
+        method = methods.get(mlp_step.kind)
+        if method is not None:
             training_free_layers[method] = training_free_layers.get(method, 0) + 1
-            return real(*arguments)
-        monkeypatch.setattr(lib, f"dejavu_llama_{method}_decode_layer", counted)
+        return real(layer, mlp_step, layer_step)
+    monkeypatch.setattr(lib, "dejavu_llama_layer", counted)
     model = LocalModel.from_checkpoint(checkpoint, f"{family}-ml-att-sparse")
     if predictor_options is not None:
         options = dict(options, predictors=random_predictors(model.config, **predictor_options))
@@ -119,11 +120,9 @@ def test_every_backend_gives_the_reference_under_sparse_modes(family_checkpoint,
     for name in BACKENDS:
         stats[name] = SparseStats()
         configure_sparse(list(model.blocks), mode, stats=stats[name], **options)
-        for block in model.blocks:
-            block.__dict__.pop(VIEW_KEY, None)
         runs[name] = model.generate_greedy(input_ids, 8, backend=name, with_logprobs=True)
         if name == "cpu":
-            views = [view_of(block) for block in model.blocks]
+            views = [view_of(model.plan("cpu"), block) for block in model.blocks]
     tokens, logprobs = runs["torch"]
     for name in BACKENDS[1:]:
         assert torch.equal(runs[name][0], tokens), name
@@ -166,29 +165,34 @@ def test_a_dense_configuration_gives_the_mlp_its_rows_back(family_checkpoint):
         state = model.state_dict()
         assert all(torch.equal(state[key], value) for key, value in before.items())
         assert torch.equal(model.generate_greedy(input_ids, 4, backend="cpu"), reference)
-        assert all(view_of(block).has_mlp for block in model.blocks), mode
+        assert all(view_of(model.plan("cpu"), block).has_mlp for block in model.blocks), mode
 
 
 def test_the_torch_backend_never_takes_the_kernels(family_checkpoint, monkeypatch):
-    """torch is the reference: no cpu_step, plain nn.Linears; the cpu backend gives its modules'
-    Linears the one-row kernel and takes the step."""
+    """torch is the reference: no kernel step, no one-row kernel, plain nn.Linears; the cpu
+    backend's plan takes both, and leaves the modules' classes as they are."""
     family, checkpoint = family_checkpoint
     model = LocalModel.from_checkpoint(checkpoint, family)
     input_ids, _ = prompts(1, 5, seed=4)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert linears and all(type(m) is CpuLinear for m in linears)  # prepared for auto: cpu
-    steps = []
-    real_step = cpu.cpu_step
+    steps, rows = [], []
+    real_step, real_rows = cpu.kernel_step, sparse_gather.kernel_rows
 
     def counting_step(*args):
-        steps.append(args[0])
+        steps.append(args[1])
         return real_step(*args)
 
-    monkeypatch.setattr(cpu, "cpu_step", counting_step)
+    def counting_rows(*args):
+        rows.append(args[1])
+        return real_rows(*args)
+
+    monkeypatch.setattr(cpu, "kernel_step", counting_step)
+    monkeypatch.setattr(sparse_gather, "kernel_rows", counting_rows)
     reference = model.generate_greedy(input_ids, 4, backend="torch")
-    assert not steps and all(type(m) is nn.Linear for m in linears)
+    assert not steps and not rows
     assert torch.equal(model.generate_greedy(input_ids, 4, backend="cpu"), reference)
-    assert steps and all(type(m) is CpuLinear for m in linears)
+    assert steps and rows == [model.head.lm_head] * 4  # each token's vocabulary projection
+    assert linears and all(type(m) is nn.Linear for m in linears)
 
 
 def test_the_static_cache_equals_the_growing_cache_under_sparse_modes(tmp_path):
@@ -217,7 +221,7 @@ def test_the_static_step_reads_tensors_not_python_numbers(tmp_path):
     tokens (position, cache slot, key mask) lives in the state's tensors, as a CUDA graph needs."""
     checkpoint = tiny_llama(tmp_path)[1]
     model = LocalModel.from_checkpoint(checkpoint, "llama")
-    stage = StaticCacheStage(model.blocks, batch=1, capacity=12, device="cpu", use_graph=False)
+    stage = StaticCacheStage(model.plan("cuda"), batch=1, capacity=12, device="cpu", use_graph=False)
     input_ids, _ = prompts(1, 5, seed=2)
     stage.prefill(model.embeddings(input_ids), None)
     addresses = (stage.state.positions.data_ptr(), stage.state.write_index.data_ptr(),
@@ -258,14 +262,14 @@ def test_the_pool_reuses_a_static_stage_only_for_the_same_rows_capacity_and_conf
 
     checkpoint = tiny_llama(tmp_path)[1]
     model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse")
-    pool = StagePool(choose_backend("cuda", "cpu"), model.blocks, "cpu")
+    pool = StagePool(choose_backend("cuda", "cpu").prepare(model.blocks), "cpu")
     first = pool.stage(2, 20)
     assert pool.stage(2, 100) is first  # both round up to 128 positions
     assert pool.stage(2, 20, slot=1) is not first  # another micro-batch of the same batch
     assert pool.stage(3, 20) is not first
     configure_sparse(list(model.blocks), "oracle", mlp_keep=0.5)
     assert pool.stage(2, 20) is not first  # a captured step holds the blocks' configuration
-    cpu_pool = StagePool(choose_backend("cpu", "cpu"), model.blocks, "cpu")
+    cpu_pool = StagePool(choose_backend("cpu", "cpu").prepare(model.blocks), "cpu")
     assert cpu_pool.stage(2, 20) is not cpu_pool.stage(2, 20)
 
 
@@ -276,7 +280,7 @@ def test_a_reused_static_stage_gives_the_same_tokens(tmp_path):
 
     checkpoint = tiny_llama(tmp_path)[1]
     model = LocalModel.from_checkpoint(checkpoint, "llama")
-    pool = StagePool(choose_backend("cuda", "cpu"), model.blocks, "cpu")
+    pool = StagePool(choose_backend("cuda", "cpu").prepare(model.blocks), "cpu")
 
     def greedy(input_ids, mask, new_tokens):
         stage = pool.stage(*input_ids.shape)
@@ -295,8 +299,8 @@ def test_a_reused_static_stage_gives_the_same_tokens(tmp_path):
 
 def test_a_sequence_prepares_each_kernel_step_once(family_checkpoint, monkeypatch):
     """The cpu backend checks and prepares a block's kernel step at a sequence's first token and
-    reuses it (cpu.DecodingSteps); the next sequence prepares afresh, so a weight replaced
-    between two calls is read by the second."""
+    reuses it (cpu.DecodingSteps); the next sequence prepares afresh, and a new plan (prepare)
+    reads a weight replaced between two calls."""
     family, checkpoint = family_checkpoint
     if cpu_kernels.kernel_library() is None:
         pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
@@ -305,8 +309,8 @@ def test_a_sequence_prepares_each_kernel_step_once(family_checkpoint, monkeypatc
     prepared = []
     real_kernel_step = cpu.kernel_step
 
-    def counting(block, x, layer_past):
-        step = real_kernel_step(block, x, layer_past)
+    def counting(plan, block, x, layer_past):
+        step = real_kernel_step(plan, block, x, layer_past)
         if step is not None:
             prepared.append(block.layer_index)
         return step
@@ -319,6 +323,7 @@ def test_a_sequence_prepares_each_kernel_step_once(family_checkpoint, monkeypatc
     output = model.blocks[0].self_attn.o_proj if family == "llama" else model.blocks[0].self_attn.out_proj
     with torch.no_grad():
         output.weight = nn.Parameter(output.weight * -3.0, requires_grad=False)
+    model.prepare("cpu")  # replaced weights: a new plan
     prepared.clear()
     second = model.generate_greedy(input_ids, 6, backend="cpu")
     assert prepared == layers

@@ -156,7 +156,8 @@ def test_sparse_runs_differ_from_dense_and_full_oracle_equals_dense(smollm2_chec
     predicted = DejaVuLM.create_from_arg_string(
         f"checkpoint={smollm2_checkpoint},model_type=llama-ml-att-sparse,sparse_mode=predicted,"
         f"sparse_path={tmp_path},mlp_keep=0.25,att_keep=0.5", {"batch_size": 4, "device": None})
-    assert predicted.run_args.sparse_mode == "predicted" and predicted.run_args.mlp_keep == 0.25
+    settings = predicted.run_args.variant_settings  # the SparseConfig the model_args made
+    assert settings.mode == "predicted" and settings.mlp_keep == 0.25 and settings.att_keep == 0.5
     assert all(block.mlp.predictor is not None and block.taps.att_predictor is not None
                for block in predicted.model.blocks)
     sparse = scores_of(predicted)
@@ -191,10 +192,11 @@ def test_model_args_are_checked_by_the_runner_parser(smollm2_checkpoint):
         DejaVuLM(checkpoint=smollm2_checkpoint, model_type="llama", mlp_keep=0.5)
     with pytest.raises(ModelArgsError, match="checkpoint"):
         DejaVuLM()
-    parser, _ = lm_eval_adapter.variant_parser("llama-ml-att-sparse")
-    argv = lm_eval_adapter.flags_to_argv(parser, {"no_gather": True, "sparse_mlp": False, "sparse_layers": [0, 3]},
-                                         "llama-ml-att-sparse")
-    assert argv == ["--no-gather", "--sparse-mlp", "off", "--sparse-layers", "0,3"]
+    with pytest.raises(ModelArgsError, match="sparse_mode 'bogus'"):
+        DejaVuLM(**sparse, sparse_mode="bogus")
+    settings, _ = lm_eval_adapter.variant_settings(
+        "llama-ml-att-sparse", {"no_gather": True, "sparse_mlp": False, "sparse_layers": [0, 3], "mlp_keep": "0.5"})
+    assert (settings.use_gather, settings.sparse_mlp, settings.layers, settings.mlp_keep) == (False, False, "0,3", 0.5)
 
 
 def test_harness_device_default_falls_back_to_the_cpu():

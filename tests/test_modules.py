@@ -218,20 +218,18 @@ def test_kv_cache_appends_in_place_and_branches_safely():
 @pytest.mark.parametrize("rows,width,bias", [(1536, 576, False), (7, 13, True), (33, 64, True)])
 def test_decode_linear_single_row_matches_torch(rows, width, bias):
     from dejavu_llama.modules.cpu_kernels import kernel_library
-    from dejavu_llama.modules.decode.cpu import prepare_modules, release_modules
-    from dejavu_llama.modules.decode.sparse_gather import CpuLinear
+    from dejavu_llama.modules.decode import choose_backend
+    from dejavu_llama.modules.decode.sparse_gather import linear_forward
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(width, rows, bias=bias)
-    prepare_modules(layer)  # what the cpu backend does to the modules it runs
-    assert type(layer) is CpuLinear and list(layer.state_dict()) == ["weight"] + ["bias"] * bias
+    plan = choose_backend("cpu", "cpu").prepare([])
     with torch.no_grad():
         for x in (torch.randn(1, 1, width), torch.randn(width), torch.randn(3, 2, width)):
-            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias),
-                                       rtol=1e-5, atol=1e-5)
-    if kernel_library() is not None:  # the one-row case really took the kernel (a plan was cached)
-        assert "_decode_plan" in layer.__dict__
-    release_modules(layer)  # the other backends' plain nn.Linear
+            torch.testing.assert_close(linear_forward(plan, layer, x),
+                                       torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    if kernel_library() is not None:  # the one-row case really took the kernel (its rows derived by the plan)
+        assert plan.built("rows", layer) is not None
     assert type(layer) is torch.nn.Linear
 
 
@@ -250,25 +248,21 @@ def test_fused_decode_layer_matches_torch_ops(tmp_path, family, name, overrides)
     mask = torch.ones_like(prompt)
     mask[0, :3] = 0
 
-    def decode(steps, kernels):
-        cpu_kernels.ENABLED = kernels
-        try:
-            logits, past = ours(prompt, mask=mask)
-            step_mask, outputs, caches = mask, [], []
-            for token in steps:
-                step_mask = torch.cat((step_mask, torch.ones(1, 1, dtype=mask.dtype)), dim=1)
-                logits, past = ours(torch.tensor([[token]]), mask=step_mask, past=past)
-                outputs.append(logits[:, -1])
-                caches.append(past)
-            # Branch: decode another token from the cache of two steps back.
-            branch, _ = ours(torch.tensor([[7]]), mask=step_mask[:, :-1], past=caches[-3])
-            return torch.cat(outputs + [branch[:, -1]])
-        finally:
-            cpu_kernels.ENABLED = True
+    def decode(steps, backend):
+        logits, past = ours(prompt, mask=mask, backend=backend)
+        step_mask, outputs, caches = mask, [], []
+        for token in steps:
+            step_mask = torch.cat((step_mask, torch.ones(1, 1, dtype=mask.dtype)), dim=1)
+            logits, past = ours(torch.tensor([[token]]), mask=step_mask, past=past, backend=backend)
+            outputs.append(logits[:, -1])
+            caches.append(past)
+        # Branch: decode another token from the cache of two steps back.
+        branch, _ = ours(torch.tensor([[7]]), mask=step_mask[:, :-1], past=caches[-3], backend=backend)
+        return torch.cat(outputs + [branch[:, -1]])
 
     steps = random_ids(1, 6, seed=6)[0].tolist()
-    fused, reference = decode(steps, True), decode(steps, False)
-    assert view_of(ours.blocks[0]) is not None  # the C layer really ran
+    fused, reference = decode(steps, "cpu"), decode(steps, "torch")
+    assert view_of(ours.plan("cpu"), ours.blocks[0]) is not None  # the C layer really ran
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
 
 
@@ -298,8 +292,8 @@ def test_move_to_huge_pages_keeps_values_keys_and_sharing():
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_fused_decode_layer_follows_changed_weights(tmp_path, family):
-    """The C layer's cached view of the weights is dropped when a weight is replaced, re-pointed
-    (.data =) or a whole Linear swapped: each change shows in its logits as in the torch ops'."""
+    """A new plan (prepare) reads a weight replaced, re-pointed (.data =) or a whole Linear
+    swapped: each change shows in its logits as in the torch ops'."""
     from dejavu_llama.modules import cpu_kernels
 
     if cpu_kernels.kernel_library() is None:
@@ -311,14 +305,10 @@ def test_fused_decode_layer_follows_changed_weights(tmp_path, family):
     first_mlp = block.mlp.neuron_linears()[0]  # gate_proj / fc1
     query = attention.q_proj
 
-    def step(kernels):
-        cpu_kernels.ENABLED = kernels
-        try:
-            with torch.no_grad():
-                _, past = ours(prompt)
-                return ours(torch.tensor([[9]]), past=past)[0][:, -1]
-        finally:
-            cpu_kernels.ENABLED = True
+    def step(backend):
+        with torch.no_grad():
+            _, past = ours(prompt, backend=backend)
+            return ours(torch.tensor([[9]]), past=past, backend=backend)[0][:, -1]
 
     def swap_linear():
         twin = torch.nn.Linear(query.in_features, query.out_features, bias=query.bias is not None)
@@ -337,8 +327,9 @@ def test_fused_decode_layer_follows_changed_weights(tmp_path, family):
     before = None
     for change in changes:
         change()
-        fused = step(True)
-        assert view_of(block) is not None  # the C layer really ran
-        torch.testing.assert_close(fused, step(False), rtol=1e-5, atol=1e-5)
+        plan = ours.prepare("cpu")  # replaced weights: a new plan
+        fused = step("cpu")
+        assert view_of(plan, block) is not None  # the C layer really ran
+        torch.testing.assert_close(fused, step("torch"), rtol=1e-5, atol=1e-5)
         assert before is None or not torch.allclose(fused, before)  # the change mattered
         before = fused

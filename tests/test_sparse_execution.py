@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from dejavu_llama.modules.decode import choose_backend
 from dejavu_llama.modules.decode.cpu_views import view_of
-from dejavu_llama.modules.decode.sparse_gather import gathered_mlp
+from dejavu_llama.modules.decode.sparse_gather import gathered_mlp, gathered_mlp_torch
 from dejavu_llama.modules.local_model import LocalModel
 from dejavu_llama.modules.sparse_execution import SparseSetupError, configure_sparse, top_k_mask
 from tiny_models import tiny_llama, tiny_opt
@@ -82,8 +83,10 @@ def test_gathered_mlp_equals_masked_mlp(tmp_path, family):
     neurons = torch.stack([torch.randperm(width)[: width // 4].sort().values for _ in range(3)])
     keep = torch.zeros(3, 1, width, dtype=torch.bool).scatter_(-1, neurons[:, None], True)
     masked = block.mlp.output(block.mlp.activation(h) * keep)
-    gathered = gathered_mlp(h, neurons, *block.mlp.neuron_linears())
-    assert (gathered - masked).abs().max().item() <= 1e-5
+    for plan in (None, model.plan("cpu")):  # the C kernel where it loads, else torch ops
+        gathered = gathered_mlp(plan, h, neurons, *block.mlp.neuron_linears())
+        assert (gathered - masked).abs().max().item() <= 1e-5
+    assert (gathered_mlp_torch(h, neurons, *block.mlp.neuron_linears()) - masked).abs().max().item() <= 1e-5
 
 
 def test_predicted_decode_gathers_and_matches_masking(tmp_path):
@@ -137,19 +140,17 @@ def test_predicted_mlp_kernel_matches_torch_steps(tmp_path, family, keep, tied, 
         assert all(torch.equal(w, w.half().float()) for w in (predictor[0].weight, predictor[1].weight))
     h, x_pred = torch.randn(3, 1, d), torch.randn(3, 1, d)
     k = kept_count(keep, width)
+    plan = model.plan("cpu")
     with torch.no_grad():
-        fused = predicted_gathered_mlp(h, x_pred, predictor, k, *block.mlp.neuron_linears())
+        fused = predicted_gathered_mlp(plan, h, x_pred, predictor, k, *block.mlp.neuron_linears(), half=half)
     assert fused is not None
-    assert predictor.__dict__["_predicted_call"][1].held[1][1][0].dtype == (torch.float16 if half else torch.float32)
+    tiles = plan.built("predicted_call", predictor).held[1][1]
+    assert tiles[0].dtype == (torch.float16 if half else torch.float32)
     scores = predictor(x_pred)[:, 0]
     order = torch.sort(-scores, dim=-1, stable=True).indices  # descending, lowest index first on ties
     neurons = order[:, :k].sort(dim=-1).values
-    cpu_kernels.ENABLED = False
-    try:
-        with torch.no_grad():
-            expected = gathered_mlp(h, neurons, *block.mlp.neuron_linears())
-    finally:
-        cpu_kernels.ENABLED = True
+    with torch.no_grad():
+        expected = gathered_mlp_torch(h, neurons, *block.mlp.neuron_linears())
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -173,20 +174,16 @@ def test_fused_sparse_decode_matches_torch_path(tmp_path, mode):
                      predictor_dtype="float16" if "float16" in mode else "float32")
     prompt = ids(1, 7, 5)
 
-    def decode(kernels):
-        cpu_kernels.ENABLED = kernels
-        try:
-            logits, past = model(prompt)
-            steps = []
-            for token in (11, 12, 13, 14):
-                logits, past = model(torch.tensor([[token]]), past=past)
-                steps.append(logits[:, -1])
-            return torch.cat(steps), model.generate_greedy(prompt, 5)
-        finally:
-            cpu_kernels.ENABLED = True
+    def decode(backend):
+        logits, past = model(prompt, backend=backend)
+        steps = []
+        for token in (11, 12, 13, 14):
+            logits, past = model(torch.tensor([[token]]), past=past, backend=backend)
+            steps.append(logits[:, -1])
+        return torch.cat(steps), model.generate_greedy(prompt, 5, backend=backend)
 
-    (fused_logits, fused_tokens), (torch_logits, torch_tokens) = decode(True), decode(False)
-    view = view_of(model.blocks[1])
+    (fused_logits, fused_tokens), (torch_logits, torch_tokens) = decode("cpu"), decode("torch")
+    view = view_of(model.plan("cpu"), model.blocks[1])
     assert view is not None and view.has_mlp == (mode == "dense")  # the kernel ran; MLP packed when sparse
     assert (view.predicted is not None) == (mode in ("predicted", "predicted float16"))  # the predicted MLP inside
     torch.testing.assert_close(fused_logits, torch_logits, rtol=1e-5, atol=1e-5)
@@ -197,9 +194,9 @@ def test_fused_sparse_decode_matches_torch_path(tmp_path, mode):
 
 
 def test_fused_sparse_layer_follows_changed_predictor(tmp_path):
-    """The decoder layer's kernel view holds the predicted-MLP call, checked once per token with
-    the layer's weights: a predictor changed in place, replaced, given another Linear, or a
-    changed MLP weight each show in the logits as in the torch path's."""
+    """The decoder layer's kernel view holds the predicted-MLP call, made once per plan: after a
+    predictor changed in place, replaced, given another Linear, or a changed MLP weight, a new
+    plan (prepare) shows the change in the logits as the torch path does."""
     from dejavu_llama.modules import cpu_kernels
 
     if cpu_kernels.kernel_library() is None:
@@ -215,14 +212,10 @@ def test_fused_sparse_layer_follows_changed_predictor(tmp_path):
                      predictors={("mlp", layer): (predictor(), "same") for layer in range(3)})
     block, prompt = model.blocks[1], ids(1, 6, 7)
 
-    def step(kernels):
-        cpu_kernels.ENABLED = kernels
-        try:
-            with torch.no_grad():
-                _, past = model(prompt)
-                return model(torch.tensor([[9]]), past=past)[0][:, -1]
-        finally:
-            cpu_kernels.ENABLED = True
+    def step(backend):
+        with torch.no_grad():
+            _, past = model(prompt, backend=backend)
+            return model(torch.tensor([[9]]), past=past, backend=backend)[0][:, -1]
 
     def new_linear():
         twin = nn.Linear(8, 112, bias=False).requires_grad_(False)
@@ -243,10 +236,11 @@ def test_fused_sparse_layer_follows_changed_predictor(tmp_path):
     for change in changes:
         with torch.no_grad():
             change()
-        fused = step(True)
-        view = view_of(block)
+        plan = model.prepare("cpu")  # a new set-up: a new plan
+        fused = step("cpu")
+        view = view_of(plan, block)
         assert view is not None and view.predicted is not None  # the layer ran with the predicted MLP inside
-        torch.testing.assert_close(fused, step(False), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused, step("torch"), rtol=1e-5, atol=1e-5)
         assert before is None or not torch.allclose(fused, before)  # the change mattered
         before = fused
 
@@ -352,7 +346,7 @@ def test_predicted_mlp_kernel_selects_as_topk(scores, half, build, request):
     if half:
         store_predictor_half(predictor)  # rounds the weights: the scores are the rounded values
         values = predictor[1].weight[:, 0].clone()
-    call = predicted_call(predictor, gate, up, down, nn.SiLU())
+    call = predicted_call(None, predictor, gate, up, down, nn.SiLU(), half=half)
     assert call is not None and call.predictor_ref._obj.half == half
     x_pred, h, out = torch.zeros(d), torch.randn(d, generator=generator), torch.empty(d)
     x_pred[0] = 1.0
@@ -366,8 +360,8 @@ def test_predicted_mlp_kernel_selects_as_topk(scores, half, build, request):
 
 
 def test_predicted_mlp_kernel_follows_changed_predictor_weights():
-    """The kernel's tiles are copies: a predictor changed in place is picked up, and a float16
-    predictor whose weights stop being float16 values falls back to float32 tiles."""
+    """The kernel's tiles are copies made per plan: a new plan reads a predictor changed in place,
+    and a float16 predictor whose weights stop being float16 values falls back to float32 tiles."""
     from dejavu_llama.modules import cpu_kernels
     from dejavu_llama.modules.decode.sparse_gather import predicted_gathered_mlp, store_predictor_half
 
@@ -379,13 +373,14 @@ def test_predicted_mlp_kernel_follows_changed_predictor_weights():
     predictor = nn.Sequential(nn.Linear(d, 3, bias=False), nn.Linear(3, width, bias=False))
     h, x_pred = torch.randn(1, 1, d), torch.randn(1, 1, d)
 
-    def both():
+    def both(half=False):
+        plan = choose_backend("cpu", "cpu").prepare([])
         with torch.no_grad():
-            fused = predicted_gathered_mlp(h, x_pred, predictor, k, gate, up, down, nn.SiLU())
+            fused = predicted_gathered_mlp(plan, h, x_pred, predictor, k, gate, up, down, nn.SiLU(), half=half)
             neurons = predictor(x_pred)[:, 0].topk(k).indices.sort().values
             act = nn.functional.silu(gate(h)) * up(h)
             mask = torch.zeros(1, 1, width).index_fill_(-1, neurons[0], 1.0)
-            return fused, down(act * mask), predictor.__dict__["_predicted_call"][1].held[1][1][0].dtype
+            return fused, down(act * mask), plan.built("predicted_call", predictor).held[1][1][0].dtype
 
     for change in (lambda: None, lambda: predictor[1].weight.mul_(-1.0), lambda: predictor[0].weight.add_(0.5)):
         with torch.no_grad():
@@ -393,10 +388,10 @@ def test_predicted_mlp_kernel_follows_changed_predictor_weights():
         fused, expected, _ = both()
         torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
     assert store_predictor_half(predictor)
-    assert both()[2] == torch.float16
+    assert both(half=True)[2] == torch.float16
     with torch.no_grad():
         predictor[1].weight.add_(1e-4)  # no longer float16 values
-    fused, expected, dtype = both()
+    fused, expected, dtype = both(half=True)
     assert dtype == torch.float32
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
 
@@ -415,25 +410,27 @@ def test_predictor_dtype_is_checked(tmp_path):
                          predictor_dtype="float16")
 
 
-def test_predictor_dtype_flag_reaches_the_predictors(tmp_path, monkeypatch, capsys):
+def test_predictor_dtype_flag_reaches_the_predictors(tmp_path, capsys):
     import argparse
 
-    from dejavu_llama.modules.sparse_execution import add_arguments, prepare_stage
+    from dejavu_llama.modules.sparse_execution import add_arguments, prepare_stage, settings_from_args
 
     model = LocalModel.from_checkpoint(build("llama", tmp_path), "llama-ml-att-sparse")
     torch.manual_seed(6)
     for layer in range(3):
         torch.save(nn.Sequential(nn.Linear(48, 8, bias=False), nn.Linear(8, 112, bias=False)).state_dict(),
                    tmp_path / f"c4_layer{layer}.pt")
-    monkeypatch.setenv("PREDICTOR_DTYPE", "float16")  # the defaults are read when the parser is built
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     common = ["--sparse-path", str(tmp_path), "--mlp-keep", "0.25", "--sparse-attention", "off"]
     args = parser.parse_args(common)
-    assert args.predictor_dtype == "float16"
+    args.variant_settings = settings_from_args(args, {"PREDICTOR_DTYPE": "float16"})  # upstream's name, at the edge
+    assert args.variant_settings.predictor_dtype == "float16"
+    assert settings_from_args(parser.parse_args(common + ["--predictor-dtype", "float32"]),
+                              {"PREDICTOR_DTYPE": "float16"}).predictor_dtype == "float32"  # the flag wins
     prepare_stage(list(model.blocks), args, model.config)
     for block in model.blocks:
-        assert block.mlp.predictor.__dict__.get("kernel_half")
+        assert block.mlp.predictor_half
         assert all(torch.equal(w, w.half().float()) for w in block.mlp.predictor.parameters())
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(common + ["--predictor-dtype", "bf16"])
@@ -464,17 +461,35 @@ def test_bad_kept_fraction_is_refused_by_the_parser(flags, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_bad_kept_fraction_from_the_environment_is_refused(monkeypatch, capsys):
+@pytest.mark.parametrize("name, value", [("TOPK", "-0.5"), ("ATTN_TOPK_1", "2.5"), ("SPARSE_MODE", "bogus")])
+def test_bad_settings_from_the_environment_are_refused(name, value):
     import argparse
 
-    from dejavu_llama.modules.sparse_execution import add_arguments
+    from dejavu_llama.modules.sparse_execution import add_arguments, settings_from_args
 
-    monkeypatch.setenv("TOPK", "-0.5")
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    with pytest.raises(SystemExit):
-        parser.parse_args([])
-    assert "$TOPK" in capsys.readouterr().err
+    with pytest.raises(SparseSetupError, match=rf"\${name}"):
+        settings_from_args(parser.parse_args([]), {name: value})
+
+
+def test_upstream_environment_names_fill_the_sparse_config(tmp_path):
+    import argparse
+
+    from dejavu_llama.modules.sparse_config import SparseConfig, config_path_beside
+    from dejavu_llama.modules.sparse_execution import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    environ = {"SPARSE_MODE": "oracle", "SPRARSE_PATH": "/p", "TOPK": "0.25", "ATTN_TOPK_1": "3", "LAYER": "4",
+               "PREDICTOR_DATASET": "wiki"}
+    config = settings_from_args(parser.parse_args([]), environ)
+    assert (config.mode, config.sparse_path, config.mlp_keep, config.att_keep, config.layers,
+            config.predictor_dataset) == ("oracle", "/p", 0.25, 3.0, "4-", "wiki")
+    flagged = settings_from_args(parser.parse_args(["--sparse-mode", "predicted", "--mlp-keep", "0.5"]), environ)
+    assert (flagged.mode, flagged.mlp_keep) == ("predicted", 0.5)
+    config.save_beside(tmp_path / "out.jsonl")  # saved beside the results, read back the same
+    assert SparseConfig.load(config_path_beside(tmp_path / "out.jsonl")) == config
 
 
 def test_count_above_the_width_is_refused_through_the_runner(tmp_path, caplog):

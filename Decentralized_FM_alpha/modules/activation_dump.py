@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,25 +83,26 @@ class DumpSettings:
 
     @classmethod
     def from_args(cls, args):
-        folder = args.sp_data_path or os.environ.get("DATA_PATH")
+        options = getattr(args, "variant_settings", None) or settings_from_args(args, {})
+        folder = options.sp_data_path
         if not folder:
             raise DumpError("--sp-data-path (or DATA_PATH) is required for a save model type")
         stages = getattr(args, "pipeline_group_size", 1) or 1
         num_layers = stages * args.num_layers
         try:
-            layers = parse_layers(getattr(args, "sp_layers", "all"), num_layers, "--sp-layers")
+            layers = parse_layers(options.sp_layers, num_layers, "--sp-layers")
         except LayerSpecError as error:
             raise DumpError(str(error)) from None
         return cls(
             folder=folder,
-            capacity=args.sp_rows,
-            resume=args.sp_resume,
-            force=getattr(args, "sp_force", False),
+            capacity=options.sp_rows,
+            resume=options.sp_resume,
+            force=options.sp_force,
             model=args.model_name,
             model_type=args.model_type,
             source=getattr(args, "infer_data", "") or "",
             num_layers=num_layers,
-            commit_seconds=getattr(args, "sp_commit_seconds", DEFAULT_COMMIT_SECONDS),
+            commit_seconds=options.sp_commit_seconds,
             layers=layers,
         )
 
@@ -289,16 +291,61 @@ class RecordingBlockMixin:
 
 def add_arguments(parser):
     group = parser.add_argument_group("activation dump (save model types)")
-    group.add_argument("--sp-data-path", default=os.environ.get("DATA_PATH"),
-                       help="dump folder (default: $DATA_PATH)")
+    group.add_argument("--sp-data-path", default=None, help="dump folder (default: $DATA_PATH)")
     group.add_argument("--sp-rows", type=int, default=DEFAULT_CAPACITY, help="capacity N: rows per file")
     group.add_argument("--sp-resume", action="store_true", help="append after the rows meta.json records")
     group.add_argument("--sp-force", action="store_true", help="overwrite a dump of a different model")
-    group.add_argument("--sp-layers", default=os.environ.get("SP_LAYERS", "all"),
+    group.add_argument("--sp-layers", default=None,
                        help="layers to dump, e.g. '2,7,12' or '0-29' (default: $SP_LAYERS or all); a subset keeps "
                             "a large dump within disk: each layer costs 2 x (2 d + I + H) bytes per token")
     group.add_argument("--sp-commit-seconds", type=float, default=DEFAULT_COMMIT_SECONDS,
                        help="flush the files and update meta.json at most this often (0: after every batch)")
+
+
+@dataclass(frozen=True)
+class DumpOptions:
+    """The save variant's settings, from its flags (settings_from_args) or model_args (settings_from_values)."""
+
+    sp_data_path: str | None = None
+    sp_rows: int = DEFAULT_CAPACITY
+    sp_resume: bool = False
+    sp_force: bool = False
+    sp_layers: str = "all"
+    sp_commit_seconds: float = DEFAULT_COMMIT_SECONDS
+
+
+def settings_from_args(args, environ):
+    """DumpOptions of the parsed flags; --sp-data-path and --sp-layers default to $DATA_PATH and $SP_LAYERS."""
+    return DumpOptions(
+        sp_data_path=getattr(args, "sp_data_path", None) or environ.get("DATA_PATH") or None,
+        sp_rows=getattr(args, "sp_rows", DEFAULT_CAPACITY),
+        sp_resume=bool(getattr(args, "sp_resume", False)),
+        sp_force=bool(getattr(args, "sp_force", False)),
+        sp_layers=getattr(args, "sp_layers", None) or environ.get("SP_LAYERS") or "all",
+        sp_commit_seconds=getattr(args, "sp_commit_seconds", DEFAULT_COMMIT_SECONDS),
+    )
+
+
+def settings_from_values(values):
+    """DumpOptions of the lm-eval adapter's model_args (the flags' underscore names)."""
+    fields = {f.name: f.type for f in dataclasses.fields(DumpOptions)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise DumpError(f"model_args: unknown argument(s) {', '.join(unknown)} for a save model type; "
+                        f"known: {', '.join(sorted(fields))}")
+    parsed = {}
+    for name, value in values.items():
+        default = getattr(DumpOptions, name)
+        try:
+            if isinstance(default, bool):
+                parsed[name] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+            elif isinstance(default, (int, float)):
+                parsed[name] = type(default)(value)
+            else:
+                parsed[name] = str(value)
+        except ValueError:
+            raise DumpError(f"model_args: {name}={value!r} is not a {type(default).__name__}") from None
+    return DumpOptions(**parsed)
 
 
 def prepare_stage(blocks, args, config):

@@ -93,13 +93,18 @@ def load_strict(module, path, dtype=None, device=None):
 
 
 def build_from_checkpoint(cls, path, dtype=None, device=None, **kwargs):
-    """Construct `cls(**kwargs)` without allocating weights, then load `path` strictly."""
+    """Construct `cls(**kwargs)` without allocating weights, then load `path` strictly; on the
+    CPU the weights are then copied into huge pages (decode/huge_pages.py)."""
     with torch.device("meta"):
         module = cls(**kwargs)
     load_strict(module, path, dtype=dtype, device=device)
     materialize = getattr(module, "materialize_buffers", None)
     if materialize is not None:
         materialize(device=device)
+    if torch.device(device or "cpu").type == "cpu":
+        from .decode.huge_pages import move_to_huge_pages
+
+        move_to_huge_pages(module)  # decoding streams every weight each token: see huge_pages.py
     return module.eval()
 
 

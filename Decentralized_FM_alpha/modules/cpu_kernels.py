@@ -2,7 +2,11 @@
 
 They run one token at batch 1 in float32 on the CPU: one-row Linear products, the
 gathered (sparse) MLP, DejaVu's predicted MLP in one call, and a whole Llama or OPT decoder
-layer (Llama's also with the predicted MLP in place of the dense one). Their products split
+layer in one call (dejavu_llama_layer, dejavu_opt_layer: the weights, an mlp_step saying which
+MLP runs after the attention, dense or Llama's sparse ones, and a layer_step of the token's
+input, output, cache and position). The C source's ABI block declares every struct and
+exported function once: parse_abi reads it into the ctypes structs below (LlamaLayer, MlpStep,
+...) and the functions' signatures, from the source alone (no compiler needed). Their products split
 their rows over a pool of threads inside the library: set_num_threads(n) (default: torch's
 thread count when the library is loaded); the results are the same for any thread count.
 The source is compiled once with the system C compiler (about 1 s) into a per-machine cache
@@ -17,96 +21,185 @@ import logging
 import operator
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
+from collections import namedtuple
 
 logger = logging.getLogger(__name__)
 
 SOURCE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_kernels.c")
-ENABLED = os.environ.get("DEJAVU_CPU_KERNELS", "1") != "0"  # settable at run time
-MAX_THREADS = 256  # decode_kernels.c's MAX_THREADS
-_state = {"lib": None, "tried": False, "error": None, "threads": None}  # threads: set before the load
-
-_pointer, _size, _float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+ENABLED = True  # configure(enabled=False): torch ops everywhere
+_state = {"lib": None, "tried": False, "error": None, "threads": None,  # threads: set before the load
+          "cache_folder": None, "compiler": None}
 
 
-class LlamaLayer(ctypes.Structure):
-    """Mirror of decode_kernels.c's llama_layer: one decoder layer's weights (NULL: no bias)."""
-
-    _fields_ = [(name, _pointer) for name in (
-        "attn_norm", "q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias",
-        "mlp_norm", "gate", "up", "down", "gate_bias", "up_bias", "down_bias")] + [
-        (name, _size) for name in ("hidden", "heads", "kv_heads", "head_dim", "inner")] + [
-        ("attn_eps", _float), ("mlp_eps", _float)]
-
-
-_P, _N = _pointer, _size
-class OptLayer(ctypes.Structure):
-    """Mirror of decode_kernels.c's opt_layer: one OPT decoder layer's weights (NULL: no bias or affine)."""
-
-    _fields_ = [(name, _pointer) for name in (
-        "attn_norm", "attn_norm_bias", "q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias",
-        "mlp_norm", "mlp_norm_bias", "fc1", "fc2", "fc1_bias", "fc2_bias")] + [
-        (name, _size) for name in ("hidden", "heads", "head_dim", "inner", "norm_first")] + [
-        ("attn_eps", _float), ("mlp_eps", _float)]
+def configure(enabled=True, cache_folder=None, compiler=None):
+    """The process's kernel settings (a command's edge sets them from DEJAVU_CPU_KERNELS,
+    DEJAVU_KERNEL_CACHE and CC: decode/environment.py): whether the kernels run, where the
+    compiled library is kept (default: $TMPDIR/dejavu_kernels_<uid>) and which compiler builds it
+    (default: gcc, else cc). The folder and compiler apply to a library not loaded yet."""
+    global ENABLED
+    ENABLED = bool(enabled)
+    _state["cache_folder"], _state["compiler"] = cache_folder, compiler
 
 
-class MlpWeights(ctypes.Structure):
-    """Mirror of decode_kernels.c's mlp_weights: a sparse MLP's rows as the gathered kernels read them."""
-
-    _fields_ = [(name, _pointer) for name in ("A", "B", "a_bias", "b_bias", "T", "bias")] + [
-        (name, _size) for name in ("lda", "ldb", "ldt", "rows", "d")]
+# ---- the ABI, read from decode_kernels.c's block between ABI BEGIN and ABI END ----------------------------
+class AbiError(ValueError):
+    """The C source's ABI block is not in the form parse_abi reads."""
 
 
-class PredictorWeights(ctypes.Structure):
-    """Mirror of decode_kernels.c's predictor_weights: P1 [rank, d] and P2 [rows, rank], tiled
-    (eight rows at a time, column by column), float32, or float16 where `half` is 1."""
+class _Unreadable(Exception):
+    """What a reader of one declaration found wrong, and where in the block (parse_abi names the line)."""
 
-    _fields_ = [("p1", _pointer), ("p2", _pointer)] + [(name, _size) for name in ("rank", "d", "rows", "half")]
-
-
-class TealWeights(ctypes.Structure):
-    """Mirror of decode_kernels.c's teal_weights: TEAL's MLP with gate and up (fc1) read by input
-    column (rows of in_t, up's at + up_offset; 0: none) and down (fc2) by neuron (rows of down_t)."""
-
-    _fields_ = [(name, _pointer) for name in ("in_t", "gate_bias", "up_bias", "down_t", "down_bias")] + [
-        (name, _size) for name in ("ld_in", "up_offset", "ld_down", "d", "inner")]
+    def __init__(self, message, position):
+        super().__init__(message)
+        self.position = position
 
 
-_SIGNATURES = {
-    # A, lda, B, ldb, bias_a, bias_b, idx, K, rows, d, h, out_a, act
-    "dejavu_gathered_dots": [_P, _N, _P, _N, _P, _P, _P, _N, _N, _N, _P, _P, _N],
-    # weights, idx, K, h, out
-    "dejavu_gathered_mlp": [ctypes.POINTER(MlpWeights), _P, _N, _P, _P],
-    # A, lda, B, ldb, a_bias, b_bias, W, ldw, bias, inner, d, h, out, scratch
-    "dejavu_dense_mlp": [_P, _N, _P, _N, _P, _P, _P, _N, _P, _N, _N, _P, _P, _P],
-    # weights, predictor, xp, K, h, residual, out, neurons
-    "dejavu_predicted_mlp": [ctypes.POINTER(MlpWeights), ctypes.POINTER(PredictorWeights), _P, _N, _P, _P, _P, _P],
-    # layer, x, x_out, k_cache, v_cache, head_stride, t, cos, signed_sin, key_valid, scale, with_mlp, mlp_input
-    "dejavu_llama_decode_layer": [ctypes.POINTER(LlamaLayer), _P, _P, _P, _P, _N, _N, _P, _P, _P, _float, _N, _P],
-    # layer, mlp, predictor, K, predict_from_input, x, x_out, k_cache, v_cache, head_stride, t, cos, signed_sin,
-    # key_valid, scale
-    "dejavu_llama_predicted_decode_layer": [ctypes.POINTER(LlamaLayer), ctypes.POINTER(MlpWeights),
-                                            ctypes.POINTER(PredictorWeights), _N, _N, _P, _P, _P, _P, _N, _N, _P,
-                                            _P, _P, _float],
-    # layer, TEAL's weights, t_in, t_down, kept [2], x, x_out, k_cache, v_cache, head_stride, t, cos, signed_sin,
-    # key_valid, scale
-    "dejavu_llama_teal_decode_layer": [ctypes.POINTER(LlamaLayer), ctypes.POINTER(TealWeights), _float, _float, _P,
-                                       _P, _P, _P, _P, _N, _N, _P, _P, _P, _float],
-    # layer, mlp, t_gate, kept [1], x, x_out, k_cache, v_cache, head_stride, t, cos, signed_sin, key_valid, scale
-    "dejavu_llama_cats_decode_layer": [ctypes.POINTER(LlamaLayer), ctypes.POINTER(MlpWeights), _float, _P, _P, _P,
-                                       _P, _P, _N, _N, _P, _P, _P, _float],
-    # layer, x, x_out, k_cache, v_cache, head_stride, t, key_valid, scale
-    "dejavu_opt_decode_layer": [ctypes.POINTER(OptLayer), _P, _P, _P, _P, _N, _N, _P, _float],
-    # weights, threshold, h, out, kept [1]
-    "dejavu_cats_mlp": [ctypes.POINTER(MlpWeights), _float, _P, _P, _P],
-    # weights, t_in, t_down, h, out, kept [2]
-    "dejavu_teal_mlp": [ctypes.POINTER(TealWeights), _float, _float, _P, _P, _P],
-    # threads (the caller included)
-    "dejavu_set_threads": [_N],
-    "dejavu_get_threads": [],
-}
+# structs {C name: ctypes Structure}, enums {C name: [member names]}, functions {name: (restype, argtypes)},
+# constants {name: int} (the #defines and the enums' members)
+Abi = namedtuple("Abi", "structs enums functions constants")
+
+_SCALARS = {"float": ctypes.c_float, "int": ctypes.c_int, "int64_t": ctypes.c_int64}
+_POINTEES = ("float", "int64_t", "uint8_t", "void")  # pointers to these travel as addresses (c_void_p)
+_NAME = r"[A-Za-z_]\w*"
+_DECLARATION = re.compile(rf"(?:const\s+)?({_NAME})\s*(\*?)\s*({_NAME})")
+_DEFINE = re.compile(rf"#define[ \t]+({_NAME})[ \t]+(\d+)[ \t]*$", re.M)
+_ENUM = re.compile(rf"typedef\s+enum\s*\{{([^}}]*)\}}\s*({_NAME})\s*;")
+_STRUCT = re.compile(rf"typedef\s+struct\s*\{{([^}}]*)\}}\s*({_NAME})\s*;")
+_PROTOTYPE = re.compile(rf"(?:const\s+)?({_NAME})\s+({_NAME})\s*\(([^)]*)\)\s*;")
+
+
+def _class_name(c_name):
+    return "".join(part.capitalize() for part in c_name.split("_"))
+
+
+def parse_abi(source, origin="decode_kernels.c"):
+    """The Abi of a C source's block from the comment holding `ABI BEGIN` to the one holding `ABI END`:
+    #defines of integers, enums, structs (one field per line) and function prototypes, in the
+    types _ctype names. AbiError, naming the line, for anything else."""
+    lines = source.split("\n")
+    begin = [i for i, line in enumerate(lines) if "ABI BEGIN" in line]
+    end = [i for i, line in enumerate(lines) if "ABI END" in line]
+    if len(begin) != 1 or len(end) != 1 or end[0] <= begin[0]:
+        raise AbiError(f"{origin}: expected one block from a line with ABI BEGIN to a line with ABI END")
+    # Comments become spaces (their newlines kept), so a statement's offset still gives its line.
+    block = "\n".join(lines[begin[0]:end[0] + 1])
+    block = re.sub(r"/\*.*?\*/|//[^\n]*", lambda comment: re.sub(r"[^\n]", " ", comment.group()), block, flags=re.S)
+    if "/*" in block:
+        raise AbiError(f"{origin}: an unclosed comment in the ABI block")
+
+    def line(position):
+        return begin[0] + 1 + block.count("\n", 0, position)
+
+    abi = Abi({}, {}, {}, {})
+    position = 0
+    while True:
+        while position < len(block) and block[position].isspace():
+            position += 1
+        if position == len(block):
+            return abi
+        for pattern, read in ((_DEFINE, _read_define), (_ENUM, _read_enum), (_STRUCT, _read_struct),
+                              (_PROTOTYPE, _read_prototype)):
+            match = pattern.match(block, position)
+            if match:
+                try:
+                    read(match, abi)
+                except _Unreadable as problem:
+                    raise AbiError(f"{origin} line {line(problem.position)}: {problem}") from None
+                position = match.end()
+                break
+        else:
+            text = block[position:].split("\n", 1)[0].strip()
+            raise AbiError(f"{origin} line {line(position)}: cannot read {text!r}: expected a #define of an integer, "
+                           "a typedef of an enum or struct, or a function prototype")
+
+
+def _declare(table, name, value, position):
+    if name in table:
+        raise _Unreadable(f"{name} is declared twice", position)
+    table[name] = value
+
+
+def _read_define(match, abi):
+    _declare(abi.constants, match.group(1), int(match.group(2)), match.start())
+
+
+def _read_enum(match, abi):
+    names = [name.strip() for name in match.group(1).split(",")]
+    for value, name in enumerate(names):
+        if not re.fullmatch(_NAME, name):
+            raise _Unreadable(f"enum {match.group(2)}: cannot read the member {name!r}: expected plain names, no "
+                              "values", match.start())
+        _declare(abi.constants, name, value, match.start())
+    _declare(abi.enums, match.group(2), names, match.start())
+
+
+def _read_struct(match, abi):
+    c_name, fields, position = match.group(2), [], match.start(1)
+    for text in match.group(1).split("\n"):
+        line, position = text.strip(), position + len(text) + 1
+        if not line:
+            continue
+        field = _DECLARATION.fullmatch(line[:-1].strip()) if line.endswith(";") else None
+        if field is None:
+            raise _Unreadable(f"struct {c_name}: cannot read the field {line!r}: expected one `[const] type name;` "
+                              "or `[const] type* name;` a line", position - len(text) - 1)
+        fields.append((field.group(3), _ctype(field.group(1), field.group(2), abi, position - len(text) - 1)))
+    _declare(abi.structs, c_name, type(_class_name(c_name), (ctypes.Structure,), {
+        "_fields_": fields, "__doc__": f"decode_kernels.c's {c_name}", "__module__": __name__}), match.start())
+
+
+def _read_prototype(match, abi):
+    restype, name, text = match.groups()
+    parameters = [] if text.strip() == "void" else [part.strip() for part in text.split(",")]
+    argtypes = []
+    for parameter in parameters:
+        found = _DECLARATION.fullmatch(parameter)
+        if found is None:
+            raise _Unreadable(f"{name}: cannot read the parameter {parameter!r}: expected `[const] type [*]name`",
+                              match.start())
+        argtypes.append(_ctype(found.group(1), found.group(2), abi, match.start()))
+    _declare(abi.functions, name, (_ctype(restype, "", abi, match.start()), argtypes), match.start())
+
+
+def _ctype(base, pointer, abi, position):
+    """The ctypes type of C's `base` (a pointer where `pointer` is '*'): the scalars, the structs and
+    enums declared before it, pointers to them, addresses (float*, int64_t*, uint8_t*, void*) and char*."""
+    if pointer:
+        if base in abi.structs:
+            return ctypes.POINTER(abi.structs[base])
+        if base == "char":
+            return ctypes.c_char_p
+        if base in _POINTEES:
+            return ctypes.c_void_p
+    elif base in _SCALARS:
+        return _SCALARS[base]
+    elif base in abi.enums:
+        return ctypes.c_int  # C stores an enum of small values as an int
+    raise _Unreadable(f"unknown type {base + pointer!r}", position)
+
+
+def _read_source():
+    with open(SOURCE_PATH) as f:
+        return f.read()
+
+
+ABI = parse_abi(_read_source())
+MAX_THREADS = ABI.constants["MAX_THREADS"]
+# The structs other modules build (views of weights, a step's arguments), and the MLP kinds of mlp_step.
+LlamaLayer, OptLayer, MlpWeights, PredictorWeights, TealWeights, LayerStep, MlpStep = (ABI.structs[name] for name in (
+    "llama_layer", "opt_layer", "mlp_weights", "predictor_weights", "teal_weights", "layer_step", "mlp_step"))
+MLP_NONE, MLP_DENSE, MLP_PREDICTED, MLP_TEAL, MLP_CATS = (ABI.constants[name] for name in (
+    "MLP_NONE", "MLP_DENSE", "MLP_PREDICTED", "MLP_TEAL", "MLP_CATS"))
+
+
+def struct_pointer(reference):
+    """A ctypes pointer to the struct that `reference` (a ctypes.byref of it, or the struct) names,
+    for a pointer field of another struct (fields take pointers, not byref references)."""
+    return ctypes.pointer(getattr(reference, "_obj", reference))
 
 
 def _cpu_fingerprint():
@@ -126,12 +219,12 @@ FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
 def compile_library(flag_sets=FLAG_SETS):
     """The kernels built with the first of flag_sets that builds and loads (a ctypes library, its
     signatures set; cached per source, compiler, flags and CPU). RuntimeError where none does."""
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    compiler = _state["compiler"] or shutil.which("gcc") or shutil.which("cc")
     if not compiler:
         raise RuntimeError("no C compiler (gcc/cc) found")
     with open(SOURCE_PATH) as f:
         source = f.read()
-    folder = os.environ.get("DEJAVU_KERNEL_CACHE") or os.path.join(
+    folder = _state["cache_folder"] or os.path.join(
         tempfile.gettempdir(), f"dejavu_kernels_{os.getuid() if hasattr(os, 'getuid') else 'user'}")
     os.makedirs(folder, exist_ok=True)
     errors = []
@@ -162,10 +255,9 @@ def compile_library(flag_sets=FLAG_SETS):
         except OSError as error:
             errors.append(f"{target}: {error}")
             continue
-        for name, argtypes in _SIGNATURES.items():
+        for name, (restype, argtypes) in ABI.functions.items():
             function = getattr(lib, name)
-            function.argtypes, function.restype = argtypes, ctypes.c_int
-        lib.dejavu_set_min_chunk.argtypes, lib.dejavu_set_min_chunk.restype = [_N], _N
+            function.restype, function.argtypes = restype, argtypes
         return lib
     raise RuntimeError("; ".join(errors))
 

@@ -15,10 +15,196 @@ static inline v8 ld(const float* p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float* p, v8 v) { memcpy(p, &v, sizeof v); }
 static inline float hsum(v8 v) { float s = 0.f; for (int i = 0; i < 8; i++) s += v[i]; return s; }
 
+/* ABI BEGIN ====================================================================================
+   Everything Python calls. cpu_kernels.py builds its ctypes structs and function signatures
+   from this block alone, so it keeps a regular form: `#define NAME integer`,
+   `typedef enum { A, B } name;`, `typedef struct { ... } name;` with one field per line
+   (`[const] type name;` or `[const] type* name;`), and the prototypes of every exported
+   function (the compiler checks each definition against its prototype). Types: float, int,
+   int64_t, enums, pointers to float, int64_t, uint8_t, void and char, and pointers to the
+   structs above them. */
+
+#define MAX_THREADS 256  /* the most threads dejavu_set_threads takes */
+
+/* One Llama decoder layer's weights ([out, in] rows, float32); NULL biases: none. The MLP's six
+   may be NULL where the layer runs another MLP (mlp_step). */
+typedef struct {
+  const float* attn_norm;
+  const float* q;
+  const float* k;
+  const float* v;
+  const float* o;
+  const float* q_bias;
+  const float* k_bias;
+  const float* v_bias;
+  const float* o_bias;
+  const float* mlp_norm;
+  const float* gate;
+  const float* up;
+  const float* down;
+  const float* gate_bias;
+  const float* up_bias;
+  const float* down_bias;
+  int64_t hidden;
+  int64_t heads;
+  int64_t kv_heads;
+  int64_t head_dim;
+  int64_t inner;
+  float attn_eps;
+  float mlp_eps;
+} llama_layer;
+
+/* One OPT decoder layer's weights: pre-LN (norm_first) or post-LN; LayerNorm weights and biases
+   and the Linears' biases may be NULL (no affine, no bias). */
+typedef struct {
+  const float* attn_norm;
+  const float* attn_norm_bias;
+  const float* q;
+  const float* k;
+  const float* v;
+  const float* o;
+  const float* q_bias;
+  const float* k_bias;
+  const float* v_bias;
+  const float* o_bias;
+  const float* mlp_norm;
+  const float* mlp_norm_bias;
+  const float* fc1;
+  const float* fc2;
+  const float* fc1_bias;
+  const float* fc2_bias;
+  int64_t hidden;
+  int64_t heads;
+  int64_t head_dim;
+  int64_t inner;
+  int64_t norm_first;
+  float attn_eps;
+  float mlp_eps;
+} opt_layer;
+
+/* A sparse MLP's weights as the gathered kernels read them: rows i of A and B (first and
+   second: gate and up, or fc1 and no B) and of T (output transposed: down/fc2 [rows, d]), each
+   with its own row stride (the packed layout interleaves them); biases may be NULL. B NULL
+   means ReLU(A h + a_bias), else SiLU(A h + a_bias) * (B h + b_bias). */
+typedef struct {
+  const float* A;
+  const float* B;
+  const float* a_bias;
+  const float* b_bias;
+  const float* T;
+  const float* bias;
+  int64_t lda;
+  int64_t ldb;
+  int64_t ldt;
+  int64_t rows;
+  int64_t d;
+} mlp_weights;
+
+/* DejaVu's low-rank predictor, scores = P2 (P1 x) with P1 [rank, d] and P2 [rows, rank], each
+   stored tiled: eight output rows at a time, column by column (tile b holds W[8b + q][j] at
+   [b][j][q]; rows padded to a multiple of 8 with zeros), so a product reads long sequential
+   runs and accumulates eight outputs in a vector. half: IEEE float16 (half the bytes), else
+   float32. */
+typedef struct {
+  const void* p1;
+  const void* p2;
+  int64_t rank;
+  int64_t d;
+  int64_t rows;
+  int64_t half;
+} predictor_weights;
+
+/* TEAL's MLP: gate and up (fc1) read by input column, one row of in_t each [d rows of ld_in
+   floats]: gate's column j at in_t + j * ld_in, up's at + up_offset (inner: right after it; 0:
+   no up, OPT's ReLU MLP); down (fc2) read by neuron, down_t [inner rows of ld_down]. */
+typedef struct {
+  const float* in_t;
+  const float* gate_bias;
+  const float* up_bias;
+  const float* down_t;
+  const float* down_bias;
+  int64_t ld_in;
+  int64_t up_offset;
+  int64_t ld_down;
+  int64_t d;
+  int64_t inner;
+} teal_weights;
+
+/* One token's step through a decoder layer: x_out = x + attn(norm(x)), then + mlp(norm(.)).
+   The layer's new key and value are written at position t (the positions before the token) of
+   its cache, K and V [kv_heads, capacity, head_dim] with head_stride floats from one head to
+   the next; the query attends to positions 0..t whose key_valid is set (NULL: all; position t
+   always). cos and signed_sin: Llama's RoPE tables of the position (NULL for OPT). */
+typedef struct {
+  const float* x;
+  float* x_out;
+  float* k_cache;
+  float* v_cache;
+  int64_t head_stride;
+  int64_t t;
+  const float* cos;
+  const float* signed_sin;
+  const uint8_t* key_valid;
+  float scale;
+} layer_step;
+
+/* The MLP a layer call runs after its attention half:
+   MLP_NONE       none: x_out = x + attn, and the MLP's input norm(x_out) into mlp_input
+                  (unless NULL), for an MLP that runs apart;
+   MLP_DENSE      the layer's own MLP;
+   MLP_PREDICTED  DejaVu's (dejavu_predicted_mlp): mlp, predictor, k; the predictor reads x with
+                  predict_from_input (a look-ahead input), else x + attn;
+   MLP_TEAL       TEAL's (dejavu_teal_mlp): teal, t_in, t_down; kept [2]: inputs, neurons kept;
+   MLP_CATS       CATS's (dejavu_cats_mlp): mlp, t_gate; kept [1]: neurons kept.
+   Fields a kind does not name are not read. */
+typedef enum { MLP_NONE, MLP_DENSE, MLP_PREDICTED, MLP_TEAL, MLP_CATS } mlp_kind;
+
+typedef struct {
+  mlp_kind kind;
+  const mlp_weights* mlp;
+  const predictor_weights* predictor;
+  const teal_weights* teal;
+  int64_t k;
+  int64_t predict_from_input;
+  float t_in;
+  float t_down;
+  float t_gate;
+  int64_t* kept;
+  float* mlp_input;
+} mlp_step;
+
+/* The thread pool: threads counts the caller; set returns non-zero where n is not in
+   [1, MAX_THREADS]; set_min_chunk (tests) returns the old value. */
+int dejavu_set_threads(int64_t n);
+int dejavu_get_threads(void);
+int64_t dejavu_set_min_chunk(int64_t floats);
+
+/* sizeof the ABI struct named `name` (0: no such struct), to check Python's layout against. */
+int64_t dejavu_struct_size(const char* name);
+
+/* The MLP kernels of one token. */
+int dejavu_gathered_dots(const float* A, int64_t lda, const float* B, int64_t ldb, const float* bias_a,
+                         const float* bias_b, const int64_t* idx, int64_t K, int64_t rows, int64_t d,
+                         const float* h, float* out_a, int64_t act);
+int dejavu_dense_mlp(const float* A, int64_t lda, const float* B, int64_t ldb, const float* a_bias,
+                     const float* b_bias, const float* W, int64_t ldw, const float* bias, int64_t inner, int64_t d,
+                     const float* h, float* out, float* scratch);
+int dejavu_gathered_mlp(const mlp_weights* W, const int64_t* idx, int64_t K, const float* h, float* out);
+int dejavu_predicted_mlp(const mlp_weights* W, const predictor_weights* P, const float* xp, int64_t K,
+                         const float* h, const float* residual, float* out, int64_t* neurons);
+int dejavu_cats_mlp(const mlp_weights* W, float threshold, const float* h, float* out, int64_t* kept);
+int dejavu_teal_mlp(const teal_weights* W, float t_in, float t_down, const float* h, float* out, int64_t* kept);
+
+/* One decoder layer for one token, its MLP as M says (OPT: MLP_DENSE only). */
+int dejavu_llama_layer(const llama_layer* L, const mlp_step* M, const layer_step* S);
+int dejavu_opt_layer(const opt_layer* L, const mlp_step* M, const layer_step* S);
+
+/* ABI END ====================================================================================== */
+
 /* ------------------------------------------------------------------------------------------
-   The thread pool. Decoding streams every weight once per token, and on the 2-core machine
-   this was written on one core streams about 22 GB/s where two stream 41-46: so each kernel
-   splits its rows over dejavu_set_threads(n) threads, the caller and n - 1 workers made once.
+   The thread pool. Decoding streams every weight once per token, and one core cannot use all
+   of the memory bandwidth: so each kernel splits its rows over dejavu_set_threads(n) threads,
+   the caller and n - 1 workers made once.
 
    parallel_for(n, align, cost, fn, ctx) runs fn(ctx, begin, end) over [0, n) cut into chunks
    whose bounds are multiples of `align` (so a kernel groups its rows as it does in one piece),
@@ -26,17 +212,16 @@ static inline float hsum(v8 v) { float s = 0.f; for (int i = 0; i < 8; i++) s +=
    item): small products stay on the caller. The threads claim chunks from one counter, so
    each output is computed by exactly one thread with the same instructions whatever the
    thread count (the results are bitwise the same for any n), and a worker that is late (asleep,
-   or its core busy with another process) only takes fewer chunks. A dispatch costs about half
-   a microsecond while the workers spin (a SmolLM2 token makes about 150, each streaming a few
-   hundred microseconds of weights); an idle worker spins SPIN_NS (a decoder layer calls its
-   products microseconds apart, the next layer comes tens of microseconds later), then sleeps
+   or its core busy with another process) only takes fewer chunks. A dispatch is cheap while
+   the workers spin, small against the weights a product streams; an idle worker spins SPIN_NS
+   (a decoder layer calls its products microseconds apart, the next layer comes tens of
+   microseconds later), then sleeps
    on a condition variable, so an idle process burns no CPU. Calls from two threads at once are
    safe: the second runs its job on its own thread. */
 typedef void (*range_fn)(void* ctx, int64_t begin, int64_t end);
 
-#define MAX_THREADS 256
-#define CHUNKS_PER_THREAD 2  /* fewer, longer streams: 4 made a SmolLM2 layer ~10% slower, 1 no faster */
-#define DEFAULT_MIN_CHUNK 16384 /* floats (64 kB): about 3 us of streaming, against ~1 us a dispatch */
+#define CHUNKS_PER_THREAD 2  /* few, long streams, yet some slack for a late worker */
+#define DEFAULT_MIN_CHUNK 16384 /* floats (64 kB): a chunk streams for longer than a dispatch costs */
 #define SPIN_NS 300000        /* an idle worker spins this long, then sleeps */
 #define YIELD_AFTER_NS 20000  /* and from this on yields its core while it spins (torch's OpenMP
                                  threads, other processes) */
@@ -224,6 +409,14 @@ int64_t dejavu_set_min_chunk(int64_t floats) {
   return old;
 }
 
+int64_t dejavu_struct_size(const char* name) {
+#define SIZE_OF(type) if (!strcmp(name, #type)) return (int64_t)sizeof(type);
+  SIZE_OF(llama_layer) SIZE_OF(opt_layer) SIZE_OF(mlp_weights) SIZE_OF(predictor_weights) SIZE_OF(teal_weights)
+  SIZE_OF(layer_step) SIZE_OF(mlp_step)
+#undef SIZE_OF
+  return 0;
+}
+
 /* ------------------------------------------------------------------------------------------
    Row products. */
 static int bad_index(const int64_t* idx, int64_t K, int64_t rows) {
@@ -374,18 +567,7 @@ int dejavu_dense_mlp(const float* A, int64_t lda, const float* B, int64_t ldb, c
 }
 
 /* ------------------------------------------------------------------------------------------
-   One Llama decoder layer for one token: x_out = x + attn(norm(x)), then + mlp(norm(.)).
-   The layer's new key and value are written at position t of its cache; the query attends
-   to positions 0..t whose key_valid is set (key_valid NULL: all; position t always).
-   with_mlp 0: stop after the attention half (x_out = x + attn(norm(x))) and write the MLP's
-   input norm(x_out) into mlp_input (unless NULL), for a sparse MLP to follow. */
-typedef struct {
-  const float *attn_norm, *q, *k, *v, *o, *q_bias, *k_bias, *v_bias, *o_bias;
-  const float *mlp_norm, *gate, *up, *down, *gate_bias, *up_bias, *down_bias;
-  int64_t hidden, heads, kv_heads, head_dim, inner;
-  float attn_eps, mlp_eps;
-} llama_layer;
-
+   One decoder layer for one token (layer_step, mlp_step). */
 static void rms_norm(const float* x, const float* w, int64_t d, float eps, float* out) {
   double s = 0.0;
   for (int64_t j = 0; j < d; j++) s += (double)x[j] * x[j];
@@ -451,12 +633,12 @@ static void write_cache(const float* k, const float* v, float* k_cache, float* v
   }
 }
 
-/* The attention half: x_out = x + attn(norm(x)), and xn = the MLP's input norm(x_out). */
-static int llama_attention_half(const llama_layer* L, const float* x, float* x_out, float* k_cache, float* v_cache,
-                                int64_t head_stride, int64_t t, const float* cos, const float* ssin,
-                                const uint8_t* key_valid, float scale, float* xn) {
-  int64_t d = L->hidden, hd = L->head_dim, nh = L->heads, nkv = L->kv_heads;
-  if (nkv <= 0 || nh % nkv || hd % 2 || t < 0 || (t + 1) * hd > head_stride) return 1;
+/* Llama's attention half: x_out = x + attn(norm(x)), and xn = the MLP's input norm(x_out). */
+static int llama_attention_half(const llama_layer* L, const layer_step* S, float* xn) {
+  const float *x = S->x, *cos = S->cos, *ssin = S->signed_sin;
+  float* x_out = S->x_out;
+  int64_t d = L->hidden, hd = L->head_dim, nh = L->heads, nkv = L->kv_heads, t = S->t;
+  if (nkv <= 0 || nh % nkv || hd % 2 || t < 0 || (t + 1) * hd > S->head_stride || !cos || !ssin) return 1;
   int64_t qd = nh * hd, kvd = nkv * hd;
   float* scratch = malloc(sizeof(float) * (size_t)(2 * qd + 2 * kvd + nh * (t + 1)));
   if (!scratch) return 2;
@@ -466,8 +648,8 @@ static int llama_attention_half(const llama_layer* L, const float* x, float* x_o
         (int64_t[]){qd, kvd, kvd}, d, xn, (float*[]){q, k, v});
   for (int64_t h = 0; h < nh; h++) rope(q + h * hd, cos, ssin, hd);
   for (int64_t g = 0; g < nkv; g++) rope(k + g * hd, cos, ssin, hd);
-  write_cache(k, v, k_cache, v_cache, head_stride, t, nkv, hd);
-  attend(q, k_cache, v_cache, head_stride, t, nh, nkv, hd, key_valid, scale, p, heads);
+  write_cache(k, v, S->k_cache, S->v_cache, S->head_stride, t, nkv, hd);
+  attend(q, S->k_cache, S->v_cache, S->head_stride, t, nh, nkv, hd, S->key_valid, S->scale, p, heads);
   gemv(L->o, L->o_bias, d, qd, heads, x_out);
   for (int64_t j = 0; j < d; j++) x_out[j] += x[j];
   rms_norm(x_out, L->mlp_norm, d, L->mlp_eps, xn);
@@ -475,36 +657,9 @@ static int llama_attention_half(const llama_layer* L, const float* x, float* x_o
   return 0;
 }
 
-int dejavu_llama_decode_layer(const llama_layer* L, const float* x, float* x_out, float* k_cache,
-                              float* v_cache, int64_t head_stride, int64_t t, const float* cos,
-                              const float* ssin, const uint8_t* key_valid, float scale, int64_t with_mlp,
-                              float* mlp_input) {
-  int64_t d = L->hidden, inner = L->inner;
-  float* scratch = malloc(sizeof(float) * (size_t)(2 * d + inner));
-  if (!scratch) return 2;
-  float *xn = scratch, *mlp_out = xn + d, *act = mlp_out + d;
-  int status = llama_attention_half(L, x, x_out, k_cache, v_cache, head_stride, t, cos, ssin, key_valid, scale, xn);
-  if (!status && !with_mlp && mlp_input) memcpy(mlp_input, xn, sizeof(float) * (size_t)d);
-  if (!status && with_mlp) {
-    dejavu_dense_mlp(L->gate, d, L->up, d, L->gate_bias, L->up_bias, L->down, inner, L->down_bias, inner, d, xn,
-                     mlp_out, act);
-    for (int64_t j = 0; j < d; j++) x_out[j] += mlp_out[j];
-  }
-  free(scratch);
-  return status;
-}
-
-/* One OPT decoder layer for one token (see dejavu_llama_decode_layer for the cache and mask):
+/* One OPT decoder layer for one token, its dense MLP only:
    pre-LN (norm_first): x += out(attn(LN1(x))); x += fc2(relu(fc1(LN2(x))))
-   post-LN:             x = LN1(x + out(attn(x))); x = LN2(x + fc2(relu(fc1(x))))
-   LayerNorm weights and biases may be NULL (no affine). */
-typedef struct {
-  const float *attn_norm, *attn_norm_bias, *q, *k, *v, *o, *q_bias, *k_bias, *v_bias, *o_bias;
-  const float *mlp_norm, *mlp_norm_bias, *fc1, *fc2, *fc1_bias, *fc2_bias;
-  int64_t hidden, heads, head_dim, inner, norm_first;
-  float attn_eps, mlp_eps;
-} opt_layer;
-
+   post-LN:             x = LN1(x + out(attn(x))); x = LN2(x + fc2(relu(fc1(x)))) */
 static void layer_norm(const float* x, const float* w, const float* b, int64_t d, float eps, float* out) {
   double s = 0.0, s2 = 0.0;
   for (int64_t j = 0; j < d; j++) s += x[j];
@@ -514,10 +669,11 @@ static void layer_norm(const float* x, const float* w, const float* b, int64_t d
   for (int64_t j = 0; j < d; j++) out[j] = (x[j] - mean) * r * (w ? w[j] : 1.f) + (b ? b[j] : 0.f);
 }
 
-int dejavu_opt_decode_layer(const opt_layer* L, const float* x, float* x_out, float* k_cache, float* v_cache,
-                            int64_t head_stride, int64_t t, const uint8_t* key_valid, float scale) {
-  int64_t d = L->hidden, hd = L->head_dim, nh = L->heads, inner = L->inner;
-  if (nh * hd != d || t < 0 || (t + 1) * hd > head_stride) return 1;
+int dejavu_opt_layer(const opt_layer* L, const mlp_step* M, const layer_step* S) {
+  const float* x = S->x;
+  float* x_out = S->x_out;
+  int64_t d = L->hidden, hd = L->head_dim, nh = L->heads, inner = L->inner, t = S->t;
+  if (M->kind != MLP_DENSE || nh * hd != d || t < 0 || (t + 1) * hd > S->head_stride) return 1;
   float* scratch = malloc(sizeof(float) * (size_t)(6 * d + inner + nh * (t + 1)));
   if (!scratch) return 2;
   float *xn = scratch, *q = xn + d, *k = q + d, *v = k + d, *heads = v + d, *mlp_out = heads + d;
@@ -526,8 +682,8 @@ int dejavu_opt_decode_layer(const opt_layer* L, const float* x, float* x_out, fl
   if (L->norm_first) { layer_norm(x, L->attn_norm, L->attn_norm_bias, d, L->attn_eps, xn); h = xn; }
   gemvs(3, (const float*[]){L->q, L->k, L->v}, (const float*[]){L->q_bias, L->k_bias, L->v_bias},
         (int64_t[]){d, d, d}, d, h, (float*[]){q, k, v});
-  write_cache(k, v, k_cache, v_cache, head_stride, t, nh, hd);
-  attend(q, k_cache, v_cache, head_stride, t, nh, nh, hd, key_valid, scale, p, heads);
+  write_cache(k, v, S->k_cache, S->v_cache, S->head_stride, t, nh, hd);
+  attend(q, S->k_cache, S->v_cache, S->head_stride, t, nh, nh, hd, S->key_valid, S->scale, p, heads);
   gemv(L->o, L->o_bias, d, d, heads, x_out);
   for (int64_t j = 0; j < d; j++) x_out[j] += x[j];
   if (!L->norm_first) { layer_norm(x_out, L->attn_norm, L->attn_norm_bias, d, L->attn_eps, xn); memcpy(x_out, xn, sizeof(float) * d); }
@@ -557,9 +713,8 @@ static inline uint32_t order_key(float f) {
    quickselect mispredicts on about every other one). It stops early once every key left is
    kept. Each byte is counted into TOP_K_HISTOGRAMS histograms in turn (scores share their top
    byte: counting into one made every count wait for the one before), and with AVX-512 the
-   filters and the final pass compress sixteen keys at a time: 1.6 instead of 4.7 us for
-   SmolLM2's 1536 neurons (K = 154 to 616), a serial step of each layer that the threads do not
-   share. keys, candidates: n each; kept: K + 1. */
+   filters and the final pass compress sixteen keys at a time: it is a serial step of each
+   layer that the threads do not share. keys, candidates: n each; kept: K + 1. */
 #define TOP_K_HISTOGRAMS 4
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -624,25 +779,6 @@ static void top_k_indices(const float* scores, int64_t n, int64_t K, uint32_t* k
     count += keys[i] > prefix || tie;
   }
 }
-
-/* A sparse MLP's weights as the gathered kernels read them: rows i of A and B (first and
-   second: gate and up, or fc1 and no B) and of T (output transposed: down/fc2 [rows, d]), each
-   with its own row stride (the packed layout interleaves them); biases may be NULL. B NULL
-   means ReLU(A h + a_bias), else SiLU(A h + a_bias) * (B h + b_bias). */
-typedef struct {
-  const float *A, *B, *a_bias, *b_bias, *T, *bias;
-  int64_t lda, ldb, ldt, rows, d;
-} mlp_weights;
-
-/* DejaVu's low-rank predictor, scores = P2 (P1 x) with P1 [rank, d] and P2 [rows, rank], each
-   stored tiled: eight output rows at a time, column by column (tile b holds W[8b + q][j] at
-   [b][j][q]; rows padded to a multiple of 8 with zeros), so a product reads long sequential
-   runs and accumulates eight outputs in a vector. half: IEEE float16 (half the bytes), else
-   float32. */
-typedef struct {
-  const void *p1, *p2;
-  int64_t rank, d, rows, half;
-} predictor_weights;
 
 /* Eight float16 values as floats (F16C where the compiler targets it). */
 #if defined(__F16C__)
@@ -717,9 +853,8 @@ static void tiled_gemv(const void* W, int64_t half, int64_t n, int64_t m, const 
    cut into groups (sum_groups: a number that depends on K only), each summed into its own
    partial output, and out adds the partials in group order: the groups split over the threads
    with no two adding into the same outputs, and every output adds the same terms in the same
-   order whatever the thread count. Splitting the output columns instead (each thread a pass
-   over every kept neuron's part of T) read short runs of each row and made two threads ~10%
-   slower than this at keep 0.5 on SmolLM2's MLP. */
+   order whatever the thread count. The groups split the neurons, not the output columns: a
+   thread given columns would read a short run of every kept row of T. */
 #define SUM_GROUPS 16  /* partial outputs of one call at most: more threads than this share groups */
 #define PREFETCH_LINES 4  /* cache lines of each row a prefetch starts */
 #define MIN_GROUP 32   /* neurons per group at least: a small K makes fewer */
@@ -825,9 +960,7 @@ typedef struct {
 /* Prefetch the first lines of kept neurons [from, to)'s rows of A, B and T, except a neuron right
    after the one before it (the hardware's stream already runs on into it): a kept neuron is a
    run of a few kilobytes after a gap, too short for the hardware prefetcher to ramp up on its
-   own. With the next four neurons started while the current four stream, the gathered MLP at
-   keep 0.25 on SmolLM2's dims took 0.24 of the dense MLP's time instead of 0.33 (2 threads;
-   keep 0.5, where most kept neurons are neighbours, unchanged). */
+   own: the next four neurons are started while the current four stream. */
 static inline void start_streams(const mlp_weights* W, const int64_t* idx, int64_t from, int64_t to, int mode) {
   for (int64_t q = from; q < to; q++) {
     if (idx[q] == idx[q - 1] + 1) continue;
@@ -935,46 +1068,6 @@ int dejavu_predicted_mlp(const mlp_weights* W, const predictor_weights* P, const
   return status;
 }
 
-/* One Llama decoder layer for one token with a sparse MLP in place of the dense one (whose
-   weights in L are not read): x_out = x_mid + mlp(xn), x_mid = x + attn(norm(x)), xn =
-   norm(x_mid). `mlp(how, x, xn, x_out)` gets x_mid in x_out and adds its output there; x is the
-   layer's input (a look-ahead predictor reads it). */
-typedef int (*sparse_mlp_fn)(const void* how, const float* x, const float* xn, float* x_out);
-
-static int llama_layer_with(const llama_layer* L, sparse_mlp_fn mlp, const void* how, const float* x, float* x_out,
-                            float* k_cache, float* v_cache, int64_t head_stride, int64_t t, const float* cos,
-                            const float* ssin, const uint8_t* key_valid, float scale) {
-  float* xn = malloc(sizeof(float) * (size_t)L->hidden);
-  if (!xn) return 2;
-  int status = llama_attention_half(L, x, x_out, k_cache, v_cache, head_stride, t, cos, ssin, key_valid, scale, xn);
-  if (!status) status = mlp(how, x, xn, x_out);
-  free(xn);
-  return status;
-}
-
-/* DejaVu's predicted MLP (dejavu_predicted_mlp: W, P, K) in the layer: the predictor reads x_mid,
-   or x with predict_from_input (the look-ahead input). */
-typedef struct {
-  const mlp_weights* W;
-  const predictor_weights* P;
-  int64_t K, predict_from_input;
-} predicted_how;
-
-static int predicted_in_layer(const void* how, const float* x, const float* xn, float* x_out) {
-  const predicted_how* p = how;
-  return dejavu_predicted_mlp(p->W, p->P, p->predict_from_input ? x : x_out, p->K, xn, x_out, x_out, 0);
-}
-
-int dejavu_llama_predicted_decode_layer(const llama_layer* L, const mlp_weights* W, const predictor_weights* P,
-                                        int64_t K, int64_t predict_from_input, const float* x, float* x_out,
-                                        float* k_cache, float* v_cache, int64_t head_stride, int64_t t,
-                                        const float* cos, const float* ssin, const uint8_t* key_valid, float scale) {
-  if (W->d != L->hidden || P->d != L->hidden) return 1;
-  predicted_how how = {W, P, K, predict_from_input};
-  return llama_layer_with(L, predicted_in_layer, &how, x, x_out, k_cache, v_cache, head_stride, t, cos, ssin,
-                          key_valid, scale);
-}
-
 /* ------------------------------------------------------------------------------------------
    The training-free sparse MLPs of one token (sparse_execution's teal and cats modes).
 
@@ -983,8 +1076,7 @@ int dejavu_llama_predicted_decode_layer(const llama_layer* L, const mlp_weights*
      out = down_bias + sum_{kept i} a_i * (up_i . h + up_bias_i) * T_i.
    W is the MLP as the gathered kernels read it (packed: a neuron's gate, up and down one run).
    The activations are computed on the threads with the gate products, and each kept neuron's up
-   and down rows are read in one pass, in the gathered MLP's groups (before: silu on one thread
-   after the products, then a pass over the kept up rows and another over their down rows).
+   and down rows are read in one pass, in the gathered MLP's groups (one stream per neuron).
    kept[0]: how many neurons were kept. */
 static int cats_mlp(const mlp_weights* W, float threshold, const float* h, const float* residual, float* out,
                     int64_t* kept) {
@@ -1011,29 +1103,21 @@ int dejavu_cats_mlp(const mlp_weights* W, float threshold, const float* h, float
   return cats_mlp(W, threshold, h, 0, out, kept);
 }
 
-/* TEAL: an entry j of h with |h_j| <= t_in is dropped, so only the kept entries' columns of gate
-   and up (fc1) are read: one row of in_t each, [d rows of ld_in floats]: gate's column j at
-   in_t + j * ld_in, up's at + up_offset (inner: right after it; 0: no up, OPT's ReLU MLP). Then
+/* TEAL (teal_mlp below; its weights: teal_weights): an entry j of h with |h_j| <= t_in is
+   dropped, so only the kept entries' columns of gate and up (fc1) are read: one row of in_t
+   each, [d rows of ld_in floats]: gate's column j at in_t + j * ld_in, up's at + up_offset
+   (inner: right after it; 0: no up, OPT's ReLU MLP). Then
    act_i = silu(g_i) * u_i (relu(g_i)), and neuron i with |act_i| <= t_down is dropped from
    down: out = down_bias + sum_{kept i} act_i * down_t_i, down_t [inner rows of ld_down].
    kept[0], kept[1]: how many inputs and neurons were kept. */
-typedef struct {
-  const float* in_t;
-  const float *gate_bias, *up_bias;
-  const float* down_t;
-  const float* down_bias;
-  int64_t ld_in, up_offset, ld_down, d, inner;
-} teal_weights;
 
 /* TEAL's gate and up products from the kept inputs' columns: the kept inputs are cut into groups
    (teal_groups: a number that depends on their count only), each group summed into its own
    partial [parts * inner] while it streams its columns whole (gate's column j and up's, one
    run of the layout), four at a time; then each output adds the partials in group order (and
    the bias) and takes its activation, on the threads. Every output adds the same terms in the
-   same order whatever the thread count. Splitting the outputs over the threads instead had
-   each read a short piece of every kept column, and the activations ran on one thread: TEAL's
-   MLP alone at SmolLM2's dims (30 layers, inputs kept 0.5 / 0.25 / 0.1) took 0.87 / 0.84 /
-   0.75 of that version's time at 2 threads, the same within 1% at 1 thread. */
+   same order whatever the thread count. The groups split the inputs, not the outputs: a thread
+   given outputs would read a short piece of every kept column. */
 #define TEAL_GROUPS 8
 #define TEAL_MIN_GROUP 4
 
@@ -1133,44 +1217,63 @@ int dejavu_teal_mlp(const teal_weights* W, float t_in, float t_down, const float
   return teal_mlp(W, t_in, t_down, h, 0, out, kept);
 }
 
-/* The Llama layer with TEAL's or CATS's MLP (as dejavu_teal_mlp and dejavu_cats_mlp; kept: what
-   the MLP kept, TEAL: inputs, neurons; CATS: neurons), in one call like the predicted layer:
-   with the MLP a call of its own after the attention half (its Python run cold, after the
-   layer's weights), SmolLM2 at 2 threads decoded TEAL at keep 0.5 / 0.25 / 0.1 at 0.96 / 1.08 /
-   1.35x dense; in one call, with the kernels above, at 1.31 / 1.57 / 1.89x (CATS: 1.01 / 1.09 /
-   0.80x, then 1.11 / 1.28 / 1.59x). */
-typedef struct {
-  const void* W;  /* teal_weights (TEAL) or mlp_weights (CATS) */
-  float first, second;  /* TEAL: t_in, t_down; CATS: t_gate */
-  int64_t* kept;
-} thresholded_how;
-
-static int teal_in_layer(const void* how, const float* x, const float* xn, float* x_out) {
-  const thresholded_how* p = how;
-  return teal_mlp(p->W, p->first, p->second, xn, x_out, x_out, p->kept);
+/* The MLP of a Llama layer after its attention half (x_out: x + attn; xn: norm(x_out)): adds its
+   output into x_out. dense_scratch: d + inner floats (MLP_DENSE). */
+static int llama_mlp(const llama_layer* L, const mlp_step* M, const layer_step* S, const float* xn,
+                     float* dense_scratch) {
+  int64_t d = L->hidden, inner = L->inner;
+  float* x_out = S->x_out;
+  switch (M->kind) {
+    case MLP_NONE:
+      if (M->mlp_input) memcpy(M->mlp_input, xn, sizeof(float) * (size_t)d);
+      return 0;
+    case MLP_DENSE: {
+      /* into scratch, then added: the residual joins after the MLP's own sum, as in torch */
+      float *mlp_out = dense_scratch, *act = mlp_out + d;
+      int status = dejavu_dense_mlp(L->gate, d, L->up, d, L->gate_bias, L->up_bias, L->down, inner, L->down_bias,
+                                    inner, d, xn, mlp_out, act);
+      for (int64_t j = 0; j < d; j++) x_out[j] += mlp_out[j];
+      return status;
+    }
+    case MLP_PREDICTED:
+      return dejavu_predicted_mlp(M->mlp, M->predictor, M->predict_from_input ? S->x : x_out, M->k, xn, x_out,
+                                  x_out, 0);
+    case MLP_TEAL:
+      return teal_mlp(M->teal, M->t_in, M->t_down, xn, x_out, x_out, M->kept);
+    case MLP_CATS:
+      return cats_mlp(M->mlp, M->t_gate, xn, x_out, x_out, M->kept);
+  }
+  return 1;
 }
 
-static int cats_in_layer(const void* how, const float* x, const float* xn, float* x_out) {
-  const thresholded_how* p = how;
-  return cats_mlp(p->W, p->first, xn, x_out, x_out, p->kept);
+/* Whether M names what its kind reads, at the layer's width: checked before the attention half
+   writes the cache, so a refused call changes nothing. */
+static int bad_mlp_step(const llama_layer* L, const mlp_step* M) {
+  int64_t d = L->hidden;
+  switch (M->kind) {
+    case MLP_NONE:
+      return 0;
+    case MLP_DENSE:
+      return !L->gate || !L->up || !L->down;
+    case MLP_PREDICTED:
+      return !M->mlp || !M->predictor || M->mlp->d != d || M->predictor->d != d;
+    case MLP_TEAL:
+      return !M->teal || !M->kept || M->teal->d != d;
+    case MLP_CATS:
+      return !M->mlp || !M->kept || M->mlp->d != d;
+  }
+  return 1;
 }
 
-int dejavu_llama_teal_decode_layer(const llama_layer* L, const teal_weights* W, float t_in, float t_down,
-                                   int64_t* kept, const float* x, float* x_out, float* k_cache, float* v_cache,
-                                   int64_t head_stride, int64_t t, const float* cos, const float* ssin,
-                                   const uint8_t* key_valid, float scale) {
-  if (W->d != L->hidden) return 1;
-  thresholded_how how = {W, t_in, t_down, kept};
-  return llama_layer_with(L, teal_in_layer, &how, x, x_out, k_cache, v_cache, head_stride, t, cos, ssin, key_valid,
-                          scale);
-}
-
-int dejavu_llama_cats_decode_layer(const llama_layer* L, const mlp_weights* W, float t_gate, int64_t* kept,
-                                   const float* x, float* x_out, float* k_cache, float* v_cache, int64_t head_stride,
-                                   int64_t t, const float* cos, const float* ssin, const uint8_t* key_valid,
-                                   float scale) {
-  if (W->d != L->hidden) return 1;
-  thresholded_how how = {W, t_gate, 0.f, kept};
-  return llama_layer_with(L, cats_in_layer, &how, x, x_out, k_cache, v_cache, head_stride, t, cos, ssin, key_valid,
-                          scale);
+/* The attention half and the MLP in one call: no Python runs between them (it would run cold,
+   its objects pushed out of the CPU's caches by the layer's weights). */
+int dejavu_llama_layer(const llama_layer* L, const mlp_step* M, const layer_step* S) {
+  if (bad_mlp_step(L, M)) return 1;
+  int64_t d = L->hidden;
+  float* scratch = malloc(sizeof(float) * (size_t)(M->kind == MLP_DENSE ? 2 * d + L->inner : d));
+  if (!scratch) return 2;
+  int status = llama_attention_half(L, S, scratch);
+  if (!status) status = llama_mlp(L, M, S, scratch, scratch + d);
+  free(scratch);
+  return status;
 }

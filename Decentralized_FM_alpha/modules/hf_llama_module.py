@@ -12,6 +12,8 @@ from transformers import LlamaConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from dejavu_common.mlp_activations import layer_activation
+
 from .common import (
     CheckpointPart,
     DenseMLP,
@@ -111,13 +113,14 @@ class LlamaAttentionWeights(nn.Module):
 class LlamaMLP(DenseMLP):
     """down(act(gate(h)) * up(h)), as transformers' LlamaMLP (block.mlp)."""
 
-    def __init__(self, config):
+    def __init__(self, config, layer_index=None):
         super().__init__()
         d, inner, bias = config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False)
         self.gate_proj = nn.Linear(d, inner, bias=bias)
         self.up_proj = nn.Linear(d, inner, bias=bias)
         self.down_proj = nn.Linear(inner, d, bias=bias)
-        self.act_fn = ACT2FN[config.hidden_act]
+        # config.json's dejavu_mlp_activations may set ReLU for this layer (dejavu_study/relu_control.py)
+        self.act_fn = layer_activation(config, layer_index) or ACT2FN[config.hidden_act]
 
     def activation(self, h):
         return self.act_fn(self.gate_proj(h)) * self.up_proj(h)
@@ -146,7 +149,7 @@ class LlamaBlock(TappedModule):
         self.input_layernorm = LlamaRMSNorm(d, config.rms_norm_eps)
         self.self_attn = LlamaAttentionWeights(config)
         self.post_attention_layernorm = LlamaRMSNorm(d, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, layer_index)
         self.materialize_buffers()
 
     def materialize_buffers(self, device=None):
@@ -211,8 +214,12 @@ class LlamaLMHead(CheckpointPart):
         self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
+    def features(self, x):
+        """What the vocabulary projection (lm_head) reads."""
+        return self.norm(x)
+
     def forward(self, x, input_ids=None):
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.features(x))
 
 
 # The pipeline engine imports every family under these names.

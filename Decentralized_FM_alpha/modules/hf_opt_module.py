@@ -160,12 +160,16 @@ class OPTLMHead(CheckpointPart):
             self.project_out = None
         self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
 
-    def forward(self, x, input_ids=None):
+    def features(self, x):
+        """What the vocabulary projection (lm_head) reads."""
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:
             x = self.project_out(x)
-        return self.lm_head(x)
+        return x
+
+    def forward(self, x, input_ids=None):
+        return self.lm_head(self.features(x))
 
 
 GPTEmbeddings = OPTEmbeddings

@@ -2,4 +2,4 @@
 into each block the sparse MLP of the chosen mode and the head selection."""
 
 from .hf_opt_module import GPTBlock, GPTEmbeddings, GPTLMHead  # noqa: F401
-from .sparse_execution import add_arguments, prepare_stage  # noqa: F401 (runner hooks)
+from .sparse_execution import add_arguments, prepare_stage, settings_from_args, settings_from_values  # noqa: F401 (hooks)

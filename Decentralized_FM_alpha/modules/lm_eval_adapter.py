@@ -15,33 +15,37 @@ pass a `DejaVuLM` instance.
 
 The model is built with the project's own modules: `LocalModel.from_checkpoint(checkpoint,
 model_type)` (embeddings, blocks and head in one process) and, for a variant type (the sparse
-`*-ml-att-sparse` ones, also the `*-save` ones), the variant's runner hooks from the model
-registry: its `add_arguments(parser)` builds the parser the model_args other than this
-adapter's own are parsed with, and its `prepare_stage(blocks, args, config)` sets the blocks up.
-So every flag of `dejavu-infer` for that type is a model_arg (`sparse_mode`, `sparse_path`,
-`mlp_keep`, `att_keep`, `sparse_layers`, `sparse_mlp`, `sparse_attention`, `no_gather`,
-`predictor_dtype`, `thresholds`, `sparse_stats`, ... and any mode or flag added later) under its
-dest name, with the runner's checks and the same environment defaults ($SPARSE_MODE, $TOPK,
-$SPRARSE_PATH, ...). A value holding commas is quoted: `sparse_layers='0-3,9'`.
+`*-ml-att-sparse` ones, also the `*-save` ones), the variant's hooks from the model registry:
+its `settings_from_values(model_args)` makes its settings (a SparseConfig for the sparse types,
+sparse_config.py) from the model_args other than this adapter's own, and its
+`prepare_stage(blocks, args, config)` sets the blocks up. So every flag of `dejavu-infer` for
+that type is a model_arg (`sparse_mode`, `sparse_path`, `mlp_keep`, `att_keep`, `sparse_layers`,
+`sparse_mlp`, `sparse_attention`, `no_gather`, `predictor_dtype`, `thresholds`, `sparse_stats`,
+and `sparse_config=FILE`, a saved SparseConfig the others change) under its dest name, with the
+runner's checks. Upstream's environment names ($SPARSE_MODE, $TOPK, ...) are the runner's only:
+here the model_args say everything. A value holding commas is quoted: `sparse_layers='0-3,9'`.
 
 The adapter's own model_args: checkpoint (required), model_type (default llama), device
-(auto: cuda when torch sees a GPU, else cpu), dtype (float32, float16, bfloat16), batch_size,
-max_length (default: the config's max_position_embeddings), max_gen_toks (default 256),
-add_bos_token, prefix_token_id, seed (sampling), label (a run name kept in the results, read
-by dejavu_study.downstream). The tokenizer is the checkpoint folder's.
+(auto: cuda when torch sees a GPU, else cpu), dtype (float32, float16, bfloat16, or another name
+of common.DTYPES), batch_size, max_length (default: the config's max_position_embeddings),
+max_gen_toks (default 256), add_bos_token, prefix_token_id, seed (sampling), label (a run name
+kept in the results, read by dejavu_study.downstream), decode_backend (auto, torch, cpu, cuda). The tokenizer is the checkpoint folder's.
 
 Scoring follows the harness's `hf` model: `TemplateLM`'s context/continuation split, inputs
 `(context + continuation)[-(max_length + 1):][:-1]`, log-softmax in float32. Rows are batched
 longest first with left padding; the blocks take the padding mask (positions come from it), so
 a padded row scores as it would alone. Only the positions that are scored go through the head.
-Generation is greedy (or sampled with do_sample/temperature) with the blocks' KV cache, one
-token per step for the whole batch, and stops per row at the end-of-text token, at any of the
-request's `until` strings or after max_gen_toks; the text is cut at the first stop string.
+Generation is greedy (or sampled with do_sample/temperature) by the generation loop
+(decode/generation.py) over a stage of the decode backend (auto: on CUDA the static-cache stage,
+each step a CUDA graph replay), one token per step for the whole batch; a row stops at the
+end-of-text token, at any of the request's `until` strings or after max_gen_toks, and its text
+is cut at the first stop string.
 """
 
 import argparse
 import atexit
 import logging
+import os
 import sys
 
 import torch
@@ -54,13 +58,16 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
 from dejavu_common.helpers import resolve_device
+from dejavu_llama.modules.common import DTYPES, resolve_dtype
+from dejavu_llama.modules.decode import generation
+from dejavu_llama.modules.decode import choose_backend
+from dejavu_llama.modules.decode.environment import apply_environment
 from dejavu_llama.modules.local_model import LocalModel
 from dejavu_llama.pipeline_parallel.model_registry import load_model_module, variant_hooks
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "dejavu"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_MAX_GEN_TOKS = 256
 AUTO_BATCH_SIZE = 8  # batch_size=auto: no memory probing here, this many rows (or max_batch_size)
 
@@ -69,53 +76,28 @@ class ModelArgsError(ValueError):
     """A model_arg the adapter or the model type's flags do not take, or a bad value."""
 
 
-class _RaisingParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ModelArgsError(f"model_args: {message}")
-
-
-def variant_parser(model_type):
-    """(parser of the type's own runner flags or None, its prepare_stage hook or None)."""
-    add_arguments, prepare_stage = variant_hooks(model_type)
-    if add_arguments is None:
-        return None, prepare_stage
-    parser = _RaisingParser(prog=f"dejavu model_args ({model_type})", add_help=False)
-    add_arguments(parser)
-    return parser, prepare_stage
-
-
-def flags_to_argv(parser, values, model_type):
-    """model_args {dest: value} -> the argv the runner's parser takes for the same settings."""
-    actions = {action.dest: action for action in parser._actions if action.option_strings} if parser else {}
-    argv = []
-    for key, value in values.items():
-        dest = key.replace("-", "_")
-        action = actions.get(dest)
-        if action is None:
-            known = sorted(actions)
+def variant_settings(model_type, values):
+    """(the type's settings made from its model_args {name: value}, or None; its prepare_stage hook
+    or None): each variant parses its own model_args (settings_from_values)."""
+    hooks = variant_hooks(model_type)
+    values = {key.replace("-", "_"): value for key, value in values.items() if value is not None}
+    if hooks.settings_from_values is None:
+        if values:
             raise ModelArgsError(
-                f"model_args: unknown key {key!r} for model_type {model_type}; the adapter takes "
-                f"{', '.join(sorted(OWN_ARGS))}" + (f" and the runner flags {', '.join(known)}" if known else
-                                                    " (a sparse type, e.g. llama-ml-att-sparse, takes the sparse flags)"))
-        flag = action.option_strings[-1]
-        if value is None:
-            continue
-        if action.nargs == 0:  # store_true / store_false
-            if not isinstance(value, bool):
-                raise ModelArgsError(f"model_args: {key} is a switch: give true or false, not {value!r}")
-            if value == isinstance(action, argparse._StoreTrueAction):
-                argv.append(flag)
-            continue
-        if isinstance(value, bool) and action.choices and {"on", "off"} <= set(action.choices):
-            value = "on" if value else "off"
-        elif isinstance(value, (list, tuple)):
-            value = ",".join(str(item) for item in value)
-        argv += [flag, str(value)]
-    return argv
+                f"model_args: unknown key(s) {', '.join(sorted(values))} for model_type {model_type}; the adapter "
+                f"takes {', '.join(sorted(OWN_ARGS))} (a sparse type, e.g. llama-ml-att-sparse, takes the sparse flags)")
+        return None, hooks.prepare_stage
+    try:
+        return hooks.settings_from_values(values), hooks.prepare_stage
+    except ValueError as error:
+        raise ModelArgsError(f"{error} (model_type {model_type}; the adapter's own: {', '.join(sorted(OWN_ARGS))})") \
+            from None
+    except RuntimeError as error:  # the variant's own setup error
+        raise ModelArgsError(str(error)) from None
 
 
 OWN_ARGS = ("checkpoint", "model_type", "device", "dtype", "batch_size", "max_batch_size", "max_length",
-            "max_gen_toks", "add_bos_token", "prefix_token_id", "seed", "label")
+            "max_gen_toks", "add_bos_token", "prefix_token_id", "seed", "label", "decode_backend")
 
 
 RUNNER_SETTINGS = ("model_name", "model_type", "rank", "world_size")  # what hooks may read beside the flags
@@ -135,26 +117,28 @@ class DejaVuLM(TemplateLM):
 
     def __init__(self, checkpoint=None, model_type="llama", device="auto", dtype="float32", batch_size=1,
                  max_batch_size=None, max_length=None, max_gen_toks=DEFAULT_MAX_GEN_TOKS, add_bos_token=None,
-                 prefix_token_id=None, seed=1234, label=None, _harness_device=None, **flags):
+                 prefix_token_id=None, seed=1234, label=None, decode_backend="auto", _harness_device=None, **flags):
         super().__init__()
         from transformers import AutoTokenizer
 
         if not checkpoint:
             raise ModelArgsError("model_args: checkpoint=PATH (a converted checkpoint folder) is required")
         load_model_module(model_type)  # an unknown type is an error naming the known ones
-        parser, prepare_stage = variant_parser(model_type)
-        argv = flags_to_argv(parser, flags, model_type)
-        self.run_args = parser.parse_args(argv) if parser is not None else argparse.Namespace()
-        if dtype not in DTYPES:
-            raise ModelArgsError(f"model_args: dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        settings, prepare_stage = variant_settings(model_type, flags)
+        self.run_args = argparse.Namespace(variant_settings=settings)
+        torch_dtype = self._pick_dtype(dtype)
         self._device = torch.device(self._pick_device(device, _harness_device))
+        try:  # how the blocks run (modules/decode): auto is cuda on a GPU (static cache, CUDA graphs), else cpu
+            self.decode_backend = choose_backend(decode_backend, self._device).name
+        except ValueError as error:
+            raise ModelArgsError(f"model_args: decode_backend: {error}") from None
         self.checkpoint, self.model_type, self.label = str(checkpoint), model_type, label
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
         except (OSError, ValueError) as error:
             raise ModelArgsError(f"checkpoint {self.checkpoint}: no tokenizer could be read from the folder "
                                  f"(converted checkpoints hold one): {error}") from error
-        self.model = LocalModel.from_checkpoint(self.checkpoint, model_type, dtype=DTYPES[dtype], device=self._device)
+        self.model = LocalModel.from_checkpoint(self.checkpoint, model_type, dtype=torch_dtype, device=self._device)
         self.model.eval()
         self._state = {"failed": False}
         if prepare_stage is not None:
@@ -173,7 +157,7 @@ class DejaVuLM(TemplateLM):
         self._warned = set()
         logger.info("dejavu: %s (%s) on %s, %s, batch size %d, max length %d%s", self.checkpoint, model_type,
                     self._device, dtype, self._batch_size, self.max_length,
-                    f", flags {' '.join(argv)}" if argv else "")
+                    f", settings {settings}" if settings is not None else "")
 
     # ---- construction from the harness ----------------------------------------------------------
     @classmethod
@@ -204,6 +188,16 @@ class DejaVuLM(TemplateLM):
         kind, _, index = str(device or "auto").partition(":")
         kind = resolve_device(kind, "model_args device")
         return f"{kind}:{index}" if index else kind
+
+    @staticmethod
+    def _pick_dtype(dtype):
+        """model_args dtype: a name of common.DTYPES (float32, float16, bfloat16, fp16, ...)."""
+        if dtype is not None:
+            try:
+                return resolve_dtype(dtype)
+            except ValueError:
+                pass
+        raise ModelArgsError(f"model_args: dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
 
     @staticmethod
     def _pick_batch_size(batch_size, max_batch_size):
@@ -281,19 +275,12 @@ class DejaVuLM(TemplateLM):
     # ---- the model ------------------------------------------------------------------------------
     def _batch(self, rows):
         """Left-padded input ids [B, L] and mask [B, L] (None when no row is padded)."""
-        width = max(len(row) for row in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = 1
-        padded = bool((mask == 0).any())
-        return ids.to(self._device), (mask.to(self._device) if padded else None)
+        return generation.left_pad(rows, pad, self._device)
 
-    def _forward(self, input_ids, mask=None, past=None, last=None):
+    def _forward(self, input_ids, mask=None, last=None):
         """(logits of the last `last` positions (all when None), presents)."""
-        return self.model(input_ids, mask=mask, past=past, last=last)
+        return self.model(input_ids, mask=mask, last=last, backend=self.decode_backend)
 
     def _run(self, method, *args, **kwargs):
         try:
@@ -399,33 +386,23 @@ class DejaVuLM(TemplateLM):
             self._warned.add(unused)
             logger.warning("dejavu: generation settings %s are not supported and are ignored", list(unused))
         sampling = bool(do_sample) and float(temperature or 0) > 0
+        choose = generation.sampler(temperature, self.generator) if sampling else generation.greedy
         stops = [stop for stop in until if stop]
+        eot = self.eot_token_id
+
+        def stop(row, tokens):
+            if tokens[-1] == eot:
+                return True
+            return bool(stops) and any(s in self.tok_decode(tokens, skip_special_tokens=False) for s in stops)
+
         input_ids, mask = self._batch(prompts)
-        generated = [[] for _ in prompts]
-        running = list(range(len(prompts)))
-        logits, past = self._forward(input_ids, mask, last=1)
-        for step in range(max_new_tokens):
-            scores = logits[:, -1].float()
-            if sampling:
-                probs = torch.softmax(scores / float(temperature), dim=-1).cpu()
-                next_tokens = torch.multinomial(probs, 1, generator=self.generator).to(scores.device)
-            else:
-                next_tokens = scores.argmax(-1, keepdim=True)
-            for row in list(running):
-                token = int(next_tokens[row, 0])
-                if token == self.eot_token_id:
-                    running.remove(row)
-                    continue
-                generated[row].append(token)
-                if stops and any(stop in self.tok_decode(generated[row], skip_special_tokens=False)
-                                 for stop in stops):
-                    running.remove(row)
-            if not running or step == max_new_tokens - 1:
-                break
-            if mask is not None:
-                mask = torch.cat((mask, torch.ones_like(next_tokens, dtype=mask.dtype)), dim=1)
-            logits, past = self._forward(next_tokens, mask, past, last=1)
-        return generated
+        stage = self.model.stage_pool(self.decode_backend, self._device).stage(
+            len(prompts), input_ids.shape[1] + max_new_tokens)
+        tokens, lengths = generation.generate(stage, self.model.embeddings,
+                                              self.model.logits(self.decode_backend, self._device), choose,
+                                              input_ids, mask, max_new_tokens, stop)
+        generated = [row[:length] for row, length in zip(tokens.tolist(), lengths)]
+        return [row[:-1] if row and row[-1] == eot else row for row in generated]  # end-of-text is not text
 
 
 def main(argv=None):
@@ -440,6 +417,7 @@ def main(argv=None):
     package_logger.setLevel(logging.INFO)
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    apply_environment(os.environ)
     cli_evaluate()
 
 

@@ -5,7 +5,7 @@ from torch import nn
 
 from dejavu_llama.pipeline_parallel.model_registry import load_model_module
 
-from .decode import StagePool, choose_backend
+from .decode import StagePool, choose_backend, generation
 
 
 class LocalModel(nn.Module):
@@ -14,6 +14,7 @@ class LocalModel(nn.Module):
         self.embeddings = embeddings
         self.blocks = nn.ModuleList(blocks)
         self.head = head
+        self.plans = {}  # backend name -> (the blocks' set-up it was made for, DecodePlan, StagePool)
 
     @classmethod
     def from_checkpoint(cls, model_path, model_type="llama", dtype=None, device=None, num_layers=None,
@@ -29,70 +30,87 @@ class LocalModel(nn.Module):
         ]
         head = parts.GPTLMHead.from_pretrained(model_path, config, dtype=dtype, device=device)
         model = cls(embeddings, blocks, head)
-        model.use_backend(backend, device or "cpu")
+        model.plan(backend, device or "cpu")
         return model
 
     @property
     def config(self):
         return self.embeddings.config
 
-    def use_backend(self, name, device):
-        """The decode Backend `name` chosen for `device`, with the model's parts prepared for it."""
-        backend = choose_backend(name, device)
-        if self.__dict__.get("prepared_for") != backend.name:
-            backend.prepare(self.embeddings, *self.blocks, self.head)
-            self.__dict__["prepared_for"] = backend.name
-        return backend
+    @property
+    def device(self):
+        return next(self.embeddings.parameters()).device
+
+    def _setup(self):
+        """What a plan is made for besides the weights: each block's MLP and taps objects."""
+        return [(block._modules["mlp"], block.taps) for block in self.blocks]
+
+    def plan(self, backend="auto", device=None):
+        """The DecodePlan of the decode `backend` for `device` (auto: cuda on a GPU, else cpu), kept
+        while the blocks' set-up (their MLP and taps: a sparse configuration) is the one it was
+        made for. Weights replaced since need a new one: prepare()."""
+        chosen = choose_backend(backend, device or self.device)
+        kept = self.plans.get(chosen.name)
+        setup = self._setup()
+        if kept is None or len(kept[0]) != len(setup) or not all(
+                a is c and b is d for (a, b), (c, d) in zip(kept[0], setup)):
+            return self.prepare(chosen.name, device)
+        return kept[1]
+
+    def prepare(self, backend="auto", device=None):
+        """A new DecodePlan of `backend` for the blocks as they are now (kept for later calls)."""
+        device = torch.device(device or self.device)
+        chosen = choose_backend(backend, device)
+        plan = chosen.prepare(self.blocks)
+        self.plans[chosen.name] = (self._setup(), plan, StagePool(plan, device))
+        return plan
 
     @torch.inference_mode()
     def forward(self, input_ids, mask=None, past=None, last=None, backend="auto"):
         """(logits [B, S, V], presents): `past` is one (k, v) per layer or None; with `last`, the
         head runs on the last `last` positions only (the scored ones: the head is the widest matmul).
-        Each block runs through the decode `backend` (the cpu backend's kernels at batch 1)."""
-        chosen = self.use_backend(backend, input_ids.device)
+        Each block runs through the decode `backend`'s plan (the cpu backend's kernels at batch 1)."""
+        plan = self.plan(backend, input_ids.device)
         past = past or [None] * len(self.blocks)
-        with chosen.running():
+        shared = {}  # the step's position arguments, made once for its layers
+        with plan.running():
             x = self.embeddings(input_ids, past_layer=past[0], mask=mask)
             presents = []
             for block, layer_past in zip(self.blocks, past):
-                x, present = chosen.run_block(block, x, layer_past, mask)
+                x, present = plan.run_block(block, x, layer_past, mask, shared)
                 presents.append(present)
             if last is not None:
                 x, input_ids = x[:, -last:], input_ids[:, -last:]
-            return self.head(x, input_ids=input_ids), presents
+            return plan.logits(self.head, x, input_ids), presents
 
     def stage_pool(self, backend, device):
-        """The StagePool of this backend and device, kept so later calls reuse captured steps."""
-        chosen = self.use_backend(backend, device)
-        pools = self.__dict__.setdefault("_stage_pools", {})
-        key = (chosen.name, str(device))
-        if key not in pools:
-            pools[key] = StagePool(chosen, self.blocks, device)
-        return pools[key]
+        """The StagePool of this backend's plan, kept so later calls reuse captured steps."""
+        plan = self.plan(backend, device)
+        return self.plans[plan.name][2]
+
+    def logits(self, backend, device):
+        """head(x) as the backend's plan runs it (the cpu plan: a single row through the kernel)."""
+        plan = self.plan(backend, device)
+        return lambda x: plan.logits(self.head, x)
 
     @torch.inference_mode()
     def generate_greedy(self, input_ids, max_new_tokens, mask=None, backend="auto", with_logprobs=False):
         """Greedy tokens [B, max_new_tokens], one token per step through a stage of the decode
-        `backend` (modules/decode: auto, torch, cpu, cuda); with_logprobs also returns each
+        `backend` (modules/decode: auto, torch, cpu, cuda) by the generation loop
+        (decode/generation.py); with_logprobs also returns each
         chosen token's log-probability [B, max_new_tokens] (float32)."""
         batch, length = input_ids.shape
-        device = input_ids.device
-        stage = self.stage_pool(backend, device).stage(batch, length + max_new_tokens)
-        x = stage.prefill(self.embeddings(input_ids, past_layer=None, mask=mask), mask)
-        logits = self.head(x[:, -1:], input_ids=input_ids[:, -1:])
-        tokens, logprobs = [], []
-        for step in range(max_new_tokens):
-            next_token = logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(next_token)
+        stage = self.stage_pool(backend, input_ids.device).stage(batch, length + max_new_tokens)
+        logprobs = []
+
+        def choose(logits):
+            tokens = generation.greedy(logits)
             if with_logprobs:
-                logprobs.append(torch.log_softmax(logits[:, -1].float(), dim=-1).gather(-1, next_token))
-            if step == max_new_tokens - 1:
-                break
-            if mask is not None:
-                mask = torch.cat((mask, torch.ones_like(next_token, dtype=mask.dtype)), dim=1)
-            x = self.embeddings(next_token, past_layer=stage.first_cache, mask=mask)
-            logits = self.head(stage.decode(x, mask), input_ids=next_token)
-        tokens = torch.cat(tokens, dim=1) if tokens else input_ids.new_zeros(batch, 0)
+                logprobs.append(torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens))
+            return tokens
+
+        tokens, _ = generation.generate(stage, self.embeddings, self.logits(backend, input_ids.device), choose,
+                                        input_ids, mask, max_new_tokens)
         if with_logprobs:
             return tokens, torch.cat(logprobs, dim=1) if logprobs else torch.zeros(batch, 0)
         return tokens

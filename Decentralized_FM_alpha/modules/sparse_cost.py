@@ -2,7 +2,7 @@
 
 Decoding is bound by reading weights, so the bytes of MLP weights one token needs are the
 figure that sparsity can lower. Biases, norms and activations are left out (they are O(d + I),
-not O(d * I)). No torch here: the report can use it.
+not O(d * I)).
 
 With d = hidden size, I = intermediate size (OPT: ffn_dim), K = kept neurons = f * I, p_in and
 p_down the kept fractions of the MLP's input h and of the input of down (fc2), D the predictor's
@@ -25,44 +25,18 @@ rank, b the bytes of one weight:
   * cats reads gate whole (it thresholds SiLU(gate(h)), computed densely), then up and down
     only for the kept neurons.
   * wina reads as teal; its column norms (d + I numbers, computed once) are not counted.
+
+Each formula is its mode's weight_count (sparse_execution.MODES): a new mode brings its own.
 """
 
 from __future__ import annotations
 
-# Weights of d x I read per token by each mode: (d, I, matrices, kept fractions) -> count.
-# `matrices` is the family's number of d x I matrices (Llama 3, OPT 2); teal and wina read the
-# input columns of all but the last (gate and up; fc1) and the kept columns of the last.
-def _neurons(d, inner, matrices, kept):
-    return matrices * d * kept["neurons"] * inner
-
-
-def _input_columns(d, inner, matrices, kept):
-    return (matrices - 1) * inner * kept["in"] * d + d * kept["down"] * inner
-
-
-WEIGHT_COUNTS = {
-    "dense": lambda d, inner, matrices, kept: matrices * d * inner,
-    "oracle": _neurons,
-    "predicted": _neurons,
-    "cats": lambda d, inner, matrices, kept: d * inner + 2 * d * kept["neurons"] * inner,
-    "teal": _input_columns,
-    "wina": _input_columns,
-}
-# Which kept fractions each mode's figure reads (the keys of the stats file's "kept").
-KEPT_INPUTS = {
-    "dense": (),
-    "oracle": ("neurons",),
-    "predicted": ("neurons",),
-    "cats": ("neurons",),
-    "teal": ("in", "down"),
-    "wina": ("in", "down"),
-}
 MATRICES = {"llama": 3, "opt": 2}  # MLP weight matrices of d x I
 
 
 def _fractions(mode, kept):
-    """{input: fraction} for `mode` from a mapping, or one number meaning every input."""
-    names = KEPT_INPUTS[mode]
+    """{input: fraction} for `mode` (a SparseMode) from a mapping, or one number meaning every input."""
+    names, mode = mode.kept_inputs, mode.name
     if isinstance(kept, (int, float)) or kept is None:
         value = 1.0 if kept is None else float(kept)
         kept = {name: value for name in names}
@@ -85,17 +59,19 @@ def mlp_bytes_per_token(mode, hidden, intermediate, kept=None, predictor_rank=No
     predicted and cats; "in" and "down" for teal and wina), or one number for all of them
     (a target); dense needs none. predictor_rank: D, required for predicted.
     Returns {"bytes": ..., "dense_bytes": ..., "relative": bytes / dense_bytes}."""
-    if mode not in KEPT_INPUTS:
-        raise ValueError(f"unknown sparse mode {mode!r}; known: {', '.join(KEPT_INPUTS)}")
+    from .sparse_execution import MODES  # each mode's weight count and kept inputs
+
+    if mode not in MODES:
+        raise ValueError(f"unknown sparse mode {mode!r}; known: {', '.join(MODES)}")
     if family not in MATRICES:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(MATRICES)}")
     if mode == "cats" and family != "llama":
         raise ValueError("cats needs a gated MLP (Llama); OPT has no gate")
     d, inner, b = float(hidden), float(intermediate), float(dtype_bytes)
-    fractions = _fractions(mode, kept)
+    fractions = _fractions(MODES[mode], kept)
     matrices = MATRICES[family]
     dense = matrices * d * inner * b
-    weights = WEIGHT_COUNTS[mode](d, inner, matrices, fractions)
+    weights = MODES[mode].weight_count(d, inner, matrices, fractions)
     total = weights * b
     if mode == "predicted":
         if predictor_rank is None:

@@ -8,7 +8,7 @@ real tokens (the token mask: left padding does not count), prompt and decoded to
 and at the end writes, per layer, the mean kept fraction of each input and the MLP weight
 bytes per token those fractions cost (sparse_cost.mlp_bytes_per_token).
 
-Inputs are named as in sparse_cost.KEPT_INPUTS: "neurons" (oracle, predicted, cats, and dense
+Inputs are named as in the modes' kept_inputs (sparse_execution.MODES): "neurons" (oracle, predicted, cats, and dense
 layers: 1.0), "in" and "down" (teal, wina: the MLP's input h and the input of down / fc2), plus
 "heads" where heads are masked (oracle or predicted attention; not part of the bytes figure).
 

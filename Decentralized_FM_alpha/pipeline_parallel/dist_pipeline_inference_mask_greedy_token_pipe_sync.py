@@ -10,7 +10,8 @@ head. For each batch:
    chooses each row's first new token.
 2. Token phase: the last stage sends each micro-batch's new tokens to stage 0 (the ring);
    stage 0 embeds them, and they flow through the stages again with the KV caches, once per
-   new token, up to the batch's largest max_tokens.
+   new token, up to the batch's largest max_tokens. Each stage's side of a step is the
+   generation loop's (modules/decode/generation.py: decode_step), as is the left padding.
 
 Every stage derives the same micro-batches, shapes and masks from the shared batch plan, so
 messages carry no header. Sends are asynchronous (`isend`) and only receives block, so the
@@ -22,10 +23,11 @@ import logging
 import os
 import time
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 
-from dejavu_llama.modules.decode import StagePool, choose_backend
+from dejavu_llama.modules.decode import StagePool, choose_backend, generation
 from dejavu_llama.pipeline_parallel.generation_utils import TokenSampler
 
 logger = logging.getLogger(__name__)
@@ -72,15 +74,23 @@ class Profiler:
         return path
 
 
-def micro_batch_tensors(prompts, pad_id=0):
-    """Left-padded input ids and mask [rows, longest] for a list of token-id lists."""
-    longest = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, longest - len(prompt):] = 1
-    return input_ids, mask
+class ProfiledStage:
+    """A stage whose prefill and decode are recorded as one compute span, `what`."""
+
+    def __init__(self, stage, profiler, what):
+        self.stage, self.profiler, self.what = stage, profiler, what
+
+    @property
+    def first_cache(self):
+        return self.stage.first_cache
+
+    def prefill(self, x, mask):
+        with self.profiler.span(self.what, "compute"):
+            return self.stage.prefill(x, mask)
+
+    def decode(self, x, mask):
+        with self.profiler.span(self.what, "compute"):
+            return self.stage.decode(x, mask)
 
 
 class DistInferenceMaskTokenPipeSync:
@@ -102,13 +112,18 @@ class DistInferenceMaskTokenPipeSync:
         self.profiler = profiler or Profiler(False, stage, device)
         # how the blocks run (modules/decode): it prepares this stage's parts; its stages are kept
         # for later batches
-        backend = choose_backend(decode_backend, self.device)
-        backend.prepare(embeddings, *self.blocks, head)
-        self.stage_pool = StagePool(backend, self.blocks, self.device)
+        self.backend = choose_backend(decode_backend, self.device)
+        self.prepare()
         if self.is_first and embeddings is None:
             raise ValueError("stage 0 needs the embeddings")
         if self.is_last and head is None:
             raise ValueError("the last stage needs the head")
+
+    def prepare(self):
+        """A new DecodePlan for the blocks as they are set up now (and a new pool of its stages):
+        after the blocks' sparse set-up or weights changed."""
+        self.plan = self.backend.prepare(self.blocks)
+        self.stage_pool = StagePool(self.plan, self.device)
 
     # -------------------------------------------------------------- transfers
     def _recv_hidden(self, rows, length, what):
@@ -121,13 +136,17 @@ class DistInferenceMaskTokenPipeSync:
         with self.profiler.span(f"send {what}", "send"):
             self.comm.send(hidden, self.stage + 1, what)
 
-    def _run_blocks(self, blocks, x, mask, what, prompt):
-        with self.profiler.span(what, "compute"):
-            return blocks.prefill(x, mask) if prompt else blocks.decode(x, mask)
+    def _profiled(self, stage, what):
+        """`stage`, its blocks' calls recorded as the compute span `what` when profiling."""
+        return ProfiledStage(stage, self.profiler, what) if self.profiler.enabled else stage
+
+    def _embed(self, tokens, past_layer, mask, what):
+        with self.profiler.span(f"embed {what}", "compute"):
+            return self.embeddings(tokens, past_layer=past_layer, mask=mask).to(self.dtype)
 
     # -------------------------------------------------------------- last stage
     def _head(self, hidden, input_ids=None):
-        return self.head(hidden, input_ids=input_ids).float()
+        return self.plan.logits(self.head, hidden, input_ids).float()
 
     def _score_prompts(self, hidden, input_ids, mask, settings, outputs):
         """Log-probabilities (and top-k) of each echoed prompt token given its prefix."""
@@ -195,8 +214,8 @@ class DistInferenceMaskTokenPipeSync:
         size = self.micro_batch_size
         micro = []
         for start in range(0, len(prompts), size):
-            input_ids, mask = micro_batch_tensors(prompts[start:start + size])
-            micro.append((start, input_ids.to(self.device), mask.to(self.device)))
+            input_ids, mask = generation.left_pad(prompts[start:start + size], device=self.device, always_mask=True)
+            micro.append((start, input_ids, mask))
         # each micro-batch's blocks with their KV caches, sized for its prompt and new tokens
         stages = [self.stage_pool.stage(ids.shape[0], ids.shape[1] + max_new_tokens, slot=m)
                   for m, (_, ids, _) in enumerate(micro)]
@@ -212,11 +231,10 @@ class DistInferenceMaskTokenPipeSync:
             rows, length = input_ids.shape
             what = f"prompt micro-batch {m}"
             if self.is_first:
-                with self.profiler.span(f"embed {what}", "compute"):
-                    x = self.embeddings(input_ids, past_layer=None, mask=mask).to(self.dtype)
+                x = self._embed(input_ids, None, mask, what)
             else:
                 x = self._recv_hidden(rows, length, f"activations of {what}")
-            x = self._run_blocks(stages[m], x, mask, what, prompt=True)
+            x = self._profiled(stages[m], what).prefill(x, mask)
             if not self.is_last:
                 self._send_hidden(x, f"activations of {what}")
                 continue
@@ -237,23 +255,27 @@ class DistInferenceMaskTokenPipeSync:
                     (prompt_mask, torch.ones((rows, step), dtype=prompt_mask.dtype, device=self.device)), dim=1
                 )
                 what = f"token {step} of micro-batch {m}"
+                embed = head = None
                 if self.is_first:
-                    tokens = self._take_tokens(m, rows, pending_tokens, what)
-                    with self.profiler.span(f"embed {what}", "compute"):
-                        x = self.embeddings(tokens, past_layer=stages[m].first_cache, mask=mask).to(self.dtype)
+                    inputs = self._take_tokens(m, rows, pending_tokens, what)
+                    embed = partial(self._embed, what=what)
                 else:
-                    x = self._recv_hidden(rows, 1, f"activations of {what}")
-                x = self._run_blocks(stages[m], x, mask, what, prompt=False)
+                    inputs = self._recv_hidden(rows, 1, f"activations of {what}")
+                if self.is_last:
+                    head = partial(self._head_and_choose, what=what, settings=row_settings[start:start + rows],
+                                   outputs=outputs[start:start + rows])
+                # this stage's side of the step: hidden states for the next stage, or the new tokens
+                out = generation.decode_step(self._profiled(stages[m], what), inputs, mask, embed, head)
                 if not self.is_last:
-                    self._send_hidden(x, f"activations of {what}")
-                    continue
-                settings = row_settings[start:start + rows]
-                with self.profiler.span(f"head {what}", "compute"):
-                    tokens = self._choose(x, settings, outputs[start:start + rows])
-                if step < max_new_tokens - 1:
-                    self._pass_tokens(m, tokens, pending_tokens)
+                    self._send_hidden(out, f"activations of {what}")
+                elif step < max_new_tokens - 1:
+                    self._pass_tokens(m, out, pending_tokens)
         self.comm.wait_sends()
         return outputs
+
+    def _head_and_choose(self, hidden, what, settings, outputs):
+        with self.profiler.span(f"head {what}", "compute"):
+            return self._choose(hidden, settings, outputs)
 
     def _pass_tokens(self, m, tokens, pending_tokens):
         if self.is_first:  # one stage: keep them

@@ -1,6 +1,7 @@
 """--model-type -> the module file of its family and variant. Adding a family is one row here."""
 
 import importlib
+from typing import Callable, NamedTuple, Optional
 
 MODEL_TYPES = {
     "opt": "dejavu_llama.modules.hf_opt_module",
@@ -35,11 +36,16 @@ def family_of(model_type):
     return FAMILY[model_type]
 
 
-# Variant modules (save, sparse) may export two optional hooks, which the runner calls:
-#   add_arguments(parser)                    their own command-line flags
-#   prepare_stage(blocks, args, config)      after a rank built its blocks; returns an object
-#                                            with close(ok) (called at the end, ok=False on
-#                                            error) or None
+class VariantHooks(NamedTuple):
+    """What a variant module (save, sparse) may export; None where it does not."""
+
+    add_arguments: Optional[Callable]  # (parser): its own command-line flags
+    settings_from_args: Optional[Callable]  # (args, environ) -> its settings, at the command's edge
+    settings_from_values: Optional[Callable]  # ({model_arg: value}) -> its settings (the lm-eval adapter)
+    prepare_stage: Optional[Callable]  # (blocks, args, config) after a rank built its blocks (args.variant_settings
+    #                                    holds the settings); returns an object with close(ok) or None
+
+
 def variant_hooks(model_type):
     module = load_model_module(model_type)
-    return getattr(module, "add_arguments", None), getattr(module, "prepare_stage", None)
+    return VariantHooks(*(getattr(module, name, None) for name in VariantHooks._fields))

@@ -14,4 +14,5 @@ files hold the maths only.
 """
 
 from .backends import BACKEND_CHOICES, BACKENDS, Backend, choose_backend  # noqa: F401
+from .plan import DecodePlan, active_plan  # noqa: F401
 from .stages import BackendError, DynamicCacheStage, StagePool, StaticCacheStage  # noqa: F401

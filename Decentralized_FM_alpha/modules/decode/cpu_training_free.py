@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import cpu_kernels
 from .huge_pages import huge_page_buffer
-from .sparse_gather import _autograd, _mlp_weights, is_relu, is_silu
+from .sparse_gather import OneCall, _autograd, derived, is_relu, is_silu, mlp_weights
 
 NO_THRESHOLD = -1.0  # |x| > -1 holds for every x: the kernel keeps everything, as None does in torch
 
@@ -52,7 +52,7 @@ def lay_out_teal(first, second, output):
     weights = [linear.weight for linear in linears] + [output.weight]
     if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
         return False
-    if teal_view(first, second, output) is not None:
+    if teal_laid_out(first, second, output):
         return True
     inner, d = first.weight.shape
     with torch.no_grad():
@@ -67,54 +67,53 @@ def lay_out_teal(first, second, output):
     return True
 
 
-def teal_view(first, second, output):
-    """The TealWeights of an MLP in lay_out_teal's layout (kept on `first` while its weights are
-    the same tensors), or None where it is not laid out so."""
-    weights = (first.weight, None if second is None else second.weight, output.weight)
-    cached = first.__dict__.get("_teal_view")
-    if cached is not None and all(a is b for a, b in zip(cached[0], weights)):
-        return cached[1]
+def teal_laid_out(first, second, output):
+    """Whether the MLP's weights lie in lay_out_teal's layout (read from their strides)."""
     gate_t, down_t = first.weight.t(), output.weight.t()
     inner = first.weight.shape[0]
-    ld_in = gate_t.stride(0)
-    laid_out = gate_t.stride(1) == 1 and down_t.is_contiguous() and (
-        second is None or (second.weight.t().stride(1) == 1 and second.weight.t().stride(0) == ld_in
+    return gate_t.stride(1) == 1 and down_t.is_contiguous() and (
+        second is None or (second.weight.t().stride(1) == 1 and second.weight.t().stride(0) == gate_t.stride(0)
                            and second.weight.data_ptr() - first.weight.data_ptr() == inner * 4))
-    if not laid_out:
+
+
+def _build_teal_view(first, second, output):
+    """(TealWeights, the biases its pointers name) of an MLP in lay_out_teal's layout, or None."""
+    if not teal_laid_out(first, second, output):
         return None
+    gate_t, down_t = first.weight.t(), output.weight.t()
+    inner = first.weight.shape[0]
     biases = [None if linear is None or linear.bias is None else linear.bias.detach().contiguous()
               for linear in (first, second, output)]
     view = cpu_kernels.TealWeights(in_t=gate_t.data_ptr(), gate_bias=_pointer(biases[0]), up_bias=_pointer(biases[1]),
-                       down_t=down_t.data_ptr(), down_bias=_pointer(biases[2]), ld_in=ld_in,
-                       up_offset=0 if second is None else inner, ld_down=down_t.stride(0),
-                       d=first.weight.shape[1], inner=inner)
-    first.__dict__["_teal_view"] = (weights, view, biases)
-    return view
+                                   down_t=down_t.data_ptr(), down_bias=_pointer(biases[2]), ld_in=gate_t.stride(0),
+                                   up_offset=0 if second is None else inner, ld_down=down_t.stride(0),
+                                   d=first.weight.shape[1], inner=inner)
+    return view, biases
 
 
-def teal_weights(first, second, output, act_fn):
-    """A ctypes reference to TEAL's weights as the kernels read them (the TealWeights struct,
-    kept alive on `first`), or None where they are not laid out for it or the activation is not
-    the kernel's."""
+def teal_weights(plan, first, second, output, act_fn):
+    """A ctypes reference to TEAL's weights as the kernels read them (the TealWeights struct, kept
+    by the plan), or None where they are not laid out for it or the activation is not the kernel's."""
     if not (is_silu(act_fn) if second is not None else is_relu(act_fn)):
         return None
-    view = teal_view(first, second, output)
-    return None if view is None else ctypes.byref(view)
+    found = derived(plan, "teal_weights", first, lambda: _build_teal_view(first, second, output))
+    return None if found is None else ctypes.byref(found[0])
 
 
-def cats_weights(first, second, output, act_fn):
+def cats_weights(plan, first, second, output, act_fn):
     """A ctypes reference to the packed MLP as CATS's kernels read it, or None."""
     if second is None or not is_silu(act_fn):
         return None
-    found = _mlp_weights(first, second, output, act_fn)[0]
+    found = mlp_weights(plan, first, second, output, act_fn)[0]
     return None if found is None else found[1]
 
 
-def _run_mlp(method, kernel, weights_of, counted, h, first, second, output, act_fn, *thresholds):
+def _run_mlp(plan, method, kernel, weights_of, counted, h, first, second, output, act_fn, *thresholds):
     """(out [1, 1, d], *counts) of one token through the MLP kernel `kernel` (counted: how many
     counts it writes), or None where it does not apply."""
+    plan = plan or OneCall()
     lib = cpu_kernels.kernel_library()
-    weights = weights_of(first, second, output, act_fn) if lib is not None else None
+    weights = weights_of(plan, first, second, output, act_fn) if lib is not None else None
     hs = _one_token(h, first, second, output) if weights is not None else None
     if hs is None:
         return None
@@ -126,11 +125,11 @@ def _run_mlp(method, kernel, weights_of, counted, h, first, second, output, act_
     return (out, *(int(count) for count in kept))
 
 
-def teal_mlp(h, first, second, output, act_fn, t_in, t_down):
+def teal_mlp(plan, h, first, second, output, act_fn, t_in, t_down):
     """(out [1, 1, d], inputs kept, neurons kept) of TEAL for one token, or None."""
-    return _run_mlp("TEAL", "dejavu_teal_mlp", teal_weights, 2, h, first, second, output, act_fn, t_in, t_down)
+    return _run_mlp(plan, "TEAL", "dejavu_teal_mlp", teal_weights, 2, h, first, second, output, act_fn, t_in, t_down)
 
 
-def cats_mlp(h, first, second, output, act_fn, t_gate):
+def cats_mlp(plan, h, first, second, output, act_fn, t_gate):
     """(out [1, 1, d], neurons kept) of CATS for one token, or None."""
-    return _run_mlp("CATS", "dejavu_cats_mlp", cats_weights, 1, h, first, second, output, act_fn, t_gate)
+    return _run_mlp(plan, "CATS", "dejavu_cats_mlp", cats_weights, 1, h, first, second, output, act_fn, t_gate)

@@ -1,17 +1,16 @@
 """The C decoder layers' views of a block's weights, as named structures (cpu.py runs them).
 
-A view is built once and kept on the block (sparse_gather.cached_view, under VIEW_KEY) while
-every slot its builder read still holds the same object, and each tensor the same version and
-memory: the weights, the modules they hang on and, in a sparse block, the MLP's predictor. Each
-decoded token checks that, then hands the view's struct to C.
+A view is built once per DecodePlan (plan.derived, under VIEW) at the block's first kernel step
+and kept for the plan's life; a new set-up (replaced weights or modules, another sparse
+configuration) is a new plan.
 
   LlamaLayerView   cpu_kernels.LlamaLayer (pointers to the layer's 16 tensors, its sizes and
                    norm epsilons), whether that struct holds the MLP too, and the prepared call
                    of DejaVu's predicted MLP where the block's MLP has a predictor
   OPTLayerView     cpu_kernels.OptLayer: the whole layer (ReLU MLP, pre-LN or post-LN)
 
-Each family has a slots function (what its view depends on: the 16 tensors first, in the
-struct's order) and a builder; cpu.FAMILIES pairs them with the family's C calls.
+Each family has a tensors function (the 16 tensors, in the struct's order) and a builder;
+cpu.FAMILIES pairs them with the family's C calls.
 """
 
 import ctypes
@@ -19,12 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from torch import nn
 
 from .. import cpu_kernels
-from .sparse_gather import PredictedCall, cached_view, is_relu, is_silu, linear_slots, predicted_call
+from .sparse_gather import PredictedCall, is_relu, is_silu, predicted_call
 
-VIEW_KEY = "cpu_layer_view"  # block.__dict__ key of the cached view
+VIEW = "cpu_layer_view"  # what plan.derived keeps a block's view under
 
 
 @dataclass(frozen=True)
@@ -33,6 +31,7 @@ class LlamaLayerView:
     ref: Any  # ctypes.byref(layer): what the kernels take
     has_mlp: bool  # the struct points at the MLP's weights too (False: packed per neuron, or not SiLU)
     predicted: Optional[PredictedCall]  # the MLP's predictor and weights as one C call; None: none it reads
+    held: tuple = ()  # the tensors the struct points into: alive while the view is, whatever the block holds since
 
 
 @dataclass(frozen=True)
@@ -41,6 +40,7 @@ class OPTLayerView:
     ref: Any
     has_mlp: bool = True  # there is no OPT view without the MLP
     predicted: Optional[PredictedCall] = None  # no OPT decoder layer with a predicted MLP
+    held: tuple = ()
 
 
 def kernel_readable(tensors):
@@ -53,30 +53,22 @@ def addresses(tensors):
     return [None if t is None else t.data_ptr() for t in tensors]
 
 
-def mlp_slots(mlp):
-    """The MLP's submodules, and a sparse MLP's predictor with its layers and their weights."""
-    slots = [(mlp._modules, name) for name in mlp._modules] + [(mlp.__dict__, "predictor")]
-    predictor = mlp.__dict__.get("predictor")
-    if isinstance(predictor, nn.Module):
-        layers = predictor._modules
-        slots += [(layers, name) for name in layers]
-        slots += linear_slots([layer for layer in layers.values() if isinstance(layer, nn.Linear)])
-    return slots
+def _linear_tensors(linears):
+    return [tensor for linear in linears for tensor in (linear.weight, linear.bias)]
 
 
-def llama_slots(block):
+def llama_tensors(block):
+    """The 16 tensors of cpu_kernels.LlamaLayer, in its order (None: no bias)."""
     modules = block._modules
     attention, mlp = modules["self_attn"]._modules, modules["mlp"]
     gate, up, down, _ = mlp.neuron_linears()
-    norms = [(modules[name]._parameters, "weight") for name in ("input_layernorm", "post_attention_layernorm")]
-    linears = [attention[name] for name in ("q_proj", "k_proj", "v_proj", "o_proj")] + [gate, up, down]
-    structure = [(modules, name) for name in ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp")]
-    structure += [(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    return norms + linear_slots(linears) + structure + mlp_slots(mlp)
+    norms = [modules[name].weight for name in ("input_layernorm", "post_attention_layernorm")]
+    return norms + _linear_tensors([attention[name] for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+                                   + [gate, up, down])
 
 
-def build_llama_view(block, values):
-    tensors = values[:16]
+def build_llama_view(plan, block):
+    tensors = llama_tensors(block)
     # The attention half reads its weights as the checkpoint has them; the MLP half also needs the
     # MLP's (a predicted-mode block packs them per neuron, and its MLP then runs apart).
     if not kernel_readable(tensors[:10]):
@@ -95,25 +87,25 @@ def build_llama_view(block, values):
         down_bias=down_bias, hidden=block.config.hidden_size, heads=block.num_heads, kv_heads=block.num_kv_heads,
         head_dim=block.head_dim, inner=gate.out_features, attn_eps=block.input_layernorm.eps,
         mlp_eps=block.post_attention_layernorm.eps)
-    predictor = mlp.__dict__.get("predictor")
-    predicted = None if predictor is None else predicted_call(predictor, gate, up, down, act_fn)
-    return LlamaLayerView(layer, ctypes.byref(layer), has_mlp, predicted)
+    predictor = getattr(mlp, "predictor", None)  # a sparse MLP's (sparse execution)
+    predicted = None if predictor is None else predicted_call(plan, predictor, gate, up, down, act_fn,
+                                                              getattr(mlp, "predictor_half", False))
+    return LlamaLayerView(layer, ctypes.byref(layer), has_mlp, predicted, tuple(tensors))
 
 
-def opt_slots(block):
+def opt_tensors(block):
+    """The 16 tensors of cpu_kernels.OptLayer, in its order (None: no bias or affine)."""
     modules = block._modules
     attention, mlp = modules["self_attn"]._modules, modules["mlp"]
     fc1, _, fc2, _ = mlp.neuron_linears()
-    norms = [(modules[norm]._parameters, name) for norm in ("self_attn_layer_norm", "final_layer_norm")
+    norms = [getattr(modules[norm], name) for norm in ("self_attn_layer_norm", "final_layer_norm")
              for name in ("weight", "bias")]
-    linears = [attention[name] for name in ("q_proj", "k_proj", "v_proj", "out_proj")] + [fc1, fc2]
-    structure = [(modules, name) for name in ("self_attn", "self_attn_layer_norm", "final_layer_norm", "mlp")]
-    structure += [(attention, name) for name in ("q_proj", "k_proj", "v_proj", "out_proj")]
-    return norms + linear_slots(linears) + structure + mlp_slots(mlp)
+    return norms + _linear_tensors([attention[name] for name in ("q_proj", "k_proj", "v_proj", "out_proj")]
+                                   + [fc1, fc2])
 
 
-def build_opt_view(block, values):
-    tensors = values[:16]
+def build_opt_view(plan, block):
+    tensors = opt_tensors(block)
     fc1, _, _, act = block._modules["mlp"].neuron_linears()
     if not (is_relu(act) and kernel_readable(tensors)):
         return None
@@ -125,16 +117,15 @@ def build_opt_view(block, values):
         fc1_bias=fc1_bias, fc2_bias=fc2_bias, hidden=block.config.hidden_size, heads=block.num_heads,
         head_dim=block.head_dim, inner=fc1.out_features, norm_first=int(block.norm_first),
         attn_eps=block.self_attn_layer_norm.eps, mlp_eps=block.final_layer_norm.eps)
-    return OPTLayerView(layer, ctypes.byref(layer))
+    return OPTLayerView(layer, ctypes.byref(layer), held=tuple(tensors))
 
 
-def layer_view(block, slots, build):
-    """The block's view (built by build(block, values) from slots(block)), or None where the
-    kernel cannot read its weights; kept while what it read is unchanged."""
-    return cached_view(block, VIEW_KEY, (), lambda: slots(block), lambda values: build(block, values))
+def layer_view(plan, block, build):
+    """The block's view (build(plan, block)), or None where the kernel cannot read its weights;
+    once per plan."""
+    return plan.derived(VIEW, block, lambda: build(plan, block))
 
 
-def view_of(block):
-    """The view the block last built (None: none yet, or one the kernel cannot read)."""
-    cached = block.__dict__.get(VIEW_KEY)
-    return None if cached is None else cached[1]
+def view_of(plan, block):
+    """The view the plan built for the block (None: none yet, or one the kernel cannot read)."""
+    return plan.built(VIEW, block)

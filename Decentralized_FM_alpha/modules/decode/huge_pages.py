@@ -4,13 +4,12 @@ Decoding one token streams every weight from memory once; with 4 KiB pages that 
 walks the page tables for every 4 KiB read. Weights copied into anonymous memory advised with
 MADV_HUGEPAGE (2 MiB pages) streamed about 20% faster on the benchmark machine. A checkpoint
 loaded with mmap lies in the page cache, where huge pages do not apply, so the loaders copy
-CPU weights once into such a buffer. Linux only; elsewhere, or with DEJAVU_HUGE_PAGES=0, the
-tensors are left as they are. Where the kernel ignores the advice, nothing changes but a copy.
+CPU weights once into such a buffer. Linux only; elsewhere, or turned off (configure(False):
+DEJAVU_HUGE_PAGES=0 at a command's edge, decode/environment.py), the tensors are left as they are. Where the kernel ignores the advice, nothing changes but a copy.
 """
 
 import ctypes
 import logging
-import os
 import sys
 
 import torch
@@ -19,7 +18,13 @@ logger = logging.getLogger(__name__)
 
 HUGE_PAGE = 2 * 1024 * 1024
 MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
-ENABLED = sys.platform.startswith("linux") and os.environ.get("DEJAVU_HUGE_PAGES", "1") != "0"
+ENABLED = sys.platform.startswith("linux")  # configure() turns it off
+
+
+def configure(enabled):
+    """Copy weights into huge pages from now on (True, on Linux only) or leave them where they are."""
+    global ENABLED
+    ENABLED = bool(enabled) and sys.platform.startswith("linux")
 _libc = {}
 
 

@@ -1,28 +1,29 @@
 """Single-row products for decoding: the gathered (sparse) MLP that reads only the kept
-neurons' weights, DejaVu's predicted MLP in one call, and CpuLinear, the dense Linear whose
-one-row products stream the whole weight through the same kernel.
+neurons' weights, DejaVu's predicted MLP in one call, and a dense Linear's one-row product
+through the same kernel.
 
-gathered_mlp(h, neurons, first, second, output, act)     the MLP on the kept neurons (one pass)
-predicted_gathered_mlp(h, x_pred, predictor, k, ...)     predictor, top-k and gathered MLP at once
-predicted_call(predictor, first, second, output, act)    that kernel call prepared (the decoder layer's too)
-store_predictor_half(predictor)                          run a predictor with float16 weights
-dense_mlp(h, first, second, output, act)                 the dense MLP of one token in one call
-pack_mlp_neurons(first, second, output)                  one neuron's weights side by side in memory
-CpuLinear / linear_forward(linear, x)                    a dense Linear; one input row goes through the kernel
-cached_view(owner, name, sources, slots, build)          a kernel's view of weights, checked every call
+gathered_mlp(plan, h, neurons, first, second, output, act)     the MLP on the kept neurons (one pass)
+gathered_mlp_torch(h, neurons, first, second, output, act)     the same in torch ops (the reference)
+predicted_gathered_mlp(plan, h, x_pred, predictor, k, ...)     predictor, top-k and gathered MLP at once
+predicted_call(plan, predictor, first, second, output, act)    that kernel call prepared (the decoder layer's too)
+mlp_weights(plan, first, second, output, act)                  an MLP's rows as the gathered kernels read them
+store_predictor_half(predictor)                                round a predictor's weights to float16
+dense_mlp(plan, h, first, second, output, act)                 the dense MLP of one token in one call
+pack_mlp_neurons(first, second, output)                        one neuron's weights side by side in memory
+linear_forward(plan, linear, x)                                a dense Linear; one input row goes through the kernel
 
 `first`, `second`, `output` are Llama's gate, up, down (SiLU-gated) or OPT's fc1, None, fc2
 (ReLU). On CPU in float32 without autograd these run the C kernels of ../cpu_kernels.py, which
 read the kept rows in place (nothing is materialised) and apply biases and the activation on
 the fly. Rows may be strided, so the interleaved views pack_mlp_neurons leaves are read as
-they lie; an unpacked down/fc2 is read through a transposed copy made once per weight version
-(+1/3 of the MLP's weights in memory). The predictor is read from a tiled copy of its weights
-(float32, or float16 after store_predictor_half), made once per weight version. Anywhere else
-(no compiler, other dtypes or devices, autograd) torch ops give the same numbers.
+they lie; an unpacked down/fc2 is read through a transposed copy (+1/3 of the MLP's weights in
+memory). The predictor is read from a tiled copy of its weights (float32, or float16 where its
+weights are float16's values). What the kernels read is derived once per DecodePlan (`plan`,
+plan.py; None: derived for the one call). Anywhere else (no compiler, other dtypes or devices,
+autograd) torch ops give the same numbers.
 """
 
 import ctypes
-import operator
 from collections import namedtuple
 
 import torch
@@ -38,54 +39,31 @@ _ACT_NONE = 0  # decode_kernels.c: no activation
 KernelPlan = namedtuple("KernelPlan", "table pointer rows width stride bias bias_pointer")
 
 
-def _watch(slots):
-    """What _unchanged checks: each (table, name) slot's current object, and for a tensor its
-    version and address."""
-    watched = []
-    for table, name in slots:
-        item = table.get(name)
-        is_tensor = isinstance(item, torch.Tensor)
-        watched.append((table, name, item, item._version if is_tensor else None, item.data_ptr() if is_tensor else None))
-    return watched
+class OneCall:
+    """What a kernel function derives when it is given no plan: kept for that one call (the
+    function holds it, so the tables the kernel reads stay alive while it runs)."""
+
+    def __init__(self):
+        self._derived = {}
+
+    def derived(self, what, owner, build):
+        key = (what, id(owner))
+        if key not in self._derived:
+            self._derived[key] = (owner, build())
+        return self._derived[key][1]
 
 
-def _unchanged(watched):
-    for table, name, item, version, pointer in watched:
-        current = table.get(name)
-        if current is not item or (version is not None and (current._version != version or current.data_ptr() != pointer)):
-            return False
-    return True
+def derived(plan, what, owner, build):
+    """build() once per plan (plan.derived: a DecodePlan, or OneCall for one call)."""
+    return plan.derived(what, owner, build)
 
 
-def cached_view(owner, name, sources, slots, build):
-    """build(values) for a kernel's view of some weights, kept in owner.__dict__[name] while it is
-    asked for the same `sources` (compared by identity) and every (table, key) slot that slots()
-    lists, e.g. (linear._parameters, "weight"), still holds the same object, and each tensor
-    there the same version and memory: a replaced module or weight, one re-pointed (.data =) or
-    changed in place is picked up. `values` are the slots' current objects, in order. The check
-    runs for every layer of every decoded token, after the layer's weights have pushed these
-    objects out of the CPU's caches, so it touches only those slots."""
-    cached = owner.__dict__.get(name)
-    if cached is not None and len(cached[2]) == len(sources) and all(map(operator.is_, cached[2], sources)) \
-            and _unchanged(cached[0]):
-        return cached[1]
-    watched = _watch(slots())  # holds the objects: the view's pointers and the ids stay theirs
-    view = build([item for _, _, item, _, _ in watched])
-    owner.__dict__[name] = (watched, view, tuple(sources))
-    return view
-
-
-def linear_slots(linears):
-    """The weight and bias slots of each Linear (None: skipped), in order."""
-    return [(linear._parameters, name) for linear in linears if linear is not None for name in ("weight", "bias")]
-
-
-def _kernel_plan(linear, transposed):
+def kernel_rows(plan, linear, transposed):
     """The kernel's view of the weight ([out, in]; with `transposed`, of weight.t(), [in, out]),
     or None where the kernel does not apply (not float32 on CPU). Rows with unit stride are read
-    in place; otherwise a contiguous copy is made. Cached on the Linear (cached_view)."""
-    return cached_view(linear, "_decode_plan_t" if transposed else "_decode_plan", (),
-                       lambda: linear_slots([linear]), lambda values: _build_plan(*values, transposed))
+    in place; otherwise a contiguous copy is made (once per plan)."""
+    return derived(plan, "rows_t" if transposed else "rows", linear,
+                   lambda: _build_plan(linear.weight, linear.bias, transposed))
 
 
 def _build_plan(weight, bias, transposed):
@@ -99,15 +77,6 @@ def _build_plan(weight, bias, transposed):
         bias_table = None if bias is None else bias.detach().contiguous()
     return KernelPlan(table, table.data_ptr(), table.shape[0], table.shape[1], table.stride(0), bias_table,
                       None if bias_table is None else bias_table.data_ptr())
-
-
-def transposed_weight(linear):
-    """`linear.weight.t()` ([in, out]) with unit-stride rows, made once per weight version."""
-    plan = _kernel_plan(linear, True)
-    if plan is not None:
-        return plan.table
-    return cached_view(linear, "_gather_weight_t", (), lambda: linear_slots([linear]),
-                       lambda values: values[0].detach().t().contiguous())
 
 
 def _autograd(x, *linears):
@@ -136,9 +105,9 @@ def is_relu(act_fn):
     return act_fn is F.relu or act_fn is torch.relu or isinstance(act_fn, nn.ReLU)
 
 
-def _gathered_mlp_torch(h, neurons, first, second, output, act_fn):
-    """gathered_mlp in torch ops: the kept rows are gathered, the down/fc2 columns read through
-    embedding_bag on the transposed weight (only the K rows, nothing materialised)."""
+def gathered_mlp_torch(h, neurons, first, second, output, act_fn):
+    """gathered_mlp in torch ops: the kept rows of first and second and the kept columns of
+    output are gathered (K of each), nothing else is read."""
     batch, k = neurons.shape
 
     def kept_rows(linear):
@@ -150,11 +119,7 @@ def _gathered_mlp_torch(h, neurons, first, second, output, act_fn):
         return out if bias is None else out + bias[neurons][:, None]
 
     act = act_fn(kept_rows(first)) if second is None else act_fn(kept_rows(first)) * kept_rows(second)
-    if _autograd(act, output):
-        out = torch.bmm(act, output.weight.t()[neurons])  # autograd reaches the weight itself
-    else:
-        out = F.embedding_bag(neurons, transposed_weight(output), per_sample_weights=act.reshape(batch, k),
-                              mode="sum").view(batch, 1, -1)
+    out = torch.bmm(act, output.weight.t()[neurons])  # [B, 1, K] x [B, K, d]
     return out if output.bias is None else out + output.bias
 
 
@@ -162,18 +127,17 @@ def _activation_matches(second, act_fn):
     return is_silu(act_fn) if second is not None else is_relu(act_fn)
 
 
-def _mlp_weights(first, second, output, act_fn):
-    """((cpu_kernels.MlpWeights, a ctypes reference to it), the plans its pointers name) of an
-    MLP for the gathered kernels; the first item None where they cannot read it. Cached on
-    `first` (cached_view)."""
-    return cached_view(first, "_mlp_weights", (second, output), lambda: linear_slots([first, second, output]),
-                       lambda values: _build_mlp_weights(first, second, output, act_fn))
+def mlp_weights(plan, first, second, output, act_fn):
+    """((cpu_kernels.MlpWeights, a ctypes reference to it), the tables its pointers name) of an
+    MLP for the gathered kernels; the first item None where they cannot read it. Once per plan."""
+    plan = plan or OneCall()
+    return derived(plan, "mlp_weights", first, lambda: _build_mlp_weights(plan, first, second, output, act_fn))
 
 
-def _build_mlp_weights(first, second, output, act_fn):
+def _build_mlp_weights(plan, first, second, output, act_fn):
     """(found, plans): the plans stay with the view, so the tables its pointers name stay alive."""
-    plans = [_kernel_plan(first, False), _kernel_plan(second, False) if second is not None else None,
-             _kernel_plan(output, True)]
+    plans = [kernel_rows(plan, first, False), kernel_rows(plan, second, False) if second is not None else None,
+             kernel_rows(plan, output, True)]
     a, b, t = plans
     if not (_activation_matches(second, act_fn) and a is not None and t is not None and (second is None or b is not None)
             and (t.rows, t.width) == (a.rows, a.width) and (b is None or (b.rows, b.width) == (a.rows, a.width))):
@@ -191,11 +155,12 @@ def _rows_input(x, rows, width):
     return x if x.is_contiguous() else x.contiguous()
 
 
-def gathered_mlp(h, neurons, first, second, output, act_fn):
+def gathered_mlp(plan, h, neurons, first, second, output, act_fn):
     """output(act(first(h), second(h))) on the kept neurons only, one pass over them:
     h [B, 1, d], neurons [B, K] -> [B, 1, d]."""
+    plan = plan or OneCall()
     lib = cpu_kernels.kernel_library()
-    found = _mlp_weights(first, second, output, act_fn)[0] if lib is not None else None
+    found = mlp_weights(plan, first, second, output, act_fn)[0] if lib is not None else None
     batch, k = neurons.shape
     hs = _rows_input(h, batch, found[0].d) if found is not None else None
     if hs is not None and not _autograd(h, first, second, output):
@@ -208,7 +173,7 @@ def gathered_mlp(h, neurons, first, second, output, act_fn):
             if status:
                 raise IndexError(f"gathered MLP: a neuron index is outside [0, {weights.rows})")
         return out
-    return _gathered_mlp_torch(h, neurons, first, second, output, act_fn)
+    return gathered_mlp_torch(h, neurons, first, second, output, act_fn)
 
 
 def _predictor_layers(predictor):
@@ -217,7 +182,7 @@ def _predictor_layers(predictor):
     if len(layers) != 2:
         return None
     first, second = layers.values()
-    if type(first) not in (nn.Linear, CpuLinear) or type(second) not in (nn.Linear, CpuLinear):
+    if type(first) is not nn.Linear or type(second) is not nn.Linear:
         return None
     return first, second
 
@@ -240,18 +205,17 @@ def _tiled(weights, dtype):
     return tiles
 
 
-def _predictor_weights(predictor, first, second):
+def _predictor_weights(first, second, half):
     """(cpu_kernels.PredictorWeights, its tiles) of the predictor's two bias-free float32 CPU
-    Linears, or None. The tiles are float16 where store_predictor_half asked for it and the
-    weights are exactly float16 values (then the kernel computes with the very numbers the
+    Linears, or None. The tiles are float16 where `half` asks for it and the weights are exactly
+    float16 values (store_predictor_half: then the kernel computes with the very numbers the
     torch path does), else float32."""
     if first.bias is not None or second.bias is not None or first.out_features != second.in_features:
         return None
     weights = (first.weight.detach(), second.weight.detach())
     if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
         return None
-    half = predictor.__dict__.get("kernel_half", False) and all(
-        torch.equal(w, w.half().float()) for w in weights)
+    half = half and all(torch.equal(w, w.half().float()) for w in weights)
     tiles = _tiled(weights, torch.float16 if half else torch.float32)
     table = cpu_kernels.PredictorWeights(p1=tiles[0].data_ptr(), p2=tiles[1].data_ptr(), rank=first.out_features,
                                          d=first.in_features, rows=second.out_features, half=int(half))
@@ -264,22 +228,19 @@ def _predictor_weights(predictor, first, second):
 PredictedCall = namedtuple("PredictedCall", "mlp_ref predictor_ref d rows x_width held")
 
 
-def predicted_call(predictor, first, second, output, act_fn):
-    """The PredictedCall of this predictor and MLP, or None where the kernel cannot read them.
-    Cached on the predictor (cached_view)."""
-    def slots():
-        layers = _predictor_layers(predictor) or ()
-        return [(predictor._modules, name) for name in predictor._modules] + linear_slots(
-            [first, second, output, *layers])
-
-    return cached_view(predictor, "_predicted_call", (first, second, output), slots,
-                       lambda values: _build_predicted_call(predictor, first, second, output, act_fn))
+def predicted_call(plan, predictor, first, second, output, act_fn, half=False):
+    """The PredictedCall of this predictor and MLP, or None where the kernel cannot read them;
+    half: read the predictor from float16 tiles (its weights rounded by store_predictor_half).
+    Once per plan."""
+    plan = plan or OneCall()
+    return derived(plan, "predicted_call", predictor,
+                   lambda: _build_predicted_call(plan, predictor, first, second, output, act_fn, half))
 
 
-def _build_predicted_call(predictor, first, second, output, act_fn):
+def _build_predicted_call(plan, predictor, first, second, output, act_fn, half):
     layers = _predictor_layers(predictor)
-    found = _mlp_weights(first, second, output, act_fn) if layers is not None else None
-    scorer = _predictor_weights(predictor, *layers) if found is not None and found[0] is not None else None
+    found = mlp_weights(plan, first, second, output, act_fn) if layers is not None else None
+    scorer = _predictor_weights(*layers, half) if found is not None and found[0] is not None else None
     if scorer is None or scorer[0].rows != found[0][0].rows:
         return None
     (weights, pointer), table = found[0], scorer[0]
@@ -287,11 +248,11 @@ def _build_predicted_call(predictor, first, second, output, act_fn):
 
 
 def store_predictor_half(predictor):
-    """Run the predictor with float16 weights, as upstream runs its predictors (in the fp16
-    model): its float32 parameters are rounded to float16's values in place, so the torch path
-    computes with the very numbers the predicted-MLP kernel then reads from float16 tiles (half
-    the bytes per token). False, with nothing changed, where a parameter lies outside float16's
-    range."""
+    """Round the predictor's weights to float16, as upstream runs its predictors (in the fp16
+    model): its float32 parameters take float16's values in place, so the torch path computes
+    with the very numbers the predicted-MLP kernel then reads from float16 tiles (half the bytes
+    per token; predicted_call with half=True). False, with nothing changed, where a parameter
+    lies outside float16's range."""
     tensors = [t for t in predictor.parameters() if t.dtype == torch.float32]
     limit = torch.finfo(torch.float16).max
     if any(t.numel() and t.detach().abs().max().item() > limit for t in tensors):
@@ -299,18 +260,18 @@ def store_predictor_half(predictor):
     with torch.no_grad():
         for t in tensors:
             t.copy_(t.half())
-    predictor.__dict__["kernel_half"] = True
     return True
 
 
-def predicted_gathered_mlp(h, x_pred, predictor, k, first, second, output, act_fn):
+def predicted_gathered_mlp(plan, h, x_pred, predictor, k, first, second, output, act_fn, half=False):
     """DejaVu's predicted MLP for one token per row, one kernel call per row: the predictor
     scores the I neurons from x_pred, the k best are kept (as topk + sort would; ties go to
     the lowest index), and gathered_mlp runs on them. h, x_pred [B, 1, d] -> [B, 1, d], or None
     where the kernel does not apply (the caller then runs the same steps in torch ops).
     Decoding runs the same kernel inside the decoder layer's call (cpu.py)."""
+    plan = plan or OneCall()
     lib = cpu_kernels.kernel_library()
-    call = predicted_call(predictor, first, second, output, act_fn) if lib is not None else None
+    call = predicted_call(plan, predictor, first, second, output, act_fn, half) if lib is not None else None
     if call is None or not 1 <= k <= call.rows:
         return None
     batch, d = h.shape[0], call.d
@@ -328,15 +289,16 @@ def predicted_gathered_mlp(h, x_pred, predictor, k, first, second, output, act_f
     return out
 
 
-def dense_mlp(h, first, second, output, act_fn):
+def dense_mlp(plan, h, first, second, output, act_fn):
     """The dense MLP of one token as the fused decoder layer runs it (one kernel call): h [1, 1, d]
     -> [1, 1, d], or None where the kernel does not apply."""
+    plan = plan or OneCall()
     lib = cpu_kernels.kernel_library()
     if lib is None or not _activation_matches(second, act_fn) or h.numel() != first.in_features \
             or _autograd(h, first, second, output):
         return None
-    a, b, w = (_kernel_plan(first, False), _kernel_plan(second, False) if second is not None else None,
-               _kernel_plan(output, False))
+    a, b, w = (kernel_rows(plan, first, False), kernel_rows(plan, second, False) if second is not None else None,
+               kernel_rows(plan, output, False))
     hs = _kernel_input(h)
     if a is None or w is None or hs is None or (second is not None and b is None):
         return None
@@ -368,6 +330,14 @@ def pack_mlp_neurons(first, second, output):
     return True
 
 
+def is_packed(first, second, output):
+    """Whether the MLP's weights lie as pack_mlp_neurons lays them out (read from their strides)."""
+    count, (inner, width) = (2 if second is None else 3), first.weight.shape
+    rows = (count * width, 1)
+    return (first.weight.stride() == rows and (second is None or second.weight.stride() == rows)
+            and output.weight.stride() == (1, count * width) and output.weight.shape == (width, inner))
+
+
 def unpack_mlp(*linears):
     """Give each CPU Linear (None: skipped) whose weight is a strided view (pack_mlp_neurons,
     lay_out_teal) its own row-major [out, in] weight again, in huge pages as the cpu backend
@@ -384,24 +354,17 @@ def unpack_mlp(*linears):
             linear.weight = nn.Parameter(rows, requires_grad=weight.requires_grad)
 
 
-def linear_forward(linear, x):
+def linear_forward(plan, linear, x):
     """linear(x); a single input row (decoding at batch 1) goes through the streaming kernel."""
+    plan = plan or OneCall()
     if x.numel() == linear.in_features and x.dim() > 0 and x.dtype == torch.float32 and x.device.type == "cpu":
         lib = cpu_kernels.kernel_library()
         if lib is not None and not _autograd(x, linear):
-            plan = _kernel_plan(linear, False)
-            hs = _kernel_input(x) if plan is not None else None
+            rows = kernel_rows(plan, linear, False)
+            hs = _kernel_input(x) if rows is not None else None
             if hs is not None:
-                out = torch.empty(*x.shape[:-1], plan.rows)
-                lib.dejavu_gathered_dots(plan.pointer, plan.stride, None, 0, plan.bias_pointer, None, None, plan.rows,
-                                         plan.rows, plan.width, hs.data_ptr(), out.data_ptr(), _ACT_NONE)
+                out = torch.empty(*x.shape[:-1], rows.rows)
+                lib.dejavu_gathered_dots(rows.pointer, rows.stride, None, 0, rows.bias_pointer, None, None, rows.rows,
+                                         rows.rows, rows.width, hs.data_ptr(), out.data_ptr(), _ACT_NONE)
                 return out
     return F.linear(x, linear.weight, linear.bias)
-
-
-class CpuLinear(nn.Linear):
-    """nn.Linear (same parameters and state-dict keys) whose one-row products use the kernel. The
-    cpu backend gives the nn.Linears of the modules it runs this class (cpu.prepare_modules)."""
-
-    def forward(self, x):
-        return linear_forward(self, x)

@@ -1,6 +1,6 @@
 """A stage's blocks over their KV caches, as each decode backend runs them (see __init__.py).
 
-DynamicCacheStage (torch, cpu): each block run by its backend (Backend.run_block: the cpu
+DynamicCacheStage (torch, cpu): each block run by its plan (DecodePlan.run_block: the cpu
 backend's C kernels where they apply, else the block's forward) over KV caches grown per token.
 StaticCacheStage (cuda): static caches (common.StaticKVCache) sized for prompt + new tokens.
 Its decoding step reads the token's position, cache slot and key mask from tensors
@@ -16,7 +16,7 @@ import logging
 import torch
 
 from ..common import StaticDecodeState, StaticKVCache, forget_step_caches
-from .cpu import DecodingSteps, kernels_enabled, torch_single_threaded
+from .plan import DecodePlan
 
 logger = logging.getLogger(__name__)
 
@@ -26,14 +26,16 @@ class BackendError(ValueError):
 
 
 class DynamicCacheStage:
-    """The blocks, each run by `backend`, one KV cache per block grown per token (common.KVCache).
-    With the C kernels (cpu), a sequence's decoding steps go through cpu.DecodingSteps: each
-    block's kernel step is prepared at the first token after the prompt and reused."""
+    """The plan's blocks, each run by the plan (DecodePlan.run_block), one KV cache per block grown
+    per token (common.KVCache). With `decoding_steps` (the cpu backend's cpu.DecodingSteps), a
+    sequence's decoding steps go through it: each block's kernel step is prepared at the first
+    token after the prompt and reused; decoding_steps.run(x, caches, mask) runs one."""
 
-    def __init__(self, blocks, backend):
-        self.blocks, self.backend = list(blocks), backend
+    def __init__(self, plan, decoding_steps=None):
+        self.plan, self.blocks = plan, plan.blocks
         self.caches = [None] * len(self.blocks)
-        self.decoding = None  # the sequence's cpu.DecodingSteps, made at its first token
+        self.decoding_steps = decoding_steps
+        self.decoding = False  # a sequence's decoding steps have begun
 
     @property
     def first_cache(self):
@@ -41,25 +43,26 @@ class DynamicCacheStage:
         return self.caches[0] if self.caches else None
 
     def _run(self, x, mask):
-        run_block = self.backend.run_block
-        with self.backend.running():
+        run_block, shared = self.plan.run_block, {}
+        with self.plan.running():
             for index, block in enumerate(self.blocks):
-                x, self.caches[index] = run_block(block, x, self.caches[index], mask)
+                x, self.caches[index] = run_block(block, x, self.caches[index], mask, shared)
         return x
 
     def prefill(self, x, mask):
-        self.decoding = None  # a new sequence: its steps are prepared afresh
+        if self.decoding_steps is not None and self.decoding:
+            self.decoding_steps.reset()  # a new sequence: its steps are prepared afresh
+        self.decoding = False
         return self._run(x, mask)
 
     def decode(self, x, mask):
-        if not self.backend.kernels:
+        if self.decoding_steps is None:
             return self._run(x, mask)
-        if self.decoding is None:
-            self.decoding = DecodingSteps(self.blocks)
+        self.decoding = True
         # batch 1: single-row ops (the kernels' steps); larger batches run torch's forward on its threads
         single_row = x.shape[0] == 1 and x.device.type == "cpu"
-        with self.backend.running(), torch_single_threaded() if single_row else contextlib.nullcontext():
-            return self.decoding.run(x, self.caches, mask)
+        with self.plan.running(), torch_single_threaded() if single_row else contextlib.nullcontext():
+            return self.decoding_steps.run(x, self.caches, mask)
 
 
 class StaticCacheStage:
@@ -70,8 +73,8 @@ class StaticCacheStage:
     the gathered MLP have fixed shapes at a fixed K. Per-call statistics (--sparse-stats) are
     Python work a replay skips, so a stage that counts runs eagerly."""
 
-    def __init__(self, blocks, batch, capacity, device, use_graph=None):
-        self.blocks = list(blocks)
+    def __init__(self, plan, batch, capacity, device, use_graph=None):
+        self.plan, self.blocks = plan, plan.blocks
         device = torch.device(device)
         self.state = StaticDecodeState(batch, capacity, device)
         self.caches = [StaticKVCache(self.state) for _ in self.blocks]
@@ -90,7 +93,7 @@ class StaticCacheStage:
 
     def _run(self, x, mask=None):
         forget_step_caches()  # values shared between layers are computed (and captured) afresh
-        with kernels_enabled(False):
+        with self.plan.running():
             for block, cache in zip(self.blocks, self.caches):
                 x, _ = block(x, layer_past=cache, mask=mask)
         return x
@@ -151,30 +154,70 @@ def configuration_of(blocks):
 
 
 class StagePool:
-    """The stages of one backend over one set of blocks, reused across batches: a static-cache
-    stage (and its CUDA graph: capturing one costs about three eager steps) serves every later
-    batch with the same rows and capacity (rounded up to CAPACITY_STEP positions) while the
-    blocks' configuration is unchanged. At most `size` are kept (their KV caches hold memory)."""
+    """The stages of one plan, reused across batches: a static-cache stage (and its CUDA graph:
+    capturing one costs about three eager steps) serves every later batch with the same rows and
+    capacity (rounded up to CAPACITY_STEP positions) while the blocks' configuration is
+    unchanged. At most `size` are kept (their KV caches hold memory)."""
 
     CAPACITY_STEP = 128
 
-    def __init__(self, backend, blocks, device, size=8):
-        self.backend, self.blocks, self.device, self.size = backend, list(blocks), torch.device(device), size
+    def __init__(self, plan, device, size=8):
+        self.plan, self.blocks, self.device, self.size = plan, plan.blocks, torch.device(device), size
         self.stages = {}
 
     def stage(self, batch, capacity, slot=0):
         """A stage for `batch` rows and `capacity` positions; stages in use at once (the
         micro-batches of one batch) take distinct slots."""
-        if not self.backend.static_cache:
-            return self.backend.new_stage(self.blocks, batch, capacity, self.device)
+        if not self.plan.backend.static_cache:
+            return self.plan.new_stage(batch, capacity, self.device)
         capacity = -(-capacity // self.CAPACITY_STEP) * self.CAPACITY_STEP
         key = (slot, batch, capacity, configuration_of(self.blocks))
         stage = self.stages.pop(key, None)
         if stage is None:
-            stage = self.backend.new_stage(self.blocks, batch, capacity, self.device)
+            stage = self.plan.new_stage(batch, capacity, self.device)
         else:
             stage.reset()
         self.stages[key] = stage  # the most recently used last
         while len(self.stages) > self.size:
             self.stages.pop(next(iter(self.stages)))
         return stage
+
+
+def torch_single_threaded():
+    """torch's intra-op threads at 1 for a block of calls (a decoding step's). Its ops there are
+    single-row, too small to gain from threads, and after each one torch's OpenMP workers spin on
+    the cores the C kernels' workers need (benchmarks/README.md has the figures)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return contextlib.nullcontext()
+    return _threads(1, threads)
+
+
+@contextlib.contextmanager
+def _threads(during, after):
+    torch.set_num_threads(during)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(after)
+
+
+class TorchPlan(DecodePlan):
+    """The torch backend's plan (the reference): every block's forward over a growing KV cache."""
+
+    def run_block(self, block, x, layer_past, mask, shared=None):
+        return block(x, layer_past=layer_past, mask=mask)
+
+    def new_stage(self, batch, capacity, device):
+        return DynamicCacheStage(self)
+
+    def logits(self, head, x, input_ids=None):
+        return head(x, input_ids=input_ids)
+
+
+class CudaPlan(TorchPlan):
+    """The cuda backend's plan: static KV caches, each decoding step one CUDA graph replay (eager
+    off CUDA); DejaVu's sparse MLP and heads through the Triton kernels of its modes."""
+
+    def new_stage(self, batch, capacity, device):
+        return StaticCacheStage(self, batch, capacity, device)
