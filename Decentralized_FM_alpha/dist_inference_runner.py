@@ -382,7 +382,7 @@ def main(argv=None):
         register_emergency_cleanup(cleanup)
         comm, rank, world = init_communicator(
             url if world > 1 else None, rank, world, args.dist_backend, device,
-            comm_timeout=args.comm_timeout, op_timeout=args.op_timeout,
+            comm_timeout=args.comm_timeout, op_timeout=args.op_timeout, environ=os.environ,
         )
         args.rank = rank  # variant hooks read it (torchrun gives no --rank)
         run(args, comm, rank, stages, config, device, dtype, state)

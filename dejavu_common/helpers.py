@@ -130,6 +130,23 @@ def format_layers(layers) -> str:
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
+class CheckpointFolderError(ValueError):
+    pass
+
+
+def checkpoint_config(checkpoint: str, flag: str = "--checkpoint") -> tuple[str, dict]:
+    """(path, contents) of a converted checkpoint folder's config.json; a missing or unreadable
+    file is a CheckpointFolderError naming `flag` or the file."""
+    path = os.path.join(checkpoint, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointFolderError(f"{flag} {checkpoint}: no config.json (not a converted checkpoint folder)")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return path, json.load(handle)
+    except (OSError, ValueError) as error:
+        raise CheckpointFolderError(f"{path}: not readable JSON ({error})") from None
+
+
 def resolve_device(choice: str, flag: str = "--device") -> str:
     """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without a GPU is a ValueError."""
     import torch

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import logging
 import os
 import shutil
@@ -44,7 +43,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dejavu_common.helpers import DEVICE_CHOICES, format_layers, parse_layers, resolve_device, write_json_atomic
+from dejavu_common.helpers import (DEVICE_CHOICES, CheckpointFolderError, checkpoint_config, format_layers, parse_layers,
+                                   resolve_device, write_json_atomic)
 from dejavu_common.mlp_activations import CONFIG_KEY, override_name
 
 log = logging.getLogger("relu_control")
@@ -78,14 +78,10 @@ class ReluMLP(torch.nn.Module):
 
 # ---- inputs -------------------------------------------------------------------------------------
 def read_config(checkpoint: str) -> dict:
-    path = os.path.join(checkpoint, "config.json")
-    if not os.path.isfile(path):
-        raise ReluControlError(f"--checkpoint {checkpoint}: no config.json (not a converted checkpoint folder)")
     try:
-        with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise ReluControlError(f"{path}: not readable JSON ({error})") from None
+        path, config = checkpoint_config(checkpoint)
+    except CheckpointFolderError as error:
+        raise ReluControlError(str(error)) from None
     if config.get("model_type") != "llama":
         raise ReluControlError(f"{path}: model_type {config.get('model_type')!r}; the ReLU control replaces the "
                                "SiLU of a gated Llama MLP")

@@ -27,15 +27,14 @@ arguments.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 
 import numpy as np
 import torch
 
-from dejavu_common.helpers import (DEVICE_CHOICES, KeepError, check_keep, keep_argument, parse_layers, resolve_device,
-                                   write_json_atomic)
+from dejavu_common.helpers import (DEVICE_CHOICES, CheckpointFolderError, KeepError, check_keep, checkpoint_config,
+                                   keep_argument, parse_layers, resolve_device, write_json_atomic)
 from dejavu_common.thresholds_format import METHODS, REACHED_KEYS, new_thresholds, thresholds_file
 
 from .cli import default_ckpt_dir, resolve_data_path, setup_logging
@@ -82,14 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def checkpoint_family(checkpoint: str) -> str:
     """'llama' or 'opt' from the converted checkpoint's config.json."""
-    path = os.path.join(checkpoint, "config.json")
-    if not os.path.isfile(path):
-        raise CalibrationError(f"--checkpoint {checkpoint}: no config.json (is it a converted checkpoint folder?)")
     try:
-        with open(path, encoding="utf-8") as handle:
-            model_type = json.load(handle).get("model_type")
-    except (OSError, ValueError) as error:
-        raise CalibrationError(f"{path}: not readable JSON ({error})") from None
+        path, config = checkpoint_config(checkpoint)
+    except CheckpointFolderError as error:
+        raise CalibrationError(str(error)) from None
+    model_type = config.get("model_type")
     if model_type not in MLP_INPUT:
         raise CalibrationError(f"{path}: model_type {model_type!r}; calibration knows {', '.join(MLP_INPUT)}")
     return model_type

@@ -13,12 +13,13 @@ reference label, `reference_rule`) so targets compare on one scale.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from dejavu_common.helpers import CheckpointFolderError, checkpoint_config
 
 from .labels import LabelRule
 
@@ -54,14 +55,10 @@ def check_checkpoint(checkpoint: str | None, hidden_size: int, intermediate_size
         raise LabelTargetError("--label-target gate-positive / gate-topk needs --checkpoint (the converted "
                                "checkpoint the dump was collected from)")
     checkpoint = os.path.abspath(checkpoint)
-    config_path = os.path.join(checkpoint, "config.json")
-    if not os.path.isfile(config_path):
-        raise LabelTargetError(f"--checkpoint {checkpoint}: no config.json (not a converted checkpoint folder)")
     try:
-        with open(config_path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise LabelTargetError(f"{config_path}: not readable JSON ({error})") from None
+        config_path, config = checkpoint_config(checkpoint)
+    except CheckpointFolderError as error:
+        raise LabelTargetError(str(error)) from None
     if config.get("model_type") != "llama":
         raise LabelTargetError(f"{config_path}: model_type {config.get('model_type')!r}; the gate targets need "
                                "a Llama checkpoint (a gated MLP)")

@@ -13,6 +13,16 @@ CACHE_DIR = os.environ.get("DEJAVU_TEST_CACHE", os.path.join(ROOT, ".cache", "te
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for a test, its count given back after (results must not depend on
+    the core count)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def smollm2_gguf():
     try:
         return embedded_gguf()

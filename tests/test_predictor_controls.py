@@ -18,12 +18,7 @@ from sparse_predictor.training import RunSettings, TrainConfig, train_layer
 from tiny_models import tiny_llama, tiny_opt
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: threads only add overhead
 
 
 # ---- predictor forms ------------------------------------------------------------------------------

@@ -20,13 +20,7 @@ from sparse_predictor.training import (
 TASKS = {"mlp": MLPTask(), "att": AttentionTask()}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matrices: threads only add overhead, and results must not depend on the core count
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: threads only add overhead
 
 
 @pytest.fixture(scope="module")

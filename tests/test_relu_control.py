@@ -14,12 +14,7 @@ from sparse_predictor.synthetic import make_checkpoint_dump
 from tiny_models import tiny_llama, tiny_opt
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices: threads only add overhead
 
 
 @pytest.fixture(scope="module")

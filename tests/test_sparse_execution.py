@@ -506,3 +506,41 @@ def test_count_above_the_width_is_refused_through_the_runner(tmp_path, caplog):
         assert run_in_process(args) == 1
         assert message in caplog.text
         assert not output.exists()
+
+
+def test_a_new_mode_is_one_object(tmp_path, monkeypatch):
+    """A mode added as one SparseMode object (here: keep the even neurons) runs on every backend,
+    with its stats and its byte cost, and nothing else changes."""
+    from dejavu_llama.modules import sparse_execution
+    from dejavu_llama.modules.sparse_cost import mlp_bytes_per_token
+    from dejavu_llama.modules.sparse_stats import SparseStats
+
+    class EvenNeurons(sparse_execution.SparseMode):
+        name, kept_inputs = "even", ("neurons",)
+
+        def mlp(self, mlp, h):
+            act = mlp.activation(h)
+            keep = torch.zeros(act.shape[-1], dtype=torch.bool)
+            keep[::2] = True
+            return mlp.output(act * keep.to(act.dtype)), {"neurons": keep.expand(act.shape)}
+
+        def weight_count(self, d, inner, matrices, kept):
+            return matrices * d * kept["neurons"] * inner
+
+    monkeypatch.setitem(sparse_execution.MODES, "even", EvenNeurons())
+    model = LocalModel.from_checkpoint(build("llama", tmp_path), "llama-ml-att-sparse")
+    prompt = ids(1, 5, 9)
+    runs = {}
+    for backend in ("torch", "cpu", "cuda"):
+        stats = SparseStats()
+        configure_sparse(list(model.blocks), "even", stats=stats)
+        runs[backend] = model.generate_greedy(prompt, 4, backend=backend, with_logprobs=True)
+        summary = stats.summary()
+        assert summary["layers"]["1"]["kept"]["neurons"] == pytest.approx(0.5)
+        assert summary["bytes_relative"] == pytest.approx(0.5)
+    for backend in ("cpu", "cuda"):
+        assert torch.equal(runs[backend][0], runs["torch"][0])
+        assert torch.allclose(runs[backend][1], runs["torch"][1], atol=1e-5)
+    configure_sparse(list(model.blocks), "dense")
+    assert not torch.equal(model.generate_greedy(prompt, 4, backend="torch", with_logprobs=True)[1], runs["torch"][1])
+    assert mlp_bytes_per_token("even", 48, 112, 0.5)["relative"] == pytest.approx(0.5)

@@ -373,18 +373,20 @@ class TorchCommunicator:
 
 
 def init_communicator(dist_url=None, rank=-1, world_size=1, backend="auto", device="cpu",
-                      comm_timeout=60.0, op_timeout=1800.0):
-    """A communicator for this rank: torchrun's env:// or an explicit tcp:// URL.
+                      comm_timeout=60.0, op_timeout=1800.0, environ=None):
+    """A communicator for this rank: torchrun's env:// or an explicit tcp:// URL. `environ`: the
+    launcher's variables (the runner passes its process's: RANK, WORLD_SIZE, MASTER_ADDR, ...).
 
     Returns (communicator, rank, world_size). A world of one needs no process group.
     """
-    launched_by_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or (
-        "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+    environ = environ or {}
+    launched_by_torchrun = "TORCHELASTIC_RUN_ID" in environ or (
+        "RANK" in environ and "WORLD_SIZE" in environ and "MASTER_ADDR" in environ
     )
     if launched_by_torchrun and (dist_url is None or dist_url == "env://"):
         url = "env://"
-        rank = int(os.environ["RANK"])
-        world_size = int(os.environ["WORLD_SIZE"])
+        rank = int(environ["RANK"])
+        world_size = int(environ["WORLD_SIZE"])
     else:
         url = dist_url
     if world_size == 1:
@@ -398,7 +400,7 @@ def init_communicator(dist_url=None, rank=-1, world_size=1, backend="auto", devi
     store, rank, world_size = next(
         dist.rendezvous(url, rank=rank, world_size=world_size, timeout=timedelta(seconds=op_timeout))
     )
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    agent_store = environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     if url == "env://":
         hosts_store = rank == 0 and not agent_store
         store_host = "the torchrun agent" if agent_store else "rank 0"

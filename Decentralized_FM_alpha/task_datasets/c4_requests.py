@@ -28,7 +28,7 @@ import random
 import sys
 
 from dejavu_common.helpers import write_jsonl_atomic
-from dejavu_llama.task_datasets.offline_text import offline_documents
+from dejavu_llama.task_datasets.offline_text import offline_documents, set_cache_folder
 
 logger = logging.getLogger("getdata")
 
@@ -109,11 +109,6 @@ class Truncator:
 
 def collect(args, split):
     """[text] from the chosen source, at most --num-docs, each with >= --min-words words."""
-    hub_offline = any(os.environ.get(name, "").lower() in ("1", "true", "yes")
-                      for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if hub_offline and not (args.text_dir or args.offline):
-        logger.warning("HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set: using the offline corpus")
-        args.offline = True
     if args.text_dir:
         source, texts = f"text files under {args.text_dir}", shuffled(text_dir_documents(args.text_dir), args.seed)
     elif args.offline:
@@ -161,6 +156,12 @@ def build_parser(split, default_output, default_num_docs):
 def main(split, default_output, default_num_docs, argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser(split, default_output, default_num_docs).parse_args(argv)
+    hub_offline = any(os.environ.get(name, "").lower() in ("1", "true", "yes")
+                      for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if hub_offline and not (args.text_dir or args.offline):
+        logger.warning("HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set: using the offline corpus")
+        args.offline = True
+    set_cache_folder(os.environ.get("DEJAVU_CORPUS_CACHE"))
     try:
         if args.num_docs < 1:
             raise ValueError("--num-docs must be >= 1")

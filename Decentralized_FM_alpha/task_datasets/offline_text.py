@@ -168,8 +168,17 @@ class Source:
     files: str  # a glob of the package's files: their sizes and times key the cache
 
 
+_settings = {"cache_folder": None}
+
+
+def set_cache_folder(folder: str | None) -> None:
+    """Where the parsed corpus is cached (None: .cache/corpus in the repository); a command's
+    edge sets it from $DEJAVU_CORPUS_CACHE."""
+    _settings["cache_folder"] = folder or None
+
+
 def cache_folder() -> str:
-    return os.environ.get("DEJAVU_CORPUS_CACHE") or os.path.join(repo_root(), ".cache", "corpus")
+    return _settings["cache_folder"] or os.path.join(repo_root(), ".cache", "corpus")
 
 
 @functools.lru_cache(maxsize=None)
@@ -246,6 +255,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Documents, passages, words (and tokens) per offline source and split")
     parser.add_argument("--tokenizer", default=None, help="a checkpoint folder: count tokens too")
     args = parser.parse_args(argv)
+    set_cache_folder(os.environ.get("DEJAVU_CORPUS_CACHE"))
     count_tokens = None
     if args.tokenizer:
         from transformers import AutoTokenizer

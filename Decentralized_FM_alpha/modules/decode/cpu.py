@@ -282,11 +282,11 @@ class DecodingSteps:
     following ones, since nothing can change a block's weights or settings between two tokens of
     one call, and the layers of a step share its position arguments. The checks, the view lookup
     and the per-layer lookups of the position are Python work done after the layer's weights have
-    pushed its objects out of the CPU's caches: about 40 us a layer (SmolLM2, 2 threads), 5-10% of
-    a token. Blocks the kernels do not take run their forward.
+    pushed its objects out of the CPU's caches, so they cost a visible part of a token
+    (benchmarks/README.md). Blocks the kernels do not take run their forward.
 
     The kernel steps but the stage's last write into two buffers in turn instead of a new tensor
-    each (allocating one cost about 12 us a layer, for the same reason). A step's input is the
+    each (an allocation costs for the same reason). A step's input is the
     buffer the step before wrote; the buffer is written again two kernel steps later, once the
     block after it (the only reader of its taps' look-ahead input) is done. The stage's output is
     always a new tensor: the caller keeps it (and a pipeline stage may still be sending it)."""

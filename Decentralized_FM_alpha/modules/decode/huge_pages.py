@@ -2,7 +2,7 @@
 
 Decoding one token streams every weight from memory once; with 4 KiB pages that stream also
 walks the page tables for every 4 KiB read. Weights copied into anonymous memory advised with
-MADV_HUGEPAGE (2 MiB pages) streamed about 20% faster on the benchmark machine. A checkpoint
+MADV_HUGEPAGE (2 MiB pages) stream faster (benchmarks/README.md). A checkpoint
 loaded with mmap lies in the page cache, where huge pages do not apply, so the loaders copy
 CPU weights once into such a buffer. Linux only; elsewhere, or turned off (configure(False):
 DEJAVU_HUGE_PAGES=0 at a command's edge, decode/environment.py), the tensors are left as they are. Where the kernel ignores the advice, nothing changes but a copy.

@@ -340,10 +340,9 @@ def is_packed(first, second, output):
 
 def unpack_mlp(*linears):
     """Give each CPU Linear (None: skipped) whose weight is a strided view (pack_mlp_neurons,
-    lay_out_teal) its own row-major [out, in] weight again, in huge pages as the cpu backend
-    keeps weights: the dense layer kernel reads that layout only (after a sparse layout, dense
-    decoding of SmolLM2 at 2 threads ran 23 instead of 39 tok/s). Same values, shapes and
-    state-dict keys."""
+    lay_out_teal) its own row-major [out, in] weight again, in huge pages as CPU checkpoints are
+    loaded: the dense layer kernel reads that layout only (a strided one streams far slower).
+    Same values, shapes and state-dict keys."""
     with torch.no_grad():
         for linear in linears:
             if linear is None or linear.weight.is_contiguous() or linear.weight.device.type != "cpu":
