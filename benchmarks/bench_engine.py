@@ -85,13 +85,16 @@ def sparse_runs(checkpoint, prompts, settings, args):
         sets["float16"] = [copy.deepcopy(predictor) for predictor in sets["float32"]]
         for predictor in sets["float16"]:
             store_predictor_half(predictor)  # as configure_sparse(..., predictor_dtype="float16") does
-    runs = []
+    runs, plans = [], {}
     for dtype in args.sparse_predictor_dtypes:
         for keep in args.sparse_keeps:
-            def run(new, keep=keep, chosen=sets[dtype], half=dtype == "float16"):
+            def run(new, keep=keep, chosen=sets[dtype], half=dtype == "float16", key=(dtype, keep)):
                 for block, predictor in zip(model.blocks, chosen):
                     block.mlp.predictor, block.mlp.keep, block.mlp.predictor_half = predictor, keep, half
-                engine.prepare()  # a new set-up: a new plan
+                if key not in plans:  # one plan per set-up, as a run makes it once
+                    engine.prepare()
+                    plans[key] = engine.plan
+                engine.use_plan(plans[key])
                 return engine.inference_batch(prompts, new, settings)
             suffix = "" if dtype == "float32" else ", float16"
             runs.append((f"sparse MLP keep {keep} (D={args.sparse_D}{suffix})", run))

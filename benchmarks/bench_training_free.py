@@ -1,7 +1,7 @@
 """Decode time of every sparse MLP method on SmolLM2, beside the kept fraction it reached and the
 MLP bytes it read: the measured cost of oracle-free selection, per method and kept fraction.
 
-    .venv/bin/python benchmarks/bench_training_free.py [--quick] [--threads 1] [--json PATH]
+    .venv/bin/python benchmarks/bench_training_free.py [--quick] [--threads 1] [--allocation FILE ...] [--json PATH]
 
 SmolLM2-135M-Instruct (the embedded model), float32, CPU, batch 1, the cpu decode backend (C
 kernels). One process, one model:
@@ -12,7 +12,9 @@ kernels). One process, one model:
      tokens, for each method at each kept fraction and for dense right before it (each ratio is
      to that dense run): tok/s = N / (t(1 + N) - t(1)), the median of --repeats; a second run
      with --sparse-stats's counting gives the kept fraction reached on those tokens and the MLP
-     bytes per token relative to dense (sparse_cost.py).
+     bytes per token relative to dense (sparse_cost.py);
+  3. with --allocation FILE ...: the same for each allocation file's per-layer kept fractions
+     (sparse_predictor/allocate.py), teal's and cats's thresholds calibrated as in 1.
 Methods: teal and cats through their C kernels (decode/cpu_training_free.py), wina as masks in
 torch ops (no kernel: it reads everything), predicted with random predictors at upstream's share
 of the MLP's bytes (speed only: what it keeps means nothing here). The kept fractions and the
@@ -83,6 +85,26 @@ def calibrated_thresholds(model, inputs, keeps):
     return found
 
 
+def allocation_options(path, model, inputs, predictors):
+    """(method, configure_sparse options) of an allocation file (sparse_predictor/allocate.py): its
+    per-layer kept fractions, with teal's or cats's thresholds calibrated here at those fractions."""
+    from dejavu_common.allocation_format import AllocationError, load_allocation
+
+    try:
+        data = load_allocation(path)
+    except AllocationError as error:
+        sys.exit(str(error))
+    method, layers = data["method"], {int(layer): keep for layer, keep in data["layers"].items()}
+    options = dict(mlp_keep_file=path, sparse_attention=False)
+    if method == "predicted":
+        options["predictors"] = predictors
+    else:
+        fractions = sorted({keep for keep in layers.values() if keep < 1})
+        found = calibrated_thresholds(model, inputs, fractions)[method] if fractions else {}
+        options["thresholds"] = {layer: found[keep][layer] for layer, keep in layers.items() if keep < 1}
+    return method, options
+
+
 def mean_kept(summary):
     """{input: kept fraction} averaged over the sparse layers of a --sparse-stats summary."""
     values = {}
@@ -117,6 +139,9 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1024 calibration tokens, 16 new tokens, 2 repeats")
+    parser.add_argument("--allocation", nargs="+", default=[], metavar="FILE",
+                        help="also time these allocation files (sparse_predictor/allocate.py: per-layer kept "
+                             "fractions of predicted, teal or cats; thresholds calibrated here at their fractions)")
     parser.add_argument("--json", default=result_path("training_free"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -146,37 +171,45 @@ def main(argv=None):
             f"{args.threads} thread(s)")
     blocks = list(model.blocks)
 
+    def timed_row(method, options, label, extra_note=""):
+        # Dense right before each method, so load on the machine hits the pair alike (a
+        # dense configuration lays the MLP's rows back: the dense layer kernel reads them).
+        configure_sparse(blocks, "dense")
+        dense = decode_rate(model, prompt, args.new_tokens, args.repeats)
+        dense_rates.append(dense)
+        configure_sparse(blocks, method, **options)
+        rate = decode_rate(model, prompt, args.new_tokens, args.repeats)
+        stats = SparseStats()
+        configure_sparse(blocks, method, stats=stats, **options)
+        model.generate_greedy(prompt, args.new_tokens, backend="cpu")
+        summary = stats.summary()
+        kept = mean_kept(summary)
+        reached = ", ".join(f"{name} {value:.3f}" for name, value in sorted(kept.items()))
+        note = f"kept reached ({summary.get('tokens')} tokens incl. the prompt): {reached}; MLP bytes " \
+               f"{summary.get('bytes_relative', float('nan')):.3f} of dense"
+        if method == "predicted":
+            note += f"; random predictors, rank {rank}"
+        if method == "wina":
+            note += "; masks in torch ops (no kernel)"
+        note += extra_note
+        log(f"{method} {label}: {rate:.1f} tok/s ({rate / dense:.2f}x dense at {dense:.1f}); {note}")
+        return dict(benchmark="training_free", case=case, measure=f"{method} decode, {label}",
+                    value=rate, unit="tok/s", baseline="dense decode (timed right before)",
+                    baseline_value=dense, ratio=rate / dense, note=note)
+
     rows, dense_rates = [], []
     for method in METHODS:
         for keep in KEEPS:
-            # Dense right before each method, so load on the machine hits the pair alike (a
-            # dense configuration lays the MLP's rows back: the dense layer kernel reads them).
-            configure_sparse(blocks, "dense")
-            dense = decode_rate(model, prompt, args.new_tokens, args.repeats)
-            dense_rates.append(dense)
             options = dict(mlp_keep=keep, sparse_attention=False)
             if method in thresholds:
                 options["thresholds"] = thresholds[method][keep]
             if method == "predicted":
                 options["predictors"] = predictors
-            configure_sparse(blocks, method, **options)
-            rate = decode_rate(model, prompt, args.new_tokens, args.repeats)
-            stats = SparseStats()
-            configure_sparse(blocks, method, stats=stats, **options)
-            model.generate_greedy(prompt, args.new_tokens, backend="cpu")
-            summary = stats.summary()
-            kept = mean_kept(summary)
-            reached = ", ".join(f"{name} {value:.3f}" for name, value in sorted(kept.items()))
-            note = f"kept reached ({summary.get('tokens')} tokens incl. the prompt): {reached}; MLP bytes " \
-                   f"{summary.get('bytes_relative', float('nan')):.3f} of dense"
-            if method == "predicted":
-                note += f"; random predictors, rank {rank}"
-            if method == "wina":
-                note += "; masks in torch ops (no kernel)"
-            log(f"{method} keep {keep}: {rate:.1f} tok/s ({rate / dense:.2f}x dense at {dense:.1f}); {note}")
-            rows.append(dict(benchmark="training_free", case=case, measure=f"{method} decode, MLP keep {keep}",
-                             value=rate, unit="tok/s", baseline="dense decode (timed right before)",
-                             baseline_value=dense, ratio=rate / dense, note=note))
+            rows.append(timed_row(method, options, f"MLP keep {keep}"))
+    for path in args.allocation:
+        method, options = allocation_options(path, model, inputs, predictors)
+        rows.append(timed_row(method, options, f"MLP keep per layer from {os.path.basename(path)}",
+                              f"; per-layer kept fractions of {path}"))
     configure_sparse(blocks, "dense")
     rows.insert(0, dict(benchmark="training_free", case=case, measure="dense decode", value=statistics.median(
         dense_rates), unit="tok/s", note=f"median of {len(dense_rates)} runs, one before each method's"))

@@ -332,26 +332,45 @@ def test_a_sequence_prepares_each_kernel_step_once(family_checkpoint, monkeypatc
 
 
 def test_cpu_decoding_steps_run_torch_on_one_thread(family_checkpoint, monkeypatch):
-    """The cpu backend's batch-1 decoding steps run torch's ops on one thread (their OpenMP workers
-    would spin on the kernels' cores) and give torch its thread count back after each step."""
+    """The cpu backend's batch-1 kernel steps run torch's ops on one thread (their OpenMP workers
+    would spin on the kernels' cores); a block that runs its forward gets torch's threads (its
+    products are torch's), and torch has its thread count back after each step."""
     family, checkpoint = family_checkpoint
-    model = LocalModel.from_checkpoint(checkpoint, family)
+    model = LocalModel.from_checkpoint(checkpoint, f"{family}-ml-att-sparse")
     input_ids, _ = prompts(1, 5, seed=7)
     seen = []
-    real_run = cpu.DecodingSteps.run
+    real_step, real_forward = cpu.kernel_step, type(model.blocks[0]).forward
 
-    def recording_run(self, x, caches, mask):
-        seen.append(torch.get_num_threads())
-        return real_run(self, x, caches, mask)
+    def recording_step(*args):
+        step = real_step(*args)
+        if step is None:
+            return None
 
-    monkeypatch.setattr(cpu.DecodingSteps, "run", recording_run)
+        def recorded(*step_args):
+            seen.append(("kernel", torch.get_num_threads()))
+            return step(*step_args)
+        return recorded
+
+    def recording_forward(block, x, *args, **kwargs):
+        if x.shape[1] == 1:  # decoding steps only
+            seen.append(("forward", torch.get_num_threads()))
+        return real_forward(block, x, *args, **kwargs)
+
+    monkeypatch.setattr(cpu, "kernel_step", recording_step)
+    monkeypatch.setattr(type(model.blocks[0]), "forward", recording_forward)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        configure_sparse(list(model.blocks), "dense")
         model.generate_greedy(input_ids, 4, backend="cpu")
-        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+        assert set(seen) == {("kernel", 1)} and torch.get_num_threads() == 2
+        seen.clear()  # oracle: every block runs its forward, on torch's threads
+        configure_sparse(list(model.blocks), "oracle", mlp_keep=0.5)
+        model.generate_greedy(input_ids, 3, backend="cpu")
+        assert set(seen) == {("forward", 2)} and torch.get_num_threads() == 2
         seen.clear()  # a larger batch runs the blocks' torch forward, on torch's threads
+        configure_sparse(list(model.blocks), "dense")
         model.generate_greedy(input_ids.repeat(2, 1), 3, backend="cpu")
-        assert seen == [2, 2] and torch.get_num_threads() == 2
+        assert set(seen) == {("forward", 2)} and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)

@@ -11,6 +11,7 @@ Two runs are built:
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -492,3 +493,52 @@ def test_downstream_results_add_a_table(runs, tmp_path):
     assert "| facts | acc | oracle mlp_keep=0.25 | 0.4500 ± 0.1000 | -0.1500 |" in md
     assert cli.main([runs["opt"], "--out", str(tmp_path / "out2"), "--no-plots", "--no-progress",
                      "--downstream", str(tmp_path / "nowhere")]) == 1
+
+
+def test_decode_speed_puts_the_frontier_in_time_and_answers_where_sparsity_pays(runs, tmp_path):
+    """decode_speed.json (dejavu_study.decode_speed) joins the perplexity runs by result file; an
+    allocated run is a line of its own; the answer takes, per perplexity budget, the fastest
+    configuration a decoder can run, never oracle (a bound) nor wina (masks), and its distance
+    from oracle at the same bytes."""
+    run = str(tmp_path / "timed_run")
+    shutil.copytree(runs["llama"], run)
+    lines = [dict(line, result_file=os.path.join(run, line.get("result_file") or f"{line['mode']}_{line['mlp_keep']}"))
+             for line in PERPLEXITY]
+    lines.append({"mode": "teal", "mlp_keep": 0.5, "att_keep": None, "perplexity": 20.4, "tokens": 1000,
+                  "mlp_bytes_relative": 0.5, "allocation": "allocation_teal_0.5.json",
+                  "result_file": os.path.join(run, "teal_alloc")})
+    with open(os.path.join(run, "perplexity.jsonl"), "w") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+    speeds = {("oracle", 0.5): (2.0, "bound"), ("teal", 0.5): (1.3, "kernel"), ("cats", 0.5): (1.1, "kernel"),
+              ("wina", 0.5): (3.0, "masks"), ("teal", 0.25): (1.6, "kernel"), ("predicted", 0.5): (1.2, "kernel")}
+    configs = [{"result_file": line["result_file"], "mode": line["mode"], "mlp_keep": line["mlp_keep"],
+                "kind": speeds[line["mode"], line["mlp_keep"]][1], "ratio": speeds[line["mode"], line["mlp_keep"]][0],
+                "rate": 40.0} for line in lines if (line["mode"], line["mlp_keep"]) in speeds and not line.get("allocation")]
+    configs.append({"result_file": os.path.join(run, "teal_alloc"), "mode": "teal", "mlp_keep": 0.5, "kind": "kernel",
+                    "ratio": 1.25, "rate": 38.0, "allocated": True})
+    with open(os.path.join(run, "decode_speed.json"), "w") as f:
+        json.dump({"format": "dejavu-decode-speed", "version": 1, "threads": 2, "rounds": 3, "new_tokens": 32,
+                   "prompt_tokens": 64, "machine": "test", "cpus": 2, "dense_rate": 31.0, "configs": configs}, f)
+    out = str(tmp_path / "report")
+    result = subprocess.run([sys.executable, os.path.join(SCRIPTS, "report.py"), run, "--out", out, "--no-progress"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    with open(os.path.join(out, "summary.json")) as f:
+        found = json.load(f)["runs"][0]["findings"]["perplexity"]
+    methods = found["mlp_frontier"]["methods"]
+    assert [p["speed_ratio"] for p in methods["teal"]] == [1.3, 1.6]
+    assert [(p["keep"], p["increase_pct"], p["speed_ratio"]) for p in methods["teal allocated"]] == [
+        (0.5, pytest.approx(2.0), 1.25)]
+    assert methods["oracle"][0]["speed_kind"] == "bound"
+    budgets = {b["budget_pct"]: b for b in found["where_sparsity_pays"]["budgets"]}
+    assert budgets[1.0].get("method") is None  # nothing within 1%
+    assert (budgets[3.0]["method"], budgets[3.0]["speed_ratio"]) == ("teal allocated", 1.25)
+    # within 10%: teal 0.5 (+10%, 1.3x) and cats (+8%, 1.1x) and predicted? (+20%: no); never oracle or wina
+    assert (budgets[10.0]["method"], budgets[10.0]["speed_ratio"]) == ("teal", 1.3)
+    assert budgets[10.0]["faster_than_dense"] is True
+    assert budgets[3.0]["oracle_increase_pct_at_bytes"] is None  # no oracle run records its bytes here
+    with open(os.path.join(out, "report.md")) as f:
+        text = f.read()
+    assert "where sparsity pays" in text and "teal allocated keep 0.5 decodes 1.25× dense" in text
+    assert os.path.isfile(os.path.join(out, "frontier_time.png"))

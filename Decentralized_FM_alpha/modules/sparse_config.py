@@ -37,6 +37,7 @@ class SparseConfig:
     att_keep: float | None = None  # heads kept per token, the same way
     layers: str = "all"  # the sparse layers (dejavu_common.helpers.parse_layers syntax), resolved per stage
     layer_mlp_keep: dict = field(default_factory=dict)  # {layer: kept value} in place of mlp_keep there
+    mlp_keep_file: str | None = None  # an allocation file (dejavu_common.allocation_format) filling layer_mlp_keep
     sparse_mlp: bool = True
     sparse_attention: bool = True
     sparse_path: str | None = None  # folder of the predictors and thresholds files
@@ -106,7 +107,8 @@ class SparseConfig:
 # The flag of each field (what an error names).
 FLAGS = {"mode": "--sparse-mode", "mlp_keep": "--mlp-keep ($TOPK)", "att_keep": "--att-keep ($ATTN_TOPK_1)",
          "layers": "--sparse-layers", "sparse_path": "--sparse-path", "predictor_dataset": "--predictor-dataset",
-         "thresholds": "--thresholds", "predictor_dtype": "--predictor-dtype", "stats_file": "--sparse-stats"}
+         "thresholds": "--thresholds", "predictor_dtype": "--predictor-dtype", "stats_file": "--sparse-stats",
+         "mlp_keep_file": "--mlp-keep-file"}
 
 
 def _checked_keep(keep, flag):
@@ -135,6 +137,10 @@ def add_arguments(parser, modes):
                        help="MLP neurons kept per token: a fraction in (0, 1] or a whole count up to the MLP's "
                             "width (default: $TOPK; predicted mode without it keeps the classifier's positives); "
                             "teal, cats, wina: the target kept fraction of each masked input")
+    group.add_argument("--mlp-keep-file", default=None, metavar="FILE",
+                       help="predicted, teal, cats: per-layer MLP kept fractions from an allocation file "
+                            "(sparse_predictor/allocate.py); every sparse layer must have one, and --mlp-keep "
+                            "(default: the file's target) is then only reported")
     group.add_argument("--att-keep", type=keep_argument("--att-keep"), default=None,
                        help="heads kept per token: a fraction in (0, 1] or a whole count up to the number of "
                             "heads (default: $ATTN_TOPK_1; not with teal, cats, wina)")
@@ -169,6 +175,7 @@ def from_args(args, environ):
     return SparseConfig(
         mode=args.sparse_mode or environ.get("SPARSE_MODE") or "predicted",
         mlp_keep=args.mlp_keep if args.mlp_keep is not None else _environment_keep(environ, "TOPK", "--mlp-keep"),
+        mlp_keep_file=getattr(args, "mlp_keep_file", None),
         att_keep=args.att_keep if args.att_keep is not None else _environment_keep(environ, "ATTN_TOPK_1",
                                                                                    "--att-keep"),
         layers=args.sparse_layers or (f"{layer}-" if layer not in (None, "") else "all"),
@@ -227,6 +234,7 @@ VALUE_FIELDS = {  # model_arg -> (field, parse(name, value))
     "sparse_mode": ("mode", _text),
     "mlp_keep": ("mlp_keep", _keep_value("--mlp-keep")),
     "att_keep": ("att_keep", _keep_value("--att-keep")),
+    "mlp_keep_file": ("mlp_keep_file", _text),
     "sparse_layers": ("layers", _text),
     "sparse_mlp": ("sparse_mlp", _on_off),
     "sparse_attention": ("sparse_attention", _on_off),

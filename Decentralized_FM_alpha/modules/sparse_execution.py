@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from dejavu_common.allocation_format import AllocationError, allocation_layers, load_allocation, target_keep
 from dejavu_common.helpers import KeepError, LayerSpecError, kept_count, parse_layers
 from dejavu_common.thresholds_format import ThresholdsError, read_thresholds, thresholds_file
 
@@ -218,6 +219,7 @@ class SparseMode:
     name = None
     mlp_only = False  # a training-free baseline: attention dense, mlp_keep a fraction, required
     calibrated = False  # reads a thresholds file (sparse_predictor/calibrate.py)
+    realisable = True  # False: it chooses from what it would save computing (a bound, not a method)
     layout = None  # how its set-up lays the MLP out for its kernels (lay_out); None: the checkpoint's rows
     kept_inputs = ()  # what its kept fractions are of (the keys of the stats file's "kept")
     kernels = {}  # backend name -> kernel(plan, mlp, h) -> (output, kept), or None where it does not apply
@@ -234,6 +236,10 @@ class SparseMode:
     def weight_count(self, d, inner, matrices, kept):
         """MLP weights of d x I read per token ({input: kept fraction}; matrices: Llama 3, OPT 2)."""
         raise NotImplementedError
+
+    def decodes_in_kernels(self):
+        """Whether some backend runs this MLP through kernels of its own (else masks in torch ops)."""
+        return bool(self.kernels) or type(self).kernel_layer is not SparseMode.kernel_layer
 
     def kernel_layer(self, plan, mlp, family, view_of):
         """How the cpu backend's decoder-layer call runs this MLP (decode/cpu.py): (run(lib, view, step,
@@ -272,7 +278,7 @@ class OracleMode(SparseMode):
     """The top K of the layer's own activation: the bound a selector chases (it needs the dense
     activation, so it saves no bytes when run)."""
 
-    name, kept_inputs = "oracle", ("neurons",)
+    name, kept_inputs, realisable = "oracle", ("neurons",), False
 
     def mlp(self, mlp, h):
         act = mlp.activation(h)
@@ -669,7 +675,7 @@ def check_mode_flags(config, keeps):
 def configure_sparse(blocks, mode, sparse_path=None, mlp_keep=None, att_keep=None, layers=None,
                      sparse_mlp=True, sparse_attention=True, use_gather=True, predictors=None,
                      predictor_dtype="float32", thresholds=None, stats=None, predictor_dataset="c4",
-                     layer_mlp_keep=None):
+                     layer_mlp_keep=None, mlp_keep_file=None):
     """apply_sparse with a SparseConfig made of these keywords (in-process callers: tests,
     benchmarks). `layers`: a set of layer indices (None: all); `thresholds`: a file path, or
     {layer: {"t_in", "t_down"} / {"t_gate"}} given in-process."""
@@ -680,7 +686,9 @@ def configure_sparse(blocks, mode, sparse_path=None, mlp_keep=None, att_keep=Non
         config = SparseConfig(
             mode=mode, mlp_keep=mlp_keep, att_keep=att_keep,
             layers="all" if layers is None else (",".join(str(layer) for layer in sorted(layers)) or "none"),
-            layer_mlp_keep=dict(layer_mlp_keep or {}), sparse_mlp=sparse_mlp, sparse_attention=sparse_attention,
+            layer_mlp_keep=dict(layer_mlp_keep or {}),
+            mlp_keep_file=None if mlp_keep_file is None else os.fspath(mlp_keep_file),
+            sparse_mlp=sparse_mlp, sparse_attention=sparse_attention,
             sparse_path=None if sparse_path is None else os.fspath(sparse_path), predictor_dataset=predictor_dataset,
             thresholds=None if thresholds is None or given_thresholds is not None else os.fspath(thresholds),
             predictor_dtype=predictor_dtype, use_gather=use_gather)
@@ -701,6 +709,8 @@ def apply_sparse(blocks, config, predictors=None, thresholds=None, stats=None, l
     mode = MODES[config.mode]
     if layers is None:
         layers = sparse_layers(config, blocks[0].config.num_hidden_layers) if blocks else set()
+    if blocks:
+        config = with_allocation(config, blocks[0].config, layers)
     options = SetupOptions(config, dict(predictors or {}), thresholds)
     sparse_blocks, previous = [], None
     for block in blocks:
@@ -731,6 +741,27 @@ def apply_sparse(blocks, config, predictors=None, thresholds=None, stats=None, l
         for block in blocks:
             describe_cost(stats, block)
     return blocks
+
+
+def with_allocation(config, model_config, layers):
+    """`config` with layer_mlp_keep filled from its allocation file (mlp_keep_file) for the sparse
+    `layers`, checked against the model (widths, layer count, model_type) and the mode; mlp_keep,
+    when not given, becomes the file's target (reported only: every sparse layer has its own)."""
+    path = config.mlp_keep_file
+    if not path:
+        return config
+    if not config.sparse_mlp:
+        logger.warning("--mlp-keep-file %s is ignored: --sparse-mlp off", path)
+        return config
+    try:
+        data = load_allocation(path)
+        values = allocation_layers(data, path, config.mode, layers, model_config.hidden_size,
+                                   getattr(model_config, "intermediate_size", None) or model_config.ffn_dim,
+                                   model_config.num_hidden_layers, getattr(model_config, "model_type", None))
+    except AllocationError as error:
+        raise SparseSetupError(f"--mlp-keep-file: {error}") from None
+    mlp_keep = config.mlp_keep if config.mlp_keep is not None else target_keep(data)
+    return config.replace(layer_mlp_keep={**config.layer_mlp_keep, **values}, mlp_keep=mlp_keep)
 
 
 def sparse_layers(config, num_layers):
@@ -781,21 +812,28 @@ def prepare_stage(blocks, args, config):
     if sparse.thresholds and not MODES[sparse.mode].calibrated:
         logger.warning("--thresholds %s is ignored: sparse mode %s reads no thresholds", sparse.thresholds,
                        sparse.mode)
+    if blocks:
+        sparse = with_allocation(sparse, config, layers)
     stats = SparseStats() if sparse.stats_file else None
     apply_sparse(blocks, sparse, stats=stats, layers=layers)
     logger.info("sparse execution: mode %s, MLP keep %s%s, heads keep %s, layers %s, predictors in %s",
-                sparse.mode, sparse.mlp_keep, f" (per layer: {sparse.layer_mlp_keep})" if sparse.layer_mlp_keep else "",
+                sparse.mode, sparse.mlp_keep, (f" (per layer{' from ' + sparse.mlp_keep_file if sparse.mlp_keep_file else ''}: "
+                 f"{sparse.layer_mlp_keep})") if sparse.layer_mlp_keep else "",
                 sparse.att_keep, sparse.layers, sparse.predictor_dtype)
     if stats is None:
         return _Closer()
     rank, world = getattr(args, "rank", 0) or 0, getattr(args, "world_size", 1) or 1
     thresholds_used = None
-    if MODES[sparse.mode].calibrated and sparse.sparse_mlp and float(sparse.mlp_keep) < 1:
+    if MODES[sparse.mode].calibrated and sparse.sparse_mlp and any(
+            float(sparse.mlp_keep_of(layer)) < 1 for layer in layers):
         thresholds_used = os.path.abspath(thresholds_path(sparse.mode, sparse.thresholds, sparse.sparse_path))
     header = {"mode": sparse.mode, "target_keep": sparse.mlp_keep, "att_keep": sparse.att_keep,
               "model": getattr(args, "model_name", None), "model_type": getattr(args, "model_type", None),
               "sparse_layers": sparse.layers, "sparse_mlp": "on" if sparse.sparse_mlp else "off",
               "sparse_attention": "on" if sparse.sparse_attention else "off",
-              "thresholds": thresholds_used, "rank": rank, "world_size": world,
+              "thresholds": thresholds_used,
+              "mlp_keep_file": os.path.abspath(sparse.mlp_keep_file) if sparse.mlp_keep_file else None,
+              "layer_mlp_keep": {str(layer): keep for layer, keep in sorted(sparse.layer_mlp_keep.items())},
+              "rank": rank, "world_size": world,
               "stage_layers": [block.layer_index for block in blocks], "sparse_config": sparse.to_dict()}
     return StatsWriter(stats, stats_path(sparse.stats_file, rank, world), header)

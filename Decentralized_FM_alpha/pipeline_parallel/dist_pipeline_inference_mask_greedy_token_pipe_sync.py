@@ -122,8 +122,13 @@ class DistInferenceMaskTokenPipeSync:
     def prepare(self):
         """A new DecodePlan for the blocks as they are set up now (and a new pool of its stages):
         after the blocks' sparse set-up or weights changed."""
-        self.plan = self.backend.prepare(self.blocks)
-        self.stage_pool = StagePool(self.plan, self.device)
+        self.use_plan(self.backend.prepare(self.blocks))
+
+    def use_plan(self, plan):
+        """Run with `plan` (one this engine's backend made for the blocks as they are set up now)."""
+        if getattr(self, "plan", None) is not plan:
+            self.plan = plan
+            self.stage_pool = StagePool(plan, self.device)
 
     # -------------------------------------------------------------- transfers
     def _recv_hidden(self, rows, length, what):

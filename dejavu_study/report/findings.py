@@ -140,23 +140,26 @@ def perplexity_findings(perplexity: dict) -> dict | None:
             item["predicted_over_oracle_pct"] = 100.0 * (predicted["perplexity"] / oracle["perplexity"] - 1.0)
         comparisons.append(item)
     return {"dense": (perplexity["dense"] or {}).get("perplexity"), "at_kept_fraction": comparisons,
-            "lowest_keep_within_tolerance": lowest_keep_within_tolerance(perplexity["entries"]),
-            "mlp_frontier": mlp_frontier(perplexity["entries"])}
+            "lowest_keep_within_tolerance": lowest_keep_within_tolerance(
+                [e for e in perplexity["entries"] if not e.get("allocation")]),
+            "mlp_frontier": mlp_frontier(perplexity["entries"]),
+            "where_sparsity_pays": where_sparsity_pays(perplexity["entries"])}
 
 
 def mlp_frontier(entries: list[dict]) -> dict | None:
     """MLP made sparse alone, every method side by side: per method its points (kept fraction, kept
     fraction reached, MLP bytes per token relative to dense, perplexity change), and per kept
     fraction the best method and its distance from oracle. None without a training-free run."""
-    runs = [e for e in entries if e["mlp_keep"] is not None and (e["att_keep"] is None or e["att_keep"] >= 1.0)
-            and e["mode"] != "dense"]
+    runs = mlp_runs(entries)
     if not any(e["mode"] in TRAINING_FREE_MODES for e in runs):
         return None
     methods = {}
     for e in sorted(runs, key=lambda e: -e["mlp_keep"]):
-        methods.setdefault(e["mode"], []).append({
+        methods.setdefault(method_label(e), []).append({
             "keep": e["mlp_keep"], "reached_keep": e.get("reached_keep"),
-            "bytes_relative": e.get("mlp_bytes_relative"), "increase_pct": e.get("increase_pct")})
+            "bytes_relative": e.get("mlp_bytes_relative"), "increase_pct": e.get("increase_pct"),
+            "speed_ratio": e.get("speed_ratio"), "speed_kind": e.get("speed_kind")})
+    runs = [e for e in runs if not e.get("allocation")]  # the budgets compare one kept fraction for every layer
     budgets = []
     for keep in sorted({e["mlp_keep"] for e in runs}, reverse=True):
         at = {mode: p for mode, points in methods.items() for p in points if p["keep"] == keep}
@@ -172,6 +175,59 @@ def mlp_frontier(entries: list[dict]) -> dict | None:
                         else (1 + ranked[0][0] / 100) / (1 + oracle / 100),  # perplexity ratio
                         "methods": {mode: p["increase_pct"] for mode, p in at.items()}})
     return {"methods": methods, "budgets": budgets}
+
+
+def mlp_runs(entries: list[dict]) -> list[dict]:
+    """The runs with the MLP made sparse alone (attention dense)."""
+    return [e for e in entries if e["mlp_keep"] is not None and (e["att_keep"] is None or e["att_keep"] >= 1.0)
+            and e["mode"] != "dense"]
+
+
+def method_label(entry: dict) -> str:
+    """A frontier line's name: the mode, and "allocated" for per-layer kept fractions."""
+    return f"{entry['mode']} allocated" if entry.get("allocation") else entry["mode"]
+
+
+PERPLEXITY_BUDGETS_PCT = (1.0, 3.0, 10.0)
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """y at x on the polyline through (x, y) points (sorted by x here); None outside their range."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[0][1] if len(points) == 1 and points[0][0] == x else None
+
+
+def where_sparsity_pays(entries: list[dict]) -> dict | None:
+    """At each perplexity budget (PERPLEXITY_BUDGETS_PCT, % over dense): the fastest configuration
+    that a decoder can run (a mode with kernels of its own; not a bound like oracle, not masks)
+    among the MLP-only runs within it, its decode speed against dense, and how far its perplexity
+    change is from oracle's at the same MLP bytes (oracle's points interpolated). None without
+    decode-speed measurements."""
+    runs = [e for e in mlp_runs(entries) if e.get("increase_pct") is not None]
+    if not any(e.get("speed_ratio") is not None for e in runs):
+        return None
+    oracle = [(e["mlp_bytes_relative"], e["increase_pct"]) for e in runs
+              if e["mode"] == "oracle" and not e.get("allocation") and e.get("mlp_bytes_relative") is not None]
+    candidates = [e for e in runs if e.get("speed_kind") == "kernel" and e.get("speed_ratio") is not None]
+    budgets = []
+    for budget in PERPLEXITY_BUDGETS_PCT:
+        within = [e for e in candidates if e["increase_pct"] <= budget + 1e-9]
+        best = max(within, key=lambda e: e["speed_ratio"], default=None)
+        item = {"budget_pct": budget, "configurations_within": len(within)}
+        if best is not None:
+            at_oracle = (interpolate(oracle, best["mlp_bytes_relative"])
+                         if oracle and best.get("mlp_bytes_relative") is not None else None)
+            item.update(method=method_label(best), mode=best["mode"], keep=best["mlp_keep"],
+                        allocation=best.get("allocation"), speed_ratio=best["speed_ratio"],
+                        increase_pct=best["increase_pct"], bytes_relative=best.get("mlp_bytes_relative"),
+                        oracle_increase_pct_at_bytes=at_oracle,
+                        minus_oracle_pp=None if at_oracle is None else best["increase_pct"] - at_oracle,
+                        faster_than_dense=best["speed_ratio"] > 1.0)
+        budgets.append(item)
+    return {"budgets": budgets, "candidates": len(candidates)}
 
 
 def lowest_keep_within_tolerance(entries: list[dict]) -> dict:

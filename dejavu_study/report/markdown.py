@@ -71,6 +71,38 @@ def md_headline(run: dict) -> list[str]:
     return lines + [""]
 
 
+def md_where_sparsity_pays(run: dict) -> list[str]:
+    """At 1%, 3% and 10% more perplexity: the fastest decoder-realisable configuration, its measured
+    decode speed against dense, and its distance from oracle at the same bytes."""
+    pays = ((run["findings"]["perplexity"] or {}).get("where_sparsity_pays")) or None
+    speed = run.get("decode_speed") or {}
+    if pays is None:
+        return []
+    lines = [f"### {run_heading(run)}: where sparsity pays", "",
+             f"Decode speed measured by `dejavu_study.decode_speed` on {speed.get('machine')} "
+             f"({speed.get('cpus')} cores) through the cpu backend at {speed.get('threads')} thread(s): "
+             f"{speed.get('new_tokens')} tokens after a {speed.get('prompt_tokens')}-token prompt, median of "
+             f"{speed.get('rounds')} per-round ratios against dense (dense: {fmt(speed.get('dense_rate'), 1)} tok/s). "
+             "Only configurations a decoder can run count here: oracle chooses from the dense activation (a bound) "
+             "and WINA has no kernel (masks).", "",
+             "| perplexity budget | fastest within it | speed vs dense | perplexity vs dense | MLP bytes / dense "
+             "| oracle at those bytes | gap to oracle |", "|---|---|---|---|---|---|---|"]
+    sentences = []
+    for b in pays["budgets"]:
+        if b.get("method") is None:
+            lines.append(f"| +{b['budget_pct']:g}% | none of the runs | – | – | – | – | – |")
+            sentences.append(f"within +{b['budget_pct']:g}% perplexity no configuration was run")
+            continue
+        what = f"{b['method']} keep {b['keep']:g}"
+        gap = "–" if b.get("minus_oracle_pp") is None else f"{b['minus_oracle_pp']:+.1f} pp"
+        lines.append(f"| +{b['budget_pct']:g}% | {what} | {b['speed_ratio']:.2f}× | {fmt_pct(b['increase_pct'])} | "
+                     f"{fmt(b.get('bytes_relative'), 2)} | {fmt_pct(b.get('oracle_increase_pct_at_bytes'))} | {gap} |")
+        sentences.append(f"within +{b['budget_pct']:g}% perplexity " + (
+            f"{what} decodes {b['speed_ratio']:.2f}× dense" if b["faster_than_dense"] else
+            f"nothing decodes faster than dense (the fastest, {what}, runs at {b['speed_ratio']:.2f}×)"))
+    return lines + ["", "In short: " + "; ".join(sentences) + ".", ""]
+
+
 def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
@@ -299,17 +331,22 @@ def md_frontier_table(run: dict) -> list[str]:
     frontier = ((run["findings"]["perplexity"] or {}).get("mlp_frontier") or {}).get("methods")
     if not frontier:
         return []
-    lines = [f"### {run_heading(run)}: MLP methods against bytes read", "",
-             "| method | keep (target) | kept reached (validation) | MLP bytes / dense | perplexity vs dense |",
-             "|---|---|---|---|---|"]
+    lines = [f"### {run_heading(run)}: MLP methods against bytes read and decode time", "",
+             "| method | keep (target) | kept reached (validation) | MLP bytes / dense | perplexity vs dense "
+             "| decode speed vs dense |", "|---|---|---|---|---|---|"]
     for mode, points in frontier.items():
         for p in points:
+            speed = "–" if p.get("speed_ratio") is None else f"{p['speed_ratio']:.2f}×" + (
+                "" if p.get("speed_kind") == "kernel" else f" ({p.get('speed_kind')})")
             lines.append(f"| {mode} | {p['keep']:g} | {fmt_reached(p['reached_keep'])} | {fmt(p['bytes_relative'])} | "
-                         f"{fmt_pct(p['increase_pct'])} |")
+                         f"{fmt_pct(p['increase_pct'])} | {speed} |")
     return lines + ["", "Kept reached: the mean over layers and masked inputs of the fraction kept per token "
                         "(thresholds calibrated on the training documents drift on new text). Bytes: MLP weights "
                         "read per token from the shapes and the kept counts (the predictor's own weights for "
-                        "predicted, the whole gate for cats; teal and wina read columns).", ""]
+                        "predicted, the whole gate for cats; teal and wina read columns). \"allocated\": each layer "
+                        "its own kept fraction (an allocation file), the target being their mean. Decode speed: "
+                        "see \"where sparsity pays\"; bound: oracle, which chooses from the dense activation; "
+                        "masks: no kernel, the masked MLP in torch ops.", ""]
 
 
 def md_perplexity_table(run: dict) -> list[str]:
@@ -333,6 +370,9 @@ PLOT_CAPTIONS = {
     "perplexity": "Perplexity against the kept fraction: dense (dotted), oracle top-K (solid), predicted (dashed).",
     "frontier": "MLP made sparse alone: perplexity change against the MLP weight bytes each method reads per token "
                 "(relative to dense; the predictor's weights and CATS's full gate included), one line per method.",
+    "frontier_time": "MLP made sparse alone: perplexity change against measured decode speed relative to dense "
+                     "(cpu backend), one line per method; dashed: per-layer allocated budgets; hollow markers: "
+                     "not realisable (oracle, a bound) or masks without a kernel (wina).",
     "recall_vs_k": "Recall of the top-K predicted units against K/width: points are recall at matched K "
                    "(one per layer), lines the recall at fixed kept fractions (mean over layers); "
                    "the diagonal is chance.",
@@ -356,6 +396,8 @@ def render_markdown(summary: dict) -> str:
               "between oracle and dense is the model's.", ""]
     for run in runs:
         lines += md_headline(run)
+    for run in runs:
+        lines += md_where_sparsity_pays(run)
     lines += ["> " + line for line in DEJAVU_OPT_REFERENCE] + [""]
     lines += ["## Runs", ""] + md_runs_table(summary) + [""]
     lines += ["Definitions: *recall* = fraction of truly active units the classifier marks active (sigmoid ≥ 0.5); "

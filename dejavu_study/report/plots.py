@@ -206,6 +206,36 @@ def plot_frontier(plt, summary, colors):
     return fig, has
 
 
+def plot_frontier_time(plt, summary, colors):
+    """Perplexity change against decode speed relative to dense, one line per method (uniform
+    solid, allocated dashed); bounds and masks hollow."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    has = False
+    palette = plt.get_cmap("tab10").colors
+    for run in summary["runs"]:
+        frontier = ((run["findings"]["perplexity"] or {}).get("mlp_frontier") or {}).get("methods") or {}
+        for index, (method, points) in enumerate(sorted(frontier.items())):
+            pts = sorted((p["speed_ratio"], p["increase_pct"], p.get("speed_kind")) for p in points
+                         if p.get("speed_ratio") is not None and p["increase_pct"] is not None)
+            if not pts:
+                continue
+            mode = method.split()[0]
+            _, marker = MODE_STYLES.get(mode, ("--", "s"))
+            hollow = pts[0][2] != "kernel"
+            color = palette[list(MODE_STYLES).index(mode) % len(palette)] if mode in MODE_STYLES else None
+            ax.plot([p[0] for p in pts], [max(p[1], 0.01) for p in pts], linestyle="--" if "allocated" in method
+                    else "-", marker=marker, color=color, markerfacecolor="none" if hollow else color,
+                    label=(f"{run_label(run)} · " if len(summary["runs"]) > 1 else "") + method
+                    + (f" ({pts[0][2]})" if hollow else ""))
+            has = True
+    if has:
+        ax.set_yscale("log")
+        ax.axvline(1.0, color="gray", lw=0.8, ls=":")
+    finish_axes(ax, "MLP sparsity: quality against decode time", "decode speed vs dense (×, cpu backend)",
+                "perplexity change vs dense (%, log)", has)
+    return fig, has
+
+
 def plot_recall_vs_k(plt, summary, colors):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     any_data = False
@@ -239,7 +269,8 @@ def plot_recall_vs_k(plt, summary, colors):
 
 PLOTS = (("recall", "recall.png", plot_recall), ("sparsity", "sparsity.png", plot_sparsity),
          ("drift", "drift.png", plot_drift), ("perplexity", "perplexity.png", plot_perplexity),
-         ("recall_vs_k", "recall_vs_k.png", plot_recall_vs_k), ("frontier", "frontier.png", plot_frontier))
+         ("recall_vs_k", "recall_vs_k.png", plot_recall_vs_k), ("frontier", "frontier.png", plot_frontier),
+         ("frontier_time", "frontier_time.png", plot_frontier_time))
 
 
 def make_plots(summary: dict, out_dir: str) -> dict:

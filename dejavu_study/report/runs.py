@@ -276,17 +276,19 @@ def read_perplexity(run_dir: str) -> dict:
         if e.get("mode") not in PERPLEXITY_MODES or "perplexity" not in e:
             warnings.append(f"{path}: entry {i + 1} has no valid mode/perplexity; skipped")
             continue
-        key = (e["mode"], keep_key(e.get("mlp_keep")), keep_key(e.get("att_keep")))
+        key = (e["mode"], keep_key(e.get("mlp_keep")), keep_key(e.get("att_keep")), bool(e.get("allocation")))
         latest[key] = e  # a rerun replaces the earlier line
-    dense = [e for (mode, _, _), e in latest.items() if mode == "dense"]
+    dense = [e for (mode, _, _, _), e in latest.items() if mode == "dense"]
     dense = dense[-1] if dense else None
     dense_ppl = finite(dense["perplexity"]) if dense else None
     entries = []
-    for (mode, mlp_keep, att_keep), e in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2] or 0)):
+    for (mode, mlp_keep, att_keep, _), e in sorted(latest.items(),
+                                                   key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2] or 0, kv[0][3])):
         ppl = finite(e.get("perplexity"))
         entry = {"mode": mode, "mlp_keep": mlp_keep, "att_keep": att_keep, "perplexity": ppl,
                  "perplexity_raw": None if ppl is not None else str(e.get("perplexity")),
-                 "tokens": e.get("tokens"), "result_file": e.get("result_file")}
+                 "tokens": e.get("tokens"), "result_file": e.get("result_file"),
+                 "allocation": e.get("allocation")}  # a per-layer allocation file (None: one kept fraction)
         # From the run's --sparse-stats, where recorded: the kept fraction reached, per masked input
         # ({"neurons": f} or {"in": f, "down": f}), and the MLP bytes per token relative to dense.
         reached = e.get("reached_keep")
@@ -308,6 +310,26 @@ def read_perplexity(run_dir: str) -> dict:
     return {"status": "ok" if entries else "empty", "path": path, "entries": entries,
             "dense": None if dense is None else {"perplexity": dense_ppl, "tokens": dense.get("tokens")},
             "warnings": warnings}
+
+
+def read_decode_speed(run_dir: str, entries: list[dict]) -> tuple[dict | None, list[str]]:
+    """The run's decode_speed.json (dejavu_study.decode_speed) without its rows, after giving each
+    perplexity entry its configuration's speed against dense (speed_ratio, speed_rate, speed_kind)."""
+    path = os.path.join(run_dir, "decode_speed.json")
+    if not os.path.isfile(path):
+        return None, []
+    try:
+        figures = read_json_file(path, "decode speed")
+    except ReportError as error:
+        return None, [str(error)]
+    by_file = {os.path.realpath(row["result_file"]): row for row in figures.get("configs", [])
+               if isinstance(row, dict) and row.get("result_file")}
+    for entry in entries:
+        row = by_file.get(os.path.realpath(entry["result_file"])) if entry.get("result_file") else None
+        if row is not None:
+            entry.update(speed_ratio=finite(row.get("ratio")), speed_rate=finite(row.get("rate")),
+                         speed_kind=row.get("kind"))
+    return {k: v for k, v in figures.items() if k != "configs"}, []
 
 
 # ---- one run --------------------------------------------------------------------------------------
@@ -338,6 +360,8 @@ def load_run(run_dir: str, recompute_drift: bool = False, drift_rows: int | None
     drift = load_drift(reader, recompute_drift, drift_rows, progress)
     predictors = read_predictors(run_dir, reader.path, dump["layers"])
     perplexity = read_perplexity(run_dir)
+    decode_speed, speed_warnings = read_decode_speed(run_dir, perplexity["entries"])
+    warnings += speed_warnings
     layers = per_layer(dump["layers"], reader.meta["rows"], predictors, drift)
 
     missing = []
@@ -368,6 +392,6 @@ def load_run(run_dir: str, recompute_drift: bool = False, drift_rows: int | None
         "predictors": {kind: {mode: {k: v for k, v in predictors[kind][mode].items() if k != "layers"}
                               for mode in MODES} for kind in KINDS},
         "drift": {k: v for k, v in drift.items() if k != "layers"},
-        "perplexity": perplexity,
+        "perplexity": perplexity, "decode_speed": decode_speed,
         "layers": layers, "findings": None, "missing": missing, "warnings": warnings,
     }

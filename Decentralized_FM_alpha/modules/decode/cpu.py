@@ -31,7 +31,7 @@ from ..hf_opt_module import OPTBlock
 from . import cpu_views
 from .plan import DecodePlan
 from .sparse_gather import linear_forward
-from .stages import DynamicCacheStage, torch_single_threaded  # noqa: F401 (torch_single_threaded: re-exported)
+from .stages import DynamicCacheStage
 
 
 ATTENTION_HALF_THEN_MLP = "attention half, then the MLP"  # a kernel_layer answer (see sparse_kernel_step)
@@ -301,18 +301,32 @@ class DecodingSteps:
         self.buffers = None
 
     def run(self, x, caches, mask):
-        """x after the blocks; caches (one per block) replaced by the grown ones."""
+        """x after the blocks; caches (one per block) replaced by the grown ones. Around the kernel
+        steps of a batch-1 token torch's own ops run on one thread (they are single-row, and its
+        OpenMP workers would spin on the cores the kernels' workers need); a block that runs its
+        forward gets torch's threads, and torch has its count back after the step."""
         if self.steps is None:
             self.steps = [kernel_step(self.plan, block, x, cache) for block, cache in zip(self.blocks, caches)]
             self.buffers = (torch.empty_like(x), torch.empty_like(x))
         shared, written, last = {}, 0, len(self.blocks) - 1
-        for index, (block, step) in enumerate(zip(self.blocks, self.steps)):
-            if step is None:
-                x, caches[index] = block(x, layer_past=caches[index], mask=mask)
-                continue
-            out = None if index == last else self.buffers[written % 2]
-            x, caches[index] = step(x, caches[index], mask, shared, out)
-            written += 1
+        threads = torch.get_num_threads()
+        single_row = x.shape[0] == 1 and threads > 1
+        current = threads
+        try:
+            for index, (block, step) in enumerate(zip(self.blocks, self.steps)):
+                wanted = 1 if single_row and step is not None else threads
+                if wanted != current:
+                    torch.set_num_threads(wanted)
+                    current = wanted
+                if step is None:
+                    x, caches[index] = block(x, layer_past=caches[index], mask=mask)
+                    continue
+                out = None if index == last else self.buffers[written % 2]
+                x, caches[index] = step(x, caches[index], mask, shared, out)
+                written += 1
+        finally:
+            if current != threads:
+                torch.set_num_threads(threads)
         return x
 
 

@@ -9,7 +9,7 @@ path. The down (fc2) weight is laid out transposed once (lay_out_for_gather) so 
 neuron's column is one contiguous row; its values, shape and state-dict key stay those of the
 Linear.
 
-Sparse heads (Llama and OPT; sparse_execution.SparseTaps.attention_step calls in): q of the kept
+Sparse heads (Llama and OPT; the predicted mode's head kernel, through SparseTaps.attention_step): q of the kept
 heads only (their rows of q_proj), k and v dense (the cache needs every KV head), attention, each
 row's dropped heads zeroed, then the output projection (o_proj, OPT's out_proj) on the kept
 heads' columns (its weight laid out transposed like down). At batch > 1 q and the output

@@ -10,7 +10,6 @@ kernels from Python (about 16% of the memory bound at Llama-3.2-1B dims, batch 1
 same step runs eagerly, which is how tests compare it with the dynamic cache on the CPU.
 """
 
-import contextlib
 import logging
 
 import torch
@@ -59,9 +58,7 @@ class DynamicCacheStage:
         if self.decoding_steps is None:
             return self._run(x, mask)
         self.decoding = True
-        # batch 1: single-row ops (the kernels' steps); larger batches run torch's forward on its threads
-        single_row = x.shape[0] == 1 and x.device.type == "cpu"
-        with self.plan.running(), torch_single_threaded() if single_row else contextlib.nullcontext():
+        with self.plan.running():
             return self.decoding_steps.run(x, self.caches, mask)
 
 
@@ -181,25 +178,6 @@ class StagePool:
         while len(self.stages) > self.size:
             self.stages.pop(next(iter(self.stages)))
         return stage
-
-
-def torch_single_threaded():
-    """torch's intra-op threads at 1 for a block of calls (a decoding step's). Its ops there are
-    single-row, too small to gain from threads, and after each one torch's OpenMP workers spin on
-    the cores the C kernels' workers need (benchmarks/README.md has the figures)."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        return contextlib.nullcontext()
-    return _threads(1, threads)
-
-
-@contextlib.contextmanager
-def _threads(during, after):
-    torch.set_num_threads(during)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(after)
 
 
 class TorchPlan(DecodePlan):

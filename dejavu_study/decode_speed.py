@@ -1,0 +1,166 @@
+"""Decode speed of a run's sparse configurations against dense: the time axis of the frontier.
+
+    python -m dejavu_study.decode_speed RUN [--threads 2] [--rounds 3] [--new-tokens 32] [--prompt-tokens 64]
+
+Every perplexity run of the study saves its SparseConfig beside its results
+(RUN/results_*.jsonl.sparse_config.json). This times each configuration of the MLP made sparse
+alone, as the perplexity runs ran it, on the run's checkpoint (study.json), through the cpu
+backend (the C decode kernels) at --threads threads: greedy decoding of --new-tokens tokens after
+a prompt of the first --prompt-tokens tokens of the first validation request. A sparse model and a
+dense one are loaded once; each configuration is set up once and then timed in --rounds rounds,
+each round the dense model right before it, so load on the machine hits the pair alike. A
+configuration's figure is the median over rounds of its rate over that round's dense rate.
+
+A mode that chooses from the dense activation (oracle) is marked a bound: its speed is not
+realisable. A mode with no kernel of its own (wina) runs masks in torch ops, marked so.
+
+Writes RUN/decode_speed.json (atomically), read by the report (dejavu_study.report).
+"""
+
+import argparse
+import glob
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+
+from dejavu_common.helpers import write_json_atomic
+
+log = logging.getLogger("dejavu_study.decode_speed")
+
+CONFIG_SUFFIX = ".sparse_config.json"
+OUTPUT_FILE = "decode_speed.json"
+FORMAT, VERSION = "dejavu-decode-speed", 1
+
+
+class DecodeSpeedError(RuntimeError):
+    pass
+
+
+def mlp_configs(run_dir):
+    """[(results file, SparseConfig)] of the run's MLP-only sparse runs, in file name order."""
+    from dejavu_llama.modules.sparse_config import SparseConfig, SparseConfigError
+
+    found = []
+    for path in sorted(glob.glob(os.path.join(run_dir, "results_*.jsonl" + CONFIG_SUFFIX))):
+        try:
+            config = SparseConfig.load(path)
+        except SparseConfigError as error:
+            raise DecodeSpeedError(str(error)) from None
+        if config.sparse_mlp and not config.sparse_attention and config.mode != "dense":
+            found.append((path[: -len(CONFIG_SUFFIX)], config))
+    return found
+
+
+def kind_of(mode):
+    """'kernel' (realisable through its kernels), 'bound' (not realisable) or 'masks' (no kernel)."""
+    if not mode.realisable:
+        return "bound"
+    return "kernel" if mode.decodes_in_kernels() else "masks"
+
+
+def prompt_ids(run_dir, checkpoint, count):
+    from transformers import AutoTokenizer
+
+    path = os.path.join(run_dir, "c4_val.jsonl")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = json.loads(next(line for line in handle if line.strip()))
+    except (OSError, StopIteration, ValueError) as error:
+        raise DecodeSpeedError(f"{path}: no validation request to take a prompt from ({error})") from None
+    ids = AutoTokenizer.from_pretrained(checkpoint)(first["prompt"], add_special_tokens=False)["input_ids"]
+    if len(ids) < count:
+        raise DecodeSpeedError(f"{path}: the first request has {len(ids)} tokens; --prompt-tokens {count} asked")
+    return ids[:count]
+
+
+def timed_rate(model, prompt, new_tokens):
+    """Decoded tokens per second: the time of 1 + new tokens less that of 1 (the prompt's share)."""
+    def run(count):
+        start = time.perf_counter()
+        model.generate_greedy(prompt, count, backend="cpu")
+        return time.perf_counter() - start
+
+    run(1 + new_tokens)  # warm: the kernel views and the first sequence's steps
+    return new_tokens / max(run(1 + new_tokens) - run(1), 1e-9)
+
+
+def measure(run_dir, threads, rounds, new_tokens, prompt_tokens, progress=True):
+    import torch
+    from tqdm import tqdm
+
+    from dejavu_llama.modules import cpu_kernels
+    from dejavu_llama.modules.local_model import LocalModel
+    from dejavu_llama.modules.sparse_execution import MODES, apply_sparse
+
+    study_path = os.path.join(run_dir, "study.json")
+    try:
+        with open(study_path, encoding="utf-8") as handle:
+            study = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise DecodeSpeedError(f"{study_path}: cannot read the run's study.json ({error})") from None
+    checkpoint, model_type = study.get("checkpoint"), study.get("model_type", "llama")
+    if not checkpoint or not os.path.isdir(checkpoint):
+        raise DecodeSpeedError(f"{study_path}: checkpoint {checkpoint!r} is not a folder")
+    configs = mlp_configs(run_dir)
+    if not configs:
+        raise DecodeSpeedError(f"{run_dir}: no results_*.jsonl{CONFIG_SUFFIX} of an MLP-only sparse run")
+    torch.set_num_threads(threads)
+    cpu_kernels.set_num_threads(threads)
+    prompt = torch.tensor([prompt_ids(run_dir, checkpoint, prompt_tokens)])
+    dense = LocalModel.from_checkpoint(checkpoint, model_type, backend="cpu")
+    sparse = LocalModel.from_checkpoint(checkpoint, f"{model_type}-ml-att-sparse", backend="cpu")
+    rows, dense_rates = [], []
+    with torch.inference_mode():
+        for results, config in tqdm(configs, desc="decode speed", unit="config", disable=not progress):
+            apply_sparse(list(sparse.blocks), config.replace(stats_file=None))
+            ratios, rates = [], []
+            for _ in range(rounds):
+                dense_rate = timed_rate(dense, prompt, new_tokens)
+                rate = timed_rate(sparse, prompt, new_tokens)
+                dense_rates.append(dense_rate)
+                rates.append(rate)
+                ratios.append(rate / dense_rate)
+            rows.append({"result_file": results, "mode": config.mode, "mlp_keep": config.mlp_keep,
+                         "allocated": bool(config.layer_mlp_keep), "kind": kind_of(MODES[config.mode]),
+                         "rate": statistics.median(rates), "ratio": statistics.median(ratios), "ratios": ratios})
+            log.info("%s: %.1f tok/s, %.3fx dense (%s)", os.path.basename(results), rows[-1]["rate"],
+                     rows[-1]["ratio"], rows[-1]["kind"])
+    return {"format": FORMAT, "version": VERSION, "checkpoint": checkpoint, "backend": "cpu", "threads": threads,
+            "kernels": cpu_kernels.kernel_library() is not None, "rounds": rounds, "new_tokens": new_tokens,
+            "prompt_tokens": prompt_tokens, "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "dense_rate": statistics.median(dense_rates), "configs": rows}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Decode speed of a run's sparse configurations against dense")
+    parser.add_argument("run", help="a study run folder (scripts/demo.sh, scripts/frontier.sh)")
+    parser.add_argument("--threads", type=int, default=2, help="threads of torch and of the C kernels")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[decode speed] %(levelname)s: %(message)s", stream=sys.stderr)
+    from dejavu_llama.modules.decode.environment import apply_environment
+
+    apply_environment(os.environ)
+    for flag, value in (("--threads", args.threads), ("--rounds", args.rounds), ("--new-tokens", args.new_tokens),
+                        ("--prompt-tokens", args.prompt_tokens)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1")
+    try:
+        figures = measure(args.run, args.threads, args.rounds, args.new_tokens, args.prompt_tokens)
+    except DecodeSpeedError as error:
+        log.error("%s", error)
+        return 1
+    path = os.path.join(args.run, OUTPUT_FILE)
+    write_json_atomic(path, figures, indent=2)
+    log.info("wrote %s (dense %.1f tok/s at %d thread(s))", path, figures["dense_rate"], args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
