@@ -77,14 +77,16 @@ def prompt_ids(run_dir, checkpoint, count):
     return ids[:count]
 
 
-def timed_rate(model, prompt, new_tokens):
-    """Decoded tokens per second: the time of 1 + new tokens less that of 1 (the prompt's share)."""
+def timed_rate(model, prompt, new_tokens, warm=True):
+    """Decoded tokens per second: the time of 1 + new tokens less that of 1 (the prompt's share).
+    warm: decode once untimed first (the first call after a set-up builds its kernel views)."""
     def run(count):
         start = time.perf_counter()
         model.generate_greedy(prompt, count, backend="cpu")
         return time.perf_counter() - start
 
-    run(1 + new_tokens)  # warm: the kernel views and the first sequence's steps
+    if warm:
+        run(1 + new_tokens)
     return new_tokens / max(run(1 + new_tokens) - run(1), 1e-9)
 
 
@@ -118,9 +120,9 @@ def measure(run_dir, threads, rounds, new_tokens, prompt_tokens, progress=True):
         for results, config in tqdm(configs, desc="decode speed", unit="config", disable=not progress):
             apply_sparse(list(sparse.blocks), config.replace(stats_file=None))
             ratios, rates = [], []
-            for _ in range(rounds):
-                dense_rate = timed_rate(dense, prompt, new_tokens)
-                rate = timed_rate(sparse, prompt, new_tokens)
+            for round_index in range(rounds):
+                dense_rate = timed_rate(dense, prompt, new_tokens, warm=not dense_rates)
+                rate = timed_rate(sparse, prompt, new_tokens, warm=round_index == 0)
                 dense_rates.append(dense_rate)
                 rates.append(rate)
                 ratios.append(rate / dense_rate)

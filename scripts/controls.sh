@@ -88,18 +88,9 @@ collect() {  # collect CHECKPOINT REQUESTS DUMP ROWS
   run_model "$1" "$MODEL_TYPE-save" "$2" "$(dirname "$3")/results_collect_$(basename "$3").jsonl" \
     --sp-data-path "$3" --sp-rows "$4" --sp-layers "$LAYERS" --sp-force
 }
-record() {  # record RESULTS KEY=VALUE... : one line of $CONTROLS/controls.jsonl
+record_run() {  # record_run RESULTS KEY=VALUE... : one line of $CONTROLS/controls.jsonl
   [ "$DRY_RUN" = 1 ] && { echo "+ record $*"; return; }
-  "$PYTHON" - "$CONTROLS/controls.jsonl" "$@" <<'EOF'
-import json, sys
-from dejavu_llama.task_datasets.perplexity import perplexity_of_file
-out, results, *pairs = sys.argv[1:]
-line = {key: (float(value) if key == "keep" else value) for key, value in (p.split("=", 1) for p in pairs)}
-line.update(perplexity_of_file(results), result_file=results)
-with open(out, "a") as handle:
-    handle.write(json.dumps(line) + "\n")
-print(f"perplexity {line}")
-EOF
+  record "$CONTROLS/controls.jsonl" "$@"
 }
 
 t=$SECONDS
@@ -171,14 +162,14 @@ perplexity() {  # perplexity MODEL_NAME CHECKPOINT PREDICTOR_SETS...
   local name="$1" checkpoint="$2"; shift 2
   step "perplexity of $name on the validation passages: dense, then oracle and predicted on layers $LAYERS"
   run_model "$checkpoint" "$MODEL_TYPE" "$RUN/val.jsonl" "$CONTROLS/results_${name}_dense.jsonl"
-  record "$CONTROLS/results_${name}_dense.jsonl" model="$name" mode=dense
+  record_run "$CONTROLS/results_${name}_dense.jsonl" model="$name" mode=dense
   for keep in $KEEP_FRACTIONS; do
     sparse "$checkpoint" oracle "$keep" "$CONTROLS/results_${name}_oracle_$keep.jsonl"
-    record "$CONTROLS/results_${name}_oracle_$keep.jsonl" model="$name" mode=oracle keep="$keep"
+    record_run "$CONTROLS/results_${name}_oracle_$keep.jsonl" model="$name" mode=oracle keep="$keep"
     for set in "$@"; do
       out="$CONTROLS/results_${name}_predicted_${set}_$keep.jsonl"
       sparse "$checkpoint" predicted "$keep" "$out" "$CONTROLS/predictors/$set"
-      record "$out" model="$name" mode=predicted keep="$keep" predictors="$set"
+      record_run "$out" model="$name" mode=predicted keep="$keep" predictors="$set"
     done
   done
 }

@@ -3,9 +3,13 @@
 # (Python documentation and World English Bible, installed by setup.sh):
 #   convert -> dense perplexity through a 2-stage pipeline -> collect activations -> train the
 #   MLP and attention predictors of every layer (early stopping; PREV_KINDS also on the
-#   look-ahead input) -> calibrate the training-free baselines (TEAL, CATS) -> sparse perplexity
-#   at several kept fractions:
-#   oracle, predicted, teal, cats, wina for the MLP; oracle and predicted for the heads -> report.
+#   look-ahead input) -> calibrate the training-free baselines (TEAL, CATS) -> per-layer kept
+#   fractions from each layer's sensitivity on the training dump (predicted, TEAL, CATS) ->
+#   sparse perplexity at several kept fractions, uniform and allocated: oracle, predicted, teal,
+#   cats, wina for the MLP; oracle and predicted for the heads -> decode speed of every MLP
+#   configuration against dense -> a downstream task (dejavu_continuation) for dense and the
+#   configurations the report's Answer picks -> report.
+# scripts/frontier.sh runs the same study on the full grid of kept fractions and the whole task.
 #
 # The same study on a GPU server with real models and more data, e.g.
 #   MODEL=meta-llama/Llama-3.2-3B MODEL_TYPE=llama DEVICE=cuda ONLINE=1 TRAIN_DOCS=2000 VAL_DOCS=500 \
@@ -15,13 +19,16 @@
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/study_common.sh"
 
-RUN="${RUN:-$ROOT/runs/$NAME}"
+STUDY="${STUDY:-}"                            # a prefix of the run and report names (frontier.sh: frontier)
+RUN="${RUN:-$ROOT/runs/${STUDY:+$STUDY-}$NAME}"
+REPORT="${REPORT:-$ROOT/reports/${STUDY:+$STUDY-}$NAME}"
+REUSE="${REUSE:-0}"                           # 1: keep a dump and predictors already in $RUN (rerun the rest)
 DEVICE="${DEVICE:-cpu}"
 STAGES="${STAGES:-2}"                         # stages of the dense perplexity run
 TRAIN_DOCS="${TRAIN_DOCS:-80}"                # corpus passages collected for predictor training
 VAL_DOCS="${VAL_DOCS:-20}"                    # passages of other documents for perplexity
 MAX_TOKENS_PER_DOC="${MAX_TOKENS_PER_DOC:-256}"
-KEEP_FRACTIONS="${KEEP_FRACTIONS:-0.5 0.25 0.1}"           # MLP neurons kept (attention dense)
+KEEP_FRACTIONS="${KEEP_FRACTIONS:-0.9 0.75 0.5 0.25}"      # MLP neurons kept (attention dense)
 ATT_KEEP_FRACTIONS="${ATT_KEEP_FRACTIONS:-0.75 0.5}"        # heads kept (MLP dense)
 ONLINE="${ONLINE:-0}"                         # 1: request files from C4 on the hub
 RANDOM_WEIGHTS="${RANDOM_WEIGHTS:-0}"         # 1: the model is random-init (a tooling check): the report says "not evidence"
@@ -38,6 +45,14 @@ PREV_KINDS="${PREV_KINDS:-$([ "$MODEL" = smollm2 ] && echo att || echo "mlp att"
 SELECT_METRIC="${SELECT_METRIC:-recall_at_matched_k}"  # what a top-K executor uses
 MLP_METHODS="${MLP_METHODS:-oracle predicted teal cats wina}"  # MLP modes run at each of KEEP_FRACTIONS
 CALIBRATION_ROWS="${CALIBRATION_ROWS:-4096}"  # dump rows TEAL's and CATS's thresholds are calibrated on
+ALLOCATE_METHODS="${ALLOCATE_METHODS:-predicted teal cats}"  # also run with per-layer kept fractions
+ALLOCATION_GRID="${ALLOCATION_GRID:-1 0.95 0.9 0.8 0.7 0.6 0.5 0.4 0.25 0.1}"  # the steps a layer's fraction takes
+DECODE_THREADS="${DECODE_THREADS:-$(nproc)}"  # decode speed: cpu backend at this many threads
+DECODE_ROUNDS="${DECODE_ROUNDS:-3}"           # per-round ratios against dense; the median is reported
+DECODE_TOKENS="${DECODE_TOKENS:-32}"          # tokens decoded per timing
+DOWNSTREAM="${DOWNSTREAM:-1}"                 # 0: no downstream task
+DOWNSTREAM_ITEMS="${DOWNSTREAM_ITEMS-200}"    # items of dejavu_continuation (empty: all 1,200)
+LM_EVAL_BATCH_SIZE="${LM_EVAL_BATCH_SIZE:-32}"
 BATCH_SIZE="${BATCH_SIZE:-4}"
 PORT="${PORT:-29517}"
 # Predictor-training processes without a GPU (run_layers.sh): one per core on the embedded model;
@@ -47,11 +62,11 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 
 mkdir -p "$RUN"
 
-step "1/7 convert $MODEL -> $CHECKPOINT"
+step "1/9 convert $MODEL -> $CHECKPOINT"
 convert_model
 cd "$INFER"
 
-step "2/7 request files (train: $TRAIN_DOCS documents, validation: $VAL_DOCS)"
+step "2/9 request files (train: $TRAIN_DOCS documents, validation: $VAL_DOCS)"
 source_flag=(--offline)
 [ "$ONLINE" = 1 ] && source_flag=()
 cut=(--max-tokens "$MAX_TOKENS_PER_DOC" --tokenizer "$CHECKPOINT")
@@ -73,75 +88,89 @@ run_pipeline() {
       dist_inference_runner.py "${common[@]}" "$@"
   fi
 }
-record() {  # record MODE MLP_KEEP ATT_KEEP RESULTS [SPARSE_STATS]
-  "$PYTHON" - "$@" "$RUN/perplexity.jsonl" <<'EOF'
-import json, os, sys
-mode, mlp_keep, att_keep, results, *rest = sys.argv[1:]
-stats, out = (rest[0], rest[1]) if len(rest) == 2 else (None, rest[0])
-from dejavu_llama.task_datasets.perplexity import perplexity_of_file
-figures = perplexity_of_file(results)
-value, tokens = figures["perplexity"], figures["tokens"]
-line = {"mode": mode, "mlp_keep": None if mlp_keep == "-" else float(mlp_keep),
-        "att_keep": None if att_keep == "-" else float(att_keep), "perplexity": value, "tokens": tokens,
-        "result_file": results}
-if stats and os.path.isfile(stats):  # the kept fraction reached on this text and the MLP bytes it costs
-    with open(stats) as handle:
-        measured = json.load(handle)
-    line.update(reached_keep=measured.get("mean_kept"), mlp_bytes_relative=measured.get("bytes_relative"),
-                sparse_stats=stats)
-with open(out, "a") as handle:
-    handle.write(json.dumps(line) + "\n")
-print(f"perplexity {mode} mlp_keep={mlp_keep} att_keep={att_keep}: {value:.4f} over {tokens} tokens")
-EOF
+LOG="$RUN/perplexity.jsonl"
+# sparse_run NAME [RECORD KEY=VALUE...] -- [runner flags...]: one sparse perplexity run and its line
+sparse_run() {
+  local name="$1"; shift
+  local fields=(); while [ "$1" != -- ]; do fields+=("$1"); shift; done; shift
+  local out="$RUN/results_$name.jsonl" stats="$RUN/stats_$name.json"
+  run_pipeline 1 "$MODEL_TYPE-ml-att-sparse" "$RUN/c4_val.jsonl" "$out" --sparse-stats "$stats" "$@" &&
+    record "$LOG" "$out" "${fields[@]}" --stats "$stats"
 }
 
-rm -f "$RUN/perplexity.jsonl"
-step "3/7 dense perplexity through a $STAGES-stage pipeline"
+rm -f "$LOG"
+step "3/9 dense perplexity through a $STAGES-stage pipeline"
 run_pipeline "$STAGES" "$MODEL_TYPE" "$RUN/c4_val.jsonl" "$RUN/results_dense.jsonl"
-record dense - - "$RUN/results_dense.jsonl"
+record "$LOG" "$RUN/results_dense.jsonl" mode=dense mlp_keep=- att_keep=-
 
-step "4/7 collect activations ($MODEL_TYPE-save) from the training documents"
-run_pipeline 1 "$MODEL_TYPE-save" "$RUN/c4_train.jsonl" "$RUN/results_collect.jsonl" \
-  --sp-data-path "$RUN/dump" --sp-rows "${SP_ROWS:-400000}" --sp-force
+if [ "$REUSE" = 1 ] && [ -f "$RUN/dump/meta.json" ] && [ -d "$RUN/predictors/same" ]; then
+  step "4-5/9 reusing the dump and predictors in $RUN (REUSE=1)"
+else
+  step "4/9 collect activations ($MODEL_TYPE-save) from the training documents"
+  run_pipeline 1 "$MODEL_TYPE-save" "$RUN/c4_train.jsonl" "$RUN/results_collect.jsonl" \
+    --sp-data-path "$RUN/dump" --sp-rows "${SP_ROWS:-400000}" --sp-force
 
-step "5/7 train predictors for all $LAYERS_TOTAL layers (MLP and attention, input same; $PREV_KINDS also input prev)"
-suffix=""; [ "$MODEL_TYPE" = llama ] && suffix="_llama"
-for input in same prev; do
-  for kind in mlp att; do
-    [ "$input" = prev ] && [[ " $PREV_KINDS " != *" $kind "* ]] && continue
-    DATA_PATH="$RUN/dump" CKPT_DIR="$RUN/predictors/$input" INPUT="$input" EPOCHS="$EPOCHS" DEVICE="$DEVICE" \
-      PATIENCE="$PATIENCE" SELECT_METRIC="$SELECT_METRIC" D="$D" LR="$LR" CPU_WORKERS="$CPU_WORKERS" \
-      bash "$ROOT/sparse_predictor/run_c4_${kind}${suffix}.sh" || echo "some $kind layers failed (input $input); see above"
+  step "5/9 train predictors for all $LAYERS_TOTAL layers (MLP and attention, input same; $PREV_KINDS also input prev)"
+  suffix=""; [ "$MODEL_TYPE" = llama ] && suffix="_llama"
+  for input in same prev; do
+    for kind in mlp att; do
+      [ "$input" = prev ] && [[ " $PREV_KINDS " != *" $kind "* ]] && continue
+      DATA_PATH="$RUN/dump" CKPT_DIR="$RUN/predictors/$input" INPUT="$input" EPOCHS="$EPOCHS" DEVICE="$DEVICE" \
+        PATIENCE="$PATIENCE" SELECT_METRIC="$SELECT_METRIC" D="$D" LR="$LR" CPU_WORKERS="$CPU_WORKERS" \
+        bash "$ROOT/sparse_predictor/run_c4_${kind}${suffix}.sh" || echo "some $kind layers failed (input $input); see above"
+    done
   done
-done
+fi
+# TEAL's and CATS's thresholds at every fraction a run or an allocation uses.
+calibration_keeps="$(printf '%s\n' $KEEP_FRACTIONS $ALLOCATION_GRID | sort -gru | grep -vxE '1|1\.0*')"
 for method in teal cats; do
-  case " $MLP_METHODS " in *" $method "*) ;; *) continue ;; esac
+  case " $MLP_METHODS $ALLOCATE_METHODS " in *" $method "*) ;; *) continue ;; esac
   [ "$method" = cats ] && [ "$MODEL_TYPE" != llama ] && continue  # OPT has no gate
-  "$PYTHON" "$ROOT/sparse_predictor/calibrate.py" --data-path "$RUN/dump" --checkpoint "$CHECKPOINT" \
-    --method "$method" --keep $KEEP_FRACTIONS --out "$RUN/predictors/same" --max-rows "$CALIBRATION_ROWS"
+  start_job "calibrate_$method" "$PYTHON" "$ROOT/sparse_predictor/calibrate.py" --data-path "$RUN/dump" \
+    --checkpoint "$CHECKPOINT" --method "$method" --keep $calibration_keeps --out "$RUN/predictors/same" \
+    --max-rows "$CALIBRATION_ROWS"
+done
+wait_jobs
+
+step "6/9 per-layer kept fractions ($ALLOCATE_METHODS) for mean kept fractions $KEEP_FRACTIONS, from each layer's sensitivity on the training dump"
+for method in $ALLOCATE_METHODS; do
+  [ "$method" = cats ] && [ "$MODEL_TYPE" != llama ] && continue
+  start_job "allocate_$method" "$PYTHON" "$ROOT/sparse_predictor/allocate.py" --data-path "$RUN/dump" \
+    --checkpoint "$CHECKPOINT" --method "$method" --predictors "$RUN/predictors/same" --target-keep $KEEP_FRACTIONS \
+    --grid $ALLOCATION_GRID --max-rows "$CALIBRATION_ROWS"
+done
+wait_jobs
+for method in $ALLOCATE_METHODS; do  # what each allocation chose (the table allocate.py logs)
+  log="$RUN/logs/allocate_$method.log"; [ -f "$log" ] && sed -n '/per-layer kept fractions/,$p' "$log"
 done
 
 # One component at a time, so the report can tell the MLP's share from the attention's.
-step "6/7 sparse perplexity: MLP kept $KEEP_FRACTIONS ($MLP_METHODS); heads kept $ATT_KEEP_FRACTIONS (oracle, predicted)"
+step "7/9 sparse perplexity ($JOBS run(s) at a time): MLP kept $KEEP_FRACTIONS ($MLP_METHODS; allocated: $ALLOCATE_METHODS); heads kept $ATT_KEEP_FRACTIONS (oracle, predicted)"
+predictors=(--sparse-path "$RUN/predictors/same")
+rm -f "$RUN"/results_*_mlp_* "$RUN"/results_*_att_* "$RUN"/stats_*_mlp_* "$RUN"/stats_*_att_*  # an earlier grid's
 for keep in $KEEP_FRACTIONS; do
   for mode in $MLP_METHODS; do
     [ "$mode" = cats ] && [ "$MODEL_TYPE" != llama ] && continue
-    out="$RUN/results_${mode}_mlp_${keep}.jsonl" stats="$RUN/stats_${mode}_mlp_${keep}.json"
-    run_pipeline 1 "$MODEL_TYPE-ml-att-sparse" "$RUN/c4_val.jsonl" "$out" --sparse-mode "$mode" \
-      --mlp-keep "$keep" --sparse-attention off --sparse-path "$RUN/predictors/same" --sparse-stats "$stats"
-    record "$mode" "$keep" - "$out" "$stats"
+    start_job "${mode}_mlp_$keep" sparse_run "${mode}_mlp_$keep" mode="$mode" mlp_keep="$keep" att_keep=- -- \
+      --sparse-mode "$mode" --mlp-keep "$keep" --sparse-attention off "${predictors[@]}"
+  done
+  for mode in $ALLOCATE_METHODS; do
+    [ "$mode" = cats ] && [ "$MODEL_TYPE" != llama ] && continue
+    allocation="$RUN/predictors/same/allocation_${mode}_$("$PYTHON" -c 'import sys; print(f"{float(sys.argv[1]):g}")' "$keep").json"
+    start_job "${mode}_mlp_${keep}_allocated" sparse_run "${mode}_mlp_${keep}_allocated" mode="$mode" \
+      mlp_keep="$keep" att_keep=- allocation="$allocation" -- \
+      --sparse-mode "$mode" --mlp-keep "$keep" --mlp-keep-file "$allocation" --sparse-attention off "${predictors[@]}"
   done
 done
 for keep in $ATT_KEEP_FRACTIONS; do
   for mode in oracle predicted; do
-    out="$RUN/results_${mode}_att_${keep}.jsonl"
-    run_pipeline 1 "$MODEL_TYPE-ml-att-sparse" "$RUN/c4_val.jsonl" "$out" --sparse-mode "$mode" \
-      --att-keep "$keep" --sparse-mlp off --sparse-path "$RUN/predictors/same"
-    record "$mode" - "$keep" "$out"
+    start_job "${mode}_att_$keep" sparse_run "${mode}_att_$keep" mode="$mode" mlp_keep=- att_keep="$keep" -- \
+      --sparse-mode "$mode" --att-keep "$keep" --sparse-mlp off "${predictors[@]}"
   done
 done
+wait_jobs
 
-step "7/7 report"
+step "8/9 decode speed of each MLP configuration against dense (cpu backend, $DECODE_THREADS threads, $DECODE_ROUNDS rounds)"
 "$PYTHON" - "$RUN" "$NAME" "$MODEL_LABEL" "$MODEL_TYPE" "$CHECKPOINT" "$STAGES" "$DEVICE" "$VAL_DOCS" "$ONLINE" "$RANDOM_WEIGHTS" \
   "$EPOCHS" "$PATIENCE" "$SELECT_METRIC" "$D" "$LR" <<'EOF'
 import json, os, sys
@@ -169,5 +198,31 @@ tmp = os.path.join(run, ".study.json.tmp")
 json.dump(study, open(tmp, "w"), indent=2)
 os.replace(tmp, os.path.join(run, "study.json"))
 EOF
-"$PYTHON" "$ROOT/scripts/report.py" "$RUN" --out "$ROOT/reports/$NAME"
-step "done in $(( (SECONDS - started) / 60 )) min; report: $ROOT/reports/$NAME/report.md"
+"$PYTHON" -m dejavu_study.decode_speed "$RUN" --threads "$DECODE_THREADS" --rounds "$DECODE_ROUNDS" \
+  --new-tokens "$DECODE_TOKENS"
+
+step "9/9 downstream task (${DOWNSTREAM_ITEMS:-all} items of dejavu_continuation): dense and the Answer's configurations; report"
+downstream=(--downstream "$RUN/downstream")
+if [ "$DOWNSTREAM" = 1 ]; then
+  rm -rf "$RUN/downstream"; mkdir -p "$RUN/downstream"
+  "$PYTHON" -m dejavu_llama.task_datasets.continuation_task --tokenizer "$CHECKPOINT" --out "$RUN/downstream_task"
+  lm_eval_run() {  # lm_eval_run NAME [model_args...]
+    local name="$1"; shift
+    local args="checkpoint=$CHECKPOINT,model_type=$MODEL_TYPE,device=$DEVICE,batch_size=$LM_EVAL_BATCH_SIZE,label=$name"
+    for extra in "$@"; do args="$args,$extra"; done
+    "$VENV/bin/dejavu-lm-eval" --model dejavu --model_args "$args" --tasks dejavu_continuation \
+      --include_path "$RUN/downstream_task" ${DOWNSTREAM_ITEMS:+--limit "$DOWNSTREAM_ITEMS"} \
+      --output_path "$RUN/downstream/$name"
+  }
+  start_job downstream_dense lm_eval_run dense
+  for config in $("$PYTHON" "$ROOT/scripts/report.py" "$RUN" --chosen-configs); do
+    name="$(basename "${config%.jsonl.sparse_config.json}")"; name="${name#results_}"
+    start_job "downstream_$name" lm_eval_run "$name" "model_type=$MODEL_TYPE-ml-att-sparse" "sparse_config=$config" \
+      "sparse_stats=$RUN/downstream/stats_$name.json"
+  done
+  wait_jobs
+else
+  downstream=()
+fi
+"$PYTHON" "$ROOT/scripts/report.py" "$RUN" --out "$REPORT" "${downstream[@]}"
+step "done in $(( (SECONDS - started) / 60 )) min; report: $REPORT/report.md"

@@ -59,19 +59,6 @@ run_model() {  # run_model TYPE REQUESTS RESULTS [runner flags...]
     --output-path "$results" --device "$DEVICE" --batch-size "$BATCH_SIZE" \
     --input-seq-length "$MAX_TOKENS_PER_DOC" --num-layers "$LAYERS_TOTAL" --max-layers "$LAYERS_TOTAL" "$@"
 }
-record() {  # record RESULTS KEY=VALUE... : one line of $RUN/scaling.jsonl
-  "$PYTHON" - "$RUN/scaling.jsonl" "$@" <<'EOF'
-import json, sys
-from dejavu_llama.task_datasets.perplexity import perplexity_of_file
-out, results, *pairs = sys.argv[1:]
-line = {key: (None if value == "-" else float(value) if key in ("keep", "label_k") else
-              int(value) if key == "train_rows" else value) for key, value in (p.split("=", 1) for p in pairs)}
-line.update(perplexity_of_file(results), result_file=results)
-with open(out, "a") as handle:
-    handle.write(json.dumps(line) + "\n")
-print(f"perplexity {line}")
-EOF
-}
 
 t=$SECONDS
 if [ "$REUSE_DUMP" = 1 ] && [ -f "$RUN/dump/meta.json" ]; then
@@ -109,23 +96,23 @@ t=$SECONDS
 rm -f "$RUN/scaling.jsonl"
 step "perplexity on the validation documents: dense, then oracle and predicted on layers $LAYERS"
 run_model "$MODEL_TYPE" "$RUN/val.jsonl" "$RUN/results_dense.jsonl"
-record "$RUN/results_dense.jsonl" mode=dense
+record "$RUN/scaling.jsonl" "$RUN/results_dense.jsonl" mode=dense
 sparse() {  # sparse MODE KEEP RESULTS [PREDICTORS]
   run_model "$MODEL_TYPE-ml-att-sparse" "$RUN/val.jsonl" "$3" --sparse-mode "$1" --mlp-keep "$2" \
     --sparse-attention off --sparse-layers "$LAYERS" ${4:+--sparse-path "$4"}
 }
 for keep in $KEEP_FRACTIONS; do
   sparse oracle "$keep" "$RUN/results_oracle_$keep.jsonl"
-  record "$RUN/results_oracle_$keep.jsonl" mode=oracle keep="$keep"
+  record "$RUN/scaling.jsonl" "$RUN/results_oracle_$keep.jsonl" mode=oracle keep="$keep"
   for rows in $SIZES; do
     out="$RUN/results_predicted_rows${rows}_k${LABEL_K}_$keep.jsonl"
     sparse predicted "$keep" "$out" "$RUN/predictors/rows${rows}_k$LABEL_K"
-    record "$out" mode=predicted keep="$keep" train_rows="$rows" label_k="$LABEL_K"
+    record "$RUN/scaling.jsonl" "$out" mode=predicted keep="$keep" train_rows="$rows" label_k="$LABEL_K"
   done
   if [ "$keep" != "$LABEL_K" ]; then
     out="$RUN/results_predicted_rows${BUDGET_LABEL_SIZE}_k${keep}_$keep.jsonl"
     sparse predicted "$keep" "$out" "$RUN/predictors/rows${BUDGET_LABEL_SIZE}_k$keep"
-    record "$out" mode=predicted keep="$keep" train_rows="$BUDGET_LABEL_SIZE" label_k="$keep"
+    record "$RUN/scaling.jsonl" "$out" mode=predicted keep="$keep" train_rows="$BUDGET_LABEL_SIZE" label_k="$keep"
   fi
 done
 timing perplexity $(( SECONDS - t ))

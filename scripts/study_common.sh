@@ -1,5 +1,5 @@
-# What demo.sh and scaling.sh share (source it; do not run it): the environment, the model
-# variables, progress lines and the conversion of the model.
+# What the study scripts share (source it; do not run it): the environment, the model variables,
+# progress lines, the conversion of the model, the perplexity log's lines and parallel runs.
 #   MODEL       'smollm2' (the embedded GGUF), a hub id or a local folder (default smollm2)
 #   MODEL_TYPE  llama | opt (default llama); NAME, CHECKPOINT, VENV, PYTHON, HF_TOKEN
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,4 +37,41 @@ convert_model() {  # MODEL -> CHECKPOINT (skipped when already converted); sets 
   )
   LAYERS_TOTAL="$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["num_hidden_layers"])' \
     "$CHECKPOINT/config.json")"
+}
+
+# record LOG RESULTS [KEY=VALUE...] [--stats FILE]: one line of a study's perplexity log
+# (dejavu_study/record.py: the perplexity of RESULTS and, with --stats, the kept fraction reached and
+# the MLP bytes it costs).
+record() { "$PYTHON" -m dejavu_study.record "$@"; }
+
+# Runs of a sweep in parallel: `start_job NAME COMMAND...` runs COMMAND in the background (its
+# output in $RUN/logs/NAME.log) once fewer than JOBS run; `wait_jobs` waits for all of them and
+# fails, after the others finish, if any failed (the tail of its log shown). Each job gets
+# JOB_THREADS threads: on a CPU, two one-thread runs overlap their start-up and single-threaded
+# parts and finish a sweep about a fifth sooner than one run after another at two threads.
+JOBS="${JOBS:-$([ "${DEVICE:-cpu}" = cpu ] && nproc || echo 1)}"
+JOB_THREADS="${JOB_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}"
+job_pids=(); job_names=(); job_failures=0
+start_job() {
+  local name="$1"; shift
+  mkdir -p "$RUN/logs"
+  ( export OMP_NUM_THREADS="$JOB_THREADS"; "$@" ) > "$RUN/logs/$name.log" 2>&1 &
+  job_pids+=("$!"); job_names+=("$name")
+  while [ "${#job_pids[@]}" -ge "$JOBS" ]; do wait_first_job; done
+}
+wait_first_job() {
+  local pid="${job_pids[0]}" name="${job_names[0]}"
+  job_pids=("${job_pids[@]:1}"); job_names=("${job_names[@]:1}")
+  if wait "$pid"; then
+    echo "  $name: $(grep -v '^[[:space:]]*$' "$RUN/logs/$name.log" | tail -n 1 | cut -c1-200)"
+  else
+    job_failures=$(( job_failures + 1 ))
+    echo "  $name FAILED; the end of $RUN/logs/$name.log:"; tail -n 15 "$RUN/logs/$name.log" | sed 's/^/    /'
+  fi
+}
+wait_jobs() {
+  while [ "${#job_pids[@]}" -gt 0 ]; do wait_first_job; done
+  if [ "$job_failures" -gt 0 ]; then
+    echo "$job_failures run(s) failed (logs in $RUN/logs)" >&2; job_failures=0; return 1
+  fi
 }

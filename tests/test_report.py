@@ -542,3 +542,55 @@ def test_decode_speed_puts_the_frontier_in_time_and_answers_where_sparsity_pays(
         text = f.read()
     assert "where sparsity pays" in text and "teal allocated keep 0.5 decodes 1.25× dense" in text
     assert os.path.isfile(os.path.join(out, "frontier_time.png"))
+
+
+def test_answer_configs_run_downstream_and_their_accuracy_joins_the_answer(runs, tmp_path):
+    """--chosen-configs prints the saved SparseConfig of each configuration the Answer picks (each
+    once); lm-eval results made from those files (their sparse_config model_arg) land in the
+    Answer's table beside dense's accuracy; a budget whose run has none shows a dash."""
+    run = str(tmp_path / "answer_run")
+    shutil.copytree(runs["llama"], run)
+    lines = [{"mode": "dense", "mlp_keep": None, "att_keep": None, "perplexity": 20.0, "tokens": 1000,
+              "result_file": os.path.join(run, "results_dense.jsonl")}]
+    for mode, keep, ppl, ratio in (("teal", 0.9, 20.1, 1.05), ("teal", 0.5, 21.8, 1.4), ("cats", 0.5, 21.0, 1.2)):
+        lines.append({"mode": mode, "mlp_keep": keep, "att_keep": None, "perplexity": ppl, "tokens": 1000,
+                      "mlp_bytes_relative": keep, "result_file": os.path.join(run, f"results_{mode}_mlp_{keep}.jsonl")})
+    with open(os.path.join(run, "perplexity.jsonl"), "w") as f:
+        f.write("".join(json.dumps(line) + "\n" for line in lines))
+    for line in lines[1:]:
+        with open(line["result_file"] + ".sparse_config.json", "w") as f:
+            json.dump({"mode": line["mode"], "mlp_keep": line["mlp_keep"]}, f)
+    configs = [{"result_file": line["result_file"], "mode": line["mode"], "mlp_keep": line["mlp_keep"], "kind": "kernel",
+                "ratio": ratio, "rate": 40.0} for line, ratio in zip(lines[1:], (1.05, 1.4, 1.2))]
+    with open(os.path.join(run, "decode_speed.json"), "w") as f:
+        json.dump({"format": "dejavu-decode-speed", "version": 1, "threads": 2, "rounds": 3, "new_tokens": 32,
+                   "prompt_tokens": 64, "machine": "test", "cpus": 2, "dense_rate": 31.0, "configs": configs}, f)
+    printed = subprocess.run([sys.executable, os.path.join(SCRIPTS, "report.py"), run, "--chosen-configs"],
+                             capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr
+    teal_09, cats_05, teal_05 = (os.path.join(run, f"results_{name}.jsonl.sparse_config.json")
+                                 for name in ("teal_mlp_0.9", "cats_mlp_0.5", "teal_mlp_0.5"))
+    # +1%: teal 0.9 (+0.5%); +3%: none better than... teal 0.9 still (cats +5%); +10%: teal 0.5 (+9%, 1.4x)
+    assert printed.stdout.split() == [teal_09, teal_05]
+
+    def results(model_args, acc):
+        return {"results": {"dejavu_continuation": {"alias": "dejavu_continuation", "acc,none": acc,
+                                                    "acc_stderr,none": 0.011}},
+                "n-samples": {"dejavu_continuation": {"original": 1200, "effective": 1200}},
+                "config": {"model": "dejavu", "model_args": model_args}, "date": 1767225600.0}
+    folder = tmp_path / "downstream"
+    for name, args, acc in (("dense", "checkpoint=/m,model_type=llama,label=dense", 0.84),
+                            ("teal_mlp_0.9", f"checkpoint=/m,model_type=llama-ml-att-sparse,sparse_config={teal_09},"
+                                             "label=teal_mlp_0.9", 0.83)):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "results_2026-01-01T00-00-00.json").write_text(json.dumps(results(args, acc)))
+    assert cli.main([run, "--out", str(tmp_path / "out"), "--no-plots", "--no-progress",
+                     "--downstream", str(folder)]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    pays = summary["runs"][0]["findings"]["perplexity"]["where_sparsity_pays"]
+    assert pays["downstream_dense"]["value"] == 0.84
+    by_budget = {b["budget_pct"]: b for b in pays["budgets"]}
+    assert by_budget[1.0]["downstream"]["value"] == 0.83 and "downstream" not in by_budget[10.0]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "dense 0.840 ± 0.011" in md
+    assert "| +1% | teal keep 0.9 | 1.05× |" in md and md.count("| 0.830 ± 0.011 |") == 2  # +1% and +3%

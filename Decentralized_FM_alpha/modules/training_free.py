@@ -19,6 +19,7 @@ everything, so a kept fraction of 1.0 is the dense computation exactly.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from dejavu_common.helpers import kept_count
@@ -86,24 +87,27 @@ def magnitude_thresholds(values, keeps):
     across. `reached` is the fraction of the sample strictly above the threshold. A fraction
     that keeps all N entries gives (None, 1.0): no threshold, the dense computation.
 
-    One sort serves every fraction. `values` may have any shape; entries are pooled (TEAL and
-    CATS use one threshold per layer and tensor)."""
-    ordered = values.detach().reshape(-1).float().abs().sort().values
-    count = ordered.numel()
+    One partial sort (numpy's partition at the order statistics needed) serves every fraction.
+    `values` may have any shape; entries are pooled (TEAL and CATS use one threshold per layer
+    and tensor)."""
+    magnitudes = values.detach().reshape(-1).float().abs().cpu().numpy()
+    count = magnitudes.size
     if count == 0:
         raise ValueError("no values to calibrate on")
-    if not torch.isfinite(ordered[-1]):
+    if not np.isfinite(magnitudes).all():
         raise ValueError("non-finite values in the calibration sample")
+    kept_counts = [kept_count(keep, count, "keep") for keep in keeps]
+    ranks = sorted({rank for kept in kept_counts if kept < count for rank in (count - kept - 1, count - kept)})
+    ordered = np.partition(magnitudes, ranks) if ranks else magnitudes
     results = []
-    for keep in keeps:
-        kept = kept_count(keep, count, "keep")
+    for kept in kept_counts:
         if kept >= count:
             results.append((None, 1.0))
             continue
-        below, above = ordered[count - kept - 1], ordered[count - kept]
-        threshold = float((below.double() + above.double()) / 2)
-        at_or_below = int(torch.searchsorted(ordered, torch.tensor([threshold], dtype=ordered.dtype), right=True))
-        results.append((threshold, (count - at_or_below) / count))
+        below, above = float(ordered[count - kept - 1]), float(ordered[count - kept])
+        threshold = (below + above) / 2
+        # the entries kept: strictly above the threshold as the sparse MLP compares (in float32)
+        results.append((threshold, int(np.count_nonzero(magnitudes > np.float32(threshold))) / count))
     return results
 
 

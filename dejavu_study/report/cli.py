@@ -40,6 +40,7 @@ def write_report(run_dirs: list[str], out_dir: str | None = None, name: str | No
             summary["downstream"] = downstream.read_results(downstream_dir)
         except downstream.DownstreamError as error:
             raise ReportError(str(error)) from None
+        attach_downstream(summary)
     summary_path = os.path.join(out_dir, "summary.json")
     write_json_atomic(summary_path, summary)
     with open(summary_path) as f:  # the markdown sees exactly what was written
@@ -47,6 +48,54 @@ def write_report(run_dirs: list[str], out_dir: str | None = None, name: str | No
     report_path = os.path.join(out_dir, "report.md")
     write_text_atomic(report_path, render_markdown(written))
     return report_path
+
+
+CONFIG_SUFFIX = ".sparse_config.json"  # beside a run's results file (modules/sparse_config.py)
+
+
+def chosen_configs(run_dir: str) -> list[str]:
+    """The saved SparseConfig files of the configurations the Answer picks (where sparsity pays),
+    each once, in budget order: what a downstream task is run on next to dense."""
+    run = load_run(run_dir, progress=False)
+    summary = build_summary([run], run["name"])
+    pays = (summary["runs"][0]["findings"]["perplexity"] or {}).get("where_sparsity_pays") or {}
+    files = []
+    for budget in pays.get("budgets", []):
+        path = (budget.get("result_file") or "") + CONFIG_SUFFIX
+        if budget.get("result_file") and os.path.isfile(path) and path not in files:
+            files.append(path)
+    return files
+
+
+def downstream_accuracy(rows: list[dict], config_file: str | None, metric: str = "acc") -> dict | None:
+    """The downstream row (first task) of the run set up from `config_file` (its sparse_config
+    model_arg), or of dense with None."""
+    for row in rows:
+        if row.get("metric") != metric:
+            continue
+        made_from = (row.get("model_args") or {}).get("sparse_config")
+        if config_file is None and row.get("dense") and not made_from:
+            return row
+        if config_file is not None and made_from and os.path.realpath(made_from) == os.path.realpath(config_file):
+            return row
+    return None
+
+
+def attach_downstream(summary: dict) -> None:
+    """Each Answer budget gets the downstream accuracy of its configuration (and dense's), where run."""
+    rows = summary.get("downstream") or []
+    for run in summary["runs"]:
+        pays = (run["findings"]["perplexity"] or {}).get("where_sparsity_pays")
+        if not pays:
+            continue
+        dense = downstream_accuracy(rows, None)
+        if dense is not None:
+            pays["downstream_dense"] = {k: dense.get(k) for k in ("task", "metric", "value", "stderr", "samples")}
+        for budget in pays["budgets"]:
+            if budget.get("result_file"):
+                row = downstream_accuracy(rows, budget["result_file"] + CONFIG_SUFFIX)
+                if row is not None:
+                    budget["downstream"] = {k: row.get(k) for k in ("task", "metric", "value", "stderr", "samples")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--downstream", metavar="DIR", default=None,
                    help="an lm-eval --output_path folder (dejavu-lm-eval): adds a downstream table, dense "
                         "against each sparse run")
+    p.add_argument("--chosen-configs", action="store_true",
+                   help="print the saved SparseConfig files of the configurations the Answer picks (one RUN), "
+                        "one a line, and write nothing")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
@@ -69,6 +121,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="[report] %(levelname)s: %(message)s", stream=sys.stderr)
     if args.drift_rows is not None and args.drift_rows < 1:
         p.error(f"--drift-rows must be at least 1, got {args.drift_rows}")
+    if args.chosen_configs:
+        if len(args.runs) != 1:
+            p.error("--chosen-configs takes one RUN")
+        try:
+            print("\n".join(chosen_configs(args.runs[0])))
+        except ReportError as e:
+            print(f"report: error: {e}", file=sys.stderr)
+            return 1
+        return 0
     try:
         path = write_report(args.runs, args.out, args.name, args.recompute_drift, args.drift_rows,
                             progress=not args.no_progress, plots=not args.no_plots, downstream_dir=args.downstream)

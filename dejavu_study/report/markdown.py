@@ -71,32 +71,51 @@ def md_headline(run: dict) -> list[str]:
     return lines + [""]
 
 
+def fmt_accuracy(row) -> str:
+    if not row or row.get("value") is None:
+        return "–"
+    stderr = f" ± {row['stderr']:.3f}" if row.get("stderr") is not None else ""
+    return f"{row['value']:.3f}{stderr}"
+
+
 def md_where_sparsity_pays(run: dict) -> list[str]:
     """At 1%, 3% and 10% more perplexity: the fastest decoder-realisable configuration, its measured
-    decode speed against dense, and its distance from oracle at the same bytes."""
+    decode speed against dense, its distance from oracle at the same bytes and, where run, its
+    downstream accuracy next to dense's."""
     pays = ((run["findings"]["perplexity"] or {}).get("where_sparsity_pays")) or None
     speed = run.get("decode_speed") or {}
     if pays is None:
         return []
+    dense_task = pays.get("downstream_dense")
+    task_note = []
+    if dense_task:
+        samples = f", {dense_task['samples']} items" if dense_task.get("samples") else ""
+        task_note = [f"Downstream: {dense_task.get('task')} ({dense_task.get('metric')}{samples}), dense "
+                     f"{fmt_accuracy(dense_task)}; chance is 0.25.", ""]
+    task_head, task_rule = (" | task accuracy", "---|") if dense_task else ("", "")
     lines = [f"### {run_heading(run)}: where sparsity pays", "",
              f"Decode speed measured by `dejavu_study.decode_speed` on {speed.get('machine')} "
              f"({speed.get('cpus')} cores) through the cpu backend at {speed.get('threads')} thread(s): "
              f"{speed.get('new_tokens')} tokens after a {speed.get('prompt_tokens')}-token prompt, median of "
              f"{speed.get('rounds')} per-round ratios against dense (dense: {fmt(speed.get('dense_rate'), 1)} tok/s). "
              "Only configurations a decoder can run count here: oracle chooses from the dense activation (a bound) "
-             "and WINA has no kernel (masks).", "",
+             "and WINA has no kernel (masks).", "", *task_note,
              "| perplexity budget | fastest within it | speed vs dense | perplexity vs dense | MLP bytes / dense "
-             "| oracle at those bytes | gap to oracle |", "|---|---|---|---|---|---|---|"]
+             f"| oracle at those bytes | gap to oracle{task_head} |", f"|---|---|---|---|---|---|---|{task_rule}"]
     sentences = []
     for b in pays["budgets"]:
+        task_cell = " – |" if dense_task else ""
         if b.get("method") is None:
-            lines.append(f"| +{b['budget_pct']:g}% | none of the runs | – | – | – | – | – |")
+            lines.append(f"| +{b['budget_pct']:g}% | none of the runs | – | – | – | – | – |{task_cell}")
             sentences.append(f"within +{b['budget_pct']:g}% perplexity no configuration was run")
             continue
         what = f"{b['method']} keep {b['keep']:g}"
         gap = "–" if b.get("minus_oracle_pp") is None else f"{b['minus_oracle_pp']:+.1f} pp"
+        if dense_task:
+            task_cell = f" {fmt_accuracy(b.get('downstream'))} |"
         lines.append(f"| +{b['budget_pct']:g}% | {what} | {b['speed_ratio']:.2f}× | {fmt_pct(b['increase_pct'])} | "
-                     f"{fmt(b.get('bytes_relative'), 2)} | {fmt_pct(b.get('oracle_increase_pct_at_bytes'))} | {gap} |")
+                     f"{fmt(b.get('bytes_relative'), 2)} | {fmt_pct(b.get('oracle_increase_pct_at_bytes'))} | {gap} |"
+                     f"{task_cell}")
         sentences.append(f"within +{b['budget_pct']:g}% perplexity " + (
             f"{what} decodes {b['speed_ratio']:.2f}× dense" if b["faster_than_dense"] else
             f"nothing decodes faster than dense (the fastest, {what}, runs at {b['speed_ratio']:.2f}×)"))

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The frontier in full: demo.sh's study on every kept fraction from 0.95 to 0.1, uniform and
+# allocated per layer, each configuration's decode speed against dense, and the whole downstream
+# task (1,200 items) for dense and the configurations the Answer picks.
+#
+#   bash scripts/frontier.sh                       # runs/frontier-<name>, reports/frontier-<name>
+#   REUSE=1 bash scripts/frontier.sh               # keep the dump and predictors of an earlier run
+#
+# Every variable of demo.sh can be set in the environment; these are the ones this study changes.
+set -euo pipefail
+export STUDY="${STUDY:-frontier}"
+export KEEP_FRACTIONS="${KEEP_FRACTIONS:-0.95 0.9 0.8 0.7 0.6 0.5 0.4 0.25 0.1}"
+export DOWNSTREAM_ITEMS="${DOWNSTREAM_ITEMS-}"  # empty: all of the task's items
+exec bash "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/demo.sh"
