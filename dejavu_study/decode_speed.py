@@ -36,6 +36,9 @@ OUTPUT_FILE = "decode_speed.json"
 FORMAT, VERSION = "dejavu-decode-speed", 1
 
 
+KINDS = ("kernel", "bound", "masks")
+
+
 class DecodeSpeedError(RuntimeError):
     pass
 
@@ -90,7 +93,7 @@ def timed_rate(model, prompt, new_tokens, warm=True):
     return new_tokens / max(run(1 + new_tokens) - run(1), 1e-9)
 
 
-def measure(run_dir, threads, rounds, new_tokens, prompt_tokens, progress=True):
+def measure(run_dir, threads, rounds, new_tokens, prompt_tokens, progress=True, kinds=None):
     import torch
     from tqdm import tqdm
 
@@ -110,6 +113,10 @@ def measure(run_dir, threads, rounds, new_tokens, prompt_tokens, progress=True):
     configs = mlp_configs(run_dir)
     if not configs:
         raise DecodeSpeedError(f"{run_dir}: no results_*.jsonl{CONFIG_SUFFIX} of an MLP-only sparse run")
+    if kinds is not None:
+        configs = [(results, config) for results, config in configs if kind_of(MODES[config.mode]) in kinds]
+        if not configs:
+            raise DecodeSpeedError(f"{run_dir}: no MLP-only sparse run of kind {', '.join(kinds)}")
     torch.set_num_threads(threads)
     cpu_kernels.set_num_threads(threads)
     prompt = torch.tensor([prompt_ids(run_dir, checkpoint, prompt_tokens)])
@@ -133,7 +140,7 @@ def measure(run_dir, threads, rounds, new_tokens, prompt_tokens, progress=True):
                      rows[-1]["ratio"], rows[-1]["kind"])
     return {"format": FORMAT, "version": VERSION, "checkpoint": checkpoint, "backend": "cpu", "threads": threads,
             "kernels": cpu_kernels.kernel_library() is not None, "rounds": rounds, "new_tokens": new_tokens,
-            "prompt_tokens": prompt_tokens, "machine": platform.processor() or platform.machine(),
+            "prompt_tokens": prompt_tokens, "kinds": list(kinds or KINDS), "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "dense_rate": statistics.median(dense_rates), "configs": rows}
 
 
@@ -144,6 +151,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                        help="time only configurations of these kinds (kernel: realisable through the kernels; "
+                             "bound: oracle; masks: no kernel); the report marks the others unmeasured")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[decode speed] %(levelname)s: %(message)s", stream=sys.stderr)
     from dejavu_llama.modules.decode.environment import apply_environment
@@ -154,7 +164,8 @@ def main(argv=None):
         if value < 1:
             parser.error(f"{flag} must be at least 1")
     try:
-        figures = measure(args.run, args.threads, args.rounds, args.new_tokens, args.prompt_tokens)
+        figures = measure(args.run, args.threads, args.rounds, args.new_tokens, args.prompt_tokens,
+                          kinds=tuple(args.kinds))
     except DecodeSpeedError as error:
         log.error("%s", error)
         return 1

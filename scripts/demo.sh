@@ -45,11 +45,17 @@ PREV_KINDS="${PREV_KINDS:-$([ "$MODEL" = smollm2 ] && echo att || echo "mlp att"
 SELECT_METRIC="${SELECT_METRIC:-recall_at_matched_k}"  # what a top-K executor uses
 MLP_METHODS="${MLP_METHODS:-oracle predicted teal cats wina}"  # MLP modes run at each of KEEP_FRACTIONS
 CALIBRATION_ROWS="${CALIBRATION_ROWS:-4096}"  # dump rows TEAL's and CATS's thresholds are calibrated on
-ALLOCATE_METHODS="${ALLOCATE_METHODS:-predicted teal cats}"  # also run with per-layer kept fractions
+# Also run with per-layer kept fractions (frontier.sh: predicted too; on the embedded model its
+# allocation is the slowest to measure and, on 2 cores, would take the demo past 20 minutes).
+ALLOCATE_METHODS="${ALLOCATE_METHODS:-teal cats}"
+ALLOCATION_ROWS="${ALLOCATION_ROWS:-1024}"    # dump rows each layer's sensitivity is measured on
 ALLOCATION_GRID="${ALLOCATION_GRID:-1 0.95 0.9 0.8 0.7 0.6 0.5 0.4 0.25 0.1}"  # the steps a layer's fraction takes
 DECODE_THREADS="${DECODE_THREADS:-$(nproc)}"  # decode speed: cpu backend at this many threads
 DECODE_ROUNDS="${DECODE_ROUNDS:-3}"           # per-round ratios against dense; the median is reported
 DECODE_TOKENS="${DECODE_TOKENS:-32}"          # tokens decoded per timing
+# Which configurations are timed: kernel (realisable, what the Answer chooses from), bound
+# (oracle), masks (wina); frontier.sh times all three.
+DECODE_KINDS="${DECODE_KINDS:-kernel}"
 DOWNSTREAM="${DOWNSTREAM:-1}"                 # 0: no downstream task
 DOWNSTREAM_ITEMS="${DOWNSTREAM_ITEMS-200}"    # items of dejavu_continuation (empty: all 1,200)
 LM_EVAL_BATCH_SIZE="${LM_EVAL_BATCH_SIZE:-32}"
@@ -108,7 +114,7 @@ if [ "$REUSE" = 1 ] && [ -f "$RUN/dump/meta.json" ] && [ -d "$RUN/predictors/sam
 else
   step "4/9 collect activations ($MODEL_TYPE-save) from the training documents"
   run_pipeline 1 "$MODEL_TYPE-save" "$RUN/c4_train.jsonl" "$RUN/results_collect.jsonl" \
-    --sp-data-path "$RUN/dump" --sp-rows "${SP_ROWS:-400000}" --sp-force
+    --sp-data-path "$RUN/dump" --sp-rows "${SP_ROWS:-$(( TRAIN_DOCS * MAX_TOKENS_PER_DOC ))}" --sp-force
 
   step "5/9 train predictors for all $LAYERS_TOTAL layers (MLP and attention, input same; $PREV_KINDS also input prev)"
   suffix=""; [ "$MODEL_TYPE" = llama ] && suffix="_llama"
@@ -137,7 +143,7 @@ for method in $ALLOCATE_METHODS; do
   [ "$method" = cats ] && [ "$MODEL_TYPE" != llama ] && continue
   start_job "allocate_$method" "$PYTHON" "$ROOT/sparse_predictor/allocate.py" --data-path "$RUN/dump" \
     --checkpoint "$CHECKPOINT" --method "$method" --predictors "$RUN/predictors/same" --target-keep $KEEP_FRACTIONS \
-    --grid $ALLOCATION_GRID --max-rows "$CALIBRATION_ROWS"
+    --grid $ALLOCATION_GRID --max-rows "$ALLOCATION_ROWS"
 done
 wait_jobs
 for method in $ALLOCATE_METHODS; do  # what each allocation chose (the table allocate.py logs)
@@ -170,7 +176,7 @@ for keep in $ATT_KEEP_FRACTIONS; do
 done
 wait_jobs
 
-step "8/9 decode speed of each MLP configuration against dense (cpu backend, $DECODE_THREADS threads, $DECODE_ROUNDS rounds)"
+step "8/9 decode speed of each MLP configuration ($DECODE_KINDS) against dense (cpu backend, $DECODE_THREADS threads, $DECODE_ROUNDS rounds)"
 "$PYTHON" - "$RUN" "$NAME" "$MODEL_LABEL" "$MODEL_TYPE" "$CHECKPOINT" "$STAGES" "$DEVICE" "$VAL_DOCS" "$ONLINE" "$RANDOM_WEIGHTS" \
   "$EPOCHS" "$PATIENCE" "$SELECT_METRIC" "$D" "$LR" <<'EOF'
 import json, os, sys
@@ -199,7 +205,7 @@ json.dump(study, open(tmp, "w"), indent=2)
 os.replace(tmp, os.path.join(run, "study.json"))
 EOF
 "$PYTHON" -m dejavu_study.decode_speed "$RUN" --threads "$DECODE_THREADS" --rounds "$DECODE_ROUNDS" \
-  --new-tokens "$DECODE_TOKENS"
+  --new-tokens "$DECODE_TOKENS" --kinds $DECODE_KINDS
 
 step "9/9 downstream task (${DOWNSTREAM_ITEMS:-all} items of dejavu_continuation): dense and the Answer's configurations; report"
 downstream=(--downstream "$RUN/downstream")

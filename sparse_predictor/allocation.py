@@ -7,8 +7,10 @@ Layers differ in what sparsity costs them, so one kept fraction for every layer 
 Two steps:
 
 1. Sensitivity, on training text only (the dump of the training passages): for each layer and
-   each kept fraction f of the grid, the relative error of the layer's MLP output
-   ||mlp_f(h) - mlp(h)||^2 / ||mlp(h)||^2, averaged over a subsample of the dump's rows (evenly
+   each kept fraction f of the grid, the relative error of the block's output
+   ||mlp_f(h) - mlp(h)||^2 / ||mlp_x + mlp(h)||^2 (--error block, the default: a layer whose
+   MLP adds little to the residual stream counts for little; --error mlp divides by
+   ||mlp(h)||^2 instead), averaged over a subsample of the dump's rows (evenly
    spaced, --max-rows), h being the layer's MLP input (the layer's own norm of mlp_x, as
    calibration.py computes it). mlp_f is the sparse MLP the runner executes: the mode's torch
    reference (sparse_execution.MODES[method].mlp) on the layer's block set up by
@@ -56,7 +58,10 @@ DEFAULT_GRID = (1.0, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.25, 0.1)
 DEFAULT_MAX_ROWS = 4096
 DEFAULT_CHUNK_ROWS = 1024
 TARGET_TOLERANCE = 1e-9
-FRACTION_TOLERANCE = 1e-9  # as the thresholds file matches kept fractions
+FRACTION_TOLERANCE = 1e-9
+# what a layer's error is relative to: its block's output (the residual stream after the MLP,
+# so a layer whose MLP adds little to the stream counts for little), or its MLP output alone
+ERRORS = {"block": "block's output", "mlp": "layer's MLP output"}  # as the thresholds file matches kept fractions
 
 
 # ---- the greedy (pure) -------------------------------------------------------------------------------
@@ -184,12 +189,15 @@ def predictor_rank(predictor):
 
 
 def layer_sensitivity(block, method, layer, h, x, grid, predictor=None, input_mode="same", thresholds=None,
-                      chunk=DEFAULT_CHUNK_ROWS):
-    """[relative error at each grid fraction] of one layer's MLP output over the rows of h [rows, d].
+                      chunk=DEFAULT_CHUNK_ROWS, residual=None):
+    """[relative error at each grid fraction] of one layer over the rows of h [rows, d].
 
     x: the predictor's input rows (mlp_x for input mode same, att_x for prev); thresholds:
     {fraction: {layer: entry}} for teal and cats. The block is set up per fraction by
-    configure_sparse and runs the mode's torch reference (MODES[method].mlp)."""
+    configure_sparse and runs the mode's torch reference (MODES[method].mlp). The error is the
+    squared change of the MLP output over the squared norm of the block's output
+    (residual + MLP output) where `residual` (the rows of mlp_x) is given, else of the MLP
+    output itself."""
     from dejavu_llama.modules.sparse_execution import MODES, configure_sparse
 
     mode = MODES[method]
@@ -209,7 +217,8 @@ def layer_sensitivity(block, method, layer, h, x, grid, predictor=None, input_mo
             if index == len(dense_outputs):
                 dense = mlp.output(mlp.activation(part)).float()
                 dense_outputs.append(dense)
-                norms.append(dense.pow(2).sum(-1))
+                after = dense if residual is None else dense + residual[start:start + chunk][None].float()
+                norms.append(after.pow(2).sum(-1))
             dense, reference = dense_outputs[index], norms[index]
             sparse, _ = mode.mlp(mlp, part)
             valid = reference > 0  # a zero output has no relative error
@@ -230,7 +239,7 @@ def layer_costs(method, hidden, width, family, grid, rank=None):
 
 def allocate(data_path, checkpoint, method, targets, kind="keep", predictors=None, thresholds=None,
              grid=DEFAULT_GRID, layers_spec="all", max_rows=DEFAULT_MAX_ROWS, out=None, device="cpu",
-             chunk_rows=DEFAULT_CHUNK_ROWS, predictor_dataset="c4", progress=True):
+             chunk_rows=DEFAULT_CHUNK_ROWS, predictor_dataset="c4", progress=True, error="block"):
     """Measure the sensitivity, allocate for each target and write the files; returns [(path, content)]."""
     if method not in METHODS:
         raise AllocationError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
@@ -240,6 +249,8 @@ def allocate(data_path, checkpoint, method, targets, kind="keep", predictors=Non
     if not targets:
         raise AllocationError("--target-keep: give at least one target")
     grid = check_grid(grid)
+    if error not in ERRORS:
+        raise AllocationError(f"--error {error!r}: choose one of {', '.join(ERRORS)}")
     if max_rows is not None and max_rows < 1:
         raise AllocationError(f"--max-rows must be at least 1, got {max_rows}")
     if chunk_rows < 1:
@@ -294,7 +305,7 @@ def allocate(data_path, checkpoint, method, targets, kind="keep", predictors=Non
             h = MLP_INPUT[family](block, mlp_x)
             x = mlp_x if input_mode == "same" else as_tensor(reader.att_x(layer)[chosen], device)
             errors[layer] = layer_sensitivity(block, method, layer, h, x, grid, predictor, input_mode, entries,
-                                              chunk_rows)
+                                              chunk_rows, residual=mlp_x if error == "block" else None)
         costs[layer] = layer_costs(method, hidden, width, family, grid, rank)
         bar.update(len(grid))
         del block, h, x, mlp_x
@@ -302,7 +313,7 @@ def allocate(data_path, checkpoint, method, targets, kind="keep", predictors=Non
 
     model = {"checkpoint": checkpoint, "model_type": config.get("model_type"), "hidden_size": hidden,
              "intermediate_size": width, "num_layers": config.get("num_hidden_layers")}
-    source = {"dump": reader.path, "rows": int(len(chosen)), "grid": grid, "predictors": predictors,
+    source = {"dump": reader.path, "rows": int(len(chosen)), "grid": grid, "error": error, "predictors": predictors,
               "thresholds": thresholds_path}
     sensitivity = {layer: dict(zip(grid, values)) for layer, values in errors.items()}
     cost_table = {layer: dict(zip(grid, values)) for layer, values in costs.items()}
@@ -318,7 +329,7 @@ def allocate(data_path, checkpoint, method, targets, kind="keep", predictors=Non
         log.info("%s allocation for mean %s %g: mean kept %.4f, MLP bytes %.4f of dense -> %s", method,
                  "kept fraction" if kind == "keep" else "MLP bytes", target, mean_keep, bytes_relative, path)
         written.append((path, data))
-    log.info("per-layer kept fractions (error of the layer's MLP output on %d training rows):\n%s", len(chosen),
+    log.info("per-layer kept fractions (error relative to the %s on %d training rows):\n%s", ERRORS[error], len(chosen),
              summary_table(layers, grid, errors, targets, [data for _, data in written]))
     return written
 
@@ -369,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", nargs="+", type=float, default=list(DEFAULT_GRID),
                    help="the kept fractions a layer can take (1.0 is always included)")
     p.add_argument("--L", default="all", help="layers: index, list (0,3,7), range (0-29) or 'all' (the dump's)")
+    p.add_argument("--error", choices=tuple(ERRORS), default="block",
+                   help="a layer's error relative to its block's output (the residual stream after the MLP; "
+                        "default) or to its MLP output alone")
     p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS,
                    help="measure on at most N rows (tokens) of the dump, spread evenly over it")
     p.add_argument("--out", default=None, help="output folder (default: --predictors, else the thresholds file's)")
@@ -386,7 +400,7 @@ def main(argv=None) -> int:
         device = resolve_device(args.device)
         allocate(args.data_path, args.checkpoint, args.method, args.target_keep, args.target, args.predictors,
                  args.thresholds, args.grid, args.L, args.max_rows, args.out, device, args.chunk_rows,
-                 args.predictor_dataset, progress=not args.no_progress)
+                 args.predictor_dataset, progress=not args.no_progress, error=args.error)
     except (AllocationError, CalibrationError, DumpError, ValueError, OSError) as error:
         log.error("%s", error)
         return 1

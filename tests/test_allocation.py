@@ -118,7 +118,7 @@ def planted(tmp_path_factory):
 @pytest.mark.parametrize("method", ["predicted", "teal", "cats"])
 def test_planted_fragile_layer_is_cut_least(planted, method):
     (path, data), = allocation.allocate(planted["dump"], planted["checkpoint"], method, [0.5],
-                                        predictors=planted["predictors"], grid=GRID, progress=False)
+                                        predictors=planted["predictors"], grid=GRID, progress=False, error="mlp")
     assert path == allocation_file(planted["predictors"], method, 0.5)
     assert data["layers"] == {"0": 0.25, "1": 1.0, "2": 0.25}
     sensitivity = data["sensitivity"]
@@ -130,6 +130,33 @@ def test_planted_fragile_layer_is_cut_least(planted, method):
     assert data["target"]["kind"] == "keep" and data["target"]["value"] == 0.5 and data["mean_keep"] == 0.5
     assert data["source"]["grid"] == GRID and data["source"]["rows"] == 120 and data["source"]["dump"] == planted["dump"]
     assert json.loads(open(path).read()) == data
+
+
+def test_block_error_weighs_a_layer_by_what_its_mlp_adds_to_the_stream(planted):
+    """--error block divides by the block's output: with a zero residual it is the MLP's own relative
+    error; with a residual 100 times the MLP's output it is about 1e-4 of it."""
+    from sparse_predictor.calibration import MLP_INPUT, load_block
+    from sparse_predictor.dump_reader import DumpReader
+
+    reader = DumpReader(planted["dump"])
+    block = load_block(planted["checkpoint"], "llama", 1, "cpu")
+    thresholds = allocation.threshold_entries(f"{planted['predictors']}/thresholds_teal.json", "teal", GRID, [1],
+                                              HIDDEN, WIDTH, planted["checkpoint"], planted["dump"],
+                                              planted["predictors"])
+    with torch.inference_mode():
+        mlp_x = torch.from_numpy(reader.mlp_x(1)[:60].astype("float32"))
+        h = MLP_INPUT["llama"](block, mlp_x)
+        dense = block.mlp.output(block.mlp.activation(h[None]))[0]
+
+        def errors(residual):
+            return allocation.layer_sensitivity(block, "teal", 1, h, mlp_x, GRID, thresholds=thresholds,
+                                                residual=residual)
+        own = errors(None)
+        assert errors(torch.zeros_like(mlp_x)) == pytest.approx(own)
+        scale = 100 * dense.norm(dim=-1, keepdim=True) / mlp_x.norm(dim=-1, keepdim=True)
+        far = errors(mlp_x * scale)
+    assert own[0] == far[0] == 0.0
+    assert all(small == pytest.approx(large * 1e-4, rel=0.05) for small, large in zip(far[1:], own[1:])), (far, own)
 
 
 def test_command_line_writes_one_file_per_target(planted, caplog):

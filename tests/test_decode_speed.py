@@ -38,6 +38,9 @@ def test_each_sparse_mlp_config_is_timed_against_dense(tmp_path):
     for row in rows.values():
         assert len(row["ratios"]) == 2 and row["ratio"] > 0 and row["rate"] > 0
     assert figures["threads"] == 1 and figures["dense_rate"] > 0 and figures["new_tokens"] == 3
+    bound_only = decode_speed.measure(str(run), threads=1, rounds=1, new_tokens=2, prompt_tokens=8, progress=False,
+                                      kinds=("bound",))
+    assert [row["mode"] for row in bound_only["configs"]] == ["oracle"] and bound_only["kinds"] == ["bound"]
 
 
 def test_the_command_writes_its_file_and_names_what_is_missing(tmp_path, caplog):
@@ -46,6 +49,8 @@ def test_the_command_writes_its_file_and_names_what_is_missing(tmp_path, caplog)
                               "--prompt-tokens", "8"]) == 0
     with open(run / decode_speed.OUTPUT_FILE) as handle:
         assert json.load(handle)["format"] == decode_speed.FORMAT
+    assert decode_speed.main([str(run), "--kinds", "kernel"]) == 1
+    assert "no MLP-only sparse run of kind kernel" in caplog.text
     assert decode_speed.main([str(run), "--prompt-tokens", "500"]) == 1
     assert "--prompt-tokens 500" in caplog.text
     empty = tmp_path / "empty"

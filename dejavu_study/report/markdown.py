@@ -93,13 +93,16 @@ def md_where_sparsity_pays(run: dict) -> list[str]:
         task_note = [f"Downstream: {dense_task.get('task')} ({dense_task.get('metric')}{samples}), dense "
                      f"{fmt_accuracy(dense_task)}; chance is 0.25.", ""]
     task_head, task_rule = (" | task accuracy", "---|") if dense_task else ("", "")
+    skipped = [kind for kind in ("bound", "masks") if speed.get("kinds") and kind not in speed["kinds"]]
+    untimed = (f" This run timed no {' or '.join(skipped)} configuration (`--kinds`): their speed is "
+               "left blank." if skipped else "")
     lines = [f"### {run_heading(run)}: where sparsity pays", "",
              f"Decode speed measured by `dejavu_study.decode_speed` on {speed.get('machine')} "
              f"({speed.get('cpus')} cores) through the cpu backend at {speed.get('threads')} thread(s): "
              f"{speed.get('new_tokens')} tokens after a {speed.get('prompt_tokens')}-token prompt, median of "
              f"{speed.get('rounds')} per-round ratios against dense (dense: {fmt(speed.get('dense_rate'), 1)} tok/s). "
              "Only configurations a decoder can run count here: oracle chooses from the dense activation (a bound) "
-             "and WINA has no kernel (masks).", "", *task_note,
+             "and WINA has no kernel (masks)." + untimed, "", *task_note,
              "| perplexity budget | fastest within it | speed vs dense | perplexity vs dense | MLP bytes / dense "
              f"| oracle at those bytes | gap to oracle{task_head} |", f"|---|---|---|---|---|---|---|{task_rule}"]
     sentences = []
