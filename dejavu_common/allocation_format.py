@@ -12,10 +12,10 @@ on training text so that the layers together reach a target. Sparse execution re
                 "intermediate_size": I, "num_layers": layers of the whole model},
       "target": {"kind": "keep" | "bytes", "value": t, "reached": what the allocation reaches},
       "source": {"dump": folder, "rows": rows used per layer, "grid": [kept fractions tried],
-                 "predictors": folder | null, "thresholds": file | null},
+                 "error": "block" | "mlp", "predictors": folder | null, "thresholds": file | null},
       "layers": {"<layer>": kept fraction},
       "mean_keep": mean of "layers", "bytes_relative": MLP bytes per token relative to dense,
-      "sensitivity": {"<layer>": {"<kept fraction>": relative error of the layer's MLP output}},
+      "sensitivity": {"<layer>": {"<kept fraction>": relative error (source.error)}},
       "cost": {"<layer>": {"<kept fraction>": MLP bytes per token relative to dense}}
     }
 
