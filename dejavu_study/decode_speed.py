@@ -134,7 +134,7 @@ def measure(run_dir, threads, rounds, new_tokens, prompt_tokens, progress=True, 
                 rates.append(rate)
                 ratios.append(rate / dense_rate)
             rows.append({"result_file": results, "mode": config.mode, "mlp_keep": config.mlp_keep,
-                         "allocated": bool(config.layer_mlp_keep), "kind": kind_of(MODES[config.mode]),
+                         "allocated": bool(config.layer_mlp_keep or config.mlp_keep_file), "kind": kind_of(MODES[config.mode]),
                          "rate": statistics.median(rates), "ratio": statistics.median(ratios), "ratios": ratios})
             log.info("%s: %.1f tok/s, %.3fx dense (%s)", os.path.basename(results), rows[-1]["rate"],
                      rows[-1]["ratio"], rows[-1]["kind"])
