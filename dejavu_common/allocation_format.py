@@ -25,9 +25,10 @@ thresholds file. No torch here; errors are AllocationError naming the file and t
 
 from __future__ import annotations
 
-import json
 import math
 import os
+
+from dejavu_common.helpers import read_format_file
 
 FORMAT_NAME = "dejavu-mlp-allocation"
 FORMAT_VERSION = 1
@@ -90,21 +91,8 @@ def check_fraction(value, path, where):
 
 def load_allocation(path):
     """The file's content after checking format, version and the structure of "layers"."""
-    if not os.path.isfile(path):
-        raise AllocationError(f"allocation file not found: {path} (write it with sparse_predictor/allocate.py)")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise AllocationError(f"{path}: not a readable JSON file ({error})") from None
-    if not isinstance(data, dict):
-        raise AllocationError(f"{path}: not a JSON object")
-    missing = [key for key in REQUIRED_KEYS if key not in data]
-    if missing:
-        raise AllocationError(f"{path}: lacks key(s) {', '.join(missing)}")
-    if data["format"] != FORMAT_NAME or data["version"] != FORMAT_VERSION:
-        raise AllocationError(f"{path}: 'format' {data['format']!r} 'version' {data['version']!r}, expected "
-                              f"{FORMAT_NAME!r} version {FORMAT_VERSION}")
+    data = read_format_file(path, AllocationError, FORMAT_NAME, FORMAT_VERSION, REQUIRED_KEYS,
+                            "allocation file", "write it with sparse_predictor/allocate.py")
     if not isinstance(data["model"], dict):
         raise AllocationError(f"{path}: 'model' must be an object")
     if not isinstance(data["layers"], dict):

@@ -181,6 +181,28 @@ def atomic_write(path: str, mode: str = "w", encoding: str | None = "utf-8"):
         raise
 
 
+def read_format_file(path: str, error: type, format_name: str, version: int, required_keys, what: str, how: str):
+    """The JSON object in `path` after checking it exists (else "`what` not found", with `how` to
+    write it), parses, is an object, holds `required_keys`, and carries this format name and version.
+    Any failure raises `error` naming the path (and the key)."""
+    if not os.path.isfile(path):
+        raise error(f"{what} not found: {path} ({how})")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as problem:
+        raise error(f"{path}: not a readable JSON file ({problem})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: not a JSON object")
+    missing = [key for key in required_keys if key not in data]
+    if missing:
+        raise error(f"{path}: lacks key(s) {', '.join(missing)}")
+    if data["format"] != format_name or data["version"] != version:
+        raise error(f"{path}: 'format' {data['format']!r} 'version' {data['version']!r}, expected "
+                    f"{format_name!r} version {version}")
+    return data
+
+
 def write_text_atomic(path: str, text: str) -> None:
     with atomic_write(path) as handle:
         handle.write(text)

@@ -27,9 +27,10 @@ No torch here; errors are ThresholdsError naming the file and the key.
 
 from __future__ import annotations
 
-import json
 import math
 import os
+
+from dejavu_common.helpers import read_format_file
 
 FORMAT_NAME = "dejavu-mlp-thresholds"
 FORMAT_VERSION = 1
@@ -92,22 +93,8 @@ def read_thresholds(path, method, keep, layers, hidden_size=None, intermediate_s
     Checks the whole structure on the way: the file exists and is JSON, format and version,
     the method, the widths (when given), the fraction and each layer present, each threshold
     a finite number >= 0 or null. Any failure is a ThresholdsError naming `path` and the key."""
-    if not os.path.isfile(path):
-        raise ThresholdsError(f"thresholds file not found: {path} (write it with sparse_predictor/calibrate.py "
-                              f"--method {method})")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError) as error:
-        raise ThresholdsError(f"{path}: not a readable JSON file ({error})") from None
-    if not isinstance(data, dict):
-        raise ThresholdsError(f"{path}: not a JSON object")
-    missing = [key for key in REQUIRED_KEYS if key not in data]
-    if missing:
-        raise ThresholdsError(f"{path}: lacks key(s) {', '.join(missing)}")
-    if data["format"] != FORMAT_NAME or data["version"] != FORMAT_VERSION:
-        raise ThresholdsError(f"{path}: 'format' {data['format']!r} 'version' {data['version']!r}, expected "
-                              f"{FORMAT_NAME!r} version {FORMAT_VERSION}")
+    data = read_format_file(path, ThresholdsError, FORMAT_NAME, FORMAT_VERSION, REQUIRED_KEYS,
+                            "thresholds file", f"write it with sparse_predictor/calibrate.py --method {method}")
     if data["method"] != method:
         raise ThresholdsError(f"{path}: 'method' is {data['method']!r}, but sparse mode {method} needs "
                               f"{method!r} thresholds")
