@@ -31,62 +31,19 @@ import re
 import sys
 
 from dejavu_common.helpers import atomic_write, write_json_atomic, write_text_atomic
+from dejavu_study.report.depth import drift_vs_depth
 from dejavu_study.report.markdown import fmt, fmt_pct
-from dejavu_study.report.runs import ReportError, mean, pearson, read_json_file, read_jsonl
+from dejavu_study.report.runs import ReportError, mean, read_json_file, read_jsonl
 
 log = logging.getLogger("controls")
 
 CAPACITY = re.compile(r"^(lowrank_D\d+|linear|mlp_D\d+)$")
 LABEL = re.compile(r"^label_(act-topk|gate-positive|gate-topk)$")
 RELU = re.compile(r"^(relu-[\w.-]+?)_(\w[\w.-]*)$")
-DRIFT_QUANTITIES = ("cos_mlp_x", "rel_change_mlp_x", "cos_next_layer", "rel_change_next_layer")
 RELU_RECORD = "relu_control.json"
 
 
 # ---- drift against depth --------------------------------------------------------------------------
-def ranks(values: list[float]) -> list[float]:
-    """Ranks 1..n, ties sharing their mean rank (what Spearman's coefficient needs)."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    out = [0.0] * len(values)
-    start = 0
-    while start < len(order):
-        stop = start
-        while stop + 1 < len(order) and values[order[stop + 1]] == values[order[start]]:
-            stop += 1
-        for position in range(start, stop + 1):
-            out[order[position]] = (start + stop) / 2 + 1
-        start = stop + 1
-    return out
-
-
-def spearman(xs, ys) -> float | None:
-    """Spearman's rank correlation of the pairs where both are known; None below 3 pairs or without variance."""
-    pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None
-             and math.isfinite(x) and math.isfinite(y)]
-    if len(pairs) < 3:
-        return None
-    return pearson(ranks([p[0] for p in pairs]), ranks([p[1] for p in pairs]))
-
-
-def drift_vs_depth(recall_by_layer: dict, drift: dict, quantities=DRIFT_QUANTITIES) -> dict:
-    """Per-layer recall at matched K beside the drift summary (dejavu_study/drift.py's drift.json).
-
-    Returns the layers both know, the values, and Spearman's rank correlations: recall against each
-    drift quantity (its per-token mean), recall against depth, and each quantity against depth.
-    """
-    by_layer = {int(e["layer"]): e for e in drift.get("layers", [])}
-    layers = sorted(l for l in (int(k) for k in recall_by_layer) if l in by_layer
-                    and recall_by_layer.get(l, recall_by_layer.get(str(l))) is not None)
-    recall = [recall_by_layer.get(l, recall_by_layer.get(str(l))) for l in layers]
-    values = {q: [(by_layer[l].get(q) or {}).get("mean") for l in layers] for q in quantities}
-    return {
-        "layers": layers, "recall_at_matched_k": recall, "drift_means": values,
-        "spearman_recall_vs_depth": spearman(layers, recall),
-        "spearman_recall_vs_drift": {q: spearman(recall, values[q]) for q in quantities},
-        "spearman_drift_vs_depth": {q: spearman(layers, values[q]) for q in quantities},
-    }
-
-
 def plot_drift_vs_depth(result: dict, path: str, title: str = "") -> str | None:
     """Recall at matched K and the drift means against depth (left), recall against cos(att_x, mlp_x) (right)."""
     if not result["layers"]:
@@ -101,13 +58,17 @@ def plot_drift_vs_depth(result: dict, path: str, title: str = "") -> str | None:
     left.set(xlabel="layer", title=title or "recall and drift against depth")
     left.grid(alpha=0.3)
     left.legend(fontsize=7)
-    drift = result["drift_means"].get("cos_mlp_x") or []
+    # the similarity of consecutive layers' inputs where the dump has consecutive layers
+    quantity = "cos_next_layer" if any(v is not None for v in result["drift_means"].get("cos_next_layer") or []) \
+        else "cos_mlp_x"
+    drift = result["drift_means"].get(quantity) or []
     points = [(d, r, l) for d, r, l in zip(drift, result["recall_at_matched_k"], result["layers"]) if d is not None]
     right.scatter([p[0] for p in points], [p[1] for p in points])
     for d, r, l in points:
         right.annotate(str(l), (d, r), fontsize=7)
-    rho = result["spearman_recall_vs_drift"].get("cos_mlp_x")
-    right.set(xlabel="cos(att_x_l, mlp_x_l), mean over tokens", ylabel="recall at matched K",
+    rho = result["spearman_recall_vs_drift"].get(quantity)
+    right.set(xlabel={"cos_next_layer": "cos(att_x_l, att_x_l+1)", "cos_mlp_x": "cos(att_x_l, mlp_x_l)"}[quantity]
+              + ", mean over tokens", ylabel="recall at matched K",
               title=f"Spearman rho = {fmt(rho)}")
     right.grid(alpha=0.3)
     return save(fig, plt, path)
@@ -223,7 +184,22 @@ def change_pct(value, base):
 
 
 # ---- summary ----------------------------------------------------------------------------------------
-def build_summary(controls: str, dump: str, model: str, layer_spec: str, drift_set: str) -> dict:
+def study_depth(path: str | None) -> dict | None:
+    """Recall against drift and depth over every layer of the study's dump: the first run's depth
+    findings in a study report's summary.json (scripts/report.py)."""
+    if not path:
+        return None
+    study = read_json_file(path, "study report summary")
+    for run in study.get("runs") or []:
+        depth = (run.get("findings") or {}).get("depth")
+        if depth:
+            return {"summary": os.path.abspath(path), "run": run.get("name"), "model": run.get("model"), **depth}
+    log.warning("%s: no run with a depth finding (recall and drift per layer)", path)
+    return None
+
+
+def build_summary(controls: str, dump: str, model: str, layer_spec: str, drift_set: str,
+                  study: str | None = None, reference_set: str | None = None, answer_keep: float = 0.5) -> dict:
     meta = read_json_file(os.path.join(dump, "meta.json"), "dump metadata file")
     sets = read_sets(controls)
     ppl = read_perplexity(controls)
@@ -240,11 +216,12 @@ def build_summary(controls: str, dump: str, model: str, layer_spec: str, drift_s
     reference = sets.get(drift_set)
     drift_result = None
     if drift is not None and reference is not None:
-        drift_result = {"predictors": drift_set, "drift_file": drift_path, "source": "val",
-                        **drift_vs_depth({int(l): v["val"] for l, v in reference["per_layer"].items()}, drift)}
+        source = "other_docs" if reference["mean_other_docs"] is not None else "val"
+        drift_result = {"predictors": drift_set, "drift_file": drift_path, "source": source,
+                        **drift_vs_depth({int(l): v[source] for l, v in reference["per_layer"].items()}, drift)}
     timings = read_jsonl(os.path.join(controls, "timings.jsonl"))[0] if os.path.isfile(
         os.path.join(controls, "timings.jsonl")) else []
-    return {
+    summary = {
         "format": "dejavu-llama-controls", "version": 1,
         "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "controls": os.path.abspath(controls), "dump": os.path.abspath(dump),
@@ -254,8 +231,91 @@ def build_summary(controls: str, dump: str, model: str, layer_spec: str, drift_s
         "labels": [sets[n] for n in sets if LABEL.match(n)],
         "relu_predictors": [sets[n] for n in sets if RELU.match(n) and not LABEL.match(n)],
         "relu_fits": read_relu(controls), "perplexity": ppl, "drift_vs_depth": drift_result,
+        "study_depth": study_depth(study),
         "timings": {t["step"]: t.get("seconds") for t in timings if "step" in t},
     }
+    summary["answer"] = decisive_control(summary, reference_set or drift_set, answer_keep)
+    return summary
+
+
+# ---- which control decides ------------------------------------------------------------------------
+DECISIVE_SHARE = 0.5        # a control "decides" when it closes at least this share of the gap
+DENSE_TOLERANCE_PCT = 10.0  # a ReLU stand-in counts when its dense perplexity is within this of the original
+
+
+def fmt_points(value) -> str:
+    return "–" if value is None else f"{value:+.1f}"
+
+
+def gap_to_oracle(ppl: dict, model: str, predictors: str, keep: float) -> float | None:
+    """Predicted minus oracle perplexity change over dense (percentage points) of one model at one keep."""
+    p = ppl.get(model) or {}
+    oracle = next((v for k, v in (p.get("oracle_change_pct") or {}).items() if float(k) == keep), None)
+    entry = next((e for e in (p.get("predicted") or {}).values()
+                  if e["predictors"] == predictors and e["keep"] == keep), None)
+    if oracle is None or entry is None or entry["change_pct"] is None:
+        return None
+    return entry["change_pct"] - oracle
+
+
+def decisive_control(summary: dict, reference: str, keep: float) -> dict:
+    """Which control closes the most of the reference predictors' gap to oracle at `keep`.
+
+    The gap is predicted minus oracle perplexity change (points) with the reference set on the
+    SiLU model. Capacity and label: the best set of the group on the same model. Activation
+    function: each ReLU stand-in's own predictors against its own oracle, counted only when its
+    dense perplexity is within DENSE_TOLERANCE_PCT of the original. A control decides when it
+    closes at least DECISIVE_SHARE of the gap; otherwise none does."""
+    ppl = summary["perplexity"]
+    base = gap_to_oracle(ppl, "silu", reference, keep)
+    out = {"reference": reference, "keep": keep, "gap_points": base, "rule": (
+        f"share of the gap (predicted − oracle perplexity change at keep {keep:g}, predictors {reference}) "
+        f"a control closes; decisive at {DECISIVE_SHARE:g} or more"), "controls": {}}
+    if base is None:
+        out["sentence"] = f"Not measured: no predicted and oracle perplexity of {reference} at keep {keep:g}."
+        return out
+    if base <= 0:
+        out["sentence"] = (f"No gap to explain: at keep {keep:g} the {reference} predictors cost no more perplexity "
+                           f"than oracle ({fmt_points(base)} points).")
+        return out
+    candidates = {"capacity": [(s["name"], "silu") for s in summary["capacity"]],
+                  "label": [(s["name"], "silu") for s in summary["labels"]]}
+    silu_dense = (ppl.get("silu") or {}).get("dense")
+    excluded = []
+    for model in sorted(m for m in ppl if m.startswith("relu-")):
+        dense_change = change_pct(ppl[model].get("dense"), silu_dense)
+        sets = [e["predictors"] for e in ppl[model]["predicted"].values() if e["keep"] == keep]
+        if dense_change is None or abs(dense_change) > DENSE_TOLERANCE_PCT:
+            excluded.append(f"{model} (dense {fmt_pct(dense_change)} against the original)")
+            continue
+        candidates.setdefault("activation function", []).extend((name, model) for name in sorted(set(sets)))
+    for control, options in candidates.items():
+        gaps = [(gap_to_oracle(ppl, model, name, keep), name, model) for name, model in options]
+        gaps = [g for g in gaps if g[0] is not None]
+        if gaps:
+            gap, name, model = min(gaps)
+            out["controls"][control] = {"best": name, "model": model, "gap_points": gap,
+                                        "share_closed": (base - gap) / base}
+    out["excluded"] = excluded
+    best = max(out["controls"].items(), key=lambda item: item[1]["share_closed"], default=None)
+    what = {"capacity": "predictor capacity", "label": "the training label",
+            "activation function": "the activation function (ReLU in place of SiLU, attention, RoPE and drift held)"}
+    if best and best[1]["share_closed"] >= DECISIVE_SHARE:
+        control, b = best
+        out["decisive"] = control
+        out["sentence"] = (f"The decisive control is {what[control]}: with {b['best']} on the {b['model']} model the "
+                           f"predicted-minus-oracle perplexity gap at keep {keep:g} is {fmt_points(b['gap_points'])} "
+                           f"points against {fmt_points(base)} for {reference} on the original, {b['share_closed']:.0%} "
+                           "of it closed.")
+    else:
+        out["decisive"] = None
+        closest = (f"; the most any closes is {best[1]['share_closed']:.0%} ({what[best[0]]}, {best[1]['best']})"
+                   if best else "")
+        out["sentence"] = (f"No control decides: none closes {DECISIVE_SHARE:.0%} of the {fmt_points(base)}-point "
+                           f"predicted-minus-oracle perplexity gap at keep {keep:g} ({reference}){closest}.")
+    if excluded:
+        out["sentence"] += " Not counted (dense perplexity too far from the original): " + ", ".join(excluded) + "."
+    return out
 
 
 # ---- plots -------------------------------------------------------------------------------------------
@@ -308,6 +368,12 @@ def make_plots(summary: dict, out: str) -> dict:
                                    f"predictors {summary['drift_vs_depth']['predictors']}")
         if path:
             written["drift_vs_depth"] = path
+    if summary.get("study_depth"):
+        d = summary["study_depth"]
+        path = plot_drift_vs_depth(d, os.path.join(out, "study_drift_vs_depth.png"),
+                                   f"every layer of {d['run']} (study report)")
+        if path:
+            written["study_drift_vs_depth"] = path
     return written
 
 
@@ -334,11 +400,26 @@ def perplexity_lines(summary: dict, model: str) -> list[str]:
     return lines
 
 
+def answer_lines(summary: dict) -> list[str]:
+    a = summary.get("answer")
+    if not a:
+        return []
+    lines = ["## Answer", "", a["sentence"], "", f"Rule: {a['rule']}."]
+    if a.get("controls"):
+        lines += ["", "| control | best set (model) | gap to oracle, points | share of the gap closed |",
+                  "|---|---|---|---|",
+                  f"| none (reference) | {a['reference']} (silu) | {fmt_points(a['gap_points'])} | – |"]
+        lines += [f"| {name} | {c['best']} ({c['model']}) | {fmt_points(c['gap_points'])} | {c['share_closed']:.0%} |"
+                  for name, c in a["controls"].items()]
+    return lines
+
+
 def render_markdown(summary: dict, plots: dict) -> str:
     sets = summary["capacity"] + summary["labels"] + summary["relu_predictors"]
     first = sets[0]
     lines = [f"# Controls: why MLP predictors fall short on {summary['model']}", "",
-             f"Generated {summary['generated']} from `{summary['controls']}`.", "", "## What was measured", "",
+             f"Generated {summary['generated']} from `{summary['controls']}`.", ""] + answer_lines(summary) + [
+             "", "## What was measured", "",
              f"- Model {summary['model']}; layers {summary['layer_spec']} of {summary['num_layers']} (the others "
              "stay dense in every perplexity run); MLP predictors only, attention dense.",
              f"- Training dump of {summary['dump_tokens']:,} tokens; each set trains on {first['rows_train']:,} "
@@ -379,11 +460,19 @@ def render_markdown(summary: dict, plots: dict) -> str:
     if not d:
         lines.append("No drift file or no reference predictor set: not computed.")
     else:
-        lines.append(f"- Predictors {d['predictors']} (held-out tokens), layers {d['layers']}: Spearman rho of recall "
+        source = "other documents" if d.get("source") == "other_docs" else "held-out tokens"
+        lines.append(f"- Predictors {d['predictors']} ({source}), layers {d['layers']}: Spearman rho of recall "
                      f"at matched K against depth {fmt(d['spearman_recall_vs_depth'])}; against the drift means: "
                      + ", ".join(f"{q} {fmt(v)}" for q, v in d["spearman_recall_vs_drift"].items()) + ".")
         lines.append(f"- With {len(d['layers'])} layers a rank correlation is coarse: one swapped pair moves it by "
                      f"{fmt(6 * 2 / (len(d['layers']) * (len(d['layers']) ** 2 - 1)) if len(d['layers']) > 1 else None)}.")
+    sd = summary.get("study_depth")
+    if sd:
+        lines += ["", f"Every layer of the study's dump ({sd['run']}, {len(sd['layers'])} layers, recall at matched K "
+                  f"of its MLP predictors as its report gives it, from `{sd['summary']}`): Spearman rho of recall against "
+                  f"depth {fmt(sd['spearman_recall_vs_depth'])}; against cos(att_x_l, att_x_l+1), the similarity of "
+                  f"consecutive layers' inputs, {fmt(sd['spearman_recall_vs_drift'].get('cos_next_layer'))}; against "
+                  f"cos(att_x_l, mlp_x_l) {fmt(sd['spearman_recall_vs_drift'].get('cos_mlp_x'))}."]
     lines += ["", "## Per layer (recall at matched K: held-out tokens / other documents)", "",
               "| set | " + " | ".join(f"layer {l}" for l in summary["layers"]) + " |",
               "|---|" + "---|" * len(summary["layers"])]
@@ -408,12 +497,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", default="", help="the layer spec the run used, for the text")
     parser.add_argument("--drift-set", default="lowrank_D128",
                         help="the predictor set whose per-layer recall is set against drift")
+    parser.add_argument("--reference-set", default=None,
+                        help="the predictor set whose gap to oracle the controls are measured against "
+                             "(default: --drift-set)")
+    parser.add_argument("--keep", type=float, default=0.5, help="the MLP kept fraction the answer compares at")
+    parser.add_argument("--study", default=None,
+                        help="a study report's summary.json (scripts/report.py): its recall against drift and "
+                             "depth over every layer of its dump goes into this report")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[controls] %(levelname)s: %(message)s", stream=sys.stderr)
     out = args.out or os.path.join(args.controls, "report")
     try:
-        summary = build_summary(args.controls, args.dump, args.model, args.layers, args.drift_set)
+        summary = build_summary(args.controls, args.dump, args.model, args.layers, args.drift_set, args.study,
+                                args.reference_set, args.keep)
         os.makedirs(out, exist_ok=True)
         plots = {} if args.no_plots else make_plots(summary, out)
         write_json_atomic(os.path.join(out, "summary.json"), summary)

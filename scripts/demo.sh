@@ -56,6 +56,7 @@ DECODE_TOKENS="${DECODE_TOKENS:-32}"          # tokens decoded per timing
 # Which configurations are timed: kernel (realisable, what the Answer chooses from), bound
 # (oracle), masks (wina); frontier.sh times all three.
 DECODE_KINDS="${DECODE_KINDS:-kernel}"
+CONTROLS_REPORT="${CONTROLS_REPORT:-$ROOT/reports/controls-$NAME}"  # linked from the Answer where it exists
 DOWNSTREAM="${DOWNSTREAM:-1}"                 # 0: no downstream task
 DOWNSTREAM_ITEMS="${DOWNSTREAM_ITEMS-200}"    # items of dejavu_continuation (empty: all 1,200)
 LM_EVAL_BATCH_SIZE="${LM_EVAL_BATCH_SIZE:-32}"
@@ -112,9 +113,12 @@ record "$LOG" "$RUN/results_dense.jsonl" mode=dense mlp_keep=- att_keep=-
 if [ "$REUSE" = 1 ] && [ -f "$RUN/dump/meta.json" ] && [ -d "$RUN/predictors/same" ]; then
   step "4-5/9 reusing the dump and predictors in $RUN (REUSE=1)"
 else
-  step "4/9 collect activations ($MODEL_TYPE-save) from the training documents"
+  step "4/9 collect activations ($MODEL_TYPE-save) from the training documents and the validation passages"
   run_pipeline 1 "$MODEL_TYPE-save" "$RUN/c4_train.jsonl" "$RUN/results_collect.jsonl" \
     --sp-data-path "$RUN/dump" --sp-rows "${SP_ROWS:-$(( TRAIN_DOCS * MAX_TOKENS_PER_DOC ))}" --sp-force
+  # the validation passages (other documents): every recall figure of the report is measured on them
+  run_pipeline 1 "$MODEL_TYPE-save" "$RUN/c4_val.jsonl" "$RUN/results_collect_val.jsonl" \
+    --sp-data-path "$RUN/dump_val" --sp-rows "$(( VAL_DOCS * MAX_TOKENS_PER_DOC ))" --sp-force
 
   step "5/9 train predictors for all $LAYERS_TOTAL layers (MLP and attention, input same; $PREV_KINDS also input prev)"
   suffix=""; [ "$MODEL_TYPE" = llama ] && suffix="_llama"
@@ -123,7 +127,7 @@ else
       [ "$input" = prev ] && [[ " $PREV_KINDS " != *" $kind "* ]] && continue
       DATA_PATH="$RUN/dump" CKPT_DIR="$RUN/predictors/$input" INPUT="$input" EPOCHS="$EPOCHS" DEVICE="$DEVICE" \
         PATIENCE="$PATIENCE" SELECT_METRIC="$SELECT_METRIC" D="$D" LR="$LR" CPU_WORKERS="$CPU_WORKERS" \
-        bash "$ROOT/sparse_predictor/run_c4_${kind}${suffix}.sh" || echo "some $kind layers failed (input $input); see above"
+        bash "$ROOT/sparse_predictor/run_c4_${kind}${suffix}.sh" --eval-data-path "$RUN/dump_val" || echo "some $kind layers failed (input $input); see above"
     done
   done
 fi
@@ -230,5 +234,8 @@ if [ "$DOWNSTREAM" = 1 ]; then
 else
   downstream=()
 fi
-"$PYTHON" "$ROOT/scripts/report.py" "$RUN" --out "$REPORT" "${downstream[@]}"
+# the controls report (scripts/controls.sh), where one exists: the Answer names its decisive control
+controls=(); [ -f "$CONTROLS_REPORT/summary.json" ] && controls=(--controls "$CONTROLS_REPORT")
+"$PYTHON" "$ROOT/scripts/report.py" "$RUN" --out "$REPORT" ${downstream[@]+"${downstream[@]}"} \
+  ${controls[@]+"${controls[@]}"}
 step "done in $(( (SECONDS - started) / 60 )) min; report: $REPORT/report.md"

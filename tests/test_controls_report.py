@@ -7,23 +7,24 @@ import os
 import pytest
 
 from dejavu_study import controls
+from dejavu_study.report import depth
 from sparse_predictor.synthetic import make_dump
 
 
 def test_spearman_on_planted_inputs():
-    assert controls.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert controls.spearman([1, 2, 3, 4], [0.9, 0.5, 0.4, -2]) == pytest.approx(-1.0)
+    assert depth.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert depth.spearman([1, 2, 3, 4], [0.9, 0.5, 0.4, -2]) == pytest.approx(-1.0)
     # monotone but not linear: ranks only
-    assert controls.spearman([1, 2, 3, 4, 5], [1, 8, 27, 64, 1000]) == pytest.approx(1.0)
+    assert depth.spearman([1, 2, 3, 4, 5], [1, 8, 27, 64, 1000]) == pytest.approx(1.0)
     # one adjacent swap among 5: 1 - 6 * 2 / (5 * 24)
-    assert controls.spearman([1, 2, 3, 4, 5], [1, 3, 2, 4, 5]) == pytest.approx(0.9)
+    assert depth.spearman([1, 2, 3, 4, 5], [1, 3, 2, 4, 5]) == pytest.approx(0.9)
     # ties share their mean rank
-    assert controls.ranks([3, 1, 3, 2]) == [3.5, 1.0, 3.5, 2.0]
-    assert controls.spearman([1, 2, 3, 4], [1, 1, 2, 2]) == pytest.approx(0.8944, abs=1e-4)
+    assert depth.ranks([3, 1, 3, 2]) == [3.5, 1.0, 3.5, 2.0]
+    assert depth.spearman([1, 2, 3, 4], [1, 1, 2, 2]) == pytest.approx(0.8944, abs=1e-4)
     # too few pairs, missing values and no variance are undefined
-    assert controls.spearman([1, 2], [1, 2]) is None
-    assert controls.spearman([1, 2, 3, 4], [None, 1, None, 2]) is None
-    assert controls.spearman([1, 2, 3], [5, 5, 5]) is None
+    assert depth.spearman([1, 2], [1, 2]) is None
+    assert depth.spearman([1, 2, 3, 4], [None, 1, None, 2]) is None
+    assert depth.spearman([1, 2, 3], [5, 5, 5]) is None
 
 
 def drift_file(layers, cos_mlp_x):
@@ -35,14 +36,14 @@ def test_drift_vs_depth_and_plot(tmp_path):
     layers = [2, 7, 12, 17, 22, 27]
     recall = {2: 0.7, 7: 0.6, 12: 0.55, 17: 0.5, 22: 0.45, 27: 0.47}
     drift = drift_file(layers, [0.95, 0.9, 0.85, 0.8, 0.7, 0.75])
-    result = controls.drift_vs_depth(recall, drift)
+    result = depth.drift_vs_depth(recall, drift)
     assert result["layers"] == layers
     assert result["spearman_recall_vs_drift"]["cos_mlp_x"] == pytest.approx(1.0)
     assert result["spearman_recall_vs_drift"]["rel_change_mlp_x"] == pytest.approx(-1.0)
     assert result["spearman_recall_vs_depth"] == pytest.approx(-(1 - 6 * 2 / (6 * 35)))
     assert result["spearman_recall_vs_drift"]["cos_next_layer"] is None  # not in a dump of spread layers
     # layers missing from either side are left out
-    partial = controls.drift_vs_depth({2: 0.7, 7: None, 99: 0.1}, drift)
+    partial = depth.drift_vs_depth({2: 0.7, 7: None, 99: 0.1}, drift)
     assert partial["layers"] == [2]
     assert controls.plot_drift_vs_depth(result, str(tmp_path / "d.png")) == "d.png"
     assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
@@ -73,7 +74,8 @@ def test_report_from_a_controls_folder(tmp_path):
         with open(folder / "metrics_mlp.jsonl", "w") as handle:
             for layer in range(3):
                 handle.write(json.dumps(metrics_line(layer, base - 0.05 * layer, form,
-                                                     None if form == "linear" else 128, other=base - 0.1)) + "\n")
+                                                     None if form == "linear" else 128,
+                                                     other=base - 0.1 - 0.05 * layer)) + "\n")
     folder = root / "predictors" / "label_gate-positive"
     folder.mkdir(parents=True)
     (folder / "metrics_mlp.jsonl").write_text(json.dumps(metrics_line(0, 0.7, target="gate-positive")) + "\n")
@@ -95,7 +97,7 @@ def test_report_from_a_controls_folder(tmp_path):
     summary = json.load(open(out / "summary.json"))
     assert [s["name"] for s in summary["capacity"]] == ["lowrank_D32", "lowrank_D128", "linear", "mlp_D128"]
     assert summary["capacity"][2]["mean_val"] == pytest.approx(0.5)
-    assert summary["capacity"][2]["mean_other_docs"] == pytest.approx(0.45)
+    assert summary["capacity"][2]["mean_other_docs"] == pytest.approx(0.40)
     assert summary["labels"][0]["mean_val_act_topk"] == pytest.approx(0.6)
     assert summary["drift_vs_depth"]["spearman_recall_vs_drift"]["cos_mlp_x"] == pytest.approx(1.0)
     predicted = summary["perplexity"]["silu"]["predicted"]["linear@0.5"]
@@ -108,3 +110,66 @@ def test_report_from_a_controls_folder(tmp_path):
         assert (out / plot).exists()
     # a folder without predictors is a named error
     assert controls.main([str(tmp_path / "empty"), "--dump", dump, "--out", str(tmp_path / "r2")]) == 1
+
+
+def ppl_lines(model, dense, oracle, predicted):
+    return [{"model": model, "mode": "dense", "perplexity": dense, "tokens": 500},
+            {"model": model, "mode": "oracle", "keep": 0.5, "perplexity": oracle}] + [
+        {"model": model, "mode": "predicted", "keep": 0.5, "predictors": name, "perplexity": value}
+        for name, value in predicted.items()]
+
+
+def answer_of(tmp_path, lines):
+    root = tmp_path / "c"
+    if root.exists():
+        import shutil
+        shutil.rmtree(root)
+    folder = root / "predictors"
+    for name in ("lowrank_D128", "linear", "label_gate-positive"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "metrics_mlp.jsonl").write_text(json.dumps(metrics_line(0, 0.5)) + "\n")
+    (root / "controls.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    dump = str(tmp_path / "dump")
+    if not os.path.exists(dump):
+        make_dump(dump, rows=20, num_layers=1)
+    return controls.build_summary(str(root), dump, "tiny", "0", "lowrank_D128")["answer"]
+
+
+def test_the_decisive_control_is_the_one_closing_most_of_the_gap(tmp_path):
+    # SiLU: oracle +5%, the reference predictors +30% (gap 25 points), linear +20% (gap 15: 40% closed)
+    silu = ppl_lines("silu", 10.0, 10.5, {"lowrank_D128": 13.0, "linear": 12.0, "label_gate-positive": 12.9})
+    answer = answer_of(tmp_path, silu)
+    assert answer["gap_points"] == pytest.approx(25.0)
+    assert answer["controls"]["capacity"]["best"] == "linear"
+    assert answer["controls"]["capacity"]["share_closed"] == pytest.approx(0.4)
+    assert answer["controls"]["label"]["share_closed"] == pytest.approx(0.04)
+    assert answer["decisive"] is None and answer["sentence"].startswith("No control decides")
+    # a ReLU stand-in whose own predictors sit 2 points from its own oracle closes 92% of the gap;
+    # one whose dense perplexity is 20% off the original is not counted
+    relu = ppl_lines("relu-plain", 10.5, 10.8, {"relu-plain_topk": 11.01})
+    far = ppl_lines("relu-sparse", 12.0, 12.0, {"relu-sparse_topk": 12.0})
+    answer = answer_of(tmp_path, silu + relu + far)
+    assert answer["decisive"] == "activation function"
+    assert answer["controls"]["activation function"]["model"] == "relu-plain"
+    assert answer["controls"]["activation function"]["share_closed"] == pytest.approx(
+        1 - (100 * (11.01 / 10.5 - 10.8 / 10.5)) / 25.0)
+    assert "relu-sparse" in answer["sentence"] and "activation function" in answer["sentence"]
+    # no gap: nothing to explain
+    answer = answer_of(tmp_path, ppl_lines("silu", 10.0, 10.5, {"lowrank_D128": 10.4}))
+    assert answer["sentence"].startswith("No gap to explain")
+
+
+def test_the_study_reports_depth_finding_is_carried_over(tmp_path):
+    layers = list(range(6))
+    depth_result = depth.drift_vs_depth({l: 0.8 - 0.05 * l for l in layers},
+                                        {"layers": [{"layer": l, "cos_next_layer": {"mean": 0.9 - 0.01 * l}}
+                                                    for l in layers]})
+    study = tmp_path / "summary.json"
+    study.write_text(json.dumps({"runs": [{"name": "demo", "model": "tiny", "findings": {"depth": depth_result}}]}))
+    found = controls.study_depth(str(study))
+    assert found["run"] == "demo" and found["layers"] == layers
+    assert found["spearman_recall_vs_drift"]["cos_next_layer"] == pytest.approx(1.0)
+    assert controls.plot_drift_vs_depth(found, str(tmp_path / "s.png")) == "s.png"
+    study.write_text(json.dumps({"runs": [{"name": "demo", "findings": {}}]}))
+    assert controls.study_depth(str(study)) is None
+    assert controls.study_depth(None) is None

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
 
 from dejavu_study import drift
-from dejavu_study.report import cli, markdown, plots
+from dejavu_study.report import cli, findings, markdown, plots
 from dejavu_study.report import runs as report_runs  # `runs` is the fixture below
 
 LAYERS, D, INTER, HEADS, ROWS, CAPACITY = 3, 16, 32, 4, 200, 256
@@ -262,7 +262,7 @@ def test_report_outputs_exist(comparison):
         assert os.path.isfile(path) and os.path.getsize(path) > 0, name
     assert os.path.join(out, "report.md") in comparison["stdout"]
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]  # atomic writes leave no temp files
-    assert set(comparison["summary"]["plots"]) == {"recall", "sparsity", "drift", "perplexity", "recall_vs_k",
+    assert set(comparison["summary"]["plots"]) == {"recall", "sparsity", "drift", "recall_vs_drift", "perplexity", "recall_vs_k",
                                                    "frontier"}
 
 
@@ -594,3 +594,50 @@ def test_answer_configs_run_downstream_and_their_accuracy_joins_the_answer(runs,
     md = (tmp_path / "out" / "report.md").read_text()
     assert "dense 0.840 ± 0.011" in md
     assert "| +1% | teal keep 0.9 | 1.05× |" in md and md.count("| 0.830 ± 0.011 |") == 2  # +1% and +3%
+
+
+def test_predictor_record_prefers_the_other_documents_and_keeps_the_token_split():
+    line = {"kind": "mlp", "layer": 0, "out": 8, "status": "ok",
+            "val": {"recall": 0.9, "recall_at_matched_k": 0.7, "true_sparsity": 0.9},
+            "eval_dump": {"rows": 123, "metrics": {"recall": 0.8, "recall_at_matched_k": 0.6, "true_sparsity": 0.9}}}
+    record = report_runs.predictor_record(line)
+    assert record["recall_source"] == "other_documents" and record["rows_other_documents"] == 123
+    assert record["recall_at_matched_k"] == 0.6 and record["recall"] == 0.8
+    assert record["token_split"] == {"recall": 0.9, "recall_at_matched_k": 0.7}
+    del line["eval_dump"]
+    record = report_runs.predictor_record(line)
+    assert record["recall_source"] == "token_split" and record["recall_at_matched_k"] == 0.7
+    found = findings.predictor_findings([{"layer": 0, "mlp": {"same": record}}], "mlp", "same")
+    assert found["recall_sources"] == ["token_split"] and "held-out tokens" in markdown.md_recall_source(found)
+
+
+def test_depth_findings_rank_recall_against_the_next_layers_similarity():
+    recall = [0.8, 0.7, 0.75, 0.5, 0.4]
+    cosine = [0.95, 0.9, 0.92, 0.7, 0.6]  # the same order as recall: Spearman 1
+    layers = [{"layer": l, "mlp": {"same": {"recall_at_matched_k": r}},
+               "drift": {"cos_next_layer": {"mean": c}, "cos_mlp_x": {"mean": 1 - c}}}
+              for l, (r, c) in enumerate(zip(recall, cosine))]
+    layers.append({"layer": 5, "mlp": {"same": None}, "drift": None})  # no predictor, no drift: left out
+    depth = findings.depth_findings(layers)
+    assert depth["layers"] == [0, 1, 2, 3, 4]
+    assert depth["spearman_recall_vs_drift"]["cos_next_layer"] == pytest.approx(1.0)
+    assert depth["spearman_recall_vs_drift"]["cos_mlp_x"] == pytest.approx(-1.0)
+    assert depth["spearman_recall_vs_depth"] == pytest.approx(-0.9)
+    assert findings.depth_findings([{"layer": 0, "mlp": {"same": None}, "drift": None}]) is None
+
+
+def test_the_answer_names_the_controls_reports_decisive_control(runs, tmp_path):
+    controls = tmp_path / "reports" / "controls-x"
+    controls.mkdir(parents=True)
+    sentence = "The decisive control is the training label: planted."
+    (controls / "summary.json").write_text(json.dumps({
+        "format": "dejavu-llama-controls", "model": "tiny", "layer_spec": "2,7",
+        "answer": {"sentence": sentence, "decisive": "label"}}))
+    out = tmp_path / "reports" / "study"
+    assert cli.main([runs["opt"], "--out", str(out), "--no-plots", "--no-progress", "--controls", str(controls)]) == 0
+    md = (out / "report.md").read_text()
+    answer = md.split("## Answer")[1].split("## Runs")[0]
+    assert sentence in answer and "(../controls-x/controls.md)" in answer
+    # not a controls summary, or one without an answer: a named error
+    (controls / "summary.json").write_text(json.dumps({"format": "dejavu-llama-report"}))
+    assert cli.main([runs["opt"], "--out", str(out), "--no-plots", "--no-progress", "--controls", str(controls)]) == 1

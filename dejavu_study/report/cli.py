@@ -14,7 +14,7 @@ from dejavu_study import downstream
 from dejavu_study.report.findings import build_summary
 from dejavu_study.report.markdown import render_markdown
 from dejavu_study.report.plots import make_plots
-from dejavu_study.report.runs import ReportError, load_run
+from dejavu_study.report.runs import ReportError, load_run, read_json_file
 
 ROOT = repo_root()
 
@@ -25,9 +25,11 @@ def safe_name(name: str) -> str:
 
 def write_report(run_dirs: list[str], out_dir: str | None = None, name: str | None = None,
                  recompute_drift: bool = False, drift_rows: int | None = None, progress: bool = True,
-                 plots: bool = True, downstream_dir: str | None = None) -> str:
+                 plots: bool = True, downstream_dir: str | None = None, controls: str | None = None) -> str:
     """Build summary.json, plots and report.md; returns the report.md path. Raises ReportError.
-    downstream_dir: an lm-eval --output_path folder, whose results add a downstream table."""
+    downstream_dir: an lm-eval --output_path folder, whose results add a downstream table.
+    controls: a controls report (scripts/controls.sh: its folder or summary.json), whose answer
+    the Answer section names and links."""
     runs = [load_run(r, recompute_drift, drift_rows, progress) for r in run_dirs]
     name = name or (runs[0]["name"] if len(runs) == 1 else "comparison")
     out_dir = os.path.abspath(out_dir or os.path.join(ROOT, "reports", safe_name(name)))
@@ -41,6 +43,8 @@ def write_report(run_dirs: list[str], out_dir: str | None = None, name: str | No
         except downstream.DownstreamError as error:
             raise ReportError(str(error)) from None
         attach_downstream(summary)
+    if controls:
+        summary["controls"] = read_controls(controls, out_dir)
     summary_path = os.path.join(out_dir, "summary.json")
     write_json_atomic(summary_path, summary)
     with open(summary_path) as f:  # the markdown sees exactly what was written
@@ -48,6 +52,21 @@ def write_report(run_dirs: list[str], out_dir: str | None = None, name: str | No
     report_path = os.path.join(out_dir, "report.md")
     write_text_atomic(report_path, render_markdown(written))
     return report_path
+
+
+def read_controls(path: str, out_dir: str) -> dict:
+    """The answer of a controls report (dejavu_study/controls.py) and the link to it from out_dir."""
+    summary_path = os.path.join(path, "summary.json") if os.path.isdir(path) else path
+    controls = read_json_file(summary_path, "controls report summary")
+    if controls.get("format") != "dejavu-llama-controls":
+        raise ReportError(f"{summary_path}: not a controls report summary (format {controls.get('format')!r})")
+    answer = controls.get("answer") or {}
+    if not answer.get("sentence"):
+        raise ReportError(f"{summary_path}: the controls summary has no answer (rerun python -m dejavu_study.controls)")
+    markdown_path = os.path.join(os.path.dirname(os.path.abspath(summary_path)), "controls.md")
+    return {"summary": os.path.abspath(summary_path), "link": os.path.relpath(markdown_path, out_dir),
+            "model": controls.get("model"), "layers": controls.get("layer_spec") or controls.get("layers"),
+            "sentence": answer["sentence"], "decisive": answer.get("decisive"), "answer": answer}
 
 
 CONFIG_SUFFIX = ".sparse_config.json"  # beside a run's results file (modules/sparse_config.py)
@@ -111,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--downstream", metavar="DIR", default=None,
                    help="an lm-eval --output_path folder (dejavu-lm-eval): adds a downstream table, dense "
                         "against each sparse run")
+    p.add_argument("--controls", metavar="PATH", default=None,
+                   help="a controls report (scripts/controls.sh: its folder or summary.json): the Answer names "
+                        "its decisive control and links it")
     p.add_argument("--chosen-configs", action="store_true",
                    help="print the saved SparseConfig files of the configurations the Answer picks (one RUN), "
                         "one a line, and write nothing")
@@ -132,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         path = write_report(args.runs, args.out, args.name, args.recompute_drift, args.drift_rows,
-                            progress=not args.no_progress, plots=not args.no_plots, downstream_dir=args.downstream)
+                            progress=not args.no_progress, plots=not args.no_plots, downstream_dir=args.downstream,
+                            controls=args.controls)
     except ReportError as e:
         print(f"report: error: {e}", file=sys.stderr)
         return 1

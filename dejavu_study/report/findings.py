@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 
+from dejavu_study.report.depth import drift_vs_depth
 from dejavu_study.report.runs import (DRIFT_FIELDS, KINDS, MODES, SELECTED_MODES, TRAINING_FREE_MODES, mean, pearson,
                                       sanitize, slope)
 
@@ -39,6 +40,12 @@ def predictor_findings(layers: list[dict], kind: str, mode: str) -> dict | None:
         "mean_recall_first_half": mean(recall[:half]) if half else None,
         "mean_recall_second_half": mean(recall[half:]) if half else None,
         "mean_recall_curve": mean_curve([r.get("recall_curve") for _, r in rows]),
+        # where the figures above were measured, and the held-out tokens' figures beside them
+        "recall_sources": sorted({r.get("recall_source") or "token_split" for _, r in rows}),
+        "rows_other_documents": max((r.get("rows_other_documents") or 0 for _, r in rows), default=0) or None,
+        "mean_token_split_recall": mean((r.get("token_split") or {}).get("recall") for _, r in rows),
+        "mean_token_split_recall_at_matched_k": mean((r.get("token_split") or {}).get("recall_at_matched_k")
+                                                     for _, r in rows),
         # Early stopping: a best epoch at the cap means training stopped while still improving.
         "max_best_epoch": max((r["best_epoch"] for _, r in rows if r.get("best_epoch")), default=None),
         "epoch_cap": max((r["epochs"] for _, r in rows if r.get("epochs")), default=None),
@@ -116,6 +123,17 @@ def drift_findings(layers: list[dict]) -> dict | None:
                       "max_layer": high[0], "mean_first_half": mean(values[:half]) if half else None,
                       "mean_second_half": mean(values[half:]) if half else None, "layers": len(values)}
     return out
+
+
+def depth_findings(layers: list[dict]) -> dict | None:
+    """The MLP predictors' recall at matched K (input same) of every layer against its drift and
+    its depth, with Spearman's rank correlations (report/depth.py)."""
+    recall = {l["layer"]: l["mlp"]["same"]["recall_at_matched_k"] for l in layers if l["mlp"]["same"]}
+    drift = {"layers": [{"layer": l["layer"], **l["drift"]} for l in layers if l["drift"]]}
+    if not recall or not drift["layers"]:
+        return None
+    result = drift_vs_depth(recall, drift)
+    return result if result["layers"] else None
 
 
 def perplexity_findings(perplexity: dict) -> dict | None:
@@ -256,6 +274,7 @@ def run_findings(run: dict) -> dict:
         "predictors": {kind: {mode: predictor_findings(layers, kind, mode) for mode in MODES} for kind in KINDS},
         "lookahead": {kind: lookahead_findings(layers, kind) for kind in KINDS},
         "drift": drift_findings(layers),
+        "depth": depth_findings(layers),
         "perplexity": perplexity_findings(run["perplexity"]),
     }
 

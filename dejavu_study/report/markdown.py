@@ -194,6 +194,20 @@ def md_run_details(run: dict) -> list[str]:
     return lines
 
 
+def md_recall_source(f: dict) -> str:
+    """Where the recall figures were measured; with other documents, the held-out tokens' figure
+    beside them (those tokens share passages with the training rows: the optimism on record)."""
+    sources = f.get("recall_sources") or ["token_split"]
+    if sources == ["other_documents"]:
+        return (f" Measured on the validation passages' dump ({f['rows_other_documents']} rows of documents the "
+                f"predictors never saw); on the held-out tokens of the training dump (same passages) recall is "
+                f"{fmt(f['mean_token_split_recall'])} and recall at matched K "
+                f"{fmt(f['mean_token_split_recall_at_matched_k'])}.")
+    if sources == ["token_split"]:
+        return " Measured on held-out tokens of the training dump (the same passages as the training rows)."
+    return " Measured on other documents for some layers and on held-out tokens of the training dump for others."
+
+
 def md_predictor_findings(run: dict) -> list[str]:
     lines = []
     for kind in KINDS:
@@ -221,7 +235,8 @@ def md_predictor_findings(run: dict) -> list[str]:
                       if f["layers_best_at_cap"] else "; every layer stopped early") + "."
                    if f.get("max_best_epoch") and f.get("epoch_cap") else "")
                 + (f" Trained on the layer's own input instead (no earlier layer): layer(s) "
-                   f"{fmt_layers(f['layers_input_fallback'])}." if f.get("layers_input_fallback") else ""))
+                   f"{fmt_layers(f['layers_input_fallback'])}." if f.get("layers_input_fallback") else "")
+                + md_recall_source(f))
     for kind in KINDS:
         la = run["findings"]["lookahead"][kind]
         if la is None:
@@ -252,6 +267,15 @@ def md_drift_findings(run: dict) -> list[str]:
         lines.append(f"- Drift, {names[field]}: mean over {plural(d['layers'], 'layer')} {fmt(d['mean'])} "
                      f"(min {fmt(d['min'])} at layer {d['min_layer']}, max {fmt(d['max'])} at layer {d['max_layer']}; "
                      f"first half {fmt(d['mean_first_half'])}, second half {fmt(d['mean_second_half'])}).")
+    depth = run["findings"].get("depth")
+    if depth:
+        rho = depth["spearman_recall_vs_drift"]
+        lines.append(f"- Recall against drift and depth ({plural(len(depth['layers']), 'layer')}, MLP predictors, input "
+                     f"same, recall at matched K; Spearman's rank correlation): with depth "
+                     f"{fmt(depth['spearman_recall_vs_depth'])}; with cos(att_x_l, att_x_l+1), the similarity of "
+                     f"consecutive layers' inputs, {fmt(rho.get('cos_next_layer'))}; with cos(att_x_l, mlp_x_l) "
+                     f"{fmt(rho.get('cos_mlp_x'))}; cos(att_x_l, att_x_l+1) with depth "
+                     f"{fmt(depth['spearman_drift_vs_depth'].get('cos_next_layer'))} (recall_vs_drift.png).")
     source = run["drift"]
     lines.append(f"- Drift source: {source.get('source')} "
                  f"({'all valid rows' if source.get('max_rows') is None else 'first ' + str(source['max_rows']) + ' rows'}).")
@@ -386,9 +410,12 @@ def md_perplexity_table(run: dict) -> list[str]:
 
 
 PLOT_CAPTIONS = {
-    "recall": "Validation recall per layer (solid: input same, dashed: input prev; dotted line: recall floor).",
+    "recall": "Recall per layer (solid: input same, dashed: input prev; dotted line: recall floor), on the "
+              "validation passages' dump where there is one, else on held-out tokens of the training dump.",
     "sparsity": "True sparsity of the labels (solid) and the classifier's predicted sparsity (dashed).",
     "drift": "Residual-stream drift per layer: mean over tokens with the p10–p90 band.",
+    "recall_vs_drift": "Each layer's MLP recall at matched K against the cosine of its input with the next "
+                       "layer's (left; the numbers are layers) and both against depth (right).",
     "perplexity": "Perplexity against the kept fraction: dense (dotted), oracle top-K (solid), predicted (dashed).",
     "frontier": "MLP made sparse alone: perplexity change against the MLP weight bytes each method reads per token "
                 "(relative to dense; the predictor's weights and CATS's full gate included), one line per method.",
@@ -420,6 +447,10 @@ def render_markdown(summary: dict) -> str:
         lines += md_headline(run)
     for run in runs:
         lines += md_where_sparsity_pays(run)
+    c = summary.get("controls")
+    if c:
+        lines += [f"Why the predictors fall short (controls on {c['model']}, layers {c['layers']}): {c['sentence']} "
+                  f"See the [controls report]({c['link']}).", ""]
     lines += ["> " + line for line in DEJAVU_OPT_REFERENCE] + [""]
     lines += ["## Runs", ""] + md_runs_table(summary) + [""]
     lines += ["Definitions: *recall* = fraction of truly active units the classifier marks active (sigmoid ≥ 0.5); "

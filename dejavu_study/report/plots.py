@@ -131,6 +131,37 @@ def plot_drift(plt, summary, colors):
     return fig, any_data
 
 
+def plot_recall_vs_drift(plt, summary, colors):
+    """Each layer's MLP recall at matched K against the similarity of consecutive layers' inputs
+    (left) and against depth (right), from the findings' depth correlation."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    any_data = False
+    for run in summary["runs"]:
+        depth = run["findings"].get("depth")
+        if not depth:
+            continue
+        color = colors[run["name"]]
+        drift = depth["drift_means"].get("cos_next_layer") or []
+        points = [(d, r, l) for d, r, l in zip(drift, depth["recall_at_matched_k"], depth["layers"]) if d is not None]
+        rho = depth["spearman_recall_vs_drift"].get("cos_next_layer")
+        if points:
+            left.scatter([p[0] for p in points], [p[1] for p in points], color=color, s=14,
+                         label=f"{run_label(run)} (Spearman {'—' if rho is None else f'{rho:.2f}'})")
+            for d, r, l in points:
+                left.annotate(str(l), (d, r), fontsize=6, color=color)
+        xs = [depth_of(summary, run, l) for l in depth["layers"]]
+        right.plot(xs, depth["recall_at_matched_k"], "-", marker="o", ms=3, color=color,
+                   label=f"{run_label(run)} · recall at matched K")
+        if any(v is not None for v in drift):
+            right.plot(xs, [float("nan") if v is None else v for v in drift], "--", color=color, alpha=0.6,
+                       label=f"{run_label(run)} · cos(att_x_l, att_x_l+1)")
+        any_data = True
+    finish_axes(left, "MLP recall at matched K against drift", "cos(att_x_l, att_x_l+1), mean over tokens",
+                "recall at matched K", any_data)
+    finish_axes(right, "recall and drift against depth", depth_label(summary), "value", any_data)
+    return fig, any_data
+
+
 def perplexity_series(run: dict) -> dict:
     """{(mode, axis, other keep): [(keep, ppl)]}; axis "mlp" when mlp_keep is set, else "att"."""
     series = {}
@@ -268,7 +299,8 @@ def plot_recall_vs_k(plt, summary, colors):
 
 
 PLOTS = (("recall", "recall.png", plot_recall), ("sparsity", "sparsity.png", plot_sparsity),
-         ("drift", "drift.png", plot_drift), ("perplexity", "perplexity.png", plot_perplexity),
+         ("drift", "drift.png", plot_drift), ("recall_vs_drift", "recall_vs_drift.png", plot_recall_vs_drift),
+         ("perplexity", "perplexity.png", plot_perplexity),
          ("recall_vs_k", "recall_vs_k.png", plot_recall_vs_k), ("frontier", "frontier.png", plot_frontier),
          ("frontier_time", "frontier_time.png", plot_frontier_time))
 

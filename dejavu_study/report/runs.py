@@ -189,9 +189,19 @@ def latest_lines(entries: list[dict], kind: str) -> tuple[dict[int, dict], dict[
 
 
 def predictor_record(entry: dict) -> dict:
-    """The per-layer numbers and settings the report uses, from one metrics line."""
-    val = entry.get("val") or {}
+    """The per-layer numbers and settings the report uses, from one metrics line.
+
+    The figures come from the rows of the evaluation dump (documents the predictor never saw:
+    --eval-data-path) where the line has them, else from the held-out tokens of the training
+    dump (which share passages with the training rows); `recall_source` says which, and
+    `token_split` keeps the held-out-token figures beside them."""
+    token_split = entry.get("val") or {}
+    other = ((entry.get("eval_dump") or {}).get("metrics")) or {}
+    val = other or token_split
     record = {name: finite(val.get(name)) for name in PREDICTOR_FIELDS}
+    record["recall_source"] = "other_documents" if other else "token_split"
+    record["rows_other_documents"] = (entry.get("eval_dump") or {}).get("rows") if other else None
+    record["token_split"] = {name: finite(token_split.get(name)) for name in ("recall", "recall_at_matched_k")}
     ts = record["true_sparsity"]
     # K / width at matched K: the recall@K an uninformed predictor gets (exact for top-k labels)
     record["kept_fraction"] = None if ts is None else 1.0 - ts
