@@ -90,6 +90,27 @@ def test_dense_loglikelihoods_equal_the_harness_hf_model(dense_lm, dense_scores,
     assert ours == pytest.approx(theirs, abs=1e-4)
 
 
+SHARED = [("The capital of France is", " Paris"), ("The capital of France is", " a large city in Europe"),
+          ("The capital of France is", " Lyon"), ("Roses are red,", " violets are blue"), ("Roses are red,", " and")]
+
+
+def test_choices_sharing_a_context_score_as_the_harness_hf_model(dense_lm, hflm):
+    """A multiple-choice item's context runs once and its choices read its cache: the same scores."""
+    ours = dense_lm.loglikelihood(ll_instances(SHARED), disable_tqdm=True)
+    theirs = hflm.loglikelihood(ll_instances(SHARED), disable_tqdm=True)
+    assert [score for score, _ in ours] == pytest.approx([score for score, _ in theirs], abs=1e-4)
+    assert [greedy for _, greedy in ours] == [greedy for _, greedy in theirs]
+    # a context is run once per batch, however many choices it has
+    calls = []
+    forward = dense_lm.model.forward
+    dense_lm.model.forward = lambda ids, **kw: calls.append(tuple(ids.shape)) or forward(ids, **kw)
+    try:
+        dense_lm.loglikelihood(ll_instances(SHARED), disable_tqdm=True)
+    finally:
+        del dense_lm.model.forward
+    assert calls[0][0] == 2 and calls[1][0] == 5  # two contexts, then five continuations
+
+
 def test_opt_dense_loglikelihoods_equal_the_harness_hf_model(tmp_path):
     """OPT's positions come from the mask too (offset 2): left-padded batches score as hf does."""
     from lm_eval.models.huggingface import HFLM
@@ -97,7 +118,8 @@ def test_opt_dense_loglikelihoods_equal_the_harness_hf_model(tmp_path):
 
     model, folder = tiny_opt(tmp_path)
     lm = DejaVuLM(checkpoint=folder, model_type="opt", batch_size=3)
-    pairs = [("w5 w6 w7", " w8"), ("w9", " w10 w11 w12"), ("w20 w21 w22 w23 w24", " w25 w26"), ("w3", " w4")]
+    pairs = [("w5 w6 w7", " w8"), ("w9", " w10 w11 w12"), ("w20 w21 w22 w23 w24", " w25 w26"), ("w3", " w4"),
+             ("w9", " w13"), ("w20 w21 w22 w23 w24", " w27 w28 w29")]  # choices sharing a context
     ours = lm.loglikelihood(ll_instances(pairs), disable_tqdm=True)
     reference = HFLM(pretrained=model.float().eval(), tokenizer=lm.tokenizer, batch_size=2, device="cpu")
     theirs = reference.loglikelihood(ll_instances(pairs), disable_tqdm=True)

@@ -294,40 +294,98 @@ class DejaVuLM(TemplateLM):
         return self._run(self._score, requests, disable_tqdm, override_bs)
 
     def _score(self, requests, disable_tqdm, override_bs):
+        """(log-probability, greedy) of each request's continuation after its context.
+
+        Requests that share a context (a multiple-choice item's choices) run the context once:
+        its keys and values are then read by each continuation, which runs only its own tokens
+        (the same numbers as running every row whole, for a fraction of the tokens). A request
+        whose context and continuation exceed max_length is scored alone, left-truncated."""
         from tqdm import tqdm
 
-        def order(request):
-            tokens = request[1] + request[2]
-            return -len(tokens), tuple(tokens)
-
-        collator = Collator(requests, sort_fn=order)
-        results = []
+        batch_size = override_bs or self.batch_size
+        results = [None] * len(requests)
+        shared, truncated = {}, []
+        for index, (_, context_enc, continuation_enc) in enumerate(requests):
+            if not context_enc or not continuation_enc:
+                raise ValueError("dejavu: a loglikelihood request needs a context and a continuation token")
+            if len(continuation_enc) > self.max_length:
+                raise ValueError(f"dejavu: a continuation of {len(continuation_enc)} tokens exceeds "
+                                 f"max_length {self.max_length}")
+            if len(context_enc) + len(continuation_enc) <= self.max_length + 1:
+                shared.setdefault(tuple(context_enc), []).append(index)
+            else:
+                truncated.append(index)
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="dejavu loglikelihood")
-        for chunk in collator.get_batched(n=override_bs or self.batch_size):
-            rows, continuations = [], []
-            for _, context_enc, continuation_enc in chunk:
-                if not context_enc or not continuation_enc:
-                    raise ValueError("dejavu: a loglikelihood request needs a context and a continuation token")
-                if len(continuation_enc) > self.max_length:
-                    raise ValueError(f"dejavu: a continuation of {len(continuation_enc)} tokens exceeds "
-                                     f"max_length {self.max_length}")
-                rows.append((context_enc + continuation_enc)[-(self.max_length + 1):][:-1])
-                continuations.append(continuation_enc)
-            span = max(len(c) for c in continuations)
-            input_ids, mask = self._batch(rows)
-            logits, _ = self._forward(input_ids, mask, last=span)
-            logprobs = F.log_softmax(logits.float(), dim=-1)
-            for (request, _, _), row_logprobs, continuation in zip(chunk, logprobs, continuations):
-                picked = row_logprobs[span - len(continuation):]  # left padding: the row ends at the right
-                target = torch.tensor(continuation, dtype=torch.long, device=picked.device)
-                greedy = bool((picked.argmax(-1) == target).all())
-                answer = (float(picked.gather(-1, target[:, None]).sum()), greedy)
-                results.append(answer)
-                if request is not None:
-                    self.cache_hook.add_partial("loglikelihood", request, answer)
-                progress.update(1)
+
+        def done(index, answer):
+            results[index] = answer
+            if requests[index][0] is not None:
+                self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
+            progress.update(1)
+
+        # contexts longest first (a batch pads least), each with its requests, in batches of
+        # about batch_size continuations
+        groups = sorted(shared.items(), key=lambda item: (-len(item[0]), item[0]))
+        batch = []
+        for group in groups:
+            batch.append(group)
+            if sum(len(indices) for _, indices in batch) >= batch_size:
+                self._score_shared(requests, batch, done)
+                batch = []
+        if batch:
+            self._score_shared(requests, batch, done)
+        for start in range(0, len(truncated), batch_size):
+            self._score_rows(requests, truncated[start:start + batch_size], done)
         progress.close()
-        return collator.get_original(results)
+        return results
+
+    @staticmethod
+    def _answer(logprobs, continuation):
+        """(sum of the continuation's log-probabilities, whether each token is the argmax) from
+        the rows of logprobs [len(continuation), V] that predict it."""
+        target = torch.tensor(continuation, dtype=torch.long, device=logprobs.device)
+        greedy = bool((logprobs.argmax(-1) == target).all())
+        return float(logprobs.gather(-1, target[:, None]).sum()), greedy
+
+    def _score_shared(self, requests, groups, done):
+        """Each context of `groups` ([(context tokens, request indices)]) once, then every
+        request's continuation over that context's keys and values."""
+        input_ids, mask = self._batch([list(context) for context, _ in groups])
+        logits, presents = self._forward(input_ids, mask, last=1)
+        first = F.log_softmax(logits[:, -1].float(), dim=-1)  # each context's next-token distribution
+        rows = [(g, index) for g, (_, indices) in enumerate(groups) for index in indices]
+        longest = max(len(requests[index][2]) for _, index in rows)
+        rest = None
+        if longest > 1:  # the continuations' own tokens but the last, right-padded, after their context
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            ids = torch.full((len(rows), longest - 1), pad, dtype=torch.long)
+            own = torch.zeros((len(rows), longest - 1), dtype=torch.long)
+            for r, (_, index) in enumerate(rows):
+                tokens = requests[index][2][:-1]
+                ids[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+                own[r, : len(tokens)] = 1
+            owner = torch.tensor([g for g, _ in rows], dtype=torch.long, device=self._device)
+            context_mask = torch.ones_like(input_ids) if mask is None else mask
+            full_mask = torch.cat([context_mask.index_select(0, owner), own.to(self._device)], dim=1)
+            past = [(layer[0].index_select(0, owner), layer[1].index_select(0, owner)) for layer in presents]
+            logits, _ = self.model(ids.to(self._device), mask=full_mask, past=past, backend=self.decode_backend)
+            rest = F.log_softmax(logits.float(), dim=-1)
+        for r, (g, index) in enumerate(rows):
+            continuation = requests[index][2]
+            picked = first[g : g + 1] if len(continuation) == 1 else torch.cat(
+                [first[g : g + 1], rest[r, : len(continuation) - 1]])
+            done(index, self._answer(picked, continuation))
+
+    def _score_rows(self, requests, indices, done):
+        """Each request as one row (context + continuation, left-truncated to max_length + 1)."""
+        rows = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in indices]
+        span = max(len(requests[i][2]) for i in indices)
+        input_ids, mask = self._batch(rows)
+        logits, _ = self._forward(input_ids, mask, last=span)
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        for index, row_logprobs in zip(indices, logprobs):
+            continuation = requests[index][2]
+            done(index, self._answer(row_logprobs[span - len(continuation):], continuation))  # rows end at the right
 
     def loglikelihood_rolling(self, requests, disable_tqdm=False):
         windows, owners = [], []
