@@ -240,6 +240,7 @@ def where_sparsity_pays(entries: list[dict]) -> dict | None:
                          if oracle and best.get("mlp_bytes_relative") is not None else None)
             item.update(method=method_label(best), mode=best["mode"], keep=best["mlp_keep"],
                         allocation=best.get("allocation"), result_file=best.get("result_file"), speed_ratio=best["speed_ratio"],
+                        speed_ratios=best.get("speed_ratios"),
                         increase_pct=best["increase_pct"], bytes_relative=best.get("mlp_bytes_relative"),
                         oracle_increase_pct_at_bytes=at_oracle,
                         minus_oracle_pp=None if at_oracle is None else best["increase_pct"] - at_oracle,

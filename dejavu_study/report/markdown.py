@@ -78,6 +78,13 @@ def fmt_accuracy(row) -> str:
     return f"{row['value']:.3f}{stderr}"
 
 
+def fmt_speed(entry: dict) -> str:
+    """The median per-round ratio, with the rounds' range where there are several (the noise)."""
+    rounds = entry.get("speed_ratios") or []
+    spread = f" ({min(rounds):.2f}–{max(rounds):.2f})" if len(rounds) > 1 else ""
+    return f"{entry['speed_ratio']:.2f}×{spread}"
+
+
 def md_where_sparsity_pays(run: dict) -> list[str]:
     """At 1%, 3% and 10% more perplexity: the fastest decoder-realisable configuration, its measured
     decode speed against dense, its distance from oracle at the same bytes and, where run, its
@@ -100,7 +107,8 @@ def md_where_sparsity_pays(run: dict) -> list[str]:
              f"Decode speed measured by `dejavu_study.decode_speed` on {speed.get('machine')} "
              f"({speed.get('cpus')} cores) through the cpu backend at {speed.get('threads')} thread(s): "
              f"{speed.get('new_tokens')} tokens after a {speed.get('prompt_tokens')}-token prompt, median of "
-             f"{speed.get('rounds')} per-round ratios against dense (dense: {fmt(speed.get('dense_rate'), 1)} tok/s). "
+             f"{speed.get('rounds')} per-round ratios against dense, their range in brackets (dense: "
+             f"{fmt(speed.get('dense_rate'), 1)} tok/s). "
              "Only configurations a decoder can run count here: oracle chooses from the dense activation (a bound) "
              "and WINA has no kernel (masks)." + untimed, "", *task_note,
              "| perplexity budget | fastest within it | speed vs dense | perplexity vs dense | MLP bytes / dense "
@@ -116,7 +124,7 @@ def md_where_sparsity_pays(run: dict) -> list[str]:
         gap = "–" if b.get("minus_oracle_pp") is None else f"{b['minus_oracle_pp']:+.1f} pp"
         if dense_task:
             task_cell = f" {fmt_accuracy(b.get('downstream'))} |"
-        lines.append(f"| +{b['budget_pct']:g}% | {what} | {b['speed_ratio']:.2f}× | {fmt_pct(b['increase_pct'])} | "
+        lines.append(f"| +{b['budget_pct']:g}% | {what} | {fmt_speed(b)} | {fmt_pct(b['increase_pct'])} | "
                      f"{fmt(b.get('bytes_relative'), 2)} | {fmt_pct(b.get('oracle_increase_pct_at_bytes'))} | {gap} |"
                      f"{task_cell}")
         sentences.append(f"within +{b['budget_pct']:g}% perplexity " + (

@@ -337,8 +337,9 @@ def read_decode_speed(run_dir: str, entries: list[dict]) -> tuple[dict | None, l
     for entry in entries:
         row = by_file.get(os.path.realpath(entry["result_file"])) if entry.get("result_file") else None
         if row is not None:
+            ratios = [finite(r) for r in row.get("ratios") or []]
             entry.update(speed_ratio=finite(row.get("ratio")), speed_rate=finite(row.get("rate")),
-                         speed_kind=row.get("kind"))
+                         speed_kind=row.get("kind"), speed_ratios=[r for r in ratios if r is not None] or None)
     return {k: v for k, v in figures.items() if k != "configs"}, []
 
 
