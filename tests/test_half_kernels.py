@@ -9,6 +9,7 @@ rounding (relative 1e-5 here). Torch's own ops in the half dtype round their inp
 to it as well, and are matched to that dtype's precision (relative 2^-7 for bfloat16, 2^-10 for
 float16, times a small factor for the sums)."""
 
+import copy
 import ctypes
 
 import pytest
@@ -154,3 +155,142 @@ def test_the_portable_build_reads_half_weights_as_the_native_one(dtype, lib):
         outs.append(out)
     close(outs[1], outs[0], 1e-5)
     close(outs[0], wide.weight @ x, 1e-5)
+
+
+def training_free_mlp(dtype, gated, d=140, width=1100):
+    """Random gate/up/down in `dtype` (widths not multiples of eight: the rows' tails) and the
+    same weights widened to float32."""
+    torch.manual_seed(5)
+    made = [nn.Linear(d, width), nn.Linear(d, width) if gated else None, nn.Linear(width, d)]
+    half = [None if m is None else m.to(dtype).requires_grad_(False) for m in made]
+    wide = [None if m is None else copy.deepcopy(m).float() for m in half]
+    return half, wide, nn.SiLU() if gated else nn.ReLU()
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("gated", [True, False])
+def test_teal_in_half_precision(dtype, gated, split_everything):
+    """TEAL's kernel over half-precision columns (laid out in their dtype) against the masked
+    torch ops on the widened weights."""
+    from dejavu_llama.modules.decode.cpu_training_free import lay_out_teal, teal_mlp
+
+    (gate, up, down), (wide_gate, wide_up, wide_down), act_fn = training_free_mlp(dtype, gated)
+    assert lay_out_teal(gate, up, down) and gate.weight.dtype == dtype
+    h = torch.randn(1, 1, gate.in_features)
+    for keep_in, keep_down in ((0.9, 0.5), (0.15, 0.3)):
+        t_in = float(h.abs().quantile(1 - keep_in))
+        with torch.no_grad():
+            masked = h * (h.abs() > t_in)
+            act = act_fn(wide_gate(masked)) * (wide_up(masked) if gated else 1.0)
+            t_down = float(act.abs().quantile(1 - keep_down))
+            reference = wide_down(act * (act.abs() > t_down))
+        out = at_every_thread_count(lambda: teal_mlp(None, h, gate, up, down, act_fn, t_in, t_down)[0])
+        close(out, reference, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_cats_in_half_precision(dtype, split_everything):
+    from dejavu_llama.modules.decode.cpu_training_free import cats_mlp
+    from dejavu_llama.modules.decode.sparse_gather import pack_mlp_neurons
+
+    (gate, up, down), (wide_gate, wide_up, wide_down), act_fn = training_free_mlp(dtype, True)
+    assert pack_mlp_neurons(gate, up, down) and gate.weight.dtype == dtype
+    h = torch.randn(1, 1, gate.in_features)
+    with torch.no_grad():
+        act = act_fn(wide_gate(h))
+        t_gate = float(act.abs().quantile(0.6))
+        reference = wide_down(act * wide_up(h) * (act.abs() > t_gate))
+    out = at_every_thread_count(lambda: cats_mlp(None, h, gate, up, down, act_fn, t_gate)[0])
+    close(out, reference, 1e-5)
+
+
+def kernel_steps_counted(monkeypatch):
+    """A list that gets each block's kernel step (None where the block ran its forward)."""
+    from dejavu_llama.modules.decode import cpu
+
+    made, real = [], cpu.kernel_step
+
+    def counting(*args):
+        step = real(*args)
+        made.append(step)
+        return step
+    monkeypatch.setattr(cpu, "kernel_step", counting)
+    return made
+
+
+def decode_logits(model, prompt, backend, steps=4):
+    """Each decoded token's logits (float32) and a greedy continuation."""
+    with torch.inference_mode():
+        tokens, logprobs = model.generate_greedy(prompt, steps, backend=backend, with_logprobs=True)
+    return tokens, logprobs
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_a_half_precision_model_decodes_through_the_kernels(dtype, family, split_everything, tmp_path, monkeypatch):
+    """A model loaded in half precision: its prompt runs in torch in that dtype, each decoded
+    token through the C layers (weights as loaded, activations and caches float32), the same at
+    every thread count; its tokens and log-probabilities are torch's own in that dtype, to the
+    dtype's precision."""
+    from tiny_models import tiny_llama, tiny_opt
+    from dejavu_llama.modules.local_model import LocalModel
+
+    checkpoint = (tiny_llama if family == "llama" else tiny_opt)(tmp_path)[1]
+    model = LocalModel.from_checkpoint(checkpoint, family, dtype=dtype, backend="cpu")
+    assert model.blocks[0].self_attn.q_proj.weight.dtype == dtype
+    prompt = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(4))
+    steps = kernel_steps_counted(monkeypatch)
+    tokens, logprobs = at_every_thread_count(lambda: torch.cat([t.float() for t in decode_logits(model, prompt, "cpu")]))\
+        .split(1)
+    # each of the three runs prepares every layer's decoding step in the kernels (its prompt: torch)
+    assert sum(step is not None for step in steps) == 3 * len(model.blocks)
+    reference_tokens, reference_logprobs = decode_logits(model, prompt, "torch")
+    assert torch.equal(tokens.long(), reference_tokens)
+    close(logprobs, reference_logprobs.float(), 8 * HALF_TOLERANCE[dtype])
+
+
+@torch.no_grad()
+def thresholds_keeping(model, mode, keep, dtype):
+    """Per layer, thresholds that keep about `keep` of random inputs' entries (as calibrated ones)."""
+    h = torch.randn(1, 64, model.config.hidden_size, generator=torch.Generator().manual_seed(2)).to(dtype)
+    found = {}
+    for block in model.blocks:
+        first, _, _, act_fn = block.mlp.neuron_linears()
+        if mode == "cats":
+            found[block.layer_index] = {"t_gate": float(act_fn(first(h)).float().abs().quantile(1 - keep))}
+        else:
+            act = block.mlp.activation(h).float()
+            found[block.layer_index] = {"t_in": float(h.float().abs().quantile(1 - keep)),
+                                        "t_down": float(act.abs().quantile(1 - keep))}
+    return found
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("mode", ["predicted", "teal", "cats"])
+def test_sparse_modes_decode_a_half_precision_model_through_the_kernels(dtype, mode, split_everything, tmp_path,
+                                                                        monkeypatch):
+    """DejaVu's predicted MLP, TEAL and CATS in a half-precision model: each decoded token's
+    layers in the C kernels (the MLP's weights packed or laid out in their dtype), the same
+    tokens and, to the dtype's precision, log-probabilities as the torch ops in that dtype."""
+    from tiny_models import tiny_llama
+    from dejavu_llama.modules.local_model import LocalModel
+    from dejavu_llama.modules.sparse_execution import configure_sparse
+
+    model = LocalModel.from_checkpoint(tiny_llama(tmp_path)[1], "llama-ml-att-sparse", dtype=dtype)
+    torch.manual_seed(5)
+    options = dict(mlp_keep=0.5, sparse_attention=False)
+    if mode == "predicted":
+        options["predictors"] = {("mlp", layer): (nn.Sequential(nn.Linear(48, 16, bias=False),
+                                                                nn.Linear(16, 112, bias=False)), "same")
+                                 for layer in range(len(model.blocks))}
+    else:
+        options["thresholds"] = thresholds_keeping(model, mode, 0.5, dtype)
+    configure_sparse(list(model.blocks), mode, **options)
+    assert model.blocks[0].mlp.neuron_linears()[0].weight.dtype == dtype
+    prompt = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(6))
+    steps = kernel_steps_counted(monkeypatch)
+    tokens, logprobs = decode_logits(model, prompt, "cpu", steps=6)
+    assert sum(step is not None for step in steps) == len(model.blocks)
+    reference_tokens, reference_logprobs = decode_logits(model, prompt, "torch", steps=6)
+    assert torch.equal(tokens, reference_tokens)
+    close(logprobs.float(), reference_logprobs.float(), 8 * HALF_TOLERANCE[dtype])

@@ -318,14 +318,17 @@ def pack_mlp_neurons(first, second, output):
     """Lay each neuron's weights side by side: one [I, n, d] buffer holding row i of first
     (and second) and column i of output, with the Linears' weights re-pointed to strided views
     of it (same values, shapes and state-dict keys; no second copy is kept). A kept neuron is
-    then one contiguous run of memory for the gathered MLP. No-op unless all are float32 CPU."""
+    then one contiguous run of memory for the gathered MLP. No-op unless all are CPU tensors of one
+    dtype the kernels read (float32, bfloat16, float16)."""
     linears = [first, second, output] if second is not None else [first, output]
     weights = [linear.weight for linear in linears]
-    if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
+    dtype = weights[0].dtype
+    if cpu_kernels.weight_type(dtype) is None or any(w.dtype != dtype or w.device.type != "cpu" for w in weights):
         return False
     with torch.no_grad():
         inner, width = first.weight.shape
-        packed = huge_page_buffer(inner * len(linears) * width * 4).view(torch.float32).view(inner, len(linears), width)
+        size = inner * len(linears) * width * dtype.itemsize
+        packed = huge_page_buffer(size).view(dtype).view(inner, len(linears), width)
         for slot, linear in enumerate(linears[:-1]):
             packed[:, slot] = linear.weight
         packed[:, -1] = output.weight.t()
