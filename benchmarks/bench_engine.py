@@ -78,11 +78,9 @@ def sparse_runs(checkpoint, prompts, settings, args, model_dtype="float32"):
     import torch
     from torch import nn
 
-    from dejavu_llama.comm.comm_utils import LocalCommunicator
     from dejavu_llama.modules.local_model import LocalModel
     from dejavu_llama.modules.sparse_execution import configure_sparse
     from dejavu_llama.modules.decode.sparse_gather import store_predictor_half
-    from dejavu_llama.pipeline_parallel.dist_pipeline_inference_mask_greedy_token_pipe_sync import DistInferenceMaskTokenPipeSync
 
     model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse", dtype=getattr(torch, model_dtype))
     config = model.config
