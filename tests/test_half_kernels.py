@@ -294,3 +294,41 @@ def test_sparse_modes_decode_a_half_precision_model_through_the_kernels(dtype, m
     reference_tokens, reference_logprobs = decode_logits(model, prompt, "torch", steps=6)
     assert torch.equal(tokens, reference_tokens)
     close(logprobs.float(), reference_logprobs.float(), 8 * HALF_TOLERANCE[dtype])
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "The three primary colors are"]
+
+
+def test_bfloat16_greedy_tokens_against_transformers(smollm2_checkpoint, smollm2_tokenizer, split_everything):
+    """SmolLM2 in bfloat16 through the cpu backend, 32 greedy tokens on 4 prompts. Its decoding
+    keeps float32 activations, so it matches transformers in float32 on the same (bfloat16-rounded)
+    weights token for token; against transformers computing in bfloat16 it may part only where
+    that model's two best logits tie at bfloat16's resolution (measured: at 2 of 4 prompts)."""
+    from transformers import AutoModelForCausalLM
+
+    from dejavu_common.helpers import embedded_gguf
+    from dejavu_llama.modules.local_model import LocalModel
+
+    folder, gguf_file = embedded_gguf()
+    rounded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for parameter in rounded.parameters():
+            parameter.copy_(parameter.to(torch.bfloat16).float())
+    in_bfloat16 = copy.deepcopy(rounded).to(torch.bfloat16)
+    for model in (rounded, in_bfloat16):
+        model.generation_config.eos_token_id = None  # 32 tokens, none suppressed
+    ours = LocalModel.from_checkpoint(smollm2_checkpoint, "llama", dtype=torch.bfloat16, backend="cpu")
+    for prompt in PROMPTS:
+        ids = torch.tensor([smollm2_tokenizer.encode(prompt)])
+        with torch.inference_mode():
+            tokens = ours.generate_greedy(ids, 32, backend="cpu")[0]
+            options = dict(max_new_tokens=32, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+            assert torch.equal(tokens, rounded.generate(ids, **options)[0, ids.shape[1]:]), prompt
+            theirs = in_bfloat16.generate(ids, **options)[0, ids.shape[1]:]
+            parted = (tokens != theirs).nonzero()
+            if len(parted):
+                at = int(parted[0])
+                logits = in_bfloat16(torch.cat([ids[0], theirs[:at]])[None]).logits[0, -1].float()
+                best, second = logits.topk(2).values.tolist()
+                assert best - second <= 2 * 2.0**-7 * abs(best), (prompt, at, best, second)
