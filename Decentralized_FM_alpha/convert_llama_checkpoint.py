@@ -2,6 +2,9 @@
 
     python convert_llama_checkpoint.py --model-name meta-llama/Llama-3.2-3B \
         --save-path ../pretrained_models/llama-3.2-3b --auth-token $HF_TOKEN
+
+With --gguf-file and --gguf-out OUT, the GGUF is also written again as OUT with its weight
+matrices in --gguf-type (f32, f16, bf16; gguf_precision.py): the same weights for llama.cpp.
 """
 
 import logging
@@ -23,6 +26,8 @@ from dejavu_llama.checkpoint_conversion import (
     run_converter,
     write_checkpoint,
 )
+
+from dejavu_llama.gguf_precision import GGUF_TYPES, GGUFPrecisionError, write_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +103,20 @@ def load_folder(folder, auth_token):
 
 
 def main(argv=None):
-    args = base_parser(__doc__, with_gguf=True).parse_args(argv)
+    parser = base_parser(__doc__, with_gguf=True)
+    parser.add_argument("--gguf-out", default=None,
+                        help="also write --gguf-file again here, its weight matrices in --gguf-type (for llama.cpp)")
+    parser.add_argument("--gguf-type", default="f16", choices=sorted(GGUF_TYPES),
+                        help="the weight matrices' type in --gguf-out")
+    args = parser.parse_args(argv)
+    if args.gguf_out and not args.gguf_file:
+        parser.error("--gguf-out writes a GGUF file again: give the source with --gguf-file")
     folder = resolve_source(args.model_name, args.auth_token)
+    if args.gguf_out:
+        try:
+            write_gguf(os.path.join(folder, args.gguf_file), args.gguf_out, args.gguf_type)
+        except GGUFPrecisionError as error:
+            raise ConversionError(str(error)) from None
     settings = {"format_version": FORMAT_VERSION, "family": "llama", "source": args.model_name,
                 "gguf_file": args.gguf_file, "dtype": args.dtype}
     if args.gguf_file and not args.force and existing_checkpoint_state(args.save_path, settings) == "same":

@@ -17,8 +17,10 @@ caught here once, logged as one message and turned into exit status 1. A mismatc
 --num-layers x --pipeline-group-size, --max-layers and the checkpoint's layer count is found
 before any weight is loaded.
 
---fp16 runs float16 on CUDA. On CPU it is ignored with a warning (float32): half-precision
-matmuls on CPU are slow and lose accuracy for no memory the run needs.
+--dtype float32|bfloat16|float16 sets the weights' dtype. On CPU the decode kernels read
+half-precision weights as they are (activations, KV caches and sums stay float32) and the prompt
+runs in torch ops in that dtype. --fp16 is upstream's float16 on CUDA; on CPU it is ignored with
+a warning (float32) unless --dtype asks for half precision.
 
 Model-type variants (save, sparse) plug in through the registry's hooks: their
 `add_arguments(parser)` adds flags before the final parse, `settings_from_args(args, environ)`
@@ -87,7 +89,10 @@ def build_parser():
         help="upstream's engine name; both names run the same engine (greedy is temperature 0)")
     add("--infer-data", required=True, help="request file (JSON lines)")
     add("--output-path", default=None, help="result file (default: output_<request file name> beside it)")
-    add("--fp16", action="store_true", help="float16 on CUDA; ignored with a warning on CPU")
+    add("--fp16", action="store_true", help="float16 on CUDA; ignored with a warning on CPU (see --dtype)")
+    add("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+        help="the weights' dtype (default float32; float16 with --fp16 on CUDA); on CPU the decode kernels "
+             "read bfloat16 and float16 weights, with float32 activations and caches")
     add("--batch-size", type=int, default=8, help="rows (completions) per batch")
     add("--token-micro-batch-size", type=int, default=1,
         help="rows per micro-batch in the token phase (and the prompt phase unless --micro-batch-size)")
@@ -191,11 +196,15 @@ def resolve_device(args):
         device = torch.device("cuda", cuda_id)
     else:
         device = torch.device("cpu")
-    if args.fp16 and device.type == "cuda":
+    if args.dtype is not None:
+        dtype = getattr(torch, args.dtype)
+        if args.fp16 and dtype != torch.float16:
+            raise SetupError(f"--fp16 and --dtype {args.dtype} disagree: give one")
+    elif args.fp16 and device.type == "cuda":
         dtype = torch.float16
     else:
         if args.fp16:
-            logger.warning("--fp16 ignored on CPU: running float32")
+            logger.warning("--fp16 ignored on CPU: running float32 (--dtype float16 or bfloat16 runs half precision)")
         dtype = torch.float32
     return device, dtype
 

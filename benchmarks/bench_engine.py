@@ -2,7 +2,9 @@
 
 Same model (SmolLM2-135M-Instruct: our converted checkpoint and transformers' model loaded
 from the same GGUF), same inputs (real English text, every row cut to the same prompt length,
-so neither side pads), same thread count, greedy decoding, float32.
+so neither side pads), same thread count, greedy decoding, float32. The engine also runs with
+its weights in bfloat16 and float16 (--half-dtypes: the C kernels read them as they are, with
+float32 activations), against its float32 run and its own memory bound.
 
 Method, identical for both sides: time a run that produces 1 new token (= the prompt phase)
 and a run that produces 1 + N new tokens; decode time = the difference. --repeats rounds, each
@@ -20,7 +22,9 @@ round's bound (best-of-10 rates before and after the runs are reported beside it
 
     .venv/bin/python benchmarks/bench_engine.py [--batch 1 --prompt-tokens 128 --new-tokens 32]
 
-Targets (batch 1): decode >= 1.5x transformers; decode >= 0.7 of the memory bound.
+Targets (batch 1): decode >= 1.5x transformers; decode >= 0.7 of the memory bound; bfloat16 decode
+>= 1.7x float32 and >= 0.8 of its memory bound (half the weight bytes); the predicted-sparse MLP
+at keep 0.5 in bfloat16 >= 1.3x dense bfloat16.
 
 Converts the checkpoint into $ROOT/pretrained_models/smollm2-135m-instruct if it is missing.
 Writes JSON (default benchmarks/results/bench_engine.json) and prints the ratios.
@@ -36,6 +40,9 @@ from support import DEFAULT_CHECKPOINT, embedded_model, ensure_checkpoint, forma
 
 TARGET_VS_TRANSFORMERS = 1.5  # decode, batch 1
 TARGET_BOUND_FRACTION = 0.7  # decode, batch 1, of the memory bound at the threads used
+TARGET_HALF_VS_FLOAT32 = 1.7  # bfloat16 decode against float32, batch 1
+TARGET_HALF_BOUND_FRACTION = 0.8  # bfloat16 decode, of its own memory bound
+TARGET_SPARSE_HALF = 1.3  # predicted-sparse MLP at keep 0.5 in bfloat16, against dense bfloat16
 
 def make_prompts(tokenizer, batch, length):
     from dejavu_llama.task_datasets.offline_text import offline_documents
@@ -50,22 +57,32 @@ def make_prompts(tokenizer, batch, length):
     raise SystemExit(f"not enough offline documents of {length} tokens")
 
 
-def sparse_runs(checkpoint, prompts, settings, args):
+def engine_of(model, args, dtype):
+    import torch
+
+    from dejavu_llama.comm.comm_utils import LocalCommunicator
+    from dejavu_llama.pipeline_parallel.dist_pipeline_inference_mask_greedy_token_pipe_sync import DistInferenceMaskTokenPipeSync
+
+    return DistInferenceMaskTokenPipeSync(LocalCommunicator(), 0, 1, model.embeddings, model.blocks, model.head,
+                                          model.config.hidden_size, "cpu", getattr(torch, dtype),
+                                          micro_batch_size=args.batch)
+
+
+def sparse_runs(checkpoint, prompts, settings, args, model_dtype="float32"):
     """(name, run) per predictor dtype and kept fraction: the same engine on llama-ml-att-sparse
     blocks whose MLP is predicted (random predictors of width --sparse-D: speed only, the
-    tokens mean nothing), with the predictors in float32 and rounded to float16."""
+    tokens mean nothing), with the predictors in float32 and rounded to float16, the model's
+    weights in model_dtype."""
     import copy
 
     import torch
     from torch import nn
 
-    from dejavu_llama.comm.comm_utils import LocalCommunicator
     from dejavu_llama.modules.local_model import LocalModel
     from dejavu_llama.modules.sparse_execution import configure_sparse
     from dejavu_llama.modules.decode.sparse_gather import store_predictor_half
-    from dejavu_llama.pipeline_parallel.dist_pipeline_inference_mask_greedy_token_pipe_sync import DistInferenceMaskTokenPipeSync
 
-    model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse", dtype=torch.float32)
+    model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse", dtype=getattr(torch, model_dtype))
     config = model.config
     generator = torch.Generator().manual_seed(0)
     predictors = {}
@@ -76,10 +93,7 @@ def sparse_runs(checkpoint, prompts, settings, args):
             linear.weight.normal_(0.0, linear.in_features ** -0.5, generator=generator)
         predictors["mlp", layer] = (predictor, "same")
     configure_sparse(list(model.blocks), "predicted", predictors=predictors, sparse_attention=False)
-    engine = DistInferenceMaskTokenPipeSync(
-        LocalCommunicator(), 0, 1, model.embeddings, model.blocks, model.head, config.hidden_size, "cpu",
-        torch.float32, micro_batch_size=args.batch,
-    )
+    engine = engine_of(model, args, model_dtype)
     sets = {"float32": [predictors["mlp", layer][0] for layer in range(config.num_hidden_layers)]}
     if "float16" in args.sparse_predictor_dtypes:
         sets["float16"] = [copy.deepcopy(predictor) for predictor in sets["float32"]]
@@ -97,7 +111,8 @@ def sparse_runs(checkpoint, prompts, settings, args):
                 engine.use_plan(plans[key])
                 return engine.inference_batch(prompts, new, settings)
             suffix = "" if dtype == "float32" else ", float16"
-            runs.append((f"sparse MLP keep {keep} (D={args.sparse_D}{suffix})", run))
+            prefix = "sparse" if model_dtype == "float32" else f"sparse {model_dtype}"
+            runs.append((f"{prefix} MLP keep {keep} (D={args.sparse_D}{suffix})", run))
     return runs
 
 
@@ -125,6 +140,10 @@ def main(argv=None):
                         help="predictor width of those runs (64: upstream's share of SmolLM2's MLP)")
     parser.add_argument("--sparse-predictor-dtypes", nargs="+", choices=("float32", "float16"),
                         default=["float32", "float16"], help="predictor weights of those runs")
+    parser.add_argument("--half-dtypes", nargs="*", choices=("bfloat16", "float16"), default=["bfloat16", "float16"],
+                        help="also time the engine with its weights in these dtypes (none: skip)")
+    parser.add_argument("--sparse-model-dtypes", nargs="+", choices=("float32", "bfloat16", "float16"),
+                        default=["float32", "bfloat16"], help="the model's weights in the sparse runs")
     parser.add_argument("--output", default=result_path("engine"))
     args = parser.parse_args(argv)
 
@@ -167,8 +186,15 @@ def main(argv=None):
                                do_sample=False, pad_token_id=0, eos_token_id=None)
 
     runs = [("engine", engine_run), ("transformers", hf_run)]
+    half_bytes = {}
+    for dtype in args.half_dtypes:
+        half_model = LocalModel.from_checkpoint(checkpoint, "llama", dtype=getattr(torch, dtype))
+        half_engine = engine_of(half_model, args, dtype)
+        half_bytes[f"engine {dtype}"] = decode_bytes(half_model)[0]
+        runs.append((f"engine {dtype}", lambda new, engine=half_engine: engine.inference_batch(prompts, new, settings)))
     if args.sparse_keeps:
-        runs += sparse_runs(checkpoint, prompts, settings, args)
+        for dtype in args.sparse_model_dtypes:
+            runs += sparse_runs(checkpoint, prompts, settings, args, dtype)
     for _, run in runs:
         run(2)  # warm-up
     # Round-robin: each round times every run once (its prompt alone, then prompt + N tokens), so
@@ -223,7 +249,15 @@ def main(argv=None):
         "ratio_decode": round_ratio("engine", "transformers", "decode"),
         "same_greedy_tokens": engine_tokens == hf_tokens,
         "sparse_decode_vs_engine": {name: round_ratio(name, "engine", "decode")
-                                    for name in figures if name.startswith("sparse")},
+                                    for name in figures if name.startswith("sparse MLP")},
+        "half": {name: {"decode_vs_float32": round_ratio(name, "engine", "decode"),
+                        "bytes_per_token": half_bytes[name],
+                        "bound_fraction_decode": statistics.median(
+                            args.batch * args.new_tokens / decode / (rate * 1e9 / half_bytes[name])
+                            for (_, decode), rate in zip(samples[name], round_bandwidths)),
+                        "sparse_vs_dense": {other: round_ratio(other, name, "decode") for other in figures
+                                            if other.startswith(f"sparse {name.split()[-1]} ")}}
+                 for name in half_bytes},
     }
     report["rows"] = table_rows(report, figures)
     write_json(report, args.output)
@@ -235,6 +269,11 @@ def main(argv=None):
         print(f"{name} / dense engine: decode x{ratio:.2f}")
     print(f"memory bound at {args.threads} thread(s): {bound:.1f} tok/s (copy {bandwidth:.1f} GB/s, "
           f"{token_bytes / 1e6:.0f} MB/token); engine decode at {report['bound_fraction_decode']:.2f} of it")
+    for name, half in report["half"].items():
+        print(f"{name} / float32: decode x{half['decode_vs_float32']:.2f}; at {half['bound_fraction_decode']:.2f} of "
+              f"its memory bound ({half['bytes_per_token'] / 1e6:.0f} MB/token)")
+        for other, ratio in half["sparse_vs_dense"].items():
+            print(f"{other} / {name}: decode x{ratio:.2f}")
     print(format_table(report["rows"]))
 
 
@@ -269,6 +308,28 @@ def table_rows(report, figures):
                          value=figures[name]["decode_tokens_per_s"], baseline="engine decode",
                          baseline_value=engine["decode_tokens_per_s"], ratio=ratio,
                          note="random predictors: speed only, the tokens mean nothing"))
+    for name, half in report["half"].items():
+        bf16 = name.endswith("bfloat16") and batch == 1
+        row = dict(benchmark="engine", case=case, measure=f"{name} decode", unit="tok/s",
+                   value=figures[name]["decode_tokens_per_s"], baseline="engine float32 decode",
+                   baseline_value=engine["decode_tokens_per_s"], ratio=half["decode_vs_float32"])
+        if bf16:
+            row.update(target=f">= {TARGET_HALF_VS_FLOAT32}", met=row["ratio"] >= TARGET_HALF_VS_FLOAT32)
+        rows.append(row)
+        row = dict(benchmark="engine", case=case, measure=f"{name} decode vs its memory bound", unit="fraction",
+                   value=half["bound_fraction_decode"], note=f"{half['bytes_per_token'] / 1e6:.0f} MB/token")
+        if bf16:
+            row.update(ratio=half["bound_fraction_decode"], target=f">= {TARGET_HALF_BOUND_FRACTION}",
+                       met=half["bound_fraction_decode"] >= TARGET_HALF_BOUND_FRACTION)
+        rows.append(row)
+        for other, ratio in half["sparse_vs_dense"].items():
+            row = dict(benchmark="engine", case=case, measure=f"{other} decode", unit="tok/s",
+                       value=figures[other]["decode_tokens_per_s"], baseline=f"{name} decode",
+                       baseline_value=figures[name]["decode_tokens_per_s"], ratio=ratio,
+                       note="random predictors: speed only")
+            if bf16 and "keep 0.5 " in other:
+                row.update(target=f">= {TARGET_SPARSE_HALF}", met=ratio >= TARGET_SPARSE_HALF)
+            rows.append(row)
     return rows
 
 

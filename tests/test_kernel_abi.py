@@ -24,7 +24,7 @@ def lib():
 def test_the_structs_other_modules_build_are_the_parsed_ones():
     assert cpu_kernels.LlamaLayer is cpu_kernels.ABI.structs["llama_layer"]
     assert [name for name, _ in cpu_kernels.MlpWeights._fields_] == [
-        "A", "B", "a_bias", "b_bias", "T", "bias", "lda", "ldb", "ldt", "rows", "d"]
+        "A", "B", "a_bias", "b_bias", "T", "bias", "lda", "ldb", "ldt", "rows", "d", "weights"]
     assert dict(cpu_kernels.LayerStep._fields_)["scale"] is ctypes.c_float
     assert dict(cpu_kernels.MlpStep._fields_)["mlp"] is ctypes.POINTER(cpu_kernels.MlpWeights)
     assert [cpu_kernels.MLP_NONE, cpu_kernels.MLP_DENSE, cpu_kernels.MLP_PREDICTED, cpu_kernels.MLP_TEAL,

@@ -104,3 +104,27 @@ def test_multi_stage_results_match_one_stage_and_transformers(tmp_path, family):
     assert one[3]["result"]["choices"][0]["text"] == REQUESTS[3]["prompt"]
     scored = one[3]["result"]["choices"][0]["logprobs"]["token_logprobs"]
     assert len(scored) == 20 and all(math.isfinite(v) for v in scored[1:])
+
+
+def test_a_bfloat16_pipeline_matches_one_stage(tmp_path):
+    """--dtype bfloat16 on the CPU, one row per micro-batch (each decoded token through the C
+    kernels, float32 activations): two stages, which hand each other the hidden states in
+    bfloat16, write the tokens of one stage, with log-probabilities within bfloat16's rounding."""
+    checkpoint = tiny_llama(tmp_path, num_hidden_layers=4)[1]
+    greedy = [REQUESTS[i] for i in GREEDY]
+    requests = write_requests(tmp_path / "requests.jsonl", greedy)
+    flags = ["--batch-size", "2", "--token-micro-batch-size", "1", "--ignore-eos", "--dtype", "bfloat16"]
+    outputs = {stages: tmp_path / f"bf16_{stages}.jsonl" for stages in (1, 2)}
+    pipeline = Pipeline(runner_args(checkpoint, "llama", requests, outputs[2], flags), 2, tmp_path, "bf16")
+    try:
+        assert run_in_process(runner_args(checkpoint, "llama", requests, outputs[1], flags)) == 0
+        codes = pipeline.wait(timeout=180)
+        assert codes == [0, 0], "\n".join(pipeline.log(r)[-2000:] for r in range(2))
+    finally:
+        pipeline.stop()
+    one, two = read_jsonl(outputs[1]), read_jsonl(outputs[2])
+    for want, got in zip(one, two, strict=True):
+        a, b = want["result"]["choices"][0], got["result"]["choices"][0]
+        assert a["text"] == b["text"] and a["logprobs"]["tokens"] == b["logprobs"]["tokens"]
+        for x, y in zip(a["logprobs"]["token_logprobs"], b["logprobs"]["token_logprobs"], strict=True):
+            assert (x is None) == (y is None) and (x is None or abs(x - y) <= 2e-2 * max(1.0, abs(x)))

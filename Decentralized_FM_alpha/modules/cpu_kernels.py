@@ -194,6 +194,14 @@ LlamaLayer, OptLayer, MlpWeights, PredictorWeights, TealWeights, LayerStep, MlpS
     "llama_layer", "opt_layer", "mlp_weights", "predictor_weights", "teal_weights", "layer_step", "mlp_step"))
 MLP_NONE, MLP_DENSE, MLP_PREDICTED, MLP_TEAL, MLP_CATS = (ABI.constants[name] for name in (
     "MLP_NONE", "MLP_DENSE", "MLP_PREDICTED", "MLP_TEAL", "MLP_CATS"))
+# weight_type of the weight matrices' element type, by torch dtype name
+WEIGHT_TYPES = {"float32": ABI.constants["WEIGHTS_F32"], "bfloat16": ABI.constants["WEIGHTS_BF16"],
+                "float16": ABI.constants["WEIGHTS_F16"]}
+
+
+def weight_type(dtype):
+    """The kernels' weight_type of a torch dtype, or None where they cannot read it."""
+    return WEIGHT_TYPES.get(str(dtype).rsplit(".", 1)[-1])
 
 
 def struct_pointer(reference):

@@ -1,5 +1,5 @@
-/* CPU kernels for decoding one token (batch 1, float32), called through ctypes from
-   cpu_kernels.py. Their row-parallel parts run on a pool of threads (dejavu_set_threads);
+/* CPU kernels for decoding one token (batch 1; float32 activations and sums, weights in
+   float32, bfloat16 or float16: weight_type), called through ctypes from cpu_kernels.py. Their row-parallel parts run on a pool of threads (dejavu_set_threads);
    every function returns 0, or non-zero on bad input. */
 #include <math.h>
 #include <pthread.h>
@@ -10,10 +10,46 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#if defined(__AVX2__) || defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 typedef float v8 __attribute__((vector_size(32)));
 static inline v8 ld(const float* p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float* p, v8 v) { memcpy(p, &v, sizeof v); }
 static inline float hsum(v8 v) { float s = 0.f; for (int i = 0; i < 8; i++) s += v[i]; return s; }
+
+/* Eight float16 values as floats (F16C where the compiler targets it). */
+#if defined(__F16C__)
+static inline v8 ldh(const uint16_t* p) { return (v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+static inline float half_float(uint16_t u) { return _cvtsh_ss(u); }
+#else
+static inline float half_float(uint16_t u) {
+  uint32_t sign = (uint32_t)(u & 0x8000) << 16, exp = (u >> 10) & 0x1f, man = u & 0x3ff, bits;
+  if (exp == 0x1f) bits = sign | 0x7f800000u | (man << 13);             /* inf, NaN */
+  else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);         /* normal */
+  else if (!man) bits = sign;                                            /* zero */
+  else {                                                                 /* subnormal */
+    float f = (float)man * (1.f / 16777216.f);                           /* man * 2^-24 */
+    memcpy(&bits, &f, 4); bits |= sign;
+  }
+  float f; memcpy(&f, &bits, 4); return f;
+}
+static inline v8 ldh(const uint16_t* p) { v8 v; for (int i = 0; i < 8; i++) v[i] = half_float(p[i]); return v; }
+#endif
+
+/* Eight bfloat16 values as floats: a bfloat16 is the top half of a float32's bits (AVX2 widens
+   eight at a time). */
+static inline float bf16_float(uint16_t u) { uint32_t b = (uint32_t)u << 16; float f; memcpy(&f, &b, 4); return f; }
+#if defined(__AVX2__)
+static inline v8 ldbf(const uint16_t* p) {
+  return (v8)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+#else
+static inline v8 ldbf(const uint16_t* p) {
+  uint32_t u[8]; for (int i = 0; i < 8; i++) u[i] = (uint32_t)p[i] << 16;
+  v8 v; memcpy(&v, u, sizeof v); return v;
+}
+#endif
 
 /* ABI BEGIN ====================================================================================
    Everything Python calls. cpu_kernels.py builds its ctypes structs and function signatures
@@ -26,22 +62,27 @@ static inline float hsum(v8 v) { float s = 0.f; for (int i = 0; i < 8; i++) s +=
 
 #define MAX_THREADS 256  /* the most threads dejavu_set_threads takes */
 
-/* One Llama decoder layer's weights ([out, in] rows, float32); NULL biases: none. The MLP's six
-   may be NULL where the layer runs another MLP (mlp_step). */
+/* The element type of the weight matrices a struct below points at (the products' rows):
+   float32, bfloat16 or IEEE float16. Norm weights, biases, activations, caches and every sum
+   stay float32. */
+typedef enum { WEIGHTS_F32, WEIGHTS_BF16, WEIGHTS_F16 } weight_type;
+
+/* One Llama decoder layer's weights ([out, in] rows, of type `weights`); NULL biases: none. The
+   MLP's six may be NULL where the layer runs another MLP (mlp_step). */
 typedef struct {
   const float* attn_norm;
-  const float* q;
-  const float* k;
-  const float* v;
-  const float* o;
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* o;
   const float* q_bias;
   const float* k_bias;
   const float* v_bias;
   const float* o_bias;
   const float* mlp_norm;
-  const float* gate;
-  const float* up;
-  const float* down;
+  const void* gate;
+  const void* up;
+  const void* down;
   const float* gate_bias;
   const float* up_bias;
   const float* down_bias;
@@ -52,6 +93,7 @@ typedef struct {
   int64_t inner;
   float attn_eps;
   float mlp_eps;
+  weight_type weights;
 } llama_layer;
 
 /* One OPT decoder layer's weights: pre-LN (norm_first) or post-LN; LayerNorm weights and biases
@@ -59,18 +101,18 @@ typedef struct {
 typedef struct {
   const float* attn_norm;
   const float* attn_norm_bias;
-  const float* q;
-  const float* k;
-  const float* v;
-  const float* o;
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* o;
   const float* q_bias;
   const float* k_bias;
   const float* v_bias;
   const float* o_bias;
   const float* mlp_norm;
   const float* mlp_norm_bias;
-  const float* fc1;
-  const float* fc2;
+  const void* fc1;
+  const void* fc2;
   const float* fc1_bias;
   const float* fc2_bias;
   int64_t hidden;
@@ -80,24 +122,27 @@ typedef struct {
   int64_t norm_first;
   float attn_eps;
   float mlp_eps;
+  weight_type weights;
 } opt_layer;
 
 /* A sparse MLP's weights as the gathered kernels read them: rows i of A and B (first and
    second: gate and up, or fc1 and no B) and of T (output transposed: down/fc2 [rows, d]), each
    with its own row stride (the packed layout interleaves them); biases may be NULL. B NULL
-   means ReLU(A h + a_bias), else SiLU(A h + a_bias) * (B h + b_bias). */
+   means ReLU(A h + a_bias), else SiLU(A h + a_bias) * (B h + b_bias). Strides count elements
+   of A's, B's and T's type (weights). */
 typedef struct {
-  const float* A;
-  const float* B;
+  const void* A;
+  const void* B;
   const float* a_bias;
   const float* b_bias;
-  const float* T;
+  const void* T;
   const float* bias;
   int64_t lda;
   int64_t ldb;
   int64_t ldt;
   int64_t rows;
   int64_t d;
+  weight_type weights;
 } mlp_weights;
 
 /* DejaVu's low-rank predictor, scores = P2 (P1 x) with P1 [rank, d] and P2 [rows, rank], each
@@ -116,18 +161,20 @@ typedef struct {
 
 /* TEAL's MLP: gate and up (fc1) read by input column, one row of in_t each [d rows of ld_in
    floats]: gate's column j at in_t + j * ld_in, up's at + up_offset (inner: right after it; 0:
-   no up, OPT's ReLU MLP); down (fc2) read by neuron, down_t [inner rows of ld_down]. */
+   no up, OPT's ReLU MLP); down (fc2) read by neuron, down_t [inner rows of ld_down]. in_t and
+   down_t hold elements of type weights (the strides count them). */
 typedef struct {
-  const float* in_t;
+  const void* in_t;
   const float* gate_bias;
   const float* up_bias;
-  const float* down_t;
+  const void* down_t;
   const float* down_bias;
   int64_t ld_in;
   int64_t up_offset;
   int64_t ld_down;
   int64_t d;
   int64_t inner;
+  weight_type weights;
 } teal_weights;
 
 /* One token's step through a decoder layer: x_out = x + attn(norm(x)), then + mlp(norm(.)).
@@ -182,13 +229,17 @@ int64_t dejavu_set_min_chunk(int64_t floats);
 /* sizeof the ABI struct named `name` (0: no such struct), to check Python's layout against. */
 int64_t dejavu_struct_size(const char* name);
 
-/* The MLP kernels of one token. */
-int dejavu_gathered_dots(const float* A, int64_t lda, const float* B, int64_t ldb, const float* bias_a,
+/* How this build reads half-precision weights: bit 0 set where bfloat16 rows widen eight at a
+   time (AVX2), bit 1 where float16 rows do (F16C); else one element at a time. */
+int dejavu_weight_paths(void);
+
+/* The MLP kernels of one token (the weights of `weights` type). */
+int dejavu_gathered_dots(const void* A, int64_t lda, const void* B, int64_t ldb, const float* bias_a,
                          const float* bias_b, const int64_t* idx, int64_t K, int64_t rows, int64_t d,
-                         const float* h, float* out_a, int64_t act);
-int dejavu_dense_mlp(const float* A, int64_t lda, const float* B, int64_t ldb, const float* a_bias,
-                     const float* b_bias, const float* W, int64_t ldw, const float* bias, int64_t inner, int64_t d,
-                     const float* h, float* out, float* scratch);
+                         const float* h, float* out_a, int64_t act, weight_type weights);
+int dejavu_dense_mlp(const void* A, int64_t lda, const void* B, int64_t ldb, const float* a_bias,
+                     const float* b_bias, const void* W, int64_t ldw, const float* bias, int64_t inner, int64_t d,
+                     const float* h, float* out, float* scratch, weight_type weights);
 int dejavu_gathered_mlp(const mlp_weights* W, const int64_t* idx, int64_t K, const float* h, float* out);
 int dejavu_predicted_mlp(const mlp_weights* W, const predictor_weights* P, const float* xp, int64_t K,
                          const float* h, const float* residual, float* out, int64_t* neurons);
@@ -432,6 +483,49 @@ static float dot(const float* w, const float* h, int64_t d) {
   return hsum(s) + t;
 }
 
+/* Weights of any weight_type read as floats: wrow(w, i, t) the address of element i, ldw the
+   eight elements from i, wat element i. The functions that read weights take t as an argument
+   and are forced inline into a switch on the type (BY_WEIGHT_TYPE), so each type gets its own
+   copy with t a constant: no branch in the loops, and float32's copy computes exactly what it
+   did before there were types. */
+#define INLINE static inline __attribute__((always_inline))
+#define BY_WEIGHT_TYPE(t, call)                      \
+  switch (t) {                                       \
+    case WEIGHTS_BF16: { const int T_ = WEIGHTS_BF16; call; } break; \
+    case WEIGHTS_F16: { const int T_ = WEIGHTS_F16; call; } break;   \
+    default: { const int T_ = WEIGHTS_F32; call; } break;            \
+  }
+static inline int bad_weight_type(int64_t t) { return t < WEIGHTS_F32 || t > WEIGHTS_F16; }
+INLINE const void* wrow(const void* w, int64_t i, int t) { return (const char*)w + i * (t == WEIGHTS_F32 ? 4 : 2); }
+INLINE v8 ldw(const void* w, int64_t i, int t) {
+  if (t == WEIGHTS_BF16) return ldbf((const uint16_t*)w + i);
+  if (t == WEIGHTS_F16) return ldh((const uint16_t*)w + i);
+  return ld((const float*)w + i);
+}
+INLINE float wat(const void* w, int64_t i, int t) {
+  if (t == WEIGHTS_BF16) return bf16_float(((const uint16_t*)w)[i]);
+  if (t == WEIGHTS_F16) return half_float(((const uint16_t*)w)[i]);
+  return ((const float*)w)[i];
+}
+
+INLINE float dotw(const void* w, const float* h, int64_t d, int t) {
+  v8 s = {0}; int64_t j = 0; float r = 0.f;
+  for (; j + 8 <= d; j += 8) s += ldw(w, j, t) * ld(h + j);
+  for (; j < d; j++) r += wat(w, j, t) * h[j];
+  return hsum(s) + r;
+}
+
+int dejavu_weight_paths(void) {
+  int paths = 0;
+#if defined(__AVX2__)
+  paths |= 1;
+#endif
+#if defined(__F16C__)
+  paths |= 2;
+#endif
+  return paths;
+}
+
 #define ACT_NONE 0
 #define ACT_SILU_GLU 1
 #define ACT_RELU 2
@@ -444,16 +538,18 @@ static inline float activate(int64_t act, float a, float b) {
 }
 
 /* out[q] = r[q] . h for four rows at once: four streams keep more reads in flight than one. */
-static inline void dot4(const float* r0, const float* r1, const float* r2, const float* r3, const float* h,
-                        int64_t d, float* out) {
+INLINE void dot4(const void* r0, const void* r1, const void* r2, const void* r3, const float* h, int64_t d,
+                 float* out, int t) {
   v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
   int64_t j = 0, d8 = d - d % 8;
   for (; j < d8; j += 8) {
     v8 x = ld(h + j);
-    s0 += ld(r0 + j) * x; s1 += ld(r1 + j) * x; s2 += ld(r2 + j) * x; s3 += ld(r3 + j) * x;
+    s0 += ldw(r0, j, t) * x; s1 += ldw(r1, j, t) * x; s2 += ldw(r2, j, t) * x; s3 += ldw(r3, j, t) * x;
   }
   float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
-  for (; j < d; j++) { t0 += r0[j] * h[j]; t1 += r1[j] * h[j]; t2 += r2[j] * h[j]; t3 += r3[j] * h[j]; }
+  for (; j < d; j++) {
+    t0 += wat(r0, j, t) * h[j]; t1 += wat(r1, j, t) * h[j]; t2 += wat(r2, j, t) * h[j]; t3 += wat(r3, j, t) * h[j];
+  }
   out[0] = hsum(s0) + t0; out[1] = hsum(s1) + t1; out[2] = hsum(s2) + t2; out[3] = hsum(s3) + t3;
 }
 
@@ -464,10 +560,11 @@ static inline void dot4(const float* r0, const float* r1, const float* r2, const
      act 2: out[k] = relu(A[i].h + bias_a[i])
    Biases may be NULL. */
 typedef struct {
-  const float *A, *B, *bias_a, *bias_b, *h;
+  const void *A, *B;
+  const float *bias_a, *bias_b, *h;
   const int64_t* idx;
   float* out;
-  int64_t lda, ldb, d, act;
+  int64_t lda, ldb, d, act, weights;
 } dots_job;
 
 #define ROW(k) (idx ? idx[(k)] : (k))
@@ -475,9 +572,9 @@ typedef struct {
 #define BB(i) (bias_b ? bias_b[i] : 0.f)
 /* Outputs [begin, end): groups of four rows (two of A and B) from `begin`, so a range whose
    begin is a multiple of four computes each row as the whole range does. */
-static void dots_range(void* job, int64_t begin, int64_t end) {
-  const dots_job* J = job;
-  const float *A = J->A, *B = J->B, *bias_a = J->bias_a, *bias_b = J->bias_b, *h = J->h;
+INLINE void dots_rows(const dots_job* J, int64_t begin, int64_t end, int t) {
+  const void *A = J->A, *B = J->B;
+  const float *bias_a = J->bias_a, *bias_b = J->bias_b, *h = J->h;
   const int64_t* idx = J->idx;
   float* out = J->out;
   int64_t lda = J->lda, ldb = J->ldb, d = J->d, act = J->act, k = begin;
@@ -485,36 +582,41 @@ static void dots_range(void* job, int64_t begin, int64_t end) {
   if (B) {  /* two neurons of A and B at a time */
     for (; k + 2 <= end; k += 2) {
       int64_t i0 = ROW(k), i1 = ROW(k + 1);
-      dot4(A + i0 * lda, B + i0 * ldb, A + i1 * lda, B + i1 * ldb, h, d, v);
+      dot4(wrow(A, i0 * lda, t), wrow(B, i0 * ldb, t), wrow(A, i1 * lda, t), wrow(B, i1 * ldb, t), h, d, v, t);
       float va0 = v[0] + BA(i0), vb0 = v[1] + BB(i0), va1 = v[2] + BA(i1), vb1 = v[3] + BB(i1);
       out[k] = activate(act, va0, vb0); out[k + 1] = activate(act, va1, vb1);
     }
     for (; k < end; k++) {
       int64_t i = ROW(k);
-      float va = dot(A + i * lda, h, d) + BA(i), vb = dot(B + i * ldb, h, d) + BB(i);
+      float va = dotw(wrow(A, i * lda, t), h, d, t) + BA(i), vb = dotw(wrow(B, i * ldb, t), h, d, t) + BB(i);
       out[k] = activate(act, va, vb);
     }
     return;
   }
   for (; k + 4 <= end; k += 4) {
     int64_t i0 = ROW(k), i1 = ROW(k + 1), i2 = ROW(k + 2), i3 = ROW(k + 3);
-    dot4(A + i0 * lda, A + i1 * lda, A + i2 * lda, A + i3 * lda, h, d, v);
+    dot4(wrow(A, i0 * lda, t), wrow(A, i1 * lda, t), wrow(A, i2 * lda, t), wrow(A, i3 * lda, t), h, d, v, t);
     out[k] = activate(act, v[0] + BA(i0), 0.f);
     out[k + 1] = activate(act, v[1] + BA(i1), 0.f);
     out[k + 2] = activate(act, v[2] + BA(i2), 0.f);
     out[k + 3] = activate(act, v[3] + BA(i3), 0.f);
   }
-  for (; k < end; k++) out[k] = activate(act, dot(A + ROW(k) * lda, h, d) + BA(ROW(k)), 0.f);
+  for (; k < end; k++) out[k] = activate(act, dotw(wrow(A, ROW(k) * lda, t), h, d, t) + BA(ROW(k)), 0.f);
+}
+
+static void dots_range(void* job, int64_t begin, int64_t end) {
+  const dots_job* J = job;
+  BY_WEIGHT_TYPE(J->weights, dots_rows(J, begin, end, T_))
 }
 #undef ROW
 #undef BA
 #undef BB
 
-int dejavu_gathered_dots(const float* A, int64_t lda, const float* B, int64_t ldb, const float* bias_a,
+int dejavu_gathered_dots(const void* A, int64_t lda, const void* B, int64_t ldb, const float* bias_a,
                          const float* bias_b, const int64_t* idx, int64_t K, int64_t rows, int64_t d,
-                         const float* h, float* out_a, int64_t act) {
-  if (bad_index(idx, K, rows)) return 1;
-  dots_job job = {A, B, bias_a, bias_b, h, idx, out_a, lda, ldb, d, act};
+                         const float* h, float* out_a, int64_t act, weight_type weights) {
+  if (bad_index(idx, K, rows) || bad_weight_type(weights)) return 1;
+  dots_job job = {A, B, bias_a, bias_b, h, idx, out_a, lda, ldb, d, act, weights};
   parallel_for(K, 4, B ? 2 * d : d, dots_range, &job);
   return 0;
 }
@@ -537,12 +639,12 @@ static void gemvs_range(void* job, int64_t begin, int64_t end) {
   }
 }
 
-static void gemvs(int64_t parts, const float* const* w, const float* const* bias, const int64_t* rows, int64_t d,
-                  const float* h, float* const* out) {
+static void gemvs(int64_t parts, const void* const* w, const float* const* bias, const int64_t* rows, int64_t d,
+                  const float* h, float* const* out, int64_t weights) {
   gemvs_job job = {.parts = parts};
   int64_t items = 0;
   for (int64_t p = 0; p < parts; p++) {
-    job.part[p] = (dots_job){w[p], 0, bias[p], 0, h, 0, out[p], d, 0, d, ACT_NONE};
+    job.part[p] = (dots_job){w[p], 0, bias[p], 0, h, 0, out[p], d, 0, d, ACT_NONE, weights};
     job.start[p] = (items + 3) / 4 * 4;
     job.rows[p] = rows[p];
     items = job.start[p] + rows[p];
@@ -550,19 +652,20 @@ static void gemvs(int64_t parts, const float* const* w, const float* const* bias
   parallel_for(items, 4, d, gemvs_range, &job);
 }
 
-static void gemv(const float* w, const float* bias, int64_t rows, int64_t d, const float* h, float* out) {
-  gemvs(1, &w, &bias, &rows, d, h, &out);
+static void gemv(const void* w, const float* bias, int64_t rows, int64_t d, const float* h, float* out,
+                 int64_t weights) {
+  gemvs(1, &w, &bias, &rows, d, h, &out, weights);
 }
 
 /* The dense MLP for one token: out = output(act(first(h), second(h))), as in
    dejavu_gathered_mlp but over every neuron (A, B: [inner, d]; W: output [d, inner], row
    stride ldw). scratch: inner floats. */
-int dejavu_dense_mlp(const float* A, int64_t lda, const float* B, int64_t ldb, const float* a_bias,
-                     const float* b_bias, const float* W, int64_t ldw, const float* bias, int64_t inner, int64_t d,
-                     const float* h, float* out, float* scratch) {
+int dejavu_dense_mlp(const void* A, int64_t lda, const void* B, int64_t ldb, const float* a_bias,
+                     const float* b_bias, const void* W, int64_t ldw, const float* bias, int64_t inner, int64_t d,
+                     const float* h, float* out, float* scratch, weight_type weights) {
   int status = dejavu_gathered_dots(A, lda, B, ldb, a_bias, b_bias, 0, inner, inner, d, h, scratch,
-                                    B ? ACT_SILU_GLU : ACT_RELU);
-  if (!status) status = dejavu_gathered_dots(W, ldw, 0, 0, bias, 0, 0, d, d, inner, scratch, out, ACT_NONE);
+                                    B ? ACT_SILU_GLU : ACT_RELU, weights);
+  if (!status) status = dejavu_gathered_dots(W, ldw, 0, 0, bias, 0, 0, d, d, inner, scratch, out, ACT_NONE, weights);
   return status;
 }
 
@@ -644,13 +747,13 @@ static int llama_attention_half(const llama_layer* L, const layer_step* S, float
   if (!scratch) return 2;
   float *q = scratch, *k = q + qd, *v = k + kvd, *heads = v + kvd, *p = heads + qd;
   rms_norm(x, L->attn_norm, d, L->attn_eps, xn);
-  gemvs(3, (const float*[]){L->q, L->k, L->v}, (const float*[]){L->q_bias, L->k_bias, L->v_bias},
-        (int64_t[]){qd, kvd, kvd}, d, xn, (float*[]){q, k, v});
+  gemvs(3, (const void*[]){L->q, L->k, L->v}, (const float*[]){L->q_bias, L->k_bias, L->v_bias},
+        (int64_t[]){qd, kvd, kvd}, d, xn, (float*[]){q, k, v}, L->weights);
   for (int64_t h = 0; h < nh; h++) rope(q + h * hd, cos, ssin, hd);
   for (int64_t g = 0; g < nkv; g++) rope(k + g * hd, cos, ssin, hd);
   write_cache(k, v, S->k_cache, S->v_cache, S->head_stride, t, nkv, hd);
   attend(q, S->k_cache, S->v_cache, S->head_stride, t, nh, nkv, hd, S->key_valid, S->scale, p, heads);
-  gemv(L->o, L->o_bias, d, qd, heads, x_out);
+  gemv(L->o, L->o_bias, d, qd, heads, x_out, L->weights);
   for (int64_t j = 0; j < d; j++) x_out[j] += x[j];
   rms_norm(x_out, L->mlp_norm, d, L->mlp_eps, xn);
   free(scratch);
@@ -673,23 +776,24 @@ int dejavu_opt_layer(const opt_layer* L, const mlp_step* M, const layer_step* S)
   const float* x = S->x;
   float* x_out = S->x_out;
   int64_t d = L->hidden, hd = L->head_dim, nh = L->heads, inner = L->inner, t = S->t;
-  if (M->kind != MLP_DENSE || nh * hd != d || t < 0 || (t + 1) * hd > S->head_stride) return 1;
+  if (M->kind != MLP_DENSE || nh * hd != d || t < 0 || (t + 1) * hd > S->head_stride || bad_weight_type(L->weights))
+    return 1;
   float* scratch = malloc(sizeof(float) * (size_t)(6 * d + inner + nh * (t + 1)));
   if (!scratch) return 2;
   float *xn = scratch, *q = xn + d, *k = q + d, *v = k + d, *heads = v + d, *mlp_out = heads + d;
   float *act = mlp_out + d, *p = act + inner;
   const float* h = x;
   if (L->norm_first) { layer_norm(x, L->attn_norm, L->attn_norm_bias, d, L->attn_eps, xn); h = xn; }
-  gemvs(3, (const float*[]){L->q, L->k, L->v}, (const float*[]){L->q_bias, L->k_bias, L->v_bias},
-        (int64_t[]){d, d, d}, d, h, (float*[]){q, k, v});
+  gemvs(3, (const void*[]){L->q, L->k, L->v}, (const float*[]){L->q_bias, L->k_bias, L->v_bias},
+        (int64_t[]){d, d, d}, d, h, (float*[]){q, k, v}, L->weights);
   write_cache(k, v, S->k_cache, S->v_cache, S->head_stride, t, nh, hd);
   attend(q, S->k_cache, S->v_cache, S->head_stride, t, nh, nh, hd, S->key_valid, S->scale, p, heads);
-  gemv(L->o, L->o_bias, d, d, heads, x_out);
+  gemv(L->o, L->o_bias, d, d, heads, x_out, L->weights);
   for (int64_t j = 0; j < d; j++) x_out[j] += x[j];
   if (!L->norm_first) { layer_norm(x_out, L->attn_norm, L->attn_norm_bias, d, L->attn_eps, xn); memcpy(x_out, xn, sizeof(float) * d); }
   h = x_out;
   if (L->norm_first) { layer_norm(x_out, L->mlp_norm, L->mlp_norm_bias, d, L->mlp_eps, xn); h = xn; }
-  dejavu_dense_mlp(L->fc1, d, 0, 0, L->fc1_bias, 0, L->fc2, inner, L->fc2_bias, inner, d, h, mlp_out, act);
+  dejavu_dense_mlp(L->fc1, d, 0, 0, L->fc1_bias, 0, L->fc2, inner, L->fc2_bias, inner, d, h, mlp_out, act, L->weights);
   for (int64_t j = 0; j < d; j++) x_out[j] += mlp_out[j];
   if (!L->norm_first) { layer_norm(x_out, L->mlp_norm, L->mlp_norm_bias, d, L->mlp_eps, xn); memcpy(x_out, xn, sizeof(float) * d); }
   free(scratch);
@@ -716,9 +820,6 @@ static inline uint32_t order_key(float f) {
    filters and the final pass compress sixteen keys at a time: it is a serial step of each
    layer that the threads do not share. keys, candidates: n each; kept: K + 1. */
 #define TOP_K_HISTOGRAMS 4
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 static void top_k_indices(const float* scores, int64_t n, int64_t K, uint32_t* keys, uint32_t* candidates,
                           int64_t* kept) {
   for (int64_t i = 0; i < n; i++) keys[i] = order_key(scores[i]);
@@ -780,25 +881,6 @@ static void top_k_indices(const float* scores, int64_t n, int64_t K, uint32_t* k
   }
 }
 
-/* Eight float16 values as floats (F16C where the compiler targets it). */
-#if defined(__F16C__)
-#include <immintrin.h>
-static inline v8 ldh(const uint16_t* p) { return (v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
-static inline float half_float(uint16_t u) { return _cvtsh_ss(u); }
-#else
-static inline float half_float(uint16_t u) {
-  uint32_t sign = (uint32_t)(u & 0x8000) << 16, exp = (u >> 10) & 0x1f, man = u & 0x3ff, bits;
-  if (exp == 0x1f) bits = sign | 0x7f800000u | (man << 13);             /* inf, NaN */
-  else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);         /* normal */
-  else if (!man) bits = sign;                                            /* zero */
-  else {                                                                 /* subnormal */
-    float f = (float)man * (1.f / 16777216.f);                           /* man * 2^-24 */
-    memcpy(&bits, &f, 4); bits |= sign;
-  }
-  float f; memcpy(&f, &bits, 4); return f;
-}
-static inline v8 ldh(const uint16_t* p) { v8 v; for (int i = 0; i < 8; i++) v[i] = half_float(p[i]); return v; }
-#endif
 
 
 /* out[n] = W x, W [n, m] tiled as predictor_weights describes (float16 where half); tiles split
@@ -870,34 +952,40 @@ typedef struct {
 static inline v8 splat(float f) { v8 c = {0}; return c + f; }
 
 /* acts[k] for k in [begin, end) (begin a multiple of four): four neurons at a time, the rest one by one. */
-static void acts_range(void* job, int64_t begin, int64_t end) {
-  const gathered_job* J = job;
+INLINE void acts_rows(const gathered_job* J, int64_t begin, int64_t end, int t) {
   const mlp_weights* W = J->W;
   const float* h = J->h;
   int64_t act = W->B ? ACT_SILU_GLU : ACT_RELU, d = W->d, d8 = d - d % 8, k = begin;
   for (; k + 4 <= end; k += 4) {
     const int64_t* i = J->idx + k;
-    const float *a0 = W->A + i[0] * W->lda, *a1 = W->A + i[1] * W->lda, *a2 = W->A + i[2] * W->lda, *a3 = W->A + i[3] * W->lda;
+    const void *a0 = wrow(W->A, i[0] * W->lda, t), *a1 = wrow(W->A, i[1] * W->lda, t),
+               *a2 = wrow(W->A, i[2] * W->lda, t), *a3 = wrow(W->A, i[3] * W->lda, t);
     v8 sa0 = {0}, sa1 = {0}, sa2 = {0}, sa3 = {0}, sb0 = {0}, sb1 = {0}, sb2 = {0}, sb3 = {0};
     int64_t j = 0;
     float ta[4] = {0.f, 0.f, 0.f, 0.f}, tb[4] = {0.f, 0.f, 0.f, 0.f};
     if (W->B) {
-      const float *b0 = W->B + i[0] * W->ldb, *b1 = W->B + i[1] * W->ldb, *b2 = W->B + i[2] * W->ldb, *b3 = W->B + i[3] * W->ldb;
+      const void *b0 = wrow(W->B, i[0] * W->ldb, t), *b1 = wrow(W->B, i[1] * W->ldb, t),
+                 *b2 = wrow(W->B, i[2] * W->ldb, t), *b3 = wrow(W->B, i[3] * W->ldb, t);
       for (; j < d8; j += 8) {
         v8 x = ld(h + j);
-        sa0 += ld(a0 + j) * x; sb0 += ld(b0 + j) * x; sa1 += ld(a1 + j) * x; sb1 += ld(b1 + j) * x;
-        sa2 += ld(a2 + j) * x; sb2 += ld(b2 + j) * x; sa3 += ld(a3 + j) * x; sb3 += ld(b3 + j) * x;
+        sa0 += ldw(a0, j, t) * x; sb0 += ldw(b0, j, t) * x; sa1 += ldw(a1, j, t) * x; sb1 += ldw(b1, j, t) * x;
+        sa2 += ldw(a2, j, t) * x; sb2 += ldw(b2, j, t) * x; sa3 += ldw(a3, j, t) * x; sb3 += ldw(b3, j, t) * x;
       }
       for (; j < d; j++) {
-        ta[0] += a0[j] * h[j]; ta[1] += a1[j] * h[j]; ta[2] += a2[j] * h[j]; ta[3] += a3[j] * h[j];
-        tb[0] += b0[j] * h[j]; tb[1] += b1[j] * h[j]; tb[2] += b2[j] * h[j]; tb[3] += b3[j] * h[j];
+        ta[0] += wat(a0, j, t) * h[j]; ta[1] += wat(a1, j, t) * h[j]; ta[2] += wat(a2, j, t) * h[j];
+        ta[3] += wat(a3, j, t) * h[j];
+        tb[0] += wat(b0, j, t) * h[j]; tb[1] += wat(b1, j, t) * h[j]; tb[2] += wat(b2, j, t) * h[j];
+        tb[3] += wat(b3, j, t) * h[j];
       }
     } else {
       for (; j < d8; j += 8) {
         v8 x = ld(h + j);
-        sa0 += ld(a0 + j) * x; sa1 += ld(a1 + j) * x; sa2 += ld(a2 + j) * x; sa3 += ld(a3 + j) * x;
+        sa0 += ldw(a0, j, t) * x; sa1 += ldw(a1, j, t) * x; sa2 += ldw(a2, j, t) * x; sa3 += ldw(a3, j, t) * x;
       }
-      for (; j < d; j++) { ta[0] += a0[j] * h[j]; ta[1] += a1[j] * h[j]; ta[2] += a2[j] * h[j]; ta[3] += a3[j] * h[j]; }
+      for (; j < d; j++) {
+        ta[0] += wat(a0, j, t) * h[j]; ta[1] += wat(a1, j, t) * h[j]; ta[2] += wat(a2, j, t) * h[j];
+        ta[3] += wat(a3, j, t) * h[j];
+      }
     }
     v8 sa[4] = {sa0, sa1, sa2, sa3}, sb[4] = {sb0, sb1, sb2, sb3};
     for (int q = 0; q < 4; q++) {
@@ -907,29 +995,40 @@ static void acts_range(void* job, int64_t begin, int64_t end) {
     }
   }
   if (k < end) {
-    dots_job one = {W->A, W->B, W->a_bias, W->b_bias, h, J->idx + k, J->acts + k, W->lda, W->ldb, d, act};
-    dots_range(&one, 0, end - k);
+    dots_job one = {W->A, W->B, W->a_bias, W->b_bias, h, J->idx + k, J->acts + k, W->lda, W->ldb, d, act, t};
+    dots_rows(&one, 0, end - k, t);
   }
 }
 
 /* out[j] += sum_k acts[k] * T[idx[k]][j] for k in [0, K) and j in [0, d): each group of four
    neurons' output rows in turn, then any rest one by one. */
-static void add_rows(const mlp_weights* W, const int64_t* idx, const float* acts, int64_t K, float* out) {
+INLINE void add_rows_of(const mlp_weights* W, const int64_t* idx, const float* acts, int64_t K, float* out, int t) {
   int64_t k = 0, j, d = W->d;
   for (; k + 4 <= K; k += 4) {
     const int64_t* i = idx + k;
-    const float *r0 = W->T + i[0] * W->ldt, *r1 = W->T + i[1] * W->ldt, *r2 = W->T + i[2] * W->ldt, *r3 = W->T + i[3] * W->ldt;
+    const void *r0 = wrow(W->T, i[0] * W->ldt, t), *r1 = wrow(W->T, i[1] * W->ldt, t),
+               *r2 = wrow(W->T, i[2] * W->ldt, t), *r3 = wrow(W->T, i[3] * W->ldt, t);
     v8 w0 = splat(acts[k]), w1 = splat(acts[k + 1]), w2 = splat(acts[k + 2]), w3 = splat(acts[k + 3]);
     for (j = 0; j + 8 <= d; j += 8)
-      st(out + j, ld(out + j) + w0 * ld(r0 + j) + w1 * ld(r1 + j) + w2 * ld(r2 + j) + w3 * ld(r3 + j));
-    for (; j < d; j++) out[j] += w0[0] * r0[j] + w1[0] * r1[j] + w2[0] * r2[j] + w3[0] * r3[j];
+      st(out + j, ld(out + j) + w0 * ldw(r0, j, t) + w1 * ldw(r1, j, t) + w2 * ldw(r2, j, t) + w3 * ldw(r3, j, t));
+    for (; j < d; j++)
+      out[j] += w0[0] * wat(r0, j, t) + w1[0] * wat(r1, j, t) + w2[0] * wat(r2, j, t) + w3[0] * wat(r3, j, t);
   }
   for (; k < K; k++) {
-    const float* r = W->T + idx[k] * W->ldt;
+    const void* r = wrow(W->T, idx[k] * W->ldt, t);
     v8 c = splat(acts[k]);
-    for (j = 0; j + 8 <= d; j += 8) st(out + j, ld(out + j) + c * ld(r + j));
-    for (; j < d; j++) out[j] += c[0] * r[j];
+    for (j = 0; j + 8 <= d; j += 8) st(out + j, ld(out + j) + c * ldw(r, j, t));
+    for (; j < d; j++) out[j] += c[0] * wat(r, j, t);
   }
+}
+
+static void acts_range(void* job, int64_t begin, int64_t end) {
+  const gathered_job* J = job;
+  BY_WEIGHT_TYPE(J->W->weights, acts_rows(J, begin, end, T_))
+}
+
+static void add_rows(const mlp_weights* W, const int64_t* idx, const float* acts, int64_t K, float* out) {
+  BY_WEIGHT_TYPE(W->weights, add_rows_of(W, idx, acts, K, out, T_))
 }
 
 /* The groups K neurons are summed in (depends on K only), and group g's first neuron (a multiple of four). */
@@ -964,9 +1063,10 @@ typedef struct {
 static inline void start_streams(const mlp_weights* W, const int64_t* idx, int64_t from, int64_t to, int mode) {
   for (int64_t q = from; q < to; q++) {
     if (idx[q] == idx[q - 1] + 1) continue;
-    const char *a = mode == ACTS_COMPUTED ? (const char*)(W->A + idx[q] * W->lda) : 0,
-               *b = mode != ACTS_GIVEN && W->B ? (const char*)(W->B + idx[q] * W->ldb) : 0,
-               *t = (const char*)(W->T + idx[q] * W->ldt);
+    int64_t size = W->weights == WEIGHTS_F32 ? 4 : 2;
+    const char *a = mode == ACTS_COMPUTED ? (const char*)W->A + idx[q] * W->lda * size : 0,
+               *b = mode != ACTS_GIVEN && W->B ? (const char*)W->B + idx[q] * W->ldb * size : 0,
+               *t = (const char*)W->T + idx[q] * W->ldt * size;
     for (int line = 0; line < PREFETCH_LINES; line++) {
       if (a) __builtin_prefetch(a + 64 * line);
       if (b) __builtin_prefetch(b + 64 * line);
@@ -996,7 +1096,7 @@ static void groups_range(void* job, int64_t begin, int64_t end) {
         acts_range(&one, 0, n);
       } else {
         const mlp_weights* W = J->W;
-        dots_job second = {W->B, 0, W->b_bias, 0, J->h, J->idx + k, four, W->ldb, 0, W->d, ACT_NONE};
+        dots_job second = {W->B, 0, W->b_bias, 0, J->h, J->idx + k, four, W->ldb, 0, W->d, ACT_NONE, W->weights};
         dots_range(&second, 0, n);
         for (int64_t q = 0; q < n; q++) four[q] *= J->acts[k + q];
       }
@@ -1039,7 +1139,7 @@ static int sum_kept_rows(const gathered_job* J, int mode) {
 
 static int gathered_mlp(const mlp_weights* W, const int64_t* idx, int64_t K, const float* h, const float* residual,
                         float* out) {
-  if (bad_index(idx, K, W->rows)) return 1;
+  if (bad_index(idx, K, W->rows) || bad_weight_type(W->weights)) return 1;
   gathered_job job = {W, idx, h, residual, 0, out, K};
   return sum_kept_rows(&job, ACTS_COMPUTED);
 }
@@ -1054,7 +1154,7 @@ int dejavu_gathered_mlp(const mlp_weights* W, const int64_t* idx, int64_t K, con
 int dejavu_predicted_mlp(const mlp_weights* W, const predictor_weights* P, const float* xp, int64_t K,
                          const float* h, const float* residual, float* out, int64_t* neurons) {
   int64_t inner = W->rows;
-  if (K < 1 || K > inner || P->rows != inner) return 1;
+  if (K < 1 || K > inner || P->rows != inner || bad_weight_type(W->weights)) return 1;
   int64_t* kept = malloc(sizeof(int64_t) * (size_t)(K + 1) + sizeof(float) * (size_t)(P->rank + 3 * inner));
   if (!kept) return 2;
   float *low = (float*)(kept + K + 1), *scores = low + P->rank;
@@ -1081,11 +1181,11 @@ int dejavu_predicted_mlp(const mlp_weights* W, const predictor_weights* P, const
 static int cats_mlp(const mlp_weights* W, float threshold, const float* h, const float* residual, float* out,
                     int64_t* kept) {
   int64_t inner = W->rows, d = W->d, K = 0;
-  if (!W->B) return 1;
+  if (!W->B || bad_weight_type(W->weights)) return 1;
   float* acts = malloc(sizeof(float) * (size_t)inner);
   int64_t* idx = malloc(sizeof(int64_t) * (size_t)(inner + 1));
   if (!acts || !idx) { free(acts); free(idx); return 2; }
-  dots_job all = {W->A, 0, W->a_bias, 0, h, 0, acts, W->lda, 0, d, ACT_SILU};  /* silu on the threads */
+  dots_job all = {W->A, 0, W->a_bias, 0, h, 0, acts, W->lda, 0, d, ACT_SILU, W->weights};  /* silu on the threads */
   parallel_for(inner, 4, d, dots_range, &all);
   for (int64_t i = 0; i < inner; i++) {
     float a = acts[i];
@@ -1134,8 +1234,7 @@ static int64_t teal_groups(int64_t count) {
   return groups < 1 ? 1 : groups > TEAL_GROUPS ? TEAL_GROUPS : groups;
 }
 
-static void teal_columns_range(void* job, int64_t begin, int64_t end) {
-  const teal_job* J = job;
+INLINE void teal_columns(const teal_job* J, int64_t begin, int64_t end, int t) {
   const teal_weights* W = J->W;
   const float* h = J->h;
   int64_t width = J->width;
@@ -1145,20 +1244,26 @@ static void teal_columns_range(void* job, int64_t begin, int64_t end) {
     int64_t k = group_start(g, J->groups, J->count), last = group_start(g + 1, J->groups, J->count), i;
     for (; k + 4 <= last; k += 4) {
       const int64_t* j = J->inputs + k;
-      const float *c0 = W->in_t + j[0] * W->ld_in, *c1 = W->in_t + j[1] * W->ld_in, *c2 = W->in_t + j[2] * W->ld_in,
-                  *c3 = W->in_t + j[3] * W->ld_in;
+      const void *c0 = wrow(W->in_t, j[0] * W->ld_in, t), *c1 = wrow(W->in_t, j[1] * W->ld_in, t),
+                 *c2 = wrow(W->in_t, j[2] * W->ld_in, t), *c3 = wrow(W->in_t, j[3] * W->ld_in, t);
       v8 w0 = splat(h[j[0]]), w1 = splat(h[j[1]]), w2 = splat(h[j[2]]), w3 = splat(h[j[3]]);
       for (i = 0; i + 8 <= width; i += 8)
-        st(acc + i, ld(acc + i) + w0 * ld(c0 + i) + w1 * ld(c1 + i) + w2 * ld(c2 + i) + w3 * ld(c3 + i));
-      for (; i < width; i++) acc[i] += w0[0] * c0[i] + w1[0] * c1[i] + w2[0] * c2[i] + w3[0] * c3[i];
+        st(acc + i, ld(acc + i) + w0 * ldw(c0, i, t) + w1 * ldw(c1, i, t) + w2 * ldw(c2, i, t) + w3 * ldw(c3, i, t));
+      for (; i < width; i++)
+        acc[i] += w0[0] * wat(c0, i, t) + w1[0] * wat(c1, i, t) + w2[0] * wat(c2, i, t) + w3[0] * wat(c3, i, t);
     }
     for (; k < last; k++) {
-      const float* c = W->in_t + J->inputs[k] * W->ld_in;
+      const void* c = wrow(W->in_t, J->inputs[k] * W->ld_in, t);
       v8 w = splat(h[J->inputs[k]]);
-      for (i = 0; i + 8 <= width; i += 8) st(acc + i, ld(acc + i) + w * ld(c + i));
-      for (; i < width; i++) acc[i] += w[0] * c[i];
+      for (i = 0; i + 8 <= width; i += 8) st(acc + i, ld(acc + i) + w * ldw(c, i, t));
+      for (; i < width; i++) acc[i] += w[0] * wat(c, i, t);
     }
   }
+}
+
+static void teal_columns_range(void* job, int64_t begin, int64_t end) {
+  const teal_job* J = job;
+  BY_WEIGHT_TYPE(J->W->weights, teal_columns(J, begin, end, T_))
 }
 
 /* act[i] for i in [begin, end): the partials in group order plus the bias, then the activation. */
@@ -1188,7 +1293,7 @@ static void teal_act_range(void* job, int64_t begin, int64_t end) {
 static int teal_mlp(const teal_weights* W, float t_in, float t_down, const float* h, const float* residual,
                     float* out, int64_t* kept) {
   int64_t d = W->d, inner = W->inner, inputs = 0, K = 0;
-  if (W->up_offset && W->up_offset != inner) return 1;  /* up's column right after gate's */
+  if ((W->up_offset && W->up_offset != inner) || bad_weight_type(W->weights)) return 1;  /* up's column right after gate's */
   int64_t width = (W->up_offset ? 2 : 1) * inner;
   int64_t* idx = malloc(sizeof(int64_t) * (size_t)(d + inner + 1));
   float* act = malloc(sizeof(float) * (size_t)(inner + TEAL_GROUPS * width));
@@ -1204,6 +1309,7 @@ static int teal_mlp(const teal_weights* W, float t_in, float t_down, const float
   }
   mlp_weights rows = {0};
   rows.T = W->down_t; rows.ldt = W->ld_down; rows.bias = W->down_bias; rows.d = d; rows.rows = inner;
+  rows.weights = W->weights;
   gathered_job sums = {&rows, neurons, h, residual, act, out, K};
   int status = sum_kept_rows(&sums, ACTS_GIVEN);
   kept[0] = inputs;
@@ -1231,7 +1337,7 @@ static int llama_mlp(const llama_layer* L, const mlp_step* M, const layer_step* 
       /* into scratch, then added: the residual joins after the MLP's own sum, as in torch */
       float *mlp_out = dense_scratch, *act = mlp_out + d;
       int status = dejavu_dense_mlp(L->gate, d, L->up, d, L->gate_bias, L->up_bias, L->down, inner, L->down_bias,
-                                    inner, d, xn, mlp_out, act);
+                                    inner, d, xn, mlp_out, act, L->weights);
       for (int64_t j = 0; j < d; j++) x_out[j] += mlp_out[j];
       return status;
     }
@@ -1256,11 +1362,11 @@ static int bad_mlp_step(const llama_layer* L, const mlp_step* M) {
     case MLP_DENSE:
       return !L->gate || !L->up || !L->down;
     case MLP_PREDICTED:
-      return !M->mlp || !M->predictor || M->mlp->d != d || M->predictor->d != d;
+      return !M->mlp || !M->predictor || M->mlp->d != d || M->predictor->d != d || bad_weight_type(M->mlp->weights);
     case MLP_TEAL:
-      return !M->teal || !M->kept || M->teal->d != d;
+      return !M->teal || !M->kept || M->teal->d != d || bad_weight_type(M->teal->weights);
     case MLP_CATS:
-      return !M->mlp || !M->kept || M->mlp->d != d;
+      return !M->mlp || !M->kept || M->mlp->d != d || bad_weight_type(M->mlp->weights);
   }
   return 1;
 }
@@ -1268,7 +1374,7 @@ static int bad_mlp_step(const llama_layer* L, const mlp_step* M) {
 /* The attention half and the MLP in one call: no Python runs between them (it would run cold,
    its objects pushed out of the CPU's caches by the layer's weights). */
 int dejavu_llama_layer(const llama_layer* L, const mlp_step* M, const layer_step* S) {
-  if (bad_mlp_step(L, M)) return 1;
+  if (bad_weight_type(L->weights) || bad_mlp_step(L, M)) return 1;
   int64_t d = L->hidden;
   float* scratch = malloc(sizeof(float) * (size_t)(M->kind == MLP_DENSE ? 2 * d + L->inner : d));
   if (!scratch) return 2;

@@ -138,6 +138,9 @@ class DistInferenceMaskTokenPipeSync:
         return buffer
 
     def _send_hidden(self, hidden, what):
+        # in the run's dtype, which the next stage receives into (the cpu backend's kernels
+        # decode a half-precision model with float32 activations)
+        hidden = hidden.to(self.dtype)
         with self.profiler.span(f"send {what}", "send"):
             self.comm.send(hidden, self.stage + 1, what)
 

@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from .. import cpu_kernels
-from ..common import DenseMLP, KVCache, TappedModule, step_geometry
+from ..common import DenseMLP, KVCache, TappedModule, _KVBuffers, step_geometry
 from ..hf_llama_module import LlamaBlock
 from ..hf_opt_module import OPTBlock
 from . import cpu_views
@@ -49,14 +49,36 @@ class KernelStep(NamedTuple):
     held: tuple  # the tensors those arguments point into, alive while the step is
 
 
+ACTIVATIONS = torch.float32  # what the kernels read and write besides the weights: x, caches, sums
+
+
 def kernel_applies(x, layer_past):
-    """Whether a decoder-layer kernel can take this step: x one float32 CPU token at batch 1 over
-    a KVCache of contiguous float32 CPU buffers, without autograd."""
-    if (x.shape[:2] != (1, 1) or x.dtype != torch.float32 or x.device.type != "cpu"
+    """Whether a decoder-layer kernel can take this step: x one CPU token at batch 1 over a KVCache
+    of contiguous CPU buffers, without autograd. x and the cache may be in the model's half
+    precision (its prompt ran in it): the step reads them as float32 (float32_cache)."""
+    if (x.shape[:2] != (1, 1) or cpu_kernels.weight_type(x.dtype) is None or x.device.type != "cpu"
             or not isinstance(layer_past, KVCache) or torch.is_grad_enabled()):
         return False
     keys = layer_past.buffers.keys
-    return keys.dtype == torch.float32 and keys.device.type == "cpu" and keys.is_contiguous()
+    return cpu_kernels.weight_type(keys.dtype) is not None and keys.device.type == "cpu" and keys.is_contiguous()
+
+
+def float32_cache(cache):
+    """The cache with float32 buffers (a half-precision model's prompt wrote its own dtype): the
+    kernels keep a layer's keys and values in float32. Once per layer and sequence."""
+    if cache.buffers.keys.dtype == ACTIVATIONS:
+        return cache
+    keys, values = cache.keys.to(ACTIVATIONS), cache.values.to(ACTIVATIONS)
+    buffers = _KVBuffers(keys, values, cache.buffers.keys.shape[2])
+    return KVCache(buffers, 0).append(keys, values)
+
+
+def parameter_dtype(module):
+    """The dtype of a module's weights (its first floating-point parameter), or float32."""
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return ACTIVATIONS
 
 
 def key_validity(mask, total):
@@ -90,14 +112,16 @@ def position_key(block, family):
 def begin_step(block, family, x, layer_past, mask, shared=None, key=None, out=None):
     """The KernelStep of a token: its cache grown, an output to write (`out`, else a new tensor),
     and the family's position arguments, computed once per step where `shared` (a dict for the
-    step's layers) is given, under `key` (position_key)."""
+    step's layers) is given, under `key` (position_key). A half-precision x or cache is read as
+    float32 (the kernels' activations)."""
+    layer_past = float32_cache(layer_past)
     past, present = layer_past.length, layer_past.grown(1)
     where = None if shared is None else shared.get(key)
     if where is None:
         where = family.geometry(block, mask, past)  # (arguments, the tensors they point into)
         if shared is not None:
             shared[key] = where
-    x = x.contiguous()
+    x = x.to(ACTIVATIONS).contiguous()
     out = torch.empty_like(x) if out is None else out
     return KernelStep(x, out, present, (*cache_arguments(present.buffers), past), *where)
 
@@ -268,11 +292,13 @@ def sparse_kernel_step(plan, lib, family, block, taps, mlp):
 
     half = attention_half(lib, family, view, block)
 
+    dtype = parameter_dtype(mlp)
+
     def half_step(x, layer_past, mask, shared=None, out=None):  # an MLP the layer call cannot run
         taps.begin(x, None)
         x_mid, h, present = half(x, layer_past, mask, shared, out)
         taps.inputs["mlp_x"] = x_mid
-        return x_mid + mlp(h), present  # the MLP records what it kept
+        return x_mid + mlp(h.to(dtype)).to(ACTIVATIONS), present  # the MLP records what it kept
     return half_step
 
 
@@ -298,6 +324,7 @@ class DecodingSteps:
     def reset(self):
         """A new sequence: its steps are prepared afresh at its first token."""
         self.steps = None
+        self.dtypes = None  # each block's weights' dtype (a block that runs its forward reads x in it)
         self.buffers = None
 
     def run(self, x, caches, mask):
@@ -307,7 +334,8 @@ class DecodingSteps:
         forward gets torch's threads, and torch has its count back after the step."""
         if self.steps is None:
             self.steps = [kernel_step(self.plan, block, x, cache) for block, cache in zip(self.blocks, caches)]
-            self.buffers = (torch.empty_like(x), torch.empty_like(x))
+            self.dtypes = [parameter_dtype(block) for block in self.blocks]
+            self.buffers = (torch.empty_like(x, dtype=ACTIVATIONS), torch.empty_like(x, dtype=ACTIVATIONS))
         shared, written, last = {}, 0, len(self.blocks) - 1
         threads = torch.get_num_threads()
         single_row = x.shape[0] == 1 and threads > 1
@@ -318,8 +346,8 @@ class DecodingSteps:
                 if wanted != current:
                     torch.set_num_threads(wanted)
                     current = wanted
-                if step is None:
-                    x, caches[index] = block(x, layer_past=caches[index], mask=mask)
+                if step is None:  # in the block's dtype (a kernel step before it wrote float32)
+                    x, caches[index] = block(x.to(self.dtypes[index]), layer_past=caches[index], mask=mask)
                     continue
                 out = None if index == last else self.buffers[written % 2]
                 x, caches[index] = step(x, caches[index], mask, shared, out)
@@ -362,14 +390,18 @@ class CpuPlan(DecodePlan):
     torch ops."""
 
     def run_block(self, block, x, layer_past, mask, shared=None):
-        """(x, present) of one block: its kernel step where one applies, else its forward."""
+        """(x, present) of one block: its kernel step where one applies, else its forward (in the
+        block's dtype: a kernel step before it wrote float32)."""
         stepped = cpu_step(self, block, x, layer_past, mask, shared)
-        return stepped if stepped is not None else block(x, layer_past=layer_past, mask=mask)
+        if stepped is not None:
+            return stepped
+        return block(x.to(parameter_dtype(block)), layer_past=layer_past, mask=mask)
 
     def new_stage(self, batch, capacity, device):
         return DynamicCacheStage(self, DecodingSteps(self, self.blocks))
 
     def logits(self, head, x, input_ids=None):
         """head(x): a single row's vocabulary projection (the widest product) through the kernel."""
-        features = head.features(x)
-        return linear_forward(self, head.lm_head, features)
+        features = head.features(x.to(parameter_dtype(head)))
+        return linear_forward(self, head.lm_head, features.to(ACTIVATIONS) if features.shape[:-1].numel() == 1
+                              else features)

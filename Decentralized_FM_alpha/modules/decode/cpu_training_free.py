@@ -46,20 +46,22 @@ def _one_token(h, *linears):
 
 def lay_out_teal(first, second, output):
     """Store first (gate / fc1) and second (up; None for OPT) as transposed views of one [d, n, I]
-    buffer and output (down / fc2) as the transposed view of an [I, d] one. float32 CPU only;
-    returns whether it did (already laid out counts)."""
+    buffer and output (down / fc2) as the transposed view of an [I, d] one. CPU tensors of one
+    dtype the kernels read (float32, bfloat16, float16) only; returns whether it did (already laid
+    out counts)."""
     linears = [first] if second is None else [first, second]
     weights = [linear.weight for linear in linears] + [output.weight]
-    if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
+    dtype = weights[0].dtype
+    if cpu_kernels.weight_type(dtype) is None or any(w.dtype != dtype or w.device.type != "cpu" for w in weights):
         return False
     if teal_laid_out(first, second, output):
         return True
     inner, d = first.weight.shape
     with torch.no_grad():
-        columns = huge_page_buffer(d * len(linears) * inner * 4).view(torch.float32).view(d, len(linears), inner)
+        columns = huge_page_buffer(d * len(linears) * inner * dtype.itemsize).view(dtype).view(d, len(linears), inner)
         for slot, linear in enumerate(linears):
             columns[:, slot] = linear.weight.t()
-        rows = huge_page_buffer(inner * d * 4).view(torch.float32).view(inner, d)
+        rows = huge_page_buffer(inner * d * dtype.itemsize).view(dtype).view(inner, d)
         rows.copy_(output.weight.t())
         for slot, linear in enumerate(linears):
             linear.weight = nn.Parameter(columns[:, slot].t(), requires_grad=linear.weight.requires_grad)
@@ -73,7 +75,8 @@ def teal_laid_out(first, second, output):
     inner = first.weight.shape[0]
     return gate_t.stride(1) == 1 and down_t.is_contiguous() and (
         second is None or (second.weight.t().stride(1) == 1 and second.weight.t().stride(0) == gate_t.stride(0)
-                           and second.weight.data_ptr() - first.weight.data_ptr() == inner * 4))
+                           and second.weight.data_ptr() - first.weight.data_ptr()
+                           == inner * first.weight.element_size()))
 
 
 def _build_teal_view(first, second, output):
@@ -81,13 +84,16 @@ def _build_teal_view(first, second, output):
     if not teal_laid_out(first, second, output):
         return None
     gate_t, down_t = first.weight.t(), output.weight.t()
-    inner = first.weight.shape[0]
-    biases = [None if linear is None or linear.bias is None else linear.bias.detach().contiguous()
+    inner, weights = first.weight.shape[0], cpu_kernels.weight_type(first.weight.dtype)
+    if weights is None or first.weight.device.type != "cpu" or output.weight.dtype != first.weight.dtype or (
+            second is not None and second.weight.dtype != first.weight.dtype):
+        return None
+    biases = [None if linear is None or linear.bias is None else linear.bias.detach().float().contiguous()
               for linear in (first, second, output)]
     view = cpu_kernels.TealWeights(in_t=gate_t.data_ptr(), gate_bias=_pointer(biases[0]), up_bias=_pointer(biases[1]),
                                    down_t=down_t.data_ptr(), down_bias=_pointer(biases[2]), ld_in=gate_t.stride(0),
                                    up_offset=0 if second is None else inner, ld_down=down_t.stride(0),
-                                   d=first.weight.shape[1], inner=inner)
+                                   d=first.weight.shape[1], inner=inner, weights=weights)
     return view, biases
 
 

@@ -49,6 +49,33 @@ def kernel_readable(tensors):
                for t in tensors)
 
 
+def shared_weight_type(matrices):
+    """The kernels' weight_type of these weight matrices (None entries skipped): contiguous CPU
+    tensors of one dtype the kernels read (float32, bfloat16, float16); None where they are not."""
+    present = [m for m in matrices if m is not None]
+    if not present or any(m.device.type != "cpu" or not m.is_contiguous() or m.dtype != present[0].dtype
+                          for m in present):
+        return None
+    return cpu_kernels.weight_type(present[0].dtype)
+
+
+def as_float32(tensors):
+    """The norm weights and biases as the kernels read them: float32 CPU, contiguous (the tensor
+    itself where it is; a copy, held by the view, where the model is in half precision)."""
+    return [t if t is None or kernel_readable([t]) else t.detach().to("cpu", torch.float32).contiguous()
+            for t in tensors]
+
+
+def readable_layer(tensors, matrix_slots, required_slots):
+    """(the tensors with the vectors (those not in matrix_slots) made float32, the weight_type of
+    the matrices in required_slots), or (None, None) where those cannot be read."""
+    weights = shared_weight_type([tensors[i] for i in required_slots])
+    if weights is None:
+        return None, None
+    vectors = iter(as_float32([t for i, t in enumerate(tensors) if i not in matrix_slots]))
+    return [t if i in matrix_slots else next(vectors) for i, t in enumerate(tensors)], weights
+
+
 def addresses(tensors):
     return [None if t is None else t.data_ptr() for t in tensors]
 
@@ -67,15 +94,25 @@ def llama_tensors(block):
                                    + [gate, up, down])
 
 
+# the weight matrices among llama_tensors (the others are norm weights and biases)
+LLAMA_ATTENTION_MATRICES, LLAMA_MLP_MATRICES = (2, 4, 6, 8), (10, 12, 14)
+OPT_MATRICES = (4, 6, 8, 10, 12, 14)
+
+
 def build_llama_view(plan, block):
-    tensors = llama_tensors(block)
     # The attention half reads its weights as the checkpoint has them; the MLP half also needs the
-    # MLP's (a predicted-mode block packs them per neuron, and its MLP then runs apart).
-    if not kernel_readable(tensors[:10]):
+    # MLP's (a predicted-mode block packs them per neuron, and its MLP then runs apart). The
+    # matrices are read in their dtype (float32, bfloat16 or float16: one for the layer), the
+    # norm weights and biases in float32.
+    tensors, weights = readable_layer(llama_tensors(block), LLAMA_ATTENTION_MATRICES + LLAMA_MLP_MATRICES,
+                                      LLAMA_ATTENTION_MATRICES)
+    if tensors is None:
         return None
     mlp = block._modules["mlp"]
     gate, up, down, act_fn = mlp.neuron_linears()
-    has_mlp = kernel_readable(tensors[10:]) and is_silu(act_fn)
+    mlp_matrices = [tensors[i] for i in LLAMA_MLP_MATRICES]
+    has_mlp = (is_silu(act_fn) and shared_weight_type(mlp_matrices) == weights
+               and all(m is not None for m in mlp_matrices))
     pointers = addresses(tensors)
     if not has_mlp:
         pointers[10:] = [None] * 6
@@ -86,7 +123,7 @@ def build_llama_view(plan, block):
         mlp_norm=mlp_norm, gate=gate_w, up=up_w, down=down_w, gate_bias=gate_bias, up_bias=up_bias,
         down_bias=down_bias, hidden=block.config.hidden_size, heads=block.num_heads, kv_heads=block.num_kv_heads,
         head_dim=block.head_dim, inner=gate.out_features, attn_eps=block.input_layernorm.eps,
-        mlp_eps=block.post_attention_layernorm.eps)
+        mlp_eps=block.post_attention_layernorm.eps, weights=weights)
     predictor = getattr(mlp, "predictor", None)  # a sparse MLP's (sparse execution)
     predicted = None if predictor is None else predicted_call(plan, predictor, gate, up, down, act_fn,
                                                               getattr(mlp, "predictor_half", False))
@@ -105,9 +142,9 @@ def opt_tensors(block):
 
 
 def build_opt_view(plan, block):
-    tensors = opt_tensors(block)
+    tensors, weights = readable_layer(opt_tensors(block), OPT_MATRICES, OPT_MATRICES)
     fc1, _, _, act = block._modules["mlp"].neuron_linears()
-    if not (is_relu(act) and kernel_readable(tensors)):
+    if tensors is None or not is_relu(act):
         return None
     (attn_norm, attn_norm_bias, mlp_norm, mlp_norm_bias, q, q_bias, k, k_bias, v, v_bias, o, o_bias,
      fc1_w, fc1_bias, fc2_w, fc2_bias) = addresses(tensors)
@@ -116,7 +153,7 @@ def build_opt_view(plan, block):
         v_bias=v_bias, o_bias=o_bias, mlp_norm=mlp_norm, mlp_norm_bias=mlp_norm_bias, fc1=fc1_w, fc2=fc2_w,
         fc1_bias=fc1_bias, fc2_bias=fc2_bias, hidden=block.config.hidden_size, heads=block.num_heads,
         head_dim=block.head_dim, inner=fc1.out_features, norm_first=int(block.norm_first),
-        attn_eps=block.self_attn_layer_norm.eps, mlp_eps=block.final_layer_norm.eps)
+        attn_eps=block.self_attn_layer_norm.eps, mlp_eps=block.final_layer_norm.eps, weights=weights)
     return OPTLayerView(layer, ctypes.byref(layer), held=tuple(tensors))
 
 

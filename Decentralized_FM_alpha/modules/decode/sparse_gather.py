@@ -35,8 +35,9 @@ from .huge_pages import huge_page_buffer
 
 _ACT_NONE = 0  # decode_kernels.c: no activation
 
-# A weight as the kernel reads it: `rows` rows of `width` floats, `stride` floats apart.
-KernelPlan = namedtuple("KernelPlan", "table pointer rows width stride bias bias_pointer")
+# A weight as the kernel reads it: `rows` rows of `width` elements, `stride` elements apart, of
+# the kernels' weight_type `weights` (float32, bfloat16 or float16); its bias as float32.
+KernelPlan = namedtuple("KernelPlan", "table pointer rows width stride bias bias_pointer weights")
 
 
 class OneCall:
@@ -60,23 +61,24 @@ def derived(plan, what, owner, build):
 
 def kernel_rows(plan, linear, transposed):
     """The kernel's view of the weight ([out, in]; with `transposed`, of weight.t(), [in, out]),
-    or None where the kernel does not apply (not float32 on CPU). Rows with unit stride are read
-    in place; otherwise a contiguous copy is made (once per plan)."""
+    or None where the kernel does not apply (not float32, bfloat16 or float16 on CPU). Rows with
+    unit stride are read in place; otherwise a contiguous copy is made, and a half-precision
+    layer's bias a float32 copy (once per plan)."""
     return derived(plan, "rows_t" if transposed else "rows", linear,
                    lambda: _build_plan(linear.weight, linear.bias, transposed))
 
 
 def _build_plan(weight, bias, transposed):
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or (
-            bias is not None and (bias.device.type != "cpu" or bias.dtype != torch.float32)):
+    weights = cpu_kernels.weight_type(weight.dtype)
+    if weight.device.type != "cpu" or weights is None or (bias is not None and bias.device.type != "cpu"):
         return None
     with torch.no_grad():
         table = weight.detach().t() if transposed else weight.detach()
         if table.stride(1) != 1 or table.stride(0) < table.shape[1]:
             table = table.contiguous()
-        bias_table = None if bias is None else bias.detach().contiguous()
+        bias_table = None if bias is None else bias.detach().float().contiguous()
     return KernelPlan(table, table.data_ptr(), table.shape[0], table.shape[1], table.stride(0), bias_table,
-                      None if bias_table is None else bias_table.data_ptr())
+                      None if bias_table is None else bias_table.data_ptr(), weights)
 
 
 def _autograd(x, *linears):
@@ -140,11 +142,13 @@ def _build_mlp_weights(plan, first, second, output, act_fn):
              kernel_rows(plan, output, True)]
     a, b, t = plans
     if not (_activation_matches(second, act_fn) and a is not None and t is not None and (second is None or b is not None)
-            and (t.rows, t.width) == (a.rows, a.width) and (b is None or (b.rows, b.width) == (a.rows, a.width))):
+            and (t.rows, t.width, t.weights) == (a.rows, a.width, a.weights)
+            and (b is None or (b.rows, b.width, b.weights) == (a.rows, a.width, a.weights))):
         return None, plans
     weights = cpu_kernels.MlpWeights(
         A=a.pointer, B=b and b.pointer, a_bias=a.bias_pointer, b_bias=b and b.bias_pointer, T=t.pointer,
-        bias=t.bias_pointer, lda=a.stride, ldb=b.stride if b else 0, ldt=t.stride, rows=a.rows, d=a.width)
+        bias=t.bias_pointer, lda=a.stride, ldb=b.stride if b else 0, ldt=t.stride, rows=a.rows, d=a.width,
+        weights=a.weights)
     return (weights, ctypes.byref(weights)), plans
 
 
@@ -300,12 +304,13 @@ def dense_mlp(plan, h, first, second, output, act_fn):
     a, b, w = (kernel_rows(plan, first, False), kernel_rows(plan, second, False) if second is not None else None,
                kernel_rows(plan, output, False))
     hs = _kernel_input(h)
-    if a is None or w is None or hs is None or (second is not None and b is None):
+    if a is None or w is None or hs is None or (second is not None and b is None) or \
+            len({p.weights for p in (a, b, w) if p is not None}) != 1:
         return None
     out, scratch = torch.empty(1, 1, w.rows), torch.empty(a.rows)
     lib.dejavu_dense_mlp(a.pointer, a.stride, b and b.pointer, b.stride if b else 0, a.bias_pointer,
                          b and b.bias_pointer, w.pointer, w.stride, w.bias_pointer, a.rows, a.width,
-                         hs.data_ptr(), out.data_ptr(), scratch.data_ptr())
+                         hs.data_ptr(), out.data_ptr(), scratch.data_ptr(), a.weights)
     return out
 
 
@@ -313,14 +318,17 @@ def pack_mlp_neurons(first, second, output):
     """Lay each neuron's weights side by side: one [I, n, d] buffer holding row i of first
     (and second) and column i of output, with the Linears' weights re-pointed to strided views
     of it (same values, shapes and state-dict keys; no second copy is kept). A kept neuron is
-    then one contiguous run of memory for the gathered MLP. No-op unless all are float32 CPU."""
+    then one contiguous run of memory for the gathered MLP. No-op unless all are CPU tensors of one
+    dtype the kernels read (float32, bfloat16, float16)."""
     linears = [first, second, output] if second is not None else [first, output]
     weights = [linear.weight for linear in linears]
-    if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
+    dtype = weights[0].dtype
+    if cpu_kernels.weight_type(dtype) is None or any(w.dtype != dtype or w.device.type != "cpu" for w in weights):
         return False
     with torch.no_grad():
         inner, width = first.weight.shape
-        packed = huge_page_buffer(inner * len(linears) * width * 4).view(torch.float32).view(inner, len(linears), width)
+        size = inner * len(linears) * width * dtype.itemsize
+        packed = huge_page_buffer(size).view(dtype).view(inner, len(linears), width)
         for slot, linear in enumerate(linears[:-1]):
             packed[:, slot] = linear.weight
         packed[:, -1] = output.weight.t()
@@ -364,6 +372,6 @@ def linear_forward(plan, linear, x):
             if hs is not None:
                 out = torch.empty(*x.shape[:-1], rows.rows)
                 lib.dejavu_gathered_dots(rows.pointer, rows.stride, None, 0, rows.bias_pointer, None, None, rows.rows,
-                                         rows.rows, rows.width, hs.data_ptr(), out.data_ptr(), _ACT_NONE)
+                                         rows.rows, rows.width, hs.data_ptr(), out.data_ptr(), _ACT_NONE, rows.weights)
                 return out
     return F.linear(x, linear.weight, linear.bias)
