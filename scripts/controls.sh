@@ -57,6 +57,9 @@ RELU_L1="${RELU_L1:-1e-3}"
 RELU_SP_ROWS="${RELU_SP_ROWS:-$(awk -v n="$TRAIN_ROWS" -v f="$VAL_FRACTION" 'BEGIN { printf "%d", n / (1 - f) + 1 }')}"
 CPU_WORKERS="${CPU_WORKERS:-$([ "$MODEL" = smollm2 ] && nproc || echo 1)}"
 REUSE_DUMP="${REUSE_DUMP:-0}"
+# the study report whose every-layer recall against drift the report carries (scripts/demo.sh writes it)
+STUDY_SUMMARY="${STUDY_SUMMARY:-$ROOT/reports/$NAME/summary.json}"
+ANSWER_KEEP="${ANSWER_KEEP:-0.5}"             # the kept fraction the answer compares the controls at
 BATCH_SIZE="${BATCH_SIZE:-4}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 
@@ -183,6 +186,7 @@ done
 timing perplexity $(( SECONDS - t ))
 
 step "report"
+study=(); [ -f "$STUDY_SUMMARY" ] && study=(--study "$STUDY_SUMMARY")
 x "$PYTHON" -m dejavu_study.controls "$CONTROLS" --dump "$RUN/dump" --out "$OUT" --model "$MODEL_LABEL" \
-  --layers "$LAYERS" --drift-set "lowrank_D$D"
+  --layers "$LAYERS" --drift-set "lowrank_D$D" --keep "$ANSWER_KEEP" ${study[@]+"${study[@]}"}
 step "done in $(( (SECONDS - started) / 60 )) min; report: $OUT/controls.md"
