@@ -7,6 +7,8 @@
 # the MLP of those layers only (the others dense), predicted and oracle, as scripts/scaling.sh.
 #
 #   REUSE_DUMP=1 bash scripts/controls.sh          # reuse runs/scaling-<name>/dump and its request files
+#   RESUME=1 REUSE_DUMP=1 bash scripts/controls.sh # keep what a stopped run finished (dumps, predictor
+#                                                  # sets with every layer, ReLU fits)
 #   DRY_RUN=1 bash scripts/controls.sh             # print the commands, run nothing
 #
 # Every variable below can be set in the environment. Outputs: $CONTROLS (predictors, ReLU
@@ -57,6 +59,7 @@ RELU_L1="${RELU_L1:-1e-3}"
 RELU_SP_ROWS="${RELU_SP_ROWS:-$(awk -v n="$TRAIN_ROWS" -v f="$VAL_FRACTION" 'BEGIN { printf "%d", n / (1 - f) + 1 }')}"
 CPU_WORKERS="${CPU_WORKERS:-$([ "$MODEL" = smollm2 ] && nproc || echo 1)}"
 REUSE_DUMP="${REUSE_DUMP:-0}"
+RESUME="${RESUME:-0}"
 # the study report whose every-layer recall against drift the report carries (scripts/demo.sh writes it)
 STUDY_SUMMARY="${STUDY_SUMMARY:-$ROOT/reports/$NAME/summary.json}"
 ANSWER_KEEP="${ANSWER_KEEP:-0.5}"             # the kept fraction the answer compares the controls at
@@ -87,9 +90,24 @@ run_model() {  # run_model CHECKPOINT TYPE REQUESTS RESULTS [runner flags...]
     --output-path "$results" --device "$DEVICE" --batch-size "$BATCH_SIZE" \
     --input-seq-length "$MAX_TOKENS_PER_DOC" --num-layers "$LAYERS_TOTAL" --max-layers "$LAYERS_TOTAL" "$@"
 }
-collect() {  # collect CHECKPOINT REQUESTS DUMP ROWS
+collect() {  # collect CHECKPOINT REQUESTS DUMP ROWS: only the batches that can fill ROWS rows
+  if [ "$RESUME" = 1 ] && dump_filled "$3"; then step "keeping the dump $3 (RESUME=1)"; return; fi
+  local batches=$(( ($4 + BATCH_SIZE * MAX_TOKENS_PER_DOC - 1) / (BATCH_SIZE * MAX_TOKENS_PER_DOC) ))
+  # passages may be shorter than MAX_TOKENS_PER_DOC: half as many batches again, and a few more
   run_model "$1" "$MODEL_TYPE-save" "$2" "$(dirname "$3")/results_collect_$(basename "$3").jsonl" \
-    --sp-data-path "$3" --sp-rows "$4" --sp-layers "$LAYERS" --sp-force
+    --sp-data-path "$3" --sp-rows "$4" --sp-layers "$LAYERS" --sp-force --num-iters $(( batches * 3 / 2 + 4 ))
+}
+dump_filled() {  # dump_filled DUMP: whether its meta.json says it is complete or every row is written
+  [ -f "$1/meta.json" ] && "$PYTHON" -c '
+import json, sys
+meta = json.load(open(sys.argv[1]))
+sys.exit(0 if meta.get("complete") or meta.get("capacity_reached") else 1)' "$1/meta.json"
+}
+layers_trained() {  # layers_trained FOLDER: whether every layer of LAYERS has an ok metrics line
+  [ -f "$1/metrics_mlp.jsonl" ] && "$PYTHON" -c '
+import json, sys
+ok = {e.get("layer") for e in map(json.loads, open(sys.argv[1])) if e.get("status") == "ok"}
+sys.exit(0 if {int(l) for l in sys.argv[2].split(",")} <= ok else 1)' "$1/metrics_mlp.jsonl" "$LAYERS"
 }
 record_run() {  # record_run RESULTS KEY=VALUE... : one line of $CONTROLS/controls.jsonl
   [ "$DRY_RUN" = 1 ] && { echo "+ record $*"; return; }
@@ -112,6 +130,9 @@ timing collect $(( SECONDS - t ))
 suffix=""; [ "$MODEL_TYPE" = llama ] && suffix="_llama"
 train() {  # train DUMP EVAL_DUMP SET_NAME [entry point flags...]
   local dump="$1" eval_dump="$2" name="$3"; shift 3
+  if [ "$RESUME" = 1 ] && layers_trained "$CONTROLS/predictors/$name"; then
+    step "keeping the predictors $name (RESUME=1)"; return
+  fi
   x rm -rf "$CONTROLS/predictors/$name"
   step "train MLP predictors $name of layers $LAYERS on $TRAIN_ROWS rows"
   DATA_PATH="$dump" CKPT_DIR="$CONTROLS/predictors/$name" LAYERS="$LAYERS" TRAIN_ROWS="$TRAIN_ROWS" \
@@ -144,10 +165,14 @@ for variant in $RELU_VARIANTS; do
     sparse) sparser=(--target-zeros 0.9 --l1 "$RELU_L1") ;;
     *) echo "unknown RELU_VARIANTS entry '$variant' (plain, sparse)" >&2; exit 2 ;;
   esac
+  if [ "$RESUME" = 1 ] && [ -f "$folder/checkpoint/relu_control.json" ]; then
+    step "keeping the ReLU stand-in '$variant' (RESUME=1)"
+  else
   step "ReLU stand-in '$variant' in layers $LAYERS (fit on $RELU_FIT_ROWS rows of $RUN/dump)"
   x "$PYTHON" -m dejavu_study.relu_control --checkpoint "$CHECKPOINT" --data-path "$RUN/dump" --layers "$LAYERS" \
     --out "$folder/checkpoint" --force --rows "$RELU_FIT_ROWS" --epochs "$RELU_EPOCHS" --lr "$RELU_LR" \
     --device "$DEVICE" --no-progress ${sparser[@]+"${sparser[@]}"}
+  fi
   step "collect the ReLU model's layers $LAYERS ($RELU_SP_ROWS training rows, and the validation passages)"
   collect "$folder/checkpoint" "$RUN/train.jsonl" "$folder/dump" "$RELU_SP_ROWS"
   collect "$folder/checkpoint" "$RUN/val.jsonl" "$folder/dump_val" "$VAL_SP_ROWS"
