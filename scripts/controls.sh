@@ -8,7 +8,7 @@
 #
 #   REUSE_DUMP=1 bash scripts/controls.sh          # reuse runs/scaling-<name>/dump and its request files
 #   RESUME=1 REUSE_DUMP=1 bash scripts/controls.sh # keep what a stopped run finished (dumps, predictor
-#                                                  # sets with every layer, ReLU fits)
+#                                                  # sets with every layer, ReLU fits, perplexity results)
 #   DRY_RUN=1 bash scripts/controls.sh             # print the commands, run nothing
 #
 # Every variable below can be set in the environment. Outputs: $CONTROLS (predictors, ReLU
@@ -182,14 +182,19 @@ timing relu $(( SECONDS - t ))
 
 t=$SECONDS
 [ "$DRY_RUN" = 1 ] || rm -f "$CONTROLS/controls.jsonl"
+kept_result() {  # kept_result RESULTS: RESUME=1 and the runner wrote it (atomically: whole or absent)
+  [ "$RESUME" = 1 ] && [ -s "$1" ]
+}
 sparse() {  # sparse CHECKPOINT MODE KEEP RESULTS [PREDICTORS]
+  kept_result "$4" && return
   run_model "$1" "$MODEL_TYPE-ml-att-sparse" "$RUN/val.jsonl" "$4" --sparse-mode "$2" --mlp-keep "$3" \
     --sparse-attention off --sparse-layers "$LAYERS" ${5:+--sparse-path "$5"}
 }
 perplexity() {  # perplexity MODEL_NAME CHECKPOINT PREDICTOR_SETS...
   local name="$1" checkpoint="$2"; shift 2
   step "perplexity of $name on the validation passages: dense, then oracle and predicted on layers $LAYERS"
-  run_model "$checkpoint" "$MODEL_TYPE" "$RUN/val.jsonl" "$CONTROLS/results_${name}_dense.jsonl"
+  kept_result "$CONTROLS/results_${name}_dense.jsonl" ||
+    run_model "$checkpoint" "$MODEL_TYPE" "$RUN/val.jsonl" "$CONTROLS/results_${name}_dense.jsonl"
   record_run "$CONTROLS/results_${name}_dense.jsonl" model="$name" mode=dense
   for keep in $KEEP_FRACTIONS; do
     sparse "$checkpoint" oracle "$keep" "$CONTROLS/results_${name}_oracle_$keep.jsonl"
