@@ -65,3 +65,26 @@ def smollm2_tokenizer(smollm2_checkpoint):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def kernel_lib():
+    """The compiled CPU decode kernels; the test is skipped where they cannot be built."""
+    from dejavu_llama.modules import cpu_kernels
+
+    lib = cpu_kernels.kernel_library()
+    if lib is None:
+        pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
+    return lib
+
+
+@pytest.fixture
+def split_everything(kernel_lib):
+    """Kernels on, any product split over the threads (set_min_chunk(1): the tiny test products are
+    far below the work the pool gives one thread); the thread count restored after."""
+    from dejavu_llama.modules import cpu_kernels
+
+    threads, chunk = cpu_kernels.num_threads(), cpu_kernels.set_min_chunk(1)
+    yield
+    cpu_kernels.set_min_chunk(chunk)
+    cpu_kernels.set_num_threads(threads)

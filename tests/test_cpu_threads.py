@@ -22,17 +22,6 @@ from tiny_models import tiny_llama, tiny_opt
 THREADS = (1, 2, 3)
 
 
-@pytest.fixture
-def split_everything():
-    """Kernels on, any product split over the threads; the thread count restored after."""
-    if cpu_kernels.kernel_library() is None:
-        pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
-    threads, chunk = cpu_kernels.num_threads(), cpu_kernels.set_min_chunk(1)
-    yield
-    cpu_kernels.set_min_chunk(chunk)
-    cpu_kernels.set_num_threads(threads)
-
-
 def same_at_every_thread_count(run):
     """run() at 1, 2 and 3 kernel threads; asserts the outputs are bitwise equal, returns them."""
     outputs = []

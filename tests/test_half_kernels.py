@@ -27,20 +27,8 @@ HALF_TOLERANCE = {torch.bfloat16: 4 * 2.0**-8, torch.float16: 4 * 2.0**-11}
 
 
 @pytest.fixture(scope="module")
-def lib():
-    lib = cpu_kernels.kernel_library()
-    if lib is None:
-        pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
-    return lib
-
-
-@pytest.fixture
-def split_everything(lib):
-    """Any product split over the threads; the thread count restored after."""
-    threads, chunk = cpu_kernels.num_threads(), cpu_kernels.set_min_chunk(1)
-    yield
-    cpu_kernels.set_min_chunk(chunk)
-    cpu_kernels.set_num_threads(threads)
+def lib(kernel_lib):
+    return kernel_lib
 
 
 def at_every_thread_count(run):

@@ -14,11 +14,8 @@ from dejavu_llama.modules.cpu_kernels import AbiError, parse_abi
 
 
 @pytest.fixture(scope="module")
-def lib():
-    lib = cpu_kernels.kernel_library()
-    if lib is None:
-        pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
-    return lib
+def lib(kernel_lib):
+    return kernel_lib
 
 
 def test_the_structs_other_modules_build_are_the_parsed_ones():
