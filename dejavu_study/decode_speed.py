@@ -80,9 +80,11 @@ def prompt_ids(run_dir, checkpoint, count):
     return ids[:count]
 
 
-def timed_rate(model, prompt, new_tokens, warm=True):
+def timed_rate(model, prompt, new_tokens, warm=True, attempts=3):
     """Decoded tokens per second: the time of 1 + new tokens less that of 1 (the prompt's share).
-    warm: decode once untimed first (the first call after a set-up builds its kernel views)."""
+    warm: decode once untimed first (the first call after a set-up builds its kernel views).
+    A difference that is not positive (other load landed on the short run) is timed again, up to
+    `attempts` times, and then refused: a clamped difference would report an absurd rate."""
     def run(count):
         start = time.perf_counter()
         model.generate_greedy(prompt, count, backend="cpu")
@@ -90,7 +92,14 @@ def timed_rate(model, prompt, new_tokens, warm=True):
 
     if warm:
         run(1 + new_tokens)
-    return new_tokens / max(run(1 + new_tokens) - run(1), 1e-9)
+    for _ in range(attempts):
+        whole, prompt_share = run(1 + new_tokens), run(1)
+        if whole > prompt_share:
+            return new_tokens / (whole - prompt_share)
+        log.warning("%d tokens took %.4f s, 1 token %.4f s: timing again (is the machine busy?)",
+                    1 + new_tokens, whole, prompt_share)
+    raise DecodeSpeedError(f"{attempts} timings of {new_tokens} decoded tokens were not longer than the prompt's "
+                           f"alone; the machine is too busy to time decoding (run it alone)")
 
 
 def measure(run_dir, threads, rounds, new_tokens, prompt_tokens, progress=True, kinds=None):

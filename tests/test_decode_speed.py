@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from dejavu_llama.modules.sparse_config import SparseConfig
 from dejavu_study import decode_speed
 from tiny_models import tiny_llama
@@ -66,3 +68,26 @@ def test_a_kernel_mode_is_marked_realisable():
     assert {name: decode_speed.kind_of(mode) for name, mode in MODES.items()} == {
         "predicted": "kernel", "oracle": "bound", "dense": "kernel", "teal": "kernel", "cats": "kernel",
         "wina": "masks"}
+
+
+class _ClockedModel:
+    """A model whose decoding takes the seconds `seconds_for(count)` says, on a fake clock."""
+
+    def __init__(self, clock, seconds_for):
+        self.clock, self.seconds_for = clock, seconds_for
+
+    def generate_greedy(self, prompt, count, backend):
+        self.clock[0] += self.seconds_for(count)
+
+
+def test_timed_rate_subtracts_the_prompt_and_refuses_a_busy_machine(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(decode_speed.time, "perf_counter", lambda: clock[0])
+    steady = _ClockedModel(clock, lambda count: 0.5 + 0.1 * (count - 1))   # 0.5 s prompt, 0.1 s a token
+    assert decode_speed.timed_rate(steady, None, 32) == pytest.approx(10.0)
+    busy_short_runs = _ClockedModel(clock, lambda count: 5.0 if count == 1 else 3.0)
+    with pytest.raises(decode_speed.DecodeSpeedError, match="too busy"):
+        decode_speed.timed_rate(busy_short_runs, None, 32)
+    once = iter([5.0])   # load lands on the first short run only: timed again, then right
+    flaky = _ClockedModel(clock, lambda count: next(once, 0.5) if count == 1 else 0.5 + 0.1 * (count - 1))
+    assert decode_speed.timed_rate(flaky, None, 32, warm=False) == pytest.approx(10.0)
