@@ -29,7 +29,7 @@ TRAIN_DOCS="${TRAIN_DOCS:-80}"                # corpus passages collected for pr
 VAL_DOCS="${VAL_DOCS:-20}"                    # passages of other documents for perplexity
 MAX_TOKENS_PER_DOC="${MAX_TOKENS_PER_DOC:-256}"
 KEEP_FRACTIONS="${KEEP_FRACTIONS:-0.9 0.75 0.5 0.25}"      # MLP neurons kept (attention dense)
-ATT_KEEP_FRACTIONS="${ATT_KEEP_FRACTIONS:-0.75 0.5}"        # heads kept (MLP dense)
+ATT_KEEP_FRACTIONS="${ATT_KEEP_FRACTIONS:-0.5}"             # heads kept (MLP dense; frontier.sh: 0.75 too)
 ONLINE="${ONLINE:-0}"                         # 1: request files from C4 on the hub
 RANDOM_WEIGHTS="${RANDOM_WEIGHTS:-0}"         # 1: the model is random-init (a tooling check): the report says "not evidence"
 EPOCHS="${EPOCHS:-20}"                        # a cap: early stopping (PATIENCE) ends training before it
@@ -49,7 +49,9 @@ CALIBRATION_ROWS="${CALIBRATION_ROWS:-4096}"  # dump rows TEAL's and CATS's thre
 # allocation is the slowest to measure and, on 2 cores, would take the demo past 20 minutes).
 ALLOCATE_METHODS="${ALLOCATE_METHODS:-teal cats}"
 ALLOCATION_ROWS="${ALLOCATION_ROWS:-1024}"    # dump rows each layer's sensitivity is measured on
-ALLOCATION_GRID="${ALLOCATION_GRID:-1 0.95 0.9 0.8 0.7 0.6 0.5 0.4 0.25 0.1}"  # the steps a layer's fraction takes
+# The steps a layer's fraction takes (each one calibrated for TEAL and CATS): the demo's kept
+# fractions and 0.1; frontier.sh's are its own.
+ALLOCATION_GRID="${ALLOCATION_GRID:-1 $KEEP_FRACTIONS 0.1}"
 DECODE_THREADS="${DECODE_THREADS:-$(nproc)}"  # decode speed: cpu backend at this many threads
 DECODE_ROUNDS="${DECODE_ROUNDS:-3}"           # per-round ratios against dense; the median is reported
 DECODE_TOKENS="${DECODE_TOKENS:-32}"          # tokens decoded per timing

@@ -10,6 +10,8 @@
 set -euo pipefail
 export STUDY="${STUDY:-frontier}"
 export KEEP_FRACTIONS="${KEEP_FRACTIONS:-0.95 0.9 0.8 0.7 0.6 0.5 0.4 0.25 0.1}"
+export ALLOCATION_GRID="${ALLOCATION_GRID:-1 $KEEP_FRACTIONS}"
+export ATT_KEEP_FRACTIONS="${ATT_KEEP_FRACTIONS:-0.75 0.5}"
 export DOWNSTREAM_ITEMS="${DOWNSTREAM_ITEMS-}"  # empty: all of the task's items
 export ALLOCATE_METHODS="${ALLOCATE_METHODS:-predicted teal cats}"
 export DECODE_KINDS="${DECODE_KINDS:-kernel bound masks}"
