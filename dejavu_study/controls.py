@@ -234,7 +234,11 @@ def build_summary(controls: str, dump: str, model: str, layer_spec: str, drift_s
         "study_depth": study_depth(study),
         "timings": {t["step"]: t.get("seconds") for t in timings if "step" in t},
     }
-    summary["answer"] = decisive_control(summary, reference_set or drift_set, answer_keep)
+    reference = reference_set or drift_set
+    summary["answer"] = decisive_control(summary, reference, answer_keep)
+    other_keeps = sorted({float(k) for k in ((ppl.get("silu") or {}).get("oracle_change_pct") or {})} - {answer_keep},
+                         reverse=True)
+    summary["answer_other_keeps"] = [decisive_control(summary, reference, keep) for keep in other_keeps]
     return summary
 
 
@@ -411,7 +415,26 @@ def answer_lines(summary: dict) -> list[str]:
                   f"| none (reference) | {a['reference']} (silu) | {fmt_points(a['gap_points'])} | – |"]
         lines += [f"| {name} | {c['best']} ({c['model']}) | {fmt_points(c['gap_points'])} | {c['share_closed']:.0%} |"
                   for name, c in a["controls"].items()]
+    for other in summary.get("answer_other_keeps") or []:
+        shares = "; ".join(f"{name} {c['share_closed']:.0%} ({c['best']})" for name, c in other.get("controls", {}).items())
+        lines += ["", f"At keep {other['keep']:g}: {other['sentence']}" + (f" Shares closed: {shares}." if shares else "")]
+    lines += relu_zeros_caveat(summary, a["keep"])
     return lines
+
+
+def relu_zeros_caveat(summary: dict, keep: float) -> list[str]:
+    """Where a ReLU stand-in's exact zeros leave no more non-zero neurons than `keep` keeps, its
+    oracle loses nothing and its predictors need only rank the non-zeros above the zeros."""
+    notes = []
+    for name, fit in sorted((summary.get("relu_fits") or {}).items()):
+        zeros = fit.get("mean_fitted_zero_fraction")
+        if zeros is not None and 1 - zeros <= keep:
+            notes.append(f"relu-{name} leaves {1 - zeros:.0%} of its neurons non-zero (mean over layers)")
+    if not notes:
+        return []
+    return ["", f"Read with care: {'; '.join(notes)}, no more than keep {keep:g} keeps, so its oracle keeps every "
+                "non-zero neuron and its predictors need only rank the non-zeros above the zeros. The smaller kept "
+                "fractions above test it where that is not so."]
 
 
 def render_markdown(summary: dict, plots: dict) -> str:

@@ -173,3 +173,22 @@ def test_the_study_reports_depth_finding_is_carried_over(tmp_path):
     study.write_text(json.dumps({"runs": [{"name": "demo", "findings": {}}]}))
     assert controls.study_depth(str(study)) is None
     assert controls.study_depth(None) is None
+
+
+def test_the_answer_repeats_at_the_other_kept_fractions_and_flags_relu_zeros(tmp_path):
+    silu = ppl_lines("silu", 10.0, 10.5, {"lowrank_D128": 13.0, "linear": 12.0})
+    quarter = [{"model": "silu", "mode": "oracle", "keep": 0.25, "perplexity": 11.0},
+               {"model": "silu", "mode": "predicted", "keep": 0.25, "predictors": "lowrank_D128", "perplexity": 15.0},
+               {"model": "silu", "mode": "predicted", "keep": 0.25, "predictors": "linear", "perplexity": 12.0}]
+    answer_of(tmp_path, silu + quarter)
+    summary = controls.build_summary(str(tmp_path / "c"), str(tmp_path / "dump"), "tiny", "0", "lowrank_D128")
+    (other,) = summary["answer_other_keeps"]
+    assert other["keep"] == 0.25 and other["gap_points"] == pytest.approx(40.0)
+    assert other["controls"]["capacity"]["share_closed"] == pytest.approx(0.75)   # linear: 10 of 40 points left
+    lines = "\n".join(controls.answer_lines(summary))
+    assert "At keep 0.25: The decisive control is predictor capacity" in lines
+    # a ReLU stand-in with 60% exact zeros keeps every non-zero neuron at keep 0.5: flagged; at 30% it is not
+    summary["relu_fits"] = {"plain": {"mean_fitted_zero_fraction": 0.6}}
+    assert "relu-plain leaves 40% of its neurons non-zero" in "\n".join(controls.answer_lines(summary))
+    summary["relu_fits"] = {"plain": {"mean_fitted_zero_fraction": 0.3}}
+    assert "Read with care" not in "\n".join(controls.answer_lines(summary))
