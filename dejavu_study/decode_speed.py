@@ -1,12 +1,14 @@
 """Decode speed of a run's sparse configurations against dense: the time axis of the frontier.
 
     python -m dejavu_study.decode_speed RUN [--threads 2] [--rounds 3] [--new-tokens 32] [--prompt-tokens 64]
+                                            [--kinds kernel bound masks] [--max-perplexity-change PCT]
 
 Every perplexity run of the study saves its SparseConfig beside its results
 (RUN/results_*.jsonl.sparse_config.json). This times each configuration of the MLP made sparse
 alone, as the perplexity runs ran it, on the run's checkpoint (study.json), through the cpu
 backend (the C decode kernels) at --threads threads: greedy decoding of --new-tokens tokens after
-a prompt of the first --prompt-tokens tokens of the first validation request. A sparse model and a
+a prompt of the first --prompt-tokens tokens of the first validation request, timed from the token
+the prompt gives to the last (each step stamped as its token is chosen). A sparse model and a
 dense one are loaded once; each configuration is set up once and then timed in --rounds rounds,
 each round the dense model right before it, so load on the machine hits the pair alike. A
 configuration's figure is the median over rounds of its rate over that round's dense rate.
@@ -58,6 +60,23 @@ def mlp_configs(run_dir):
     return found
 
 
+def within_budget(run_dir, configs, max_change_pct):
+    """The configs whose perplexity (RUN/perplexity.jsonl, the study's log) is at most
+    max_change_pct percent over dense: the only ones a perplexity budget up to it can choose."""
+    path = os.path.join(run_dir, "perplexity.jsonl")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = [json.loads(line) for line in handle if line.strip()]
+    except (OSError, ValueError) as error:
+        raise DecodeSpeedError(f"{path}: cannot read the perplexity log ({error})") from None
+    dense = next((line["perplexity"] for line in lines if line.get("mode") == "dense"), None)
+    if not dense:
+        raise DecodeSpeedError(f"{path}: no dense perplexity to measure a budget from")
+    perplexity = {os.path.abspath(line["result_file"]): line["perplexity"] for line in lines if line.get("result_file")}
+    return [(results, config) for results, config in configs
+            if perplexity.get(os.path.abspath(results), float("inf")) <= dense * (1 + max_change_pct / 100)]
+
+
 def kind_of(mode):
     """'kernel' (realisable through its kernels), 'bound' (not realisable) or 'masks' (no kernel)."""
     if not mode.realisable:
@@ -80,29 +99,27 @@ def prompt_ids(run_dir, checkpoint, count):
     return ids[:count]
 
 
-def timed_rate(model, prompt, new_tokens, warm=True, attempts=3):
-    """Decoded tokens per second: the time of 1 + new tokens less that of 1 (the prompt's share).
-    warm: decode once untimed first (the first call after a set-up builds its kernel views).
-    A difference that is not positive (other load landed on the short run) is timed again, up to
-    `attempts` times, and then refused: a clamped difference would report an absurd rate."""
-    def run(count):
-        start = time.perf_counter()
-        model.generate_greedy(prompt, count, backend="cpu")
-        return time.perf_counter() - start
+def timed_rate(model, prompt, new_tokens, warm=True):
+    """Decoded tokens per second: 1 + new_tokens tokens are generated and each step is stamped as
+    its token is chosen; the rate is new_tokens over the time from the first token (the prompt's)
+    to the last, so the prompt's time never enters and no two runs' times are subtracted.
+    warm: decode once untimed first (the first call after a set-up builds its kernel views)."""
+    stamps = []
+
+    def run():
+        stamps.clear()
+        model.generate_greedy(prompt, 1 + new_tokens, backend="cpu", on_token=lambda: stamps.append(time.perf_counter()))
 
     if warm:
-        run(1 + new_tokens)
-    for _ in range(attempts):
-        whole, prompt_share = run(1 + new_tokens), run(1)
-        if whole > prompt_share:
-            return new_tokens / (whole - prompt_share)
-        log.warning("%d tokens took %.4f s, 1 token %.4f s: timing again (is the machine busy?)",
-                    1 + new_tokens, whole, prompt_share)
-    raise DecodeSpeedError(f"{attempts} timings of {new_tokens} decoded tokens were not longer than the prompt's "
-                           f"alone; the machine is too busy to time decoding (run it alone)")
+        run()
+    run()
+    if len(stamps) != 1 + new_tokens or stamps[-1] <= stamps[0]:
+        raise DecodeSpeedError(f"decoding {new_tokens} tokens gave {len(stamps)} step times spanning "
+                               f"{stamps[-1] - stamps[0] if stamps else 0:.6f} s: nothing to time")
+    return new_tokens / (stamps[-1] - stamps[0])
 
 
-def measure(run_dir, threads, rounds, new_tokens, prompt_tokens, progress=True, kinds=None):
+def measure(run_dir, threads, rounds, new_tokens, prompt_tokens, progress=True, kinds=None, max_change_pct=None):
     import torch
     from tqdm import tqdm
 
@@ -126,6 +143,10 @@ def measure(run_dir, threads, rounds, new_tokens, prompt_tokens, progress=True, 
         configs = [(results, config) for results, config in configs if kind_of(MODES[config.mode]) in kinds]
         if not configs:
             raise DecodeSpeedError(f"{run_dir}: no MLP-only sparse run of kind {', '.join(kinds)}")
+    if max_change_pct is not None:
+        configs = within_budget(run_dir, configs, max_change_pct)
+        if not configs:
+            raise DecodeSpeedError(f"{run_dir}: no MLP-only sparse run within +{max_change_pct:g}% perplexity of dense")
     torch.set_num_threads(threads)
     cpu_kernels.set_num_threads(threads)
     prompt = torch.tensor([prompt_ids(run_dir, checkpoint, prompt_tokens)])
@@ -149,7 +170,7 @@ def measure(run_dir, threads, rounds, new_tokens, prompt_tokens, progress=True, 
                      rows[-1]["ratio"], rows[-1]["kind"])
     return {"format": FORMAT, "version": VERSION, "checkpoint": checkpoint, "backend": "cpu", "threads": threads,
             "kernels": cpu_kernels.kernel_library() is not None, "rounds": rounds, "new_tokens": new_tokens,
-            "prompt_tokens": prompt_tokens, "kinds": list(kinds or KINDS), "machine": platform.processor() or platform.machine(),
+            "prompt_tokens": prompt_tokens, "kinds": list(kinds or KINDS), "max_perplexity_change_pct": max_change_pct, "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "dense_rate": statistics.median(dense_rates), "configs": rows}
 
 
@@ -163,6 +184,9 @@ def main(argv=None):
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
                         help="time only configurations of these kinds (kernel: realisable through the kernels; "
                              "bound: oracle; masks: no kernel); the report marks the others unmeasured")
+    parser.add_argument("--max-perplexity-change", type=float, default=None, metavar="PCT",
+                        help="time only configurations within PCT percent of dense perplexity (RUN/perplexity.jsonl): "
+                             "the only ones a budget up to PCT can choose; the report marks the others unmeasured")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[decode speed] %(levelname)s: %(message)s", stream=sys.stderr)
     from dejavu_llama.modules.decode.environment import apply_environment
@@ -174,7 +198,7 @@ def main(argv=None):
             parser.error(f"{flag} must be at least 1")
     try:
         figures = measure(args.run, args.threads, args.rounds, args.new_tokens, args.prompt_tokens,
-                          kinds=tuple(args.kinds))
+                          kinds=tuple(args.kinds), max_change_pct=args.max_perplexity_change)
     except DecodeSpeedError as error:
         log.error("%s", error)
         return 1

@@ -26,7 +26,7 @@ REUSE="${REUSE:-0}"                           # 1: keep a dump and predictors al
 DEVICE="${DEVICE:-cpu}"
 STAGES="${STAGES:-2}"                         # stages of the dense perplexity run
 TRAIN_DOCS="${TRAIN_DOCS:-80}"                # corpus passages collected for predictor training
-VAL_DOCS="${VAL_DOCS:-20}"                    # passages of other documents for perplexity
+VAL_DOCS="${VAL_DOCS:-16}"                    # passages of other documents for perplexity (frontier.sh: 20)
 MAX_TOKENS_PER_DOC="${MAX_TOKENS_PER_DOC:-256}"
 KEEP_FRACTIONS="${KEEP_FRACTIONS:-0.9 0.75 0.5 0.25}"      # MLP neurons kept (attention dense)
 ATT_KEEP_FRACTIONS="${ATT_KEEP_FRACTIONS:-0.5}"             # heads kept (MLP dense; frontier.sh: 0.75 too)
@@ -45,9 +45,9 @@ PREV_KINDS="${PREV_KINDS:-$([ "$MODEL" = smollm2 ] && echo att || echo "mlp att"
 SELECT_METRIC="${SELECT_METRIC:-recall_at_matched_k}"  # what a top-K executor uses
 MLP_METHODS="${MLP_METHODS:-oracle predicted teal cats wina}"  # MLP modes run at each of KEEP_FRACTIONS
 CALIBRATION_ROWS="${CALIBRATION_ROWS:-4096}"  # dump rows TEAL's and CATS's thresholds are calibrated on
-# Also run with per-layer kept fractions (frontier.sh: predicted too; on the embedded model its
-# allocation is the slowest to measure and, on 2 cores, would take the demo past 20 minutes).
-ALLOCATE_METHODS="${ALLOCATE_METHODS:-teal cats}"
+# Also run with per-layer kept fractions: TEAL's (its own proposal); frontier.sh allocates
+# predicted, teal and cats (on 2 cores the other two would take the demo past 20 minutes).
+ALLOCATE_METHODS="${ALLOCATE_METHODS:-teal}"
 ALLOCATION_ROWS="${ALLOCATION_ROWS:-1024}"    # dump rows each layer's sensitivity is measured on
 # The steps a layer's fraction takes (each one calibrated for TEAL and CATS): the demo's kept
 # fractions and 0.1; frontier.sh's are its own.
@@ -58,6 +58,9 @@ DECODE_TOKENS="${DECODE_TOKENS:-32}"          # tokens decoded per timing
 # Which configurations are timed: kernel (realisable, what the Answer chooses from), bound
 # (oracle), masks (wina); frontier.sh times all three.
 DECODE_KINDS="${DECODE_KINDS:-kernel}"
+# Time only the configurations within this much perplexity over dense (percent; empty: all): the
+# Answer's largest budget is +10%, so the others cannot be chosen; frontier.sh times them all.
+DECODE_MAX_CHANGE="${DECODE_MAX_CHANGE-10}"
 CONTROLS_REPORT="${CONTROLS_REPORT:-$ROOT/reports/controls-$NAME}"  # linked from the Answer where it exists
 DOWNSTREAM="${DOWNSTREAM:-1}"                 # 0: no downstream task
 DOWNSTREAM_ITEMS="${DOWNSTREAM_ITEMS-200}"    # items of dejavu_continuation (empty: all 1,200)
@@ -211,7 +214,7 @@ json.dump(study, open(tmp, "w"), indent=2)
 os.replace(tmp, os.path.join(run, "study.json"))
 EOF
 "$PYTHON" -m dejavu_study.decode_speed "$RUN" --threads "$DECODE_THREADS" --rounds "$DECODE_ROUNDS" \
-  --new-tokens "$DECODE_TOKENS" --kinds $DECODE_KINDS
+  --new-tokens "$DECODE_TOKENS" --kinds $DECODE_KINDS ${DECODE_MAX_CHANGE:+--max-perplexity-change "$DECODE_MAX_CHANGE"}
 
 step "9/9 downstream task (${DOWNSTREAM_ITEMS:-all} items of dejavu_continuation): dense and the Answer's configurations; report"
 downstream=(--downstream "$RUN/downstream")

@@ -15,4 +15,6 @@ export ATT_KEEP_FRACTIONS="${ATT_KEEP_FRACTIONS:-0.75 0.5}"
 export DOWNSTREAM_ITEMS="${DOWNSTREAM_ITEMS-}"  # empty: all of the task's items
 export ALLOCATE_METHODS="${ALLOCATE_METHODS:-predicted teal cats}"
 export DECODE_KINDS="${DECODE_KINDS:-kernel bound masks}"
+export DECODE_MAX_CHANGE="${DECODE_MAX_CHANGE-}"   # empty: every configuration timed
+export VAL_DOCS="${VAL_DOCS:-20}"
 exec bash "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/demo.sh"

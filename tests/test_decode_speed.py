@@ -71,23 +71,39 @@ def test_a_kernel_mode_is_marked_realisable():
 
 
 class _ClockedModel:
-    """A model whose decoding takes the seconds `seconds_for(count)` says, on a fake clock."""
+    """A model on a fake clock: its prompt takes `prompt_seconds`, each further token `step_seconds`."""
 
-    def __init__(self, clock, seconds_for):
-        self.clock, self.seconds_for = clock, seconds_for
+    def __init__(self, clock, prompt_seconds, step_seconds):
+        self.clock, self.prompt_seconds, self.step_seconds = clock, prompt_seconds, step_seconds
 
-    def generate_greedy(self, prompt, count, backend):
-        self.clock[0] += self.seconds_for(count)
+    def generate_greedy(self, prompt, count, backend, on_token):
+        for step in range(count):
+            self.clock[0] += self.prompt_seconds if step == 0 else self.step_seconds
+            on_token()
 
 
-def test_timed_rate_subtracts_the_prompt_and_refuses_a_busy_machine(monkeypatch):
+def test_timed_rate_times_the_decoding_steps_only(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(decode_speed.time, "perf_counter", lambda: clock[0])
-    steady = _ClockedModel(clock, lambda count: 0.5 + 0.1 * (count - 1))   # 0.5 s prompt, 0.1 s a token
-    assert decode_speed.timed_rate(steady, None, 32) == pytest.approx(10.0)
-    busy_short_runs = _ClockedModel(clock, lambda count: 5.0 if count == 1 else 3.0)
-    with pytest.raises(decode_speed.DecodeSpeedError, match="too busy"):
-        decode_speed.timed_rate(busy_short_runs, None, 32)
-    once = iter([5.0])   # load lands on the first short run only: timed again, then right
-    flaky = _ClockedModel(clock, lambda count: next(once, 0.5) if count == 1 else 0.5 + 0.1 * (count - 1))
-    assert decode_speed.timed_rate(flaky, None, 32, warm=False) == pytest.approx(10.0)
+    assert decode_speed.timed_rate(_ClockedModel(clock, 0.5, 0.1), None, 32) == pytest.approx(10.0)
+    # a slow prompt (a busy moment, a long prompt) does not enter the rate
+    assert decode_speed.timed_rate(_ClockedModel(clock, 5.0, 0.1), None, 32, warm=False) == pytest.approx(10.0)
+    with pytest.raises(decode_speed.DecodeSpeedError, match="nothing to time"):
+        decode_speed.timed_rate(_ClockedModel(clock, 0.5, 0.0), None, 32)
+
+
+def test_a_perplexity_budget_times_only_the_configs_within_it(tmp_path, caplog):
+    run = make_run(tmp_path)
+    lines = [{"mode": "dense", "perplexity": 10.0, "result_file": str(run / "results_dense.jsonl")},
+             {"mode": "oracle", "perplexity": 10.4, "result_file": str(run / "results_oracle_mlp_0.5.jsonl")},
+             {"mode": "wina", "perplexity": 12.0, "result_file": str(run / "results_wina_mlp_0.5.jsonl")}]
+    (run / "perplexity.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    figures = decode_speed.measure(str(run), threads=1, rounds=1, new_tokens=2, prompt_tokens=8, progress=False,
+                                   max_change_pct=10)
+    assert [row["mode"] for row in figures["configs"]] == ["oracle"]   # +4%; wina's +20% is past the budget
+    assert figures["max_perplexity_change_pct"] == 10
+    assert decode_speed.main([str(run), "--max-perplexity-change", "1"]) == 1
+    assert "no MLP-only sparse run within +1% perplexity" in caplog.text
+    (run / "perplexity.jsonl").write_text(json.dumps(lines[1]) + "\n")
+    assert decode_speed.main([str(run), "--max-perplexity-change", "10"]) == 1
+    assert "no dense perplexity" in caplog.text

@@ -94,11 +94,13 @@ class LocalModel(nn.Module):
         return lambda x: plan.logits(self.head, x)
 
     @torch.inference_mode()
-    def generate_greedy(self, input_ids, max_new_tokens, mask=None, backend="auto", with_logprobs=False):
+    def generate_greedy(self, input_ids, max_new_tokens, mask=None, backend="auto", with_logprobs=False,
+                        on_token=None):
         """Greedy tokens [B, max_new_tokens], one token per step through a stage of the decode
         `backend` (modules/decode: auto, torch, cpu, cuda) by the generation loop
         (decode/generation.py); with_logprobs also returns each
-        chosen token's log-probability [B, max_new_tokens] (float32)."""
+        chosen token's log-probability [B, max_new_tokens] (float32). on_token(): called once a
+        step's tokens are chosen (the first after the prompt), e.g. to time the decoding steps."""
         batch, length = input_ids.shape
         stage = self.stage_pool(backend, input_ids.device).stage(batch, length + max_new_tokens)
         logprobs = []
@@ -107,6 +109,8 @@ class LocalModel(nn.Module):
             tokens = generation.greedy(logits)
             if with_logprobs:
                 logprobs.append(torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens))
+            if on_token is not None:
+                on_token()
             return tokens
 
         tokens, _ = generation.generate(stage, self.embeddings, self.logits(backend, input_ids.device), choose,

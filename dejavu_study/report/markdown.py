@@ -103,6 +103,10 @@ def md_where_sparsity_pays(run: dict) -> list[str]:
     skipped = [kind for kind in ("bound", "masks") if speed.get("kinds") and kind not in speed["kinds"]]
     untimed = (f" This run timed no {' or '.join(skipped)} configuration (`--kinds`): their speed is "
                "left blank." if skipped else "")
+    if speed.get("max_perplexity_change_pct") is not None:
+        untimed += (f" It timed only the configurations within +{speed['max_perplexity_change_pct']:g}% perplexity of "
+                    "dense (`--max-perplexity-change`), the only ones the budgets below can choose; the others' speed "
+                    "is left blank.")
     lines = [f"### {run_heading(run)}: where sparsity pays", "",
              f"Decode speed measured by `dejavu_study.decode_speed` on {speed.get('machine')} "
              f"({speed.get('cpus')} cores) through the cpu backend at {speed.get('threads')} thread(s): "
