@@ -432,9 +432,9 @@ def relu_zeros_caveat(summary: dict, keep: float) -> list[str]:
             notes.append(f"relu-{name} leaves {1 - zeros:.0%} of its neurons non-zero (mean over layers)")
     if not notes:
         return []
-    return ["", f"Read with care: {'; '.join(notes)}, no more than keep {keep:g} keeps, so its oracle keeps every "
-                "non-zero neuron and its predictors need only rank the non-zeros above the zeros. The smaller kept "
-                "fractions above test it where that is not so."]
+    return ["", f"Read with care: {'; '.join(notes)}: no more than keep {keep:g} keeps, so such a model's oracle "
+                "keeps every non-zero neuron and its predictors need only rank the non-zeros above the zeros. A "
+                "smaller kept fraction (above, where measured) tests them where that is not so."]
 
 
 def render_markdown(summary: dict, plots: dict) -> str:
