@@ -350,10 +350,11 @@ def make_plots(summary: dict, out: str) -> dict:
         fig, ax = plt.subplots(figsize=(7, 4))
         names = [s["name"] for s in sets]
         positions = list(range(len(sets)))
+        act = "ReLU" if group == "relu" else "SiLU"  # the true top-k is of each set's own model
         for offset, (key, label) in enumerate((("mean_val", "held-out tokens, own label"),
-                                               ("mean_val_act_topk", "held-out tokens, top-k |SiLU(gate)*up|"),
+                                               ("mean_val_act_topk", f"held-out tokens, top-k |{act}(gate)*up|"),
                                                ("mean_other_docs", "other documents, own label"),
-                                               ("mean_other_docs_act_topk", "other documents, top-k |SiLU(gate)*up|"))):
+                                               ("mean_other_docs_act_topk", f"other documents, top-k |{act}(gate)*up|"))):
             values = [s.get(key) for s in sets]
             if all(v is None for v in values):
                 continue
