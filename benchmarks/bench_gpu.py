@@ -99,10 +99,16 @@ def timed(fn, device, repeats):
     return statistics.median(times)
 
 
-def decode_rate(run, rows, new_tokens, device, repeats):
-    """rows x N / (t(1 + N) - t(1)): the prompt and the first token cancel out."""
-    return rows * new_tokens / (timed(lambda: run(1 + new_tokens), device, repeats) - timed(lambda: run(1), device,
-                                                                                                repeats))
+def decode_rate(run, rows, new_tokens, device, repeats, attempts=5):
+    """rows x N / (t(1 + N) - t(1)): the prompt and the first token cancel out. A difference that
+    is not positive (load landed on the short runs; tiny dims in a dry run) is timed again, and
+    after `attempts` refused: a rate from it would be meaningless."""
+    for _ in range(attempts):
+        elapsed = timed(lambda: run(1 + new_tokens), device, repeats) - timed(lambda: run(1), device, repeats)
+        if elapsed > 0:
+            return rows * new_tokens / elapsed
+    raise RuntimeError(f"{attempts} timings of {new_tokens} new tokens were not longer than of 1: the device is "
+                       "too busy to time decoding")
 
 
 def copy_rate(nbytes, device, repeats):
