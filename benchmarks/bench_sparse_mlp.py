@@ -1,4 +1,4 @@
-"""Sparse MLP time against dense MLP time at batch 1 (one decoded token), float32, CPU.
+"""Sparse MLP time against dense MLP time at batch 1 (one decoded token), CPU, weights in float32 or half precision.
 
 Decoding runs a Llama layer in one kernel call: the attention half, then the dense MLP, or in a
 sparse block (`llama-ml-att-sparse`, predicted mode) DejaVu's predicted MLP: the low-rank
@@ -26,6 +26,11 @@ MLP's bytes; the target rows use the D that costs the same share of these models
 dims (upstream's number as is: 14.9% of the MLP's bytes) and the study's default
 min(1000, d) = 576 for SmolLM2 (46%).
 
+--dtype bfloat16|float16 stores the layers' weights in that dtype (as a checkpoint loaded with
+the runner's --dtype): the kernels read them as they are, with float32 activations and KV
+caches, so the MLP's bytes halve and the targets apply as in float32. The predictors stay in
+float32 (and float16 for the float16 rows); the torch-op rows run in float32 only.
+
 Each layer of the stack has its own weights (random; the dense and the sparse layers the same
 values, the sparse ones packed per neuron by configure_sparse) and a KV cache of CONTEXT
 positions; a pass decodes one token through all of them, so the weights stream from memory
@@ -37,7 +42,7 @@ torch's threads and the C kernels'; with more than one, the variants that run to
 followed by an untimed pass of the attention halves (TORCH_OP_KINDS: torch's OpenMP workers
 spin after them, on the core the kernels' worker needs).
 
-    .venv/bin/python benchmarks/bench_sparse_mlp.py [--quick] [--threads 1] [--json PATH]
+    .venv/bin/python benchmarks/bench_sparse_mlp.py [--quick] [--threads 1] [--dtype bfloat16] [--json PATH]
 """
 
 import argparse
@@ -75,12 +80,14 @@ def matched_D(d, inter):
     return round(UPSTREAM_SHARE * 3 * d * inter / (d + inter))
 
 
-def build_layers(spec, generator):
+def build_layers(spec, generator, dtype=torch.float32):
     """(dense `llama` blocks, sparse `llama-ml-att-sparse` blocks, KV caches): decoder layers with
-    the same random weights, in huge pages as a checkpoint loads on the CPU, and a KV cache of CONTEXT positions per layer (filled by a prompt pass of
-    the dense layer)."""
+    the same random weights in `dtype`, in huge pages as a checkpoint loads on the CPU, and a
+    float32 KV cache of CONTEXT positions per layer (filled by a prompt pass of the dense layer,
+    in float32 as a half-precision model's first decoded token leaves it)."""
     from transformers import LlamaConfig
 
+    from dejavu_llama.modules.decode.cpu import float32_cache
     from dejavu_llama.modules.decode.huge_pages import move_to_huge_pages
     from dejavu_llama.pipeline_parallel.model_registry import load_model_module
 
@@ -96,15 +103,16 @@ def build_layers(spec, generator):
             with torch.device("meta"):
                 block = block_class(config, layer_index=index)
             if weights is None:  # norms 1, matrices N(0, 0.02)
-                weights = {name: torch.ones(p.shape) if p.dim() == 1 else torch.empty(p.shape).normal_(
-                    0.0, 0.02, generator=generator) for name, p in block.named_parameters()}
+                weights = {name: (torch.ones(p.shape) if p.dim() == 1 else torch.empty(p.shape).normal_(
+                    0.0, 0.02, generator=generator)).to(dtype) for name, p in block.named_parameters()}
             block.load_state_dict({name: w.clone() for name, w in weights.items()}, assign=True)
             block.requires_grad_(False)
             move_to_huge_pages(block)
             block.materialize_buffers()
             blocks.append(block.eval())
         with torch.inference_mode():
-            caches.append(dense_blocks[-1](torch.randn(1, CONTEXT, d, generator=generator))[1])
+            prompt = torch.randn(1, CONTEXT, d, generator=generator).to(dtype)
+            caches.append(float32_cache(dense_blocks[-1](prompt)[1]))
     return dense_blocks, sparse_blocks, caches
 
 
@@ -122,7 +130,7 @@ def rewind(cache):
     cache.buffers.filled = cache.length
 
 
-def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
+def bench_config(name, spec, rounds, warmup, with_torch_ops, log, dtype=torch.float32):
     from dejavu_llama.modules import cpu_kernels
     from dejavu_llama.modules.decode import choose_backend, cpu, cpu_views
     from dejavu_llama.modules.decode.sparse_gather import dense_mlp, gathered_mlp, store_predictor_half
@@ -132,7 +140,7 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
     widths = {"matched": spec["D"], "reference": spec["reference_D"]}
     generator = torch.Generator().manual_seed(0)
     started = time.perf_counter()
-    dense_blocks, blocks, caches = build_layers(spec, generator)
+    dense_blocks, blocks, caches = build_layers(spec, generator, dtype)
     predictors = {kind: [build_predictor(d, D, inter, generator) for _ in range(layers)] for kind, D in widths.items()}
     predictors["matched float16"] = [build_predictor(d, widths["matched"], inter, generator) for _ in range(layers)]
     for predictor in predictors["matched float16"]:
@@ -143,10 +151,11 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
     dense_plan, torch_plan = cpu_backend.prepare(dense_blocks), choose_backend("torch", "cpu").prepare(blocks)
     plans = {"sparse": cpu_backend.prepare(blocks)}  # a new one for each predictor set-up (use)
     x = torch.randn(1, 1, d, generator=generator)
-    h = blocks[0].post_attention_layernorm(x)
+    h = blocks[0].post_attention_layernorm(x).float()  # the kernels read float32 activations
     fixed = {keep: torch.randperm(inter, generator=generator)[: kept_count(keep, inter)].sort().values[None]
              for keep in KEEPS}
-    log(f"  {name}: built {layers} layers (d={d}, I={inter}, D={widths['matched']} and {widths['reference']}) "
+    log(f"  {name}: built {layers} layers in {str(dtype).removeprefix('torch.')} "
+        f"(d={d}, I={inter}, D={widths['matched']} and {widths['reference']}) "
         f"in {time.perf_counter() - started:.1f} s")
 
     def use(keep, width):
@@ -222,7 +231,10 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
     # (kind, keep): (untimed setup, timed run)
     variants = {("layer dense", None): (prepare("dense", cpu.kernel_step, dense_blocks), layer("dense")),
                 ("layer attention", None): (prepare("attention", cpu.attention_half_step, blocks), layer("attention")),
-                ("dense", None): (nothing, dense), ("dense torch path", None): (nothing, dense_torch_path)}
+                ("dense", None): (nothing, dense)}
+    with_torch_ops = with_torch_ops and dtype == torch.float32  # torch's ops would read h in the weights' dtype
+    if with_torch_ops:
+        variants[("dense torch path", None)] = (nothing, dense_torch_path)
     for keep in KEEPS:
         for kind, width in (("", "matched"), (" float16", "matched float16"), (" reference", "reference")):
             variants[("layer sparse" + kind, keep)] = (prepare("sparse", cpu.kernel_step, blocks, use(keep, width)),
@@ -240,12 +252,13 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
         # dense, and the layer with the predicted MLP = its attention half + the predicted MLP.
         block = blocks[0]
         keep_mask = torch.zeros(1, 1, inter, dtype=torch.bool).scatter_(-1, fixed[0.25][:, None], True)
-        masked = block.mlp.output(block.mlp.activation(h) * keep_mask)
+        h_torch = h.to(dtype)  # torch's reference runs in the weights' dtype
+        masked = block.mlp.output(block.mlp.activation(h_torch) * keep_mask).float()
         error = (gathered_mlp(plans["sparse"], h, fixed[0.25], *block.mlp.neuron_linears()) - masked).abs().max().item()
         fast_dense = dense_mlp(dense_plan, h, *dense_blocks[0].mlp.neuron_linears())
         if fast_dense is None:
             raise SystemExit(f"the dense MLP kernel does not run here: {cpu_kernels.unavailable_reason()}")
-        dense_error = (fast_dense - block.mlp.output(block.mlp.activation(h))).abs().max().item()
+        dense_error = (fast_dense - block.mlp.output(block.mlp.activation(h_torch)).float()).abs().max().item()
         use(0.25, "matched")()
         plan = plans["sparse"]
         rewind(caches[0])
@@ -269,10 +282,10 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
     attention = times[("layer attention", None)]
     in_layer = {key: [t - a for t, a in zip(samples, attention)] for key, samples in times.items()
                 if key[0].startswith("layer ") and key[0] != "layer attention"}
-    mlp_bytes = 3 * d * inter * 4
+    mlp_bytes = 3 * d * inter * dtype.itemsize
     predictor_bytes = {kind: (d * D + D * inter) * 4 for kind, D in widths.items()}
     matched, reference = widths["matched"], widths["reference"]
-    case = f"{name} d={d} I={inter}"
+    case = f"{name} d={d} I={inter}" + ("" if dtype == torch.float32 else f" {str(dtype).removeprefix('torch.')}")
 
     def median_us(samples):
         return statistics.median(samples) * 1e6
@@ -326,14 +339,15 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log):
             row["note"] = f"predictor weights = {share:.3f} of the MLP's"
         rows.append(row)
     info = dict(d=d, I=inter, D=matched, reference_D=reference, layers=layers, context=CONTEXT, rounds=rounds,
-                warmup=warmup, mlp_bytes=mlp_bytes, predictor_bytes=predictor_bytes["matched"],
+                warmup=warmup, dtype=str(dtype).removeprefix("torch."), mlp_bytes=mlp_bytes, predictor_bytes=predictor_bytes["matched"],
                 reference_predictor_bytes=predictor_bytes["reference"], upstream_share=UPSTREAM_SHARE,
                 gathered_vs_masked_max_abs_error=error, kernel_dense_vs_torch_max_abs_error=dense_error,
                 predicted_layer_vs_its_steps_max_abs_error=layer_error)
     return rows, info
 
 
-def run(quick=False, threads=1, configs=None, smollm2_D=None, llama_D=None, torch_ops=True, log=print):
+def run(quick=False, threads=1, configs=None, smollm2_D=None, llama_D=None, torch_ops=True, dtype="float32",
+        log=print):
     from dejavu_llama.modules import cpu_kernels
 
     torch.set_num_threads(threads)
@@ -351,13 +365,14 @@ def run(quick=False, threads=1, configs=None, smollm2_D=None, llama_D=None, torc
     for name, spec in specs.items():
         big = spec["d"] * spec["inter"] > 4_000_000
         rounds = (6 if big else 15) if quick else (20 if big else 60)
-        r, info = bench_config(name, spec, rounds=rounds, warmup=2, with_torch_ops=torch_ops, log=log)
+        r, info = bench_config(name, spec, rounds=rounds, warmup=2, with_torch_ops=torch_ops, log=log,
+                               dtype=getattr(torch, dtype))
         rows += r
         infos[name] = info
     return dict(benchmark="sparse_mlp", threads=torch.get_num_threads(), kernel_threads=cpu_kernels.num_threads(),
                 torch=torch.__version__,
                 machine=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-                gather_kernel=kernel, quick=quick, configs=infos, rows=rows)
+                gather_kernel=kernel, quick=quick, dtype=dtype, configs=infos, rows=rows)
 
 
 def main(argv=None):
@@ -368,6 +383,8 @@ def main(argv=None):
     parser.add_argument("--smollm2-D", type=int, default=None, help="predictor width of the target rows for SmolLM2 (default: matched_D, 64)")
     parser.add_argument("--llama-D", type=int, default=None, help="predictor width of the target rows for Llama-3.2-3B (default: matched_D, 341)")
     parser.add_argument("--no-torch-ops", action="store_true", help="skip the kernel-off comparison rows")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="the layers' weights (activations and caches stay float32; default float32)")
     parser.add_argument("--json", default=result_path("sparse_mlp"))
     args = parser.parse_args(argv)
     configs = [c for c in args.configs.split(",") if c]
@@ -375,7 +392,7 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown config(s) {', '.join(sorted(unknown))}; known: {', '.join(CONFIGS)}")
     result = run(quick=args.quick, threads=args.threads, configs=configs, smollm2_D=args.smollm2_D,
-                 llama_D=args.llama_D, torch_ops=not args.no_torch_ops)
+                 llama_D=args.llama_D, torch_ops=not args.no_torch_ops, dtype=args.dtype)
     print(format_table(result["rows"]))
     write_json(result, args.json)
 
