@@ -641,3 +641,22 @@ def test_the_answer_names_the_controls_reports_decisive_control(runs, tmp_path):
     # not a controls summary, or one without an answer: a named error
     (controls / "summary.json").write_text(json.dumps({"format": "dejavu-llama-report"}))
     assert cli.main([runs["opt"], "--out", str(out), "--no-plots", "--no-progress", "--controls", str(controls)]) == 1
+
+
+def test_an_allocated_run_does_not_stand_in_for_the_uniform_one(runs, tmp_path):
+    """Oracle against predicted at a kept fraction compares one fraction for every layer: an
+    allocated predicted run at the same mean (written after the uniform one) stays out of it and
+    out of the perplexity plot's lines, and keeps its own line on the frontier."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["llama"], run)
+    lines = PERPLEXITY + [{"mode": "predicted", "mlp_keep": 0.5, "att_keep": 1.0, "perplexity": 40.0,
+                           "tokens": 1000, "allocation": "allocation_predicted_0.5.json", "result_file": "pa5.jsonl"}]
+    (run / "perplexity.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cli.write_report([str(run)], out_dir=str(tmp_path / "out"), progress=False, plots=False)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    found = summary["runs"][0]["findings"]["perplexity"]
+    at_half = [c for c in found["at_kept_fraction"] if c["mlp_keep"] == 0.5]
+    assert [c["predicted"] for c in at_half if c["predicted_run"]] == [24.0]
+    assert found["mlp_frontier"]["methods"]["predicted allocated"][0]["increase_pct"] == pytest.approx(100.0)
+    series = plots.perplexity_series(summary["runs"][0])
+    assert (0.5, 40.0) not in series[("predicted", "mlp", 1.0)] and (0.5, 24.0) in series[("predicted", "mlp", 1.0)]

@@ -141,7 +141,7 @@ def perplexity_findings(perplexity: dict) -> dict | None:
         return None
     points = {}
     for e in perplexity["entries"]:
-        if e["mode"] == "dense":
+        if e["mode"] == "dense" or e.get("allocation"):  # oracle against predicted at one kept fraction for every layer
             continue
         key = (e["mlp_keep"], e["att_keep"])
         points.setdefault(key, {})[e["mode"]] = e

@@ -163,10 +163,11 @@ def plot_recall_vs_drift(plt, summary, colors):
 
 
 def perplexity_series(run: dict) -> dict:
-    """{(mode, axis, other keep): [(keep, ppl)]}; axis "mlp" when mlp_keep is set, else "att"."""
+    """{(mode, axis, other keep): [(keep, ppl)]}; axis "mlp" when mlp_keep is set, else "att". One
+    kept fraction for every layer: the allocated runs are on the frontier plots."""
     series = {}
     for e in run["perplexity"]["entries"]:
-        if e["mode"] == "dense" or e["perplexity"] is None:
+        if e["mode"] == "dense" or e["perplexity"] is None or e.get("allocation"):
             continue
         if e["mlp_keep"] is not None:
             key, x = (e["mode"], "mlp", e["att_keep"]), e["mlp_keep"]
