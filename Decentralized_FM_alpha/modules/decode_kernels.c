@@ -508,11 +508,20 @@ INLINE float wat(const void* w, int64_t i, int t) {
   return ((const float*)w)[i];
 }
 
+/* One row read front to back, four sums in flight. Consecutive rows are then one sequential
+   stream, which the hardware prefetchers follow best: on an AMD EPYC (Zen 4) four rows read
+   interleaved streamed 0.6x as fast on one core, and the dense MLP in the layer took 1.33x
+   (float32) to 1.6x (bfloat16) as long. The gathered MLP's rows are scattered, so there four
+   neurons' rows stream at once instead (acts_rows). */
 INLINE float dotw(const void* w, const float* h, int64_t d, int t) {
-  v8 s = {0}; int64_t j = 0; float r = 0.f;
-  for (; j + 8 <= d; j += 8) s += ldw(w, j, t) * ld(h + j);
+  v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}; int64_t j = 0; float r = 0.f;
+  for (; j + 32 <= d; j += 32) {
+    s0 += ldw(w, j, t) * ld(h + j); s1 += ldw(w, j + 8, t) * ld(h + j + 8);
+    s2 += ldw(w, j + 16, t) * ld(h + j + 16); s3 += ldw(w, j + 24, t) * ld(h + j + 24);
+  }
+  for (; j + 8 <= d; j += 8) s0 += ldw(w, j, t) * ld(h + j);
   for (; j < d; j++) r += wat(w, j, t) * h[j];
-  return hsum(s) + r;
+  return hsum((s0 + s1) + (s2 + s3)) + r;
 }
 
 int dejavu_weight_paths(void) {
@@ -537,24 +546,14 @@ static inline float activate(int64_t act, float a, float b) {
   return a;
 }
 
-/* out[q] = r[q] . h for four rows at once: four streams keep more reads in flight than one. */
+/* out[q] = r[q] . h for four rows, one after the other. */
 INLINE void dot4(const void* r0, const void* r1, const void* r2, const void* r3, const float* h, int64_t d,
                  float* out, int t) {
-  v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-  int64_t j = 0, d8 = d - d % 8;
-  for (; j < d8; j += 8) {
-    v8 x = ld(h + j);
-    s0 += ldw(r0, j, t) * x; s1 += ldw(r1, j, t) * x; s2 += ldw(r2, j, t) * x; s3 += ldw(r3, j, t) * x;
-  }
-  float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
-  for (; j < d; j++) {
-    t0 += wat(r0, j, t) * h[j]; t1 += wat(r1, j, t) * h[j]; t2 += wat(r2, j, t) * h[j]; t3 += wat(r3, j, t) * h[j];
-  }
-  out[0] = hsum(s0) + t0; out[1] = hsum(s1) + t1; out[2] = hsum(s2) + t2; out[3] = hsum(s3) + t3;
+  out[0] = dotw(r0, h, d, t); out[1] = dotw(r1, h, d, t); out[2] = dotw(r2, h, d, t); out[3] = dotw(r3, h, d, t);
 }
 
 /* Rows i = idx[k] (idx NULL: i = k, every row in order) of A [rows, d] (row stride lda) and
-   B (row stride ldb; may be NULL) against h [d], four rows streaming at once:
+   B (row stride ldb; may be NULL) against h [d], each row read front to back (dotw):
      act 0: out[k] = A[i].h + bias_a[i]   (B NULL)
      act 1: out[k] = silu(A[i].h + bias_a[i]) * (B[i].h + bias_b[i])
      act 2: out[k] = relu(A[i].h + bias_a[i])
