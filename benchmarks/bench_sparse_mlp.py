@@ -141,6 +141,7 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log, dtype=torch.fl
     generator = torch.Generator().manual_seed(0)
     started = time.perf_counter()
     dense_blocks, blocks, caches = build_layers(spec, generator, dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
     predictors = {kind: [build_predictor(d, D, inter, generator) for _ in range(layers)] for kind, D in widths.items()}
     predictors["matched float16"] = [build_predictor(d, widths["matched"], inter, generator) for _ in range(layers)]
     for predictor in predictors["matched float16"]:
@@ -154,7 +155,7 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log, dtype=torch.fl
     h = blocks[0].post_attention_layernorm(x).float()  # the kernels read float32 activations
     fixed = {keep: torch.randperm(inter, generator=generator)[: kept_count(keep, inter)].sort().values[None]
              for keep in KEEPS}
-    log(f"  {name}: built {layers} layers in {str(dtype).removeprefix('torch.')} "
+    log(f"  {name}: built {layers} layers in {dtype_name} "
         f"(d={d}, I={inter}, D={widths['matched']} and {widths['reference']}) "
         f"in {time.perf_counter() - started:.1f} s")
 
@@ -285,7 +286,7 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log, dtype=torch.fl
     mlp_bytes = 3 * d * inter * dtype.itemsize
     predictor_bytes = {kind: (d * D + D * inter) * 4 for kind, D in widths.items()}
     matched, reference = widths["matched"], widths["reference"]
-    case = f"{name} d={d} I={inter}" + ("" if dtype == torch.float32 else f" {str(dtype).removeprefix('torch.')}")
+    case = f"{name} d={d} I={inter}" + ("" if dtype == torch.float32 else f" {dtype_name}")
 
     def median_us(samples):
         return statistics.median(samples) * 1e6
@@ -339,7 +340,7 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log, dtype=torch.fl
             row["note"] = f"predictor weights = {share:.3f} of the MLP's"
         rows.append(row)
     info = dict(d=d, I=inter, D=matched, reference_D=reference, layers=layers, context=CONTEXT, rounds=rounds,
-                warmup=warmup, dtype=str(dtype).removeprefix("torch."), mlp_bytes=mlp_bytes, predictor_bytes=predictor_bytes["matched"],
+                warmup=warmup, dtype=dtype_name, mlp_bytes=mlp_bytes, predictor_bytes=predictor_bytes["matched"],
                 reference_predictor_bytes=predictor_bytes["reference"], upstream_share=UPSTREAM_SHARE,
                 gathered_vs_masked_max_abs_error=error, kernel_dense_vs_torch_max_abs_error=dense_error,
                 predicted_layer_vs_its_steps_max_abs_error=layer_error)

@@ -61,20 +61,16 @@ def mlp_configs(run_dir):
 
 
 def within_budget(run_dir, configs, max_change_pct):
-    """The configs whose perplexity (RUN/perplexity.jsonl, the study's log) is at most
-    max_change_pct percent over dense: the only ones a perplexity budget up to it can choose."""
-    path = os.path.join(run_dir, "perplexity.jsonl")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = [json.loads(line) for line in handle if line.strip()]
-    except (OSError, ValueError) as error:
-        raise DecodeSpeedError(f"{path}: cannot read the perplexity log ({error})") from None
-    dense = next((line["perplexity"] for line in lines if line.get("mode") == "dense"), None)
-    if not dense:
-        raise DecodeSpeedError(f"{path}: no dense perplexity to measure a budget from")
-    perplexity = {os.path.abspath(line["result_file"]): line["perplexity"] for line in lines if line.get("result_file")}
+    """The configs whose perplexity (RUN/perplexity.jsonl, the study's log, read as the report
+    reads it) is at most max_change_pct percent over dense: the only ones a budget up to it can choose."""
+    from dejavu_study.report.runs import read_perplexity
+
+    log_ = read_perplexity(run_dir)
+    if log_["dense"] is None or not log_["dense"]["perplexity"]:
+        raise DecodeSpeedError(f"{log_['path']}: no dense perplexity to measure a budget from")
+    change = {os.path.abspath(e["result_file"]): e.get("increase_pct") for e in log_["entries"] if e.get("result_file")}
     return [(results, config) for results, config in configs
-            if perplexity.get(os.path.abspath(results), float("inf")) <= dense * (1 + max_change_pct / 100)]
+            if change.get(os.path.abspath(results)) is not None and change[os.path.abspath(results)] <= max_change_pct]
 
 
 def kind_of(mode):
@@ -170,7 +166,8 @@ def measure(run_dir, threads, rounds, new_tokens, prompt_tokens, progress=True, 
                      rows[-1]["ratio"], rows[-1]["kind"])
     return {"format": FORMAT, "version": VERSION, "checkpoint": checkpoint, "backend": "cpu", "threads": threads,
             "kernels": cpu_kernels.kernel_library() is not None, "rounds": rounds, "new_tokens": new_tokens,
-            "prompt_tokens": prompt_tokens, "kinds": list(kinds or KINDS), "max_perplexity_change_pct": max_change_pct, "machine": platform.processor() or platform.machine(),
+            "prompt_tokens": prompt_tokens, "kinds": list(kinds or KINDS), "max_perplexity_change_pct": max_change_pct,
+            "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "dense_rate": statistics.median(dense_rates), "configs": rows}
 
 
