@@ -512,7 +512,7 @@ INLINE float wat(const void* w, int64_t i, int t) {
    stream, which the hardware prefetchers follow best: on an AMD EPYC (Zen 4) four rows read
    interleaved streamed 0.6x as fast on one core, and the dense MLP in the layer took 1.33x
    (float32) to 1.6x (bfloat16) as long. The gathered MLP's rows are scattered, so there four
-   neurons' rows stream at once instead (acts_rows). */
+   neurons' rows stream at once instead (dots_of_four). */
 INLINE float dotw(const void* w, const float* h, int64_t d, int t) {
   v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}; int64_t j = 0; float r = 0.f;
   for (; j + 32 <= d; j += 32) {
@@ -937,7 +937,6 @@ static void tiled_gemv(const void* W, int64_t half, int64_t n, int64_t m, const 
    order whatever the thread count. The groups split the neurons, not the output columns: a
    thread given columns would read a short run of every kept row of T. */
 #define SUM_GROUPS 16  /* partial outputs of one call at most: more threads than this share groups */
-#define PREFETCH_LINES 4  /* cache lines of each row a prefetch starts */
 #define MIN_GROUP 32   /* neurons per group at least: a small K makes fewer */
 
 typedef struct {
@@ -950,84 +949,73 @@ typedef struct {
 
 static inline v8 splat(float f) { v8 c = {0}; return c + f; }
 
-/* acts[k] for k in [begin, end) (begin a multiple of four): four neurons at a time, the rest one by one. */
-INLINE void acts_rows(const gathered_job* J, int64_t begin, int64_t end, int t) {
-  const mlp_weights* W = J->W;
-  const float* h = J->h;
-  int64_t act = W->B ? ACT_SILU_GLU : ACT_RELU, d = W->d, d8 = d - d % 8, k = begin;
-  for (; k + 4 <= end; k += 4) {
-    const int64_t* i = J->idx + k;
-    const void *a0 = wrow(W->A, i[0] * W->lda, t), *a1 = wrow(W->A, i[1] * W->lda, t),
-               *a2 = wrow(W->A, i[2] * W->lda, t), *a3 = wrow(W->A, i[3] * W->lda, t);
-    v8 sa0 = {0}, sa1 = {0}, sa2 = {0}, sa3 = {0}, sb0 = {0}, sb1 = {0}, sb2 = {0}, sb3 = {0};
-    int64_t j = 0;
-    float ta[4] = {0.f, 0.f, 0.f, 0.f}, tb[4] = {0.f, 0.f, 0.f, 0.f};
-    if (W->B) {
-      const void *b0 = wrow(W->B, i[0] * W->ldb, t), *b1 = wrow(W->B, i[1] * W->ldb, t),
-                 *b2 = wrow(W->B, i[2] * W->ldb, t), *b3 = wrow(W->B, i[3] * W->ldb, t);
-      for (; j < d8; j += 8) {
-        v8 x = ld(h + j);
-        sa0 += ldw(a0, j, t) * x; sb0 += ldw(b0, j, t) * x; sa1 += ldw(a1, j, t) * x; sb1 += ldw(b1, j, t) * x;
-        sa2 += ldw(a2, j, t) * x; sb2 += ldw(b2, j, t) * x; sa3 += ldw(a3, j, t) * x; sb3 += ldw(b3, j, t) * x;
-      }
-      for (; j < d; j++) {
-        ta[0] += wat(a0, j, t) * h[j]; ta[1] += wat(a1, j, t) * h[j]; ta[2] += wat(a2, j, t) * h[j];
-        ta[3] += wat(a3, j, t) * h[j];
-        tb[0] += wat(b0, j, t) * h[j]; tb[1] += wat(b1, j, t) * h[j]; tb[2] += wat(b2, j, t) * h[j];
-        tb[3] += wat(b3, j, t) * h[j];
-      }
-    } else {
-      for (; j < d8; j += 8) {
-        v8 x = ld(h + j);
-        sa0 += ldw(a0, j, t) * x; sa1 += ldw(a1, j, t) * x; sa2 += ldw(a2, j, t) * x; sa3 += ldw(a3, j, t) * x;
-      }
-      for (; j < d; j++) {
-        ta[0] += wat(a0, j, t) * h[j]; ta[1] += wat(a1, j, t) * h[j]; ta[2] += wat(a2, j, t) * h[j];
-        ta[3] += wat(a3, j, t) * h[j];
-      }
-    }
-    v8 sa[4] = {sa0, sa1, sa2, sa3}, sb[4] = {sb0, sb1, sb2, sb3};
-    for (int q = 0; q < 4; q++) {
-      float va = hsum(sa[q]) + ta[q] + (W->a_bias ? W->a_bias[i[q]] : 0.f);
-      float vb = hsum(sb[q]) + tb[q] + (W->b_bias ? W->b_bias[i[q]] : 0.f);
-      J->acts[k + q] = activate(act, va, vb);
-    }
-  }
-  if (k < end) {
-    dots_job one = {W->A, W->B, W->a_bias, W->b_bias, h, J->idx + k, J->acts + k, W->lda, W->ldb, d, act, t};
-    dots_rows(&one, 0, end - k, t);
-  }
+/* A kept neuron's rows are a run of a few kilobytes after a gap, too short for the hardware
+   prefetcher to ramp up on. So while four neurons stream, the row loops ask for the rows of the
+   four neurons AHEAD places on, one cache line for each line they read, into L2 (locality 1:
+   prefetcht2 on x86). On an AMD EPYC (Zen 4) one core then read a random half of the packed
+   bfloat16 rows 2x as fast as when only the first lines of the next neurons were asked for, into
+   L1: a prefetch into L1 holds one of its few miss buffers until its line comes. */
+#define AHEAD 4   /* neurons */
+#define STEP 32   /* elements of each row a pass of the row loops reads: one line of half precision, two of float32 */
+
+INLINE void ask_for(const void* row, int64_t j, int t) {
+  for (int64_t byte = 0; byte < STEP * (t == WEIGHTS_F32 ? 4 : 2); byte += 64)
+    __builtin_prefetch((const char*)wrow(row, j, t) + byte, 0, 1);
 }
 
-/* out[j] += sum_k acts[k] * T[idx[k]][j] for k in [0, K) and j in [0, d): each group of four
-   neurons' output rows in turn, then any rest one by one. */
-INLINE void add_rows_of(const mlp_weights* W, const int64_t* idx, const float* acts, int64_t K, float* out, int t) {
-  int64_t k = 0, j, d = W->d;
-  for (; k + 4 <= K; k += 4) {
-    const int64_t* i = idx + k;
-    const void *r0 = wrow(W->T, i[0] * W->ldt, t), *r1 = wrow(W->T, i[1] * W->ldt, t),
-               *r2 = wrow(W->T, i[2] * W->ldt, t), *r3 = wrow(W->T, i[3] * W->ldt, t);
-    v8 w0 = splat(acts[k]), w1 = splat(acts[k + 1]), w2 = splat(acts[k + 2]), w3 = splat(acts[k + 3]);
-    for (j = 0; j + 8 <= d; j += 8)
-      st(out + j, ld(out + j) + w0 * ldw(r0, j, t) + w1 * ldw(r1, j, t) + w2 * ldw(r2, j, t) + w3 * ldw(r3, j, t));
+/* sx[q] = x[q] . h, and where y is given sy[q] = y[q] . h, for four rows each: each row's sums
+   eight columns at a time in order, while asking for the rows nx and ny (the neurons ahead). */
+INLINE void dots_of_four(const void* const* x, const void* const* y, const void* const* nx, const void* const* ny,
+                         const float* h, int64_t d, float* sx, float* sy, int t) {
+  v8 sa0 = {0}, sa1 = {0}, sa2 = {0}, sa3 = {0}, sb0 = {0}, sb1 = {0}, sb2 = {0}, sb3 = {0};
+  float ta[4] = {0.f, 0.f, 0.f, 0.f}, tb[4] = {0.f, 0.f, 0.f, 0.f};
+  int64_t j = 0, i;
+  if (y) {
+    for (int64_t to; j + 8 <= d; j = to) {
+      to = j + STEP <= d ? j + STEP : d - d % 8;
+      if (to == j + STEP)
+        for (int q = 0; q < 4; q++) { ask_for(nx[q], j, t); ask_for(ny[q], j, t); }
+      for (i = j; i < to; i += 8) {
+        v8 v = ld(h + i);
+        sa0 += ldw(x[0], i, t) * v; sb0 += ldw(y[0], i, t) * v; sa1 += ldw(x[1], i, t) * v; sb1 += ldw(y[1], i, t) * v;
+        sa2 += ldw(x[2], i, t) * v; sb2 += ldw(y[2], i, t) * v; sa3 += ldw(x[3], i, t) * v; sb3 += ldw(y[3], i, t) * v;
+      }
+    }
     for (; j < d; j++)
-      out[j] += w0[0] * wat(r0, j, t) + w1[0] * wat(r1, j, t) + w2[0] * wat(r2, j, t) + w3[0] * wat(r3, j, t);
+      for (int q = 0; q < 4; q++) { ta[q] += wat(x[q], j, t) * h[j]; tb[q] += wat(y[q], j, t) * h[j]; }
+  } else {
+    for (int64_t to; j + 8 <= d; j = to) {
+      to = j + STEP <= d ? j + STEP : d - d % 8;
+      if (to == j + STEP)
+        for (int q = 0; q < 4; q++) ask_for(nx[q], j, t);
+      for (i = j; i < to; i += 8) {
+        v8 v = ld(h + i);
+        sa0 += ldw(x[0], i, t) * v; sa1 += ldw(x[1], i, t) * v; sa2 += ldw(x[2], i, t) * v; sa3 += ldw(x[3], i, t) * v;
+      }
+    }
+    for (; j < d; j++)
+      for (int q = 0; q < 4; q++) ta[q] += wat(x[q], j, t) * h[j];
   }
-  for (; k < K; k++) {
-    const void* r = wrow(W->T, idx[k] * W->ldt, t);
-    v8 c = splat(acts[k]);
-    for (j = 0; j + 8 <= d; j += 8) st(out + j, ld(out + j) + c * ldw(r, j, t));
-    for (; j < d; j++) out[j] += c[0] * wat(r, j, t);
+  v8 sa[4] = {sa0, sa1, sa2, sa3}, sb[4] = {sb0, sb1, sb2, sb3};
+  for (int q = 0; q < 4; q++) {
+    sx[q] = hsum(sa[q]) + ta[q];
+    if (y) sy[q] = hsum(sb[q]) + tb[q];
   }
 }
 
-static void acts_range(void* job, int64_t begin, int64_t end) {
-  const gathered_job* J = job;
-  BY_WEIGHT_TYPE(J->W->weights, acts_rows(J, begin, end, T_))
-}
-
-static void add_rows(const mlp_weights* W, const int64_t* idx, const float* acts, int64_t K, float* out) {
-  BY_WEIGHT_TYPE(W->weights, add_rows_of(W, idx, acts, K, out, T_))
+/* out[j] += sum_q w[q] * r[q][j] for j in [0, d), while asking for the rows nr. */
+INLINE void add_four(const void* const* r, const void* const* nr, const float* w, int64_t d, float* out, int t) {
+  v8 w0 = splat(w[0]), w1 = splat(w[1]), w2 = splat(w[2]), w3 = splat(w[3]);
+  int64_t j = 0, i;
+  for (int64_t to; j + 8 <= d; j = to) {
+    to = j + STEP <= d ? j + STEP : d - d % 8;
+    if (to == j + STEP)
+      for (int q = 0; q < 4; q++) ask_for(nr[q], j, t);
+    for (i = j; i < to; i += 8)
+      st(out + i, ld(out + i) + w0 * ldw(r[0], i, t) + w1 * ldw(r[1], i, t) + w2 * ldw(r[2], i, t) + w3 * ldw(r[3], i, t));
+  }
+  for (; j < d; j++)
+    out[j] += w[0] * wat(r[0], j, t) + w[1] * wat(r[1], j, t) + w[2] * wat(r[2], j, t) + w[3] * wat(r[3], j, t);
 }
 
 /* The groups K neurons are summed in (depends on K only), and group g's first neuron (a multiple of four). */
@@ -1055,53 +1043,77 @@ typedef struct {
   int mode;        /* ACTS_* */
 } grouped_job;
 
-/* Prefetch the first lines of kept neurons [from, to)'s rows of A, B and T, except a neuron right
-   after the one before it (the hardware's stream already runs on into it): a kept neuron is a
-   run of a few kilobytes after a gap, too short for the hardware prefetcher to ramp up on its
-   own: the next four neurons are started while the current four stream. */
-static inline void start_streams(const mlp_weights* W, const int64_t* idx, int64_t from, int64_t to, int mode) {
-  for (int64_t q = from; q < to; q++) {
-    if (idx[q] == idx[q - 1] + 1) continue;
-    int64_t size = W->weights == WEIGHTS_F32 ? 4 : 2;
-    const char *a = mode == ACTS_COMPUTED ? (const char*)W->A + idx[q] * W->lda * size : 0,
-               *b = mode != ACTS_GIVEN && W->B ? (const char*)W->B + idx[q] * W->ldb * size : 0,
-               *t = (const char*)W->T + idx[q] * W->ldt * size;
-    for (int line = 0; line < PREFETCH_LINES; line++) {
-      if (a) __builtin_prefetch(a + 64 * line);
-      if (b) __builtin_prefetch(b + 64 * line);
-      __builtin_prefetch(t + 64 * line);
+/* The rows of A, B and T of the kept neurons idx[k + q], q < 4 (past `last`: the neuron at
+   last - 1, so that asking for them costs a cache hit); a row mode does not read is NULL. */
+typedef struct { const void *a[4], *b[4], *t[4]; } four_neurons;
+INLINE four_neurons rows_of_four(const mlp_weights* W, const int64_t* idx, int64_t k, int64_t last, int mode, int t) {
+  four_neurons r;
+  for (int q = 0; q < 4; q++) {
+    int64_t i = idx[k + q < last ? k + q : last - 1];
+    r.a[q] = mode == ACTS_COMPUTED ? wrow(W->A, i * W->lda, t) : 0;
+    r.b[q] = mode != ACTS_GIVEN && W->B ? wrow(W->B, i * W->ldb, t) : 0;
+    r.t[q] = wrow(W->T, i * W->ldt, t);
+  }
+  return r;
+}
+
+/* Kept neurons [first, last) summed into part: four at a time (with the four after them asked
+   for, up to `stop`, the end of what this thread reads), then any rest one by one. */
+INLINE void sum_group(const grouped_job* G, int64_t first, int64_t last, int64_t stop, float* part, int t) {
+  const gathered_job* J = G->J;
+  const mlp_weights* W = J->W;
+  const int64_t* idx = J->idx;
+  const float* h = J->h;
+  int64_t d = W->d, k = first, act = W->B ? ACT_SILU_GLU : ACT_RELU;
+  float four[4], second[4] = {0.f, 0.f, 0.f, 0.f};
+  for (; k + 4 <= last; k += 4) {
+    four_neurons now = rows_of_four(W, idx, k, last, G->mode, t),
+                 next = rows_of_four(W, idx, k + AHEAD, stop, G->mode, t);
+    if (G->mode == ACTS_COMPUTED) {
+      dots_of_four(now.a, W->B ? now.b : 0, next.a, next.b, h, d, four, second, t);
+      for (int q = 0; q < 4; q++) {
+        int64_t i = idx[k + q];
+        four[q] = activate(act, four[q] + (W->a_bias ? W->a_bias[i] : 0.f),
+                           W->B ? second[q] + (W->b_bias ? W->b_bias[i] : 0.f) : 0.f);
+      }
+    } else if (G->mode == ACTS_TIMES_B) {
+      dots_of_four(now.b, 0, next.b, 0, h, d, four, 0, t);
+      for (int q = 0; q < 4; q++) four[q] = (four[q] + (W->b_bias ? W->b_bias[idx[k + q]] : 0.f)) * J->acts[k + q];
+    } else {
+      for (int q = 0; q < 4; q++) four[q] = J->acts[k + q];
     }
+    add_four(now.t, next.t, four, d, part, t);
+  }
+  for (; k < last; k++) {  /* one by one: the rest of the last group */
+    int64_t i = idx[k];
+    float a = J->acts ? J->acts[k] : 0.f;
+    if (G->mode == ACTS_COMPUTED)
+      a = activate(act, dotw(wrow(W->A, i * W->lda, t), h, d, t) + (W->a_bias ? W->a_bias[i] : 0.f),
+                   W->B ? dotw(wrow(W->B, i * W->ldb, t), h, d, t) + (W->b_bias ? W->b_bias[i] : 0.f) : 0.f);
+    else if (G->mode == ACTS_TIMES_B)
+      a *= dotw(wrow(W->B, i * W->ldb, t), h, d, t) + (W->b_bias ? W->b_bias[i] : 0.f);
+    const void* r = wrow(W->T, i * W->ldt, t);
+    v8 c = splat(a);
+    int64_t j = 0;
+    for (; j + 8 <= d; j += 8) st(part + j, ld(part + j) + c * ldw(r, j, t));
+    for (; j < d; j++) part[j] += a * wat(r, j, t);
   }
 }
 
 /* Partial outputs of groups [begin, end). */
-static void groups_range(void* job, int64_t begin, int64_t end) {
-  const grouped_job* G = job;
+INLINE void sum_groups_of(const grouped_job* G, int64_t begin, int64_t end, int t) {
   const gathered_job* J = G->J;
-  int64_t d = J->W->d;
+  int64_t d = J->W->d, stop = group_start(end, G->groups, J->K);
   for (int64_t g = begin; g < end; g++) {
     float* part = G->partial + g * d;
     memset(part, 0, sizeof(float) * (size_t)d);
-    int64_t first = group_start(g, G->groups, J->K), last = group_start(g + 1, G->groups, J->K);
-    for (int64_t k = first; k < last; k += 4) {
-      start_streams(J->W, J->idx, k + 4, k + 8 < last ? k + 8 : last, G->mode);
-      int64_t n = last - k < 4 ? last - k : 4;
-      if (G->mode == ACTS_GIVEN) { add_rows(J->W, J->idx + k, J->acts + k, n, part); continue; }
-      float four[4];
-      if (G->mode == ACTS_COMPUTED) {
-        gathered_job one = *J;
-        one.idx = J->idx + k;
-        one.acts = four;
-        acts_range(&one, 0, n);
-      } else {
-        const mlp_weights* W = J->W;
-        dots_job second = {W->B, 0, W->b_bias, 0, J->h, J->idx + k, four, W->ldb, 0, W->d, ACT_NONE, W->weights};
-        dots_range(&second, 0, n);
-        for (int64_t q = 0; q < n; q++) four[q] *= J->acts[k + q];
-      }
-      add_rows(J->W, J->idx + k, four, n, part);
-    }
+    sum_group(G, group_start(g, G->groups, J->K), group_start(g + 1, G->groups, J->K), stop, part, t);
   }
+}
+
+static void groups_range(void* job, int64_t begin, int64_t end) {
+  const grouped_job* G = job;
+  BY_WEIGHT_TYPE(G->J->W->weights, sum_groups_of(G, begin, end, T_))
 }
 
 /* out[j] = bias + residual + the partials in group order, for j in [begin, end). */
