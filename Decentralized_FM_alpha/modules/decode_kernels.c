@@ -1248,20 +1248,21 @@ static int64_t teal_groups(int64_t count) {
 INLINE void teal_columns(const teal_job* J, int64_t begin, int64_t end, int t) {
   const teal_weights* W = J->W;
   const float* h = J->h;
-  int64_t width = J->width;
+  int64_t width = J->width, stop = group_start(end, J->groups, J->count);
   for (int64_t g = begin; g < end; g++) {
     float* acc = J->partial + g * width;
     memset(acc, 0, sizeof(float) * (size_t)width);
     int64_t k = group_start(g, J->groups, J->count), last = group_start(g + 1, J->groups, J->count), i;
-    for (; k + 4 <= last; k += 4) {
-      const int64_t* j = J->inputs + k;
-      const void *c0 = wrow(W->in_t, j[0] * W->ld_in, t), *c1 = wrow(W->in_t, j[1] * W->ld_in, t),
-                 *c2 = wrow(W->in_t, j[2] * W->ld_in, t), *c3 = wrow(W->in_t, j[3] * W->ld_in, t);
-      v8 w0 = splat(h[j[0]]), w1 = splat(h[j[1]]), w2 = splat(h[j[2]]), w3 = splat(h[j[3]]);
-      for (i = 0; i + 8 <= width; i += 8)
-        st(acc + i, ld(acc + i) + w0 * ldw(c0, i, t) + w1 * ldw(c1, i, t) + w2 * ldw(c2, i, t) + w3 * ldw(c3, i, t));
-      for (; i < width; i++)
-        acc[i] += w0[0] * wat(c0, i, t) + w1[0] * wat(c1, i, t) + w2[0] * wat(c2, i, t) + w3[0] * wat(c3, i, t);
+    for (; k + 4 <= last; k += 4) {  /* four columns, the four after them asked for (as sum_group) */
+      const void *now[4], *next[4];
+      float w[4];
+      for (int q = 0; q < 4; q++) {
+        int64_t ahead = k + AHEAD + q < stop ? k + AHEAD + q : stop - 1;
+        now[q] = wrow(W->in_t, J->inputs[k + q] * W->ld_in, t);
+        next[q] = wrow(W->in_t, J->inputs[ahead] * W->ld_in, t);
+        w[q] = h[J->inputs[k + q]];
+      }
+      add_four(now, next, w, width, acc, t);
     }
     for (; k < last; k++) {
       const void* c = wrow(W->in_t, J->inputs[k] * W->ld_in, t);
