@@ -17,6 +17,7 @@ typedef float v8 __attribute__((vector_size(32)));
 static inline v8 ld(const float* p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float* p, v8 v) { memcpy(p, &v, sizeof v); }
 static inline float hsum(v8 v) { float s = 0.f; for (int i = 0; i < 8; i++) s += v[i]; return s; }
+static inline v8 splat(float f) { v8 c = {0}; return c + f; }
 
 /* Eight float16 values as floats (F16C where the compiler targets it). */
 #if defined(__F16C__)
@@ -698,25 +699,104 @@ typedef struct {
   int64_t head_stride, t, group, hd;
 } attend_job;
 
+typedef int32_t vi8 __attribute__((vector_size(32)));
+
+/* e^x for eight x <= 0 (Cephes' expf: x = n ln 2 + r, a degree-6 polynomial in r, within 2 ulp
+   of expf; x below -87.3, -inf included, gives 0). */
+static inline v8 exp_nonpositive(v8 x) {
+  vi8 live = x >= -87.3f;
+  x = (v8)((vi8)x & live);                                   /* dead lanes computed as 0, zeroed below */
+  v8 n = x * 1.44269504f - 0.5f;
+  vi8 whole = __builtin_convertvector(n, vi8);               /* truncation: rounds x / ln 2 to nearest */
+  n = __builtin_convertvector(whole, v8);
+  v8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  v8 poly = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  v8 y = poly * r * r + r + 1.f;
+  v8 scale = (v8)((whole + 127) << 23);
+  return (v8)((vi8)(y * scale) & live);
+}
+
+/* Head h's scores p[i] = scale * q . K[i] (-inf where key i is masked), four keys at a time, each
+   dot as dot() sums it. */
+static void attention_scores(const attend_job* J, const float* qh, const float* keys, float* p) {
+  int64_t n = J->t + 1, hd = J->hd, i = 0, hd8 = hd - hd % 8;
+  for (; i + 4 <= n; i += 4) {
+    const float *k0 = keys + i * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;
+    v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    for (int64_t j = 0; j < hd8; j += 8) {
+      v8 q = ld(qh + j);
+      s0 += ld(k0 + j) * q; s1 += ld(k1 + j) * q; s2 += ld(k2 + j) * q; s3 += ld(k3 + j) * q;
+    }
+    float tail[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t j = hd8; j < hd; j++) {
+      tail[0] += k0[j] * qh[j]; tail[1] += k1[j] * qh[j]; tail[2] += k2[j] * qh[j]; tail[3] += k3[j] * qh[j];
+    }
+    p[i] = J->scale * (hsum(s0) + tail[0]); p[i + 1] = J->scale * (hsum(s1) + tail[1]);
+    p[i + 2] = J->scale * (hsum(s2) + tail[2]); p[i + 3] = J->scale * (hsum(s3) + tail[3]);
+  }
+  for (; i < n; i++) p[i] = J->scale * dot(keys + i * hd, qh, hd);
+  if (J->key_valid)
+    for (i = 0; i < n - 1; i++) if (!J->key_valid[i]) p[i] = -INFINITY;  /* position t is always valid */
+}
+
+/* p = softmax(p) in place, eight at a time. */
+static void softmax(float* p, int64_t n) {
+  float best = -INFINITY, total = 0.f;
+  for (int64_t i = 0; i < n; i++) best = p[i] > best ? p[i] : best;
+  v8 sums = {0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) { v8 e = exp_nonpositive(ld(p + i) - best); st(p + i, e); sums += e; }
+  if (i < n) {  /* the rest through an eight-wide buffer: each score goes through the same steps */
+    float rest[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    memcpy(rest, p + i, sizeof(float) * (size_t)(n - i));
+    v8 e = exp_nonpositive(ld(rest) - best);
+    st(rest, e);
+    sums += e;
+    memcpy(p + i, rest, sizeof(float) * (size_t)(n - i));
+  }
+  total = hsum(sums);
+  for (i = 0; i < n; i++) p[i] /= total;
+}
+
+/* out[0..hd) = sum_i p[i] V[i], 64 columns at a time in registers, then 8, then one. */
+static void weighted_values(const float* p, const float* values, int64_t n, int64_t hd, float* out) {
+  int64_t j = 0;
+  for (; j + 64 <= hd; j += 64) {
+    v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+    for (int64_t i = 0; i < n; i++) {
+      const float* row = values + i * hd + j;
+      v8 c = splat(p[i]);
+      a0 += c * ld(row); a1 += c * ld(row + 8); a2 += c * ld(row + 16); a3 += c * ld(row + 24);
+      a4 += c * ld(row + 32); a5 += c * ld(row + 40); a6 += c * ld(row + 48); a7 += c * ld(row + 56);
+    }
+    st(out + j, a0); st(out + j + 8, a1); st(out + j + 16, a2); st(out + j + 24, a3);
+    st(out + j + 32, a4); st(out + j + 40, a5); st(out + j + 48, a6); st(out + j + 56, a7);
+  }
+  for (; j + 8 <= hd; j += 8) {
+    v8 a = {0};
+    for (int64_t i = 0; i < n; i++) a += splat(p[i]) * ld(values + i * hd + j);
+    st(out + j, a);
+  }
+  for (; j < hd; j++) {
+    float a = 0.f;
+    for (int64_t i = 0; i < n; i++) a += p[i] * values[i * hd + j];
+    out[j] = a;
+  }
+}
+
 static void attend_range(void* job, int64_t begin, int64_t end) {
   const attend_job* J = job;
-  int64_t t = J->t, hd = J->hd;
+  int64_t n = J->t + 1, hd = J->hd;
   for (int64_t h = begin; h < end; h++) {
-    const float *qh = J->q + h * hd, *keys = J->k_cache + (h / J->group) * J->head_stride;
-    const float* values = J->v_cache + (h / J->group) * J->head_stride;
-    float best = -INFINITY, total = 0.f, *out = J->heads_out + h * hd, *p = J->p + h * (t + 1);
-    for (int64_t i = 0; i <= t; i++) {
-      int valid = i == t || !J->key_valid || J->key_valid[i];
-      p[i] = valid ? J->scale * dot(qh, keys + i * hd, hd) : -INFINITY;
-      if (p[i] > best) best = p[i];
-    }
-    for (int64_t i = 0; i <= t; i++) { p[i] = p[i] == -INFINITY ? 0.f : expf(p[i] - best); total += p[i]; }
-    memset(out, 0, sizeof(float) * hd);
-    for (int64_t i = 0; i <= t; i++) {
-      if (p[i] == 0.f) continue;
-      const float* row = values + i * hd; float c = p[i] / total;
-      for (int64_t j = 0; j < hd; j++) out[j] += c * row[j];
-    }
+    const float* kv_keys = J->k_cache + (h / J->group) * J->head_stride;
+    float* p = J->p + h * n;
+    attention_scores(J, J->q + h * hd, kv_keys, p);
+    softmax(p, n);
+    weighted_values(p, J->v_cache + (h / J->group) * J->head_stride, n, hd, J->heads_out + h * hd);
   }
 }
 
@@ -946,8 +1026,6 @@ typedef struct {
   float *acts, *out;
   int64_t K;
 } gathered_job;
-
-static inline v8 splat(float f) { v8 c = {0}; return c + f; }
 
 /* A kept neuron's rows are a run of a few kilobytes after a gap, too short for the hardware
    prefetcher to ramp up on. So while four neurons stream, the row loops ask for the rows of the
