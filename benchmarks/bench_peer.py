@@ -3,11 +3,13 @@
 The embedded SmolLM2-135M-Instruct GGUF (Q4_1) is de-quantized and written as F32, F16 and BF16
 GGUF files (gguf_precision.py, cached in --gguf-dir), which llama.cpp runs through
 llama-cpp-python; the engine runs the converted checkpoint with its weights in float32, bfloat16
-and float16, and the predicted-sparse MLP in bfloat16 (random predictors: speed only). Same
+and float16, and the predicted-sparse MLP in bfloat16 (random predictors, speed only; their weights
+in float16 unless --sparse-predictor-dtype float32). Same
 prompt token ids, same thread count, batch 1, greedy.
 
 Method, identical for every run: time producing 1 new token (the prompt phase) and 1 + N new
-tokens; decode = N / the difference. --repeats rounds, each timing every run once in turn, so a
+tokens, --samples times each, alternating; decode = N / (the difference of their medians).
+--repeats rounds, each timing every run in turn, so a
 change in the machine's state hits all of them; rates are medians over rounds, ratios medians of
 the per-round ratios. The memory bound of each precision: its weight bytes per token / the copy
 rate measured at the start of each round (bench_memory.copy_bandwidth).
@@ -95,11 +97,18 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=3,
+                        help="timings of the prompt phase and of the whole run per round, their medians subtracted "
+                             "(the engine's float16 prompt phase runs torch's slow float16 CPU matmuls: one "
+                             "sample each let its noise pass for decode time)")
     parser.add_argument("--peer-types", nargs="+", choices=("f32", "f16", "bf16"), default=["f32", "f16"],
                         help="llama.cpp's GGUF types (bf16 where the build runs it)")
     parser.add_argument("--sparse-keeps", type=float, nargs="*", default=[0.5],
                         help="the predicted-sparse MLP's kept fractions in bfloat16 (none: skip)")
     parser.add_argument("--sparse-D", type=int, default=64)
+    parser.add_argument("--sparse-predictor-dtype", choices=("float16", "float32"), default="float16",
+                        help="the sparse runs' predictor weights (float16: half precision end to end, as the "
+                             "model's weights)")
     parser.add_argument("--gguf-dir", default=os.path.join(ROOT, "pretrained_models", "gguf"))
     parser.add_argument("--output", default=result_path("peer"))
     args = parser.parse_args(argv)
@@ -133,7 +142,7 @@ def main(argv=None):
         runs.append((f"engine {dtype}", lambda new, engine=engine: [
             row["generated"] for row in engine.inference_batch(prompts, new, settings)][0]))
     if args.sparse_keeps:
-        args.sparse_predictor_dtypes = ["float32"]
+        args.sparse_predictor_dtypes = [args.sparse_predictor_dtype]
         for name, run in sparse_runs(checkpoint, prompts, settings, args, "bfloat16"):
             keep = name.split("keep ")[1].split(" ")[0]
             runs.append((f"sparse bfloat16 keep {keep}", run))
@@ -154,9 +163,12 @@ def main(argv=None):
     for _ in range(args.repeats):
         bandwidths.append(copy_bandwidth(256, 5))
         for name, run in runs:
-            prompt_time, _ = timed(lambda: run(1))
-            full_time, produced = timed(lambda: run(1 + args.new_tokens))
-            samples[name].append(max(full_time - prompt_time, 1e-9))
+            prompt_times, full_times = [], []
+            for _ in range(args.samples):  # alternating, so a slow prompt phase hits both medians alike
+                prompt_times.append(timed(lambda: run(1))[0])
+                full_time, produced = timed(lambda: run(1 + args.new_tokens))
+                full_times.append(full_time)
+            samples[name].append(max(statistics.median(full_times) - statistics.median(prompt_times), 1e-9))
             tokens[name] = list(produced)
 
     def ratio(name, baseline):

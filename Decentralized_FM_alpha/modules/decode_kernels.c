@@ -890,65 +890,66 @@ static inline uint32_t order_key(float f) {
   return u & 0x80000000u ? ~u : u | 0x80000000u;
 }
 
+/* How many of keys[0..n) are at least v (AVX-512: per-lane counts of sixteen compares at a time,
+   summed at the end). */
+static int64_t count_at_least(const uint32_t* keys, int64_t n, uint32_t v) {
+  int64_t count = 0, i = 0;
+#if defined(__AVX512F__)
+  __m512i p = _mm512_set1_epi32((int)v), one = _mm512_set1_epi32(1), c0 = _mm512_setzero_si512(), c1 = c0;
+  for (; i + 32 <= n; i += 32) {
+    c0 = _mm512_mask_add_epi32(c0, _mm512_cmpge_epu32_mask(_mm512_loadu_si512(keys + i), p), c0, one);
+    c1 = _mm512_mask_add_epi32(c1, _mm512_cmpge_epu32_mask(_mm512_loadu_si512(keys + i + 16), p), c1, one);
+  }
+  count = _mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
+#endif
+  for (; i < n; i++) count += keys[i] >= v;
+  return count;
+}
+
 /* kept[0..K) = the indices of the K highest scores in index order; at the K-th value, ties go to
-   the lowest indices (as topk + sort). A radix select on the keys, a byte at a time from the top,
-   keeping only the keys still in the running: no comparison of a score decides a branch (a
-   quickselect mispredicts on about every other one). It stops early once every key left is
-   kept. Each byte is counted into TOP_K_HISTOGRAMS histograms in turn (scores share their top
-   byte: counting into one made every count wait for the one before), and with AVX-512 the
-   filters and the final pass compress sixteen keys at a time: it is a serial step of each
-   layer that the threads do not share. keys, candidates: n each; kept: K + 1. */
-#define TOP_K_HISTOGRAMS 4
+   the lowest indices (as topk + sort). The K-th highest key is found a bit at a time from the
+   top: prefix | bit stays where at least K keys are at least that. The top 16 bits are searched
+   over every key; then only the keys that share them (compressed into candidates) are counted,
+   plus once those above them. Each step is a branch-free count (a radix select with 256-bucket
+   histograms spent most of its time clearing and scanning them at these sizes). It is a serial
+   step of each layer that the threads do not share. keys, candidates: n each; kept: K + 1. */
 static void top_k_indices(const float* scores, int64_t n, int64_t K, uint32_t* keys, uint32_t* candidates,
                           int64_t* kept) {
   for (int64_t i = 0; i < n; i++) keys[i] = order_key(scores[i]);
-  const uint32_t* pool = keys;
-  int64_t size = n, need = K;  /* of the keys in pool (they share the bytes found so far), take need */
-  uint32_t prefix = 0, mask = 0;
-  for (int shift = 24; shift >= 0 && size > need; shift -= 8) {
-    uint32_t count[TOP_K_HISTOGRAMS][256];
-    memset(count, 0, sizeof count);
-    int64_t i = 0;
-    for (; i + TOP_K_HISTOGRAMS <= size; i += TOP_K_HISTOGRAMS)
-      for (int c = 0; c < TOP_K_HISTOGRAMS; c++) count[c][(pool[i + c] >> shift) & 255]++;
-    for (; i < size; i++) count[0][(pool[i] >> shift) & 255]++;
-    int64_t byte = 255;
-    for (;; byte--) {
-      int64_t here = 0;
-      for (int c = 0; c < TOP_K_HISTOGRAMS; c++) here += count[c][byte];
-      if (here >= need) break;
-      need -= here;
-    }
-    prefix |= (uint32_t)byte << shift;
-    mask |= 255u << shift;
-    int64_t next = 0;
-    i = 0;
+  uint32_t prefix = 0;
+  for (int bit = 31; bit >= 16; bit--)
+    if (count_at_least(keys, n, prefix | 1u << bit) >= K) prefix |= 1u << bit;
+  int64_t above = prefix >= 0xffff0000u ? 0 : count_at_least(keys, n, prefix + 0x10000u), size = 0, i = 0;
 #if defined(__AVX512F__)
-    for (__m512i m = _mm512_set1_epi32((int)mask), p = _mm512_set1_epi32((int)prefix); i + 16 <= size; i += 16) {
-      __m512i k = _mm512_loadu_si512(pool + i);
-      __mmask16 in = _mm512_cmpeq_epi32_mask(_mm512_and_si512(k, m), p);
-      _mm512_mask_compressstoreu_epi32(candidates + next, in, k);
-      next += __builtin_popcount(in);
-    }
-#endif
-    for (; i < size; i++) { candidates[next] = pool[i]; next += (pool[i] & mask) == prefix; }
-    pool = candidates;
-    size = next;
+  for (__m512i m = _mm512_set1_epi32((int)0xffff0000u), p = _mm512_set1_epi32((int)prefix); i + 16 <= n; i += 16) {
+    __m512i k = _mm512_loadu_si512(keys + i);
+    __mmask16 in = _mm512_cmpeq_epi32_mask(_mm512_and_si512(k, m), p);
+    int taken = __builtin_popcount(in);  /* compress in a register, then a masked store: Zen 4 microcodes
+                                            a compress into memory (about 140 cycles) */
+    _mm512_mask_storeu_epi32(candidates + size, (__mmask16)((1u << taken) - 1), _mm512_maskz_compress_epi32(in, k));
+    size += taken;
   }
-  /* The keys above prefix are kept, and `need` of those equal to it, lowest index first: prefix
-     is the K-th highest key, or (stopped early) the bytes the kept keys of its bucket share,
-     every key of that bucket kept. */
-  int64_t count = 0, i = 0;
+#endif
+  for (; i < n; i++) { candidates[size] = keys[i]; size += (keys[i] & 0xffff0000u) == prefix; }
+  for (int bit = 15; bit >= 0; bit--)
+    if (above + count_at_least(candidates, size, prefix | 1u << bit) >= K) prefix |= 1u << bit;
+  int64_t need = K - (prefix == 0xffffffffu ? 0 : count_at_least(keys, n, prefix + 1));
+  /* The keys above prefix (the K-th highest) are kept, and `need` of those equal to it, lowest
+     index first. */
+  int64_t count = 0;
+  i = 0;
 #if defined(__AVX512F__)
   __m512i p = _mm512_set1_epi32((int)prefix), index = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
   for (; i + 16 <= n; i += 16) {
     __m512i k = _mm512_loadu_si512(keys + i);
     __mmask16 take = _mm512_cmpgt_epu32_mask(k, p), tie = _mm512_cmpeq_epu32_mask(k, p);
     for (; tie && need > 0; need--) { take |= tie & (__mmask16)-tie; tie &= tie - 1; }  /* lowest first */
-    _mm512_mask_compressstoreu_epi64(kept + count, (__mmask8)take, index);
-    count += __builtin_popcount(take & 0xff);
-    _mm512_mask_compressstoreu_epi64(kept + count, (__mmask8)(take >> 8), _mm512_add_epi64(index, _mm512_set1_epi64(8)));
-    count += __builtin_popcount(take >> 8);
+    int low = __builtin_popcount(take & 0xff), high = __builtin_popcount(take >> 8);
+    _mm512_mask_storeu_epi64(kept + count, (__mmask8)((1u << low) - 1), _mm512_maskz_compress_epi64((__mmask8)take, index));
+    count += low;
+    _mm512_mask_storeu_epi64(kept + count, (__mmask8)((1u << high) - 1),
+                             _mm512_maskz_compress_epi64((__mmask8)(take >> 8), _mm512_add_epi64(index, _mm512_set1_epi64(8))));
+    count += high;
     index = _mm512_add_epi64(index, _mm512_set1_epi64(16));
   }
 #endif
