@@ -80,7 +80,7 @@ def sparse_runs(checkpoint, prompts, settings, args, model_dtype="float32"):
 
     from dejavu_llama.modules.local_model import LocalModel
     from dejavu_llama.modules.sparse_execution import configure_sparse
-    from dejavu_llama.modules.decode.sparse_gather import store_predictor_half
+    from dejavu_llama.modules.decode.sparse_gather import round_predictor
 
     model = LocalModel.from_checkpoint(checkpoint, "llama-ml-att-sparse", dtype=getattr(torch, model_dtype))
     config = model.config
@@ -95,22 +95,23 @@ def sparse_runs(checkpoint, prompts, settings, args, model_dtype="float32"):
     configure_sparse(list(model.blocks), "predicted", predictors=predictors, sparse_attention=False)
     engine = engine_of(model, args, model_dtype)
     sets = {"float32": [predictors["mlp", layer][0] for layer in range(config.num_hidden_layers)]}
-    if "float16" in args.sparse_predictor_dtypes:
-        sets["float16"] = [copy.deepcopy(predictor) for predictor in sets["float32"]]
-        for predictor in sets["float16"]:
-            store_predictor_half(predictor)  # as configure_sparse(..., predictor_dtype="float16") does
+    for rounded in [dtype for dtype in dict.fromkeys(args.sparse_predictor_dtypes) if dtype != "float32"]:
+        sets[rounded] = [copy.deepcopy(predictor) for predictor in sets["float32"]]
+        for predictor in sets[rounded]:
+            round_predictor(predictor, getattr(torch, rounded))  # as configure_sparse(..., predictor_dtype=...) does
     runs, plans = [], {}
     for dtype in args.sparse_predictor_dtypes:
         for keep in args.sparse_keeps:
-            def run(new, keep=keep, chosen=sets[dtype], half=dtype == "float16", key=(dtype, keep)):
+            def run(new, keep=keep, chosen=sets[dtype], key=(dtype, keep),
+                    rounded=None if dtype == "float32" else getattr(torch, dtype)):
                 for block, predictor in zip(model.blocks, chosen):
-                    block.mlp.predictor, block.mlp.keep, block.mlp.predictor_half = predictor, keep, half
+                    block.mlp.predictor, block.mlp.keep, block.mlp.predictor_rounded = predictor, keep, rounded
                 if key not in plans:  # one plan per set-up, as a run makes it once
                     engine.prepare()
                     plans[key] = engine.plan
                 engine.use_plan(plans[key])
                 return engine.inference_batch(prompts, new, settings)
-            suffix = "" if dtype == "float32" else ", float16"
+            suffix = "" if dtype == "float32" else f", {dtype}"
             prefix = "sparse" if model_dtype == "float32" else f"sparse {model_dtype}"
             runs.append((f"{prefix} MLP keep {keep} (D={args.sparse_D}{suffix})", run))
     return runs
@@ -138,7 +139,7 @@ def main(argv=None):
                         help="also time decoding with the MLP predicted-sparse at these kept fractions (none: skip)")
     parser.add_argument("--sparse-D", type=int, default=64,
                         help="predictor width of those runs (64: upstream's share of SmolLM2's MLP)")
-    parser.add_argument("--sparse-predictor-dtypes", nargs="+", choices=("float32", "float16"),
+    parser.add_argument("--sparse-predictor-dtypes", nargs="+", choices=("float32", "float16", "bfloat16"),
                         default=["float32", "float16"], help="predictor weights of those runs")
     parser.add_argument("--half-dtypes", nargs="*", choices=("bfloat16", "float16"), default=["bfloat16", "float16"],
                         help="also time the engine with its weights in these dtypes (none: skip)")

@@ -4,7 +4,7 @@ The embedded SmolLM2-135M-Instruct GGUF (Q4_1) is de-quantized and written as F3
 GGUF files (gguf_precision.py, cached in --gguf-dir), which llama.cpp runs through
 llama-cpp-python; the engine runs the converted checkpoint with its weights in float32, bfloat16
 and float16, and the predicted-sparse MLP in bfloat16 (random predictors, speed only; their weights
-in float16 unless --sparse-predictor-dtype float32). Same
+rounded to bfloat16 too unless --sparse-predictor-dtype says otherwise). Same
 prompt token ids, same thread count, batch 1, greedy.
 
 Method, identical for every run: time producing 1 new token (the prompt phase) and 1 + N new
@@ -106,9 +106,9 @@ def main(argv=None):
     parser.add_argument("--sparse-keeps", type=float, nargs="*", default=[0.5],
                         help="the predicted-sparse MLP's kept fractions in bfloat16 (none: skip)")
     parser.add_argument("--sparse-D", type=int, default=64)
-    parser.add_argument("--sparse-predictor-dtype", choices=("float16", "float32"), default="float16",
-                        help="the sparse runs' predictor weights (float16: half precision end to end, as the "
-                             "model's weights)")
+    parser.add_argument("--sparse-predictor-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                        help="the sparse runs' predictor weights (default: the model's bfloat16, half precision "
+                             "end to end)")
     parser.add_argument("--gguf-dir", default=os.path.join(ROOT, "pretrained_models", "gguf"))
     parser.add_argument("--output", default=result_path("peer"))
     args = parser.parse_args(argv)

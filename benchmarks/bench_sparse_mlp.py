@@ -133,7 +133,7 @@ def rewind(cache):
 def bench_config(name, spec, rounds, warmup, with_torch_ops, log, dtype=torch.float32):
     from dejavu_llama.modules import cpu_kernels
     from dejavu_llama.modules.decode import choose_backend, cpu, cpu_views
-    from dejavu_llama.modules.decode.sparse_gather import dense_mlp, gathered_mlp, store_predictor_half
+    from dejavu_llama.modules.decode.sparse_gather import dense_mlp, gathered_mlp, round_predictor
     from dejavu_llama.modules.sparse_execution import configure_sparse, kept_count, select
 
     d, inter, layers = spec["d"], spec["inter"], spec["layers"]
@@ -145,7 +145,7 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log, dtype=torch.fl
     predictors = {kind: [build_predictor(d, D, inter, generator) for _ in range(layers)] for kind, D in widths.items()}
     predictors["matched float16"] = [build_predictor(d, widths["matched"], inter, generator) for _ in range(layers)]
     for predictor in predictors["matched float16"]:
-        store_predictor_half(predictor)  # as configure_sparse(..., predictor_dtype="float16") does
+        round_predictor(predictor, torch.float16)  # as configure_sparse(..., predictor_dtype="float16") does
     configure_sparse(blocks, "predicted", mlp_keep=0.5, sparse_attention=False,
                      predictors={("mlp", i): (predictors["matched"][i], "same") for i in range(layers)})
     cpu_backend = choose_backend("cpu", "cpu")
@@ -165,7 +165,7 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log, dtype=torch.fl
         def setup():
             for block, predictor in zip(blocks, predictors[width]):
                 block.mlp.predictor, block.mlp.keep = predictor, keep
-                block.mlp.predictor_half = width.endswith("float16")
+                block.mlp.predictor_rounded = torch.float16 if width.endswith("float16") else None
                 block.taps.inputs["mlp_x"] = x  # what the standalone block.mlp's predictor reads
             plan = plans.get((keep, width))
             if plan is None:  # one plan per set-up, kept: what a run derives once

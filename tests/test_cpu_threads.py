@@ -14,7 +14,7 @@ from dejavu_llama.modules import cpu_kernels
 from dejavu_llama.modules.decode import choose_backend
 from dejavu_llama.modules.decode.cpu_views import view_of
 from dejavu_llama.modules.decode.sparse_gather import (dense_mlp, gathered_mlp, gathered_mlp_torch, linear_forward,
-                                                       pack_mlp_neurons, predicted_gathered_mlp, store_predictor_half)
+                                                       pack_mlp_neurons, predicted_gathered_mlp, round_predictor)
 from dejavu_llama.modules.local_model import LocalModel
 from dejavu_llama.modules.sparse_execution import configure_sparse, kept_count
 from tiny_models import tiny_llama, tiny_opt
@@ -197,23 +197,23 @@ def test_cats_mlp(split_everything):
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
-@pytest.mark.parametrize("half", [False, True])
-def test_predicted_mlp(split_everything, tmp_path, family, half):
+@pytest.mark.parametrize("rounded", [None, torch.float16, torch.bfloat16], ids=["float32", "float16", "bfloat16"])
+def test_predicted_mlp(split_everything, tmp_path, family, rounded):
     model, block = sparse_block(family, tmp_path, packed=True)
     d = model.config.hidden_size
     linears = block.mlp.neuron_linears()
     width = linears[0].out_features
     torch.manual_seed(3)
-    rank = 5 if half else 24  # 5: padded tiles; 24: three tiles of the first product
+    rank = 24 if rounded is None else 5  # 5: padded tiles; 24: three tiles of the first product
     predictor = nn.Sequential(nn.Linear(d, rank, bias=False), nn.Linear(rank, width, bias=False)).requires_grad_(False)
-    if half:
-        assert store_predictor_half(predictor)
+    if rounded is not None:
+        assert round_predictor(predictor, rounded)
     h, x_pred = torch.randn(2, 1, d), torch.randn(2, 1, d)
     for keep in (0.25, 1.0):
         k = kept_count(keep, width)
         with torch.no_grad():
             fused = same_at_every_thread_count(
-                lambda: predicted_gathered_mlp(None, h, x_pred, predictor, k, *linears, half=half))
+                lambda: predicted_gathered_mlp(None, h, x_pred, predictor, k, *linears, rounded=rounded))
             assert fused is not None
             neurons = torch.sort(-predictor(x_pred)[:, 0], dim=-1, stable=True).indices[:, :k].sort(dim=-1).values
             close(fused, gathered_mlp_torch(h, neurons, *linears))

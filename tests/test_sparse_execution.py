@@ -109,15 +109,15 @@ def test_predicted_decode_gathers_and_matches_masking(tmp_path):
 @pytest.mark.parametrize("keep", [1, 0.1, 0.5, 1.0])
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("half", [False, True])
-def test_predicted_mlp_kernel_matches_torch_steps(tmp_path, family, keep, tied, packed, half):
+@pytest.mark.parametrize("rounded", ["float32", "float16", "bfloat16"])
+def test_predicted_mlp_kernel_matches_torch_steps(tmp_path, family, keep, tied, packed, rounded):
     """The one-call predicted MLP (predictor, top-K, gathered MLP) against the same steps in torch
     ops, on the checkpoint's layout and on the packed one, with the predictor in float32 (rank
-    8) and in float16 (rank 5: the tiles are padded). With tied scores (repeated predictor
-    rows) the kernel keeps the lowest indices."""
+    8) and rounded to float16 or bfloat16 (rank 5: the tiles are padded). With tied scores
+    (repeated predictor rows) the kernel keeps the lowest indices."""
     from dejavu_llama.modules import cpu_kernels
     from dejavu_llama.modules.decode.sparse_gather import (pack_mlp_neurons, predicted_gathered_mlp,
-                                                           store_predictor_half)
+                                                           round_predictor)
     from dejavu_llama.modules.sparse_execution import kept_count
 
     if cpu_kernels.kernel_library() is None:
@@ -131,21 +131,23 @@ def test_predicted_mlp_kernel_matches_torch_steps(tmp_path, family, keep, tied, 
         assert before.keys() == after.keys() and all(torch.equal(before[key], after[key]) for key in before)
         assert not block.mlp.neuron_linears()[0].weight.is_contiguous()  # really the interleaved views
     torch.manual_seed(2)
-    rank = 5 if half else 8
+    dtype = getattr(torch, rounded)
+    rank = 8 if rounded == "float32" else 5
     predictor = nn.Sequential(nn.Linear(d, rank, bias=False), nn.Linear(rank, width, bias=False)).requires_grad_(False)
     if tied:  # every score appears four times
         predictor[1].weight.copy_(predictor[1].weight[: width // 4].repeat(4, 1))
-    if half:
-        assert store_predictor_half(predictor)
-        assert all(torch.equal(w, w.half().float()) for w in (predictor[0].weight, predictor[1].weight))
+    if rounded != "float32":
+        assert round_predictor(predictor, dtype)
+        assert all(torch.equal(w, w.to(dtype).float()) for w in (predictor[0].weight, predictor[1].weight))
     h, x_pred = torch.randn(3, 1, d), torch.randn(3, 1, d)
     k = kept_count(keep, width)
     plan = model.plan("cpu")
     with torch.no_grad():
-        fused = predicted_gathered_mlp(plan, h, x_pred, predictor, k, *block.mlp.neuron_linears(), half=half)
+        fused = predicted_gathered_mlp(plan, h, x_pred, predictor, k, *block.mlp.neuron_linears(),
+                                       rounded=None if rounded == "float32" else dtype)
     assert fused is not None
     tiles = plan.built("predicted_call", predictor).held[1][1]
-    assert tiles[0].dtype == (torch.float16 if half else torch.float32)
+    assert tiles[0].dtype == dtype
     scores = predictor(x_pred)[:, 0]
     order = torch.sort(-scores, dim=-1, stable=True).indices  # descending, lowest index first on ties
     neurons = order[:, :k].sort(dim=-1).values
@@ -306,14 +308,15 @@ def portable_kernels():
 
 
 @pytest.mark.parametrize("build", ["native", "portable"])
-@pytest.mark.parametrize("scores, half", [("ties", False), ("special", False), ("equal", False), ("small", True)])
+@pytest.mark.parametrize("scores, half", [("ties", "float32"), ("special", "float32"), ("equal", "float32"),
+                                         ("small", "float16"), ("ties", "bfloat16"), ("special", "bfloat16")])
 def test_predicted_mlp_kernel_selects_as_topk(scores, half, build, request):
     """The kernel's top-K of the predictor's scores, read back from the call: the K highest, NaN
     above +inf (as torch.topk), ties at the K-th value to the lowest indices, in index order, for
     every K from 1 to all; 300 neurons, many sharing their first bytes. Both builds (the native one's
-    vector filters, the portable one's scalar loops); float16 tiles too (the scores rounded)."""
+    vector counts, the portable one's scalar loops); float16 and bfloat16 tiles too (the scores rounded)."""
     from dejavu_llama.modules import cpu_kernels
-    from dejavu_llama.modules.decode.sparse_gather import predicted_call, store_predictor_half
+    from dejavu_llama.modules.decode.sparse_gather import predicted_call, round_predictor
 
     lib = cpu_kernels.kernel_library()
     if lib is None:
@@ -343,11 +346,12 @@ def test_predicted_mlp_kernel_selects_as_topk(scores, half, build, request):
     with torch.no_grad():  # scores = values exactly: P1 picks x[0] = 1, P2's column is the values
         predictor[0].weight.zero_()[0, 0] = 1.0
         predictor[1].weight.copy_(values[:, None])
-    if half:
-        store_predictor_half(predictor)  # rounds the weights: the scores are the rounded values
+    rounded = None if half == "float32" else getattr(torch, half)
+    if rounded is not None:
+        round_predictor(predictor, rounded)  # rounds the weights: the scores are the rounded values
         values = predictor[1].weight[:, 0].clone()
-    call = predicted_call(None, predictor, gate, up, down, nn.SiLU(), half=half)
-    assert call is not None and call.predictor_ref._obj.half == half
+    call = predicted_call(None, predictor, gate, up, down, nn.SiLU(), rounded=rounded)
+    assert call is not None and call.predictor_ref._obj.weights == cpu_kernels.weight_type(getattr(torch, half))
     x_pred, h, out = torch.zeros(d), torch.randn(d, generator=generator), torch.empty(d)
     x_pred[0] = 1.0
     rank = sorted(range(width), key=lambda i: (not values[i].isnan(), -values[i].nan_to_num(0.0).item(), i))
@@ -361,9 +365,9 @@ def test_predicted_mlp_kernel_selects_as_topk(scores, half, build, request):
 
 def test_predicted_mlp_kernel_follows_changed_predictor_weights():
     """The kernel's tiles are copies made per plan: a new plan reads a predictor changed in place,
-    and a float16 predictor whose weights stop being float16 values falls back to float32 tiles."""
+    and a rounded predictor whose weights stop being that type's values falls back to float32 tiles."""
     from dejavu_llama.modules import cpu_kernels
-    from dejavu_llama.modules.decode.sparse_gather import predicted_gathered_mlp, store_predictor_half
+    from dejavu_llama.modules.decode.sparse_gather import predicted_gathered_mlp, round_predictor
 
     if cpu_kernels.kernel_library() is None:
         pytest.skip(f"no CPU kernels: {cpu_kernels.unavailable_reason()}")
@@ -373,10 +377,10 @@ def test_predicted_mlp_kernel_follows_changed_predictor_weights():
     predictor = nn.Sequential(nn.Linear(d, 3, bias=False), nn.Linear(3, width, bias=False))
     h, x_pred = torch.randn(1, 1, d), torch.randn(1, 1, d)
 
-    def both(half=False):
+    def both(rounded=None):
         plan = choose_backend("cpu", "cpu").prepare([])
         with torch.no_grad():
-            fused = predicted_gathered_mlp(plan, h, x_pred, predictor, k, gate, up, down, nn.SiLU(), half=half)
+            fused = predicted_gathered_mlp(plan, h, x_pred, predictor, k, gate, up, down, nn.SiLU(), rounded=rounded)
             neurons = predictor(x_pred)[:, 0].topk(k).indices.sort().values
             act = nn.functional.silu(gate(h)) * up(h)
             mask = torch.zeros(1, 1, width).index_fill_(-1, neurons[0], 1.0)
@@ -387,22 +391,23 @@ def test_predicted_mlp_kernel_follows_changed_predictor_weights():
             change()
         fused, expected, _ = both()
         torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
-    assert store_predictor_half(predictor)
-    assert both(half=True)[2] == torch.float16
-    with torch.no_grad():
-        predictor[1].weight.add_(1e-4)  # no longer float16 values
-    fused, expected, dtype = both(half=True)
-    assert dtype == torch.float32
-    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    for rounded in (torch.float16, torch.bfloat16):
+        assert round_predictor(predictor, rounded)
+        assert both(rounded)[2] == rounded
+        with torch.no_grad():
+            predictor[1].weight.add_(1e-4)  # no longer values of that type
+        fused, expected, dtype = both(rounded)
+        assert dtype == torch.float32
+        torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_predictor_dtype_is_checked(tmp_path):
     model = LocalModel.from_checkpoint(build("llama", tmp_path), "llama-ml-att-sparse")
     predictors = {("mlp", layer): (nn.Sequential(nn.Linear(48, 8, bias=False), nn.Linear(8, 112, bias=False)), "same")
                   for layer in range(3)}
-    with pytest.raises(SparseSetupError, match="bfloat16"):
+    with pytest.raises(SparseSetupError, match="float64"):
         configure_sparse(list(model.blocks), "predicted", predictors=predictors, sparse_attention=False,
-                         predictor_dtype="bfloat16")
+                         predictor_dtype="float64")
     with torch.no_grad():
         predictors["mlp", 2][0][0].weight[0, 0] = 1e6
     with pytest.raises(SparseSetupError, match="layer 2.*float16's range"):
@@ -430,11 +435,42 @@ def test_predictor_dtype_flag_reaches_the_predictors(tmp_path, capsys):
                               {"PREDICTOR_DTYPE": "float16"}).predictor_dtype == "float32"  # the flag wins
     prepare_stage(list(model.blocks), args, model.config)
     for block in model.blocks:
-        assert block.mlp.predictor_half
+        assert block.mlp.predictor_rounded == torch.float16
         assert all(torch.equal(w, w.half().float()) for w in block.mlp.predictor.parameters())
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(common + ["--predictor-dtype", "bf16"])
     assert exit_info.value.code == 2 and "--predictor-dtype" in capsys.readouterr().err
+
+
+def test_a_predictor_too_large_for_float16_runs_in_bfloat16(tmp_path):
+    """A weight past float16's largest value: --predictor-dtype float16 refuses it with an error
+    that names the layer and the flag; bfloat16 (float32's range) rounds it and the predicted MLP
+    kernel reads bfloat16 tiles."""
+    import argparse
+
+    from dejavu_llama.modules.decode.sparse_gather import predicted_call
+    from dejavu_llama.modules.sparse_execution import SparseSetupError, add_arguments, prepare_stage
+
+    for layer in range(3):
+        predictor = nn.Sequential(nn.Linear(48, 8, bias=False), nn.Linear(8, 112, bias=False))
+        with torch.no_grad():
+            predictor[1].weight[0, 0] = 1e5  # float16 ends at 65504
+        torch.save(predictor.state_dict(), tmp_path / f"c4_layer{layer}.pt")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    common = ["--sparse-path", str(tmp_path), "--mlp-keep", "0.25", "--sparse-attention", "off", "--predictor-dtype"]
+    model = LocalModel.from_checkpoint(build("llama", tmp_path / "model"), "llama-ml-att-sparse")
+    with pytest.raises(SparseSetupError, match="layer 0.*float16's range.*--predictor-dtype bfloat16"):
+        prepare_stage(list(model.blocks), parser.parse_args(common + ["float16"]), model.config)
+    model = LocalModel.from_checkpoint(build("llama", tmp_path / "model"), "llama-ml-att-sparse")
+    prepare_stage(list(model.blocks), parser.parse_args(common + ["bfloat16"]), model.config)
+    for block in model.blocks:
+        mlp = block.mlp
+        assert mlp.predictor_rounded == torch.bfloat16
+        assert all(torch.equal(w, w.bfloat16().float()) for w in mlp.predictor.parameters())
+        call = predicted_call(model.plan("cpu"), mlp.predictor, *mlp.neuron_linears(), mlp.predictor_rounded)
+        if call is not None:  # the kernels built here
+            assert call.held[1][1][0].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("flags, message", [

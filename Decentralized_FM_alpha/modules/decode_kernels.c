@@ -149,15 +149,14 @@ typedef struct {
 /* DejaVu's low-rank predictor, scores = P2 (P1 x) with P1 [rank, d] and P2 [rows, rank], each
    stored tiled: eight output rows at a time, column by column (tile b holds W[8b + q][j] at
    [b][j][q]; rows padded to a multiple of 8 with zeros), so a product reads long sequential
-   runs and accumulates eight outputs in a vector. half: IEEE float16 (half the bytes), else
-   float32. */
+   runs and accumulates eight outputs in a vector, in float32, bfloat16 or float16 (weights). */
 typedef struct {
   const void* p1;
   const void* p2;
   int64_t rank;
   int64_t d;
   int64_t rows;
-  int64_t half;
+  weight_type weights;
 } predictor_weights;
 
 /* TEAL's MLP: gate and up (fc1) read by input column, one row of in_t each [d rows of ld_in
@@ -971,7 +970,7 @@ typedef struct {
   const void* W;
   const float* x;
   float* out;
-  int64_t half, n, m;
+  int64_t weights, n, m;
 } tiled_job;
 
 #define TILED_QUARTERS(type, load)                                                          \
@@ -997,13 +996,15 @@ static void tiled_range(void* job, int64_t begin, int64_t end) {
   float* out = J->out;
   int64_t n = J->n, m = J->m, blocks = end - begin, quarter = (blocks + 3) / 4;
 #define tile(b) (begin + ((b) < blocks ? (b) : blocks - 1))  /* past the end: reread the last tile, unused */
-  if (J->half) { TILED_QUARTERS(uint16_t, ldh) } else { TILED_QUARTERS(float, ld) }
+  if (J->weights == WEIGHTS_BF16) { TILED_QUARTERS(uint16_t, ldbf) }
+  else if (J->weights == WEIGHTS_F16) { TILED_QUARTERS(uint16_t, ldh) }
+  else { TILED_QUARTERS(float, ld) }
 #undef tile
 }
 #undef TILED_QUARTERS
 
-static void tiled_gemv(const void* W, int64_t half, int64_t n, int64_t m, const float* x, float* out) {
-  tiled_job job = {W, x, out, half, n, m};
+static void tiled_gemv(const void* W, int64_t weights, int64_t n, int64_t m, const float* x, float* out) {
+  tiled_job job = {W, x, out, weights, n, m};
   parallel_for((n + 7) / 8, 1, 8 * m, tiled_range, &job);
 }
 
@@ -1244,13 +1245,13 @@ int dejavu_gathered_mlp(const mlp_weights* W, const int64_t* idx, int64_t K, con
 int dejavu_predicted_mlp(const mlp_weights* W, const predictor_weights* P, const float* xp, int64_t K,
                          const float* h, const float* residual, float* out, int64_t* neurons) {
   int64_t inner = W->rows;
-  if (K < 1 || K > inner || P->rows != inner || bad_weight_type(W->weights)) return 1;
+  if (K < 1 || K > inner || P->rows != inner || bad_weight_type(W->weights) || bad_weight_type(P->weights)) return 1;
   int64_t* kept = malloc(sizeof(int64_t) * (size_t)(K + 1) + sizeof(float) * (size_t)(P->rank + 3 * inner));
   if (!kept) return 2;
   float *low = (float*)(kept + K + 1), *scores = low + P->rank;
   uint32_t *keys = (uint32_t*)(scores + inner), *candidates = keys + inner;
-  tiled_gemv(P->p1, P->half, P->rank, P->d, xp, low);
-  tiled_gemv(P->p2, P->half, inner, P->rank, low, scores);
+  tiled_gemv(P->p1, P->weights, P->rank, P->d, xp, low);
+  tiled_gemv(P->p2, P->weights, inner, P->rank, low, scores);
   top_k_indices(scores, inner, K, keys, candidates, kept);
   int status = gathered_mlp(W, kept, K, h, residual, out);
   if (!status && neurons) memcpy(neurons, kept, sizeof(int64_t) * (size_t)K);
@@ -1453,7 +1454,8 @@ static int bad_mlp_step(const llama_layer* L, const mlp_step* M) {
     case MLP_DENSE:
       return !L->gate || !L->up || !L->down;
     case MLP_PREDICTED:
-      return !M->mlp || !M->predictor || M->mlp->d != d || M->predictor->d != d || bad_weight_type(M->mlp->weights);
+      return !M->mlp || !M->predictor || M->mlp->d != d || M->predictor->d != d || bad_weight_type(M->mlp->weights) ||
+             bad_weight_type(M->predictor->weights);
     case MLP_TEAL:
       return !M->teal || !M->kept || M->teal->d != d || bad_weight_type(M->teal->weights);
     case MLP_CATS:

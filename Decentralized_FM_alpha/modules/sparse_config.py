@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from dejavu_common.helpers import KeepError, check_keep, keep_argument, write_json_atomic
 
-PREDICTOR_DTYPES = ("float32", "float16")
+PREDICTOR_DTYPES = ("float32", "float16", "bfloat16")
 CONFIG_FILE_SUFFIX = ".sparse_config.json"  # beside a run's results file
 
 
@@ -152,8 +152,9 @@ def add_arguments(parser, modes):
                        help="always mask, never gather: the MLP's neurons and (CUDA) the heads")
     group.add_argument("--predictor-dtype", choices=PREDICTOR_DTYPES, default=None,
                        help="weights the predictors run with: float32 as trained, or rounded to float16 as "
-                            "upstream runs them (half the bytes per token on the CPU; default: $PREDICTOR_DTYPE "
-                            "or float32)")
+                            "upstream runs them, or to bfloat16 (float32's range: no weight too large for it); a "
+                            "half type reads half the bytes per token on the CPU (default: $PREDICTOR_DTYPE or "
+                            "float32)")
     group.add_argument("--sparse-stats", default=None, metavar="FILE",
                        help="write, at the end, the kept fraction each layer reached over the real tokens and "
                             "the MLP bytes per token it costs (JSON; FILE.rank{r}.json per rank when several)")

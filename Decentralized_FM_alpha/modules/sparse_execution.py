@@ -46,7 +46,7 @@ from .decode import cpu_training_free, cuda_sparse
 from .decode.cpu import ATTENTION_HALF_THEN_MLP
 from .decode.plan import active_plan
 from .decode.sparse_gather import (gathered_mlp, gathered_mlp_torch, is_packed, pack_mlp_neurons, predicted_gathered_mlp,
-                                   store_predictor_half, unpack_mlp)
+                                   round_predictor, unpack_mlp)
 from .sparse_config import PREDICTOR_DTYPES, SparseConfig, SparseConfigError  # noqa: F401 (PREDICTOR_DTYPES: re-exported)
 from .sparse_stats import SparseStats, StatsWriter, stats_path
 from .training_free import apply_mask, column_norms, magnitude_mask, top_k_mask, wina_mask
@@ -147,7 +147,7 @@ class SparseMLP(nn.Module):
         self.mode = "dense"  # the MODES entry this MLP runs
         self.keep = None  # --mlp-keep: a kept fraction or count (None: no fixed K)
         self.predictor, self.input_mode = None, "same"  # predicted: the predictor and what it reads
-        self.predictor_half = False  # its weights rounded to float16 (--predictor-dtype float16)
+        self.predictor_rounded = None  # the dtype its weights were rounded to (--predictor-dtype float16/bfloat16)
         self.use_gather = True  # predicted: gather the kept neurons when decoding (else mask)
         self.thresholds = None  # teal: {"t_in", "t_down"}; cats: {"t_gate"}
         self.wina_norms = self.wina_counts = None  # wina: column norms and K of h and of down's input
@@ -319,7 +319,7 @@ class PredictedMode(SparseMode):
             return None
         first, second, output, act_fn = mlp.neuron_linears()
         out = predicted_gathered_mlp(plan, h, mlp.predictor_input(), mlp.predictor, k, first, second, output, act_fn,
-                                     mlp.predictor_half)
+                                     mlp.predictor_rounded)
         if out is None:
             out = gathered_mlp(plan, h, predicted_neurons(mlp, k), first, second, output, act_fn)
         return out, {"neurons": k / mlp.width}
@@ -523,12 +523,12 @@ def setup_predicted(blocks, options):
                                                    config.predictor_dataset)
             module, input_mode = predictors[key]
             module = module.to(next(block.parameters()).device)
-            half = config.predictor_dtype == "float16"
-            if half and not store_predictor_half(module):
+            rounded = None if config.predictor_dtype == "float32" else getattr(torch, config.predictor_dtype)
+            if rounded is not None and not round_predictor(module, rounded):
                 raise SparseSetupError(f"layer {block.layer_index}: the {kind} predictor has a weight outside "
-                                       "float16's range; use --predictor-dtype float32")
+                                       f"{config.predictor_dtype}'s range; use --predictor-dtype bfloat16 or float32")
             if kind == "mlp":
-                mlp.predictor, mlp.input_mode, mlp.predictor_half = module, input_mode, half
+                mlp.predictor, mlp.input_mode, mlp.predictor_rounded = module, input_mode, rounded
                 if config.use_gather:
                     lay_out(mlp, "neurons")
                 continue
@@ -791,7 +791,7 @@ def describe_cost(stats, block):
     if predictor is not None:
         linears = [module for module in predictor.modules() if isinstance(module, nn.Linear)]
         rank = linears[0].out_features if linears else None
-        predictor_bytes = 2 if mlp.predictor_half else next(predictor.parameters()).element_size()
+        predictor_bytes = (mlp.predictor_rounded or next(predictor.parameters()).dtype).itemsize
     family = "llama" if mlp.neuron_linears()[1] is not None else "opt"
     stats.describe(block.layer_index, mlp.mode, family, block.config.hidden_size, mlp.width,
                    next(block.parameters()).element_size(), rank, predictor_bytes)

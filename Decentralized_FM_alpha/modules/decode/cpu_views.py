@@ -126,7 +126,7 @@ def build_llama_view(plan, block):
         mlp_eps=block.post_attention_layernorm.eps, weights=weights)
     predictor = getattr(mlp, "predictor", None)  # a sparse MLP's (sparse execution)
     predicted = None if predictor is None else predicted_call(plan, predictor, gate, up, down, act_fn,
-                                                              getattr(mlp, "predictor_half", False))
+                                                              getattr(mlp, "predictor_rounded", None))
     return LlamaLayerView(layer, ctypes.byref(layer), has_mlp, predicted, tuple(tensors))
 
 

@@ -7,7 +7,7 @@ gathered_mlp_torch(h, neurons, first, second, output, act)     the same in torch
 predicted_gathered_mlp(plan, h, x_pred, predictor, k, ...)     predictor, top-k and gathered MLP at once
 predicted_call(plan, predictor, first, second, output, act)    that kernel call prepared (the decoder layer's too)
 mlp_weights(plan, first, second, output, act)                  an MLP's rows as the gathered kernels read them
-store_predictor_half(predictor)                                round a predictor's weights to float16
+round_predictor(predictor, dtype)                              round a predictor's weights to float16 or bfloat16
 dense_mlp(plan, h, first, second, output, act)                 the dense MLP of one token in one call
 pack_mlp_neurons(first, second, output)                        one neuron's weights side by side in memory
 linear_forward(plan, linear, x)                                a dense Linear; one input row goes through the kernel
@@ -17,8 +17,8 @@ linear_forward(plan, linear, x)                                a dense Linear; o
 read the kept rows in place (nothing is materialised) and apply biases and the activation on
 the fly. Rows may be strided, so the interleaved views pack_mlp_neurons leaves are read as
 they lie; an unpacked down/fc2 is read through a transposed copy (+1/3 of the MLP's weights in
-memory). The predictor is read from a tiled copy of its weights (float32, or float16 where its
-weights are float16's values). What the kernels read is derived once per DecodePlan (`plan`,
+memory). The predictor is read from a tiled copy of its weights (float32, or float16 / bfloat16
+where its weights are that type's values). What the kernels read is derived once per DecodePlan (`plan`,
 plan.py; None: derived for the one call). Anywhere else (no compiler, other dtypes or devices,
 autograd) torch ops give the same numbers.
 """
@@ -209,20 +209,23 @@ def _tiled(weights, dtype):
     return tiles
 
 
-def _predictor_weights(first, second, half):
+def _predictor_weights(first, second, rounded):
     """(cpu_kernels.PredictorWeights, its tiles) of the predictor's two bias-free float32 CPU
-    Linears, or None. The tiles are float16 where `half` asks for it and the weights are exactly
-    float16 values (store_predictor_half: then the kernel computes with the very numbers the
-    torch path does), else float32."""
+    Linears, or None. The tiles are in `rounded` (torch.float16 or torch.bfloat16; None: float32)
+    where the weights are exactly that type's values (round_predictor: then the kernel computes
+    with the very numbers the torch path does), else float32."""
     if first.bias is not None or second.bias is not None or first.out_features != second.in_features:
         return None
     weights = (first.weight.detach(), second.weight.detach())
     if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
         return None
-    half = half and all(torch.equal(w, w.half().float()) for w in weights)
-    tiles = _tiled(weights, torch.float16 if half else torch.float32)
+    exact = rounded is not None and all(torch.equal(w.nan_to_num(0.0), w.to(rounded).float().nan_to_num(0.0))
+                                        and torch.equal(w.isnan(), w.to(rounded).isnan()) for w in weights)
+    dtype = rounded if exact else torch.float32
+    tiles = _tiled(weights, dtype)
     table = cpu_kernels.PredictorWeights(p1=tiles[0].data_ptr(), p2=tiles[1].data_ptr(), rank=first.out_features,
-                                         d=first.in_features, rows=second.out_features, half=int(half))
+                                         d=first.in_features, rows=second.out_features,
+                                         weights=cpu_kernels.weight_type(dtype))
     return table, tiles
 
 
@@ -232,42 +235,42 @@ def _predictor_weights(first, second, half):
 PredictedCall = namedtuple("PredictedCall", "mlp_ref predictor_ref d rows x_width held")
 
 
-def predicted_call(plan, predictor, first, second, output, act_fn, half=False):
+def predicted_call(plan, predictor, first, second, output, act_fn, rounded=None):
     """The PredictedCall of this predictor and MLP, or None where the kernel cannot read them;
-    half: read the predictor from float16 tiles (its weights rounded by store_predictor_half).
-    Once per plan."""
+    rounded (torch.float16 or torch.bfloat16): read the predictor from tiles of that type (its
+    weights rounded by round_predictor). Once per plan."""
     plan = plan or OneCall()
     return derived(plan, "predicted_call", predictor,
-                   lambda: _build_predicted_call(plan, predictor, first, second, output, act_fn, half))
+                   lambda: _build_predicted_call(plan, predictor, first, second, output, act_fn, rounded))
 
 
-def _build_predicted_call(plan, predictor, first, second, output, act_fn, half):
+def _build_predicted_call(plan, predictor, first, second, output, act_fn, rounded):
     layers = _predictor_layers(predictor)
     found = mlp_weights(plan, first, second, output, act_fn) if layers is not None else None
-    scorer = _predictor_weights(*layers, half) if found is not None and found[0] is not None else None
+    scorer = _predictor_weights(*layers, rounded) if found is not None and found[0] is not None else None
     if scorer is None or scorer[0].rows != found[0][0].rows:
         return None
     (weights, pointer), table = found[0], scorer[0]
     return PredictedCall(pointer, ctypes.byref(table), weights.d, weights.rows, table.d, (found, scorer))
 
 
-def store_predictor_half(predictor):
-    """Round the predictor's weights to float16, as upstream runs its predictors (in the fp16
-    model): its float32 parameters take float16's values in place, so the torch path computes
-    with the very numbers the predicted-MLP kernel then reads from float16 tiles (half the bytes
-    per token; predicted_call with half=True). False, with nothing changed, where a parameter
-    lies outside float16's range."""
+def round_predictor(predictor, dtype=torch.float16):
+    """Round the predictor's weights to dtype (torch.float16, as upstream runs its predictors in
+    the fp16 model, or torch.bfloat16): its float32 parameters take that type's values in place,
+    so the torch path computes with the very numbers the predicted-MLP kernel then reads from
+    tiles of that type (half the bytes per token; predicted_call with rounded=dtype). False, with
+    nothing changed, where a parameter lies outside the type's range."""
     tensors = [t for t in predictor.parameters() if t.dtype == torch.float32]
-    limit = torch.finfo(torch.float16).max
+    limit = torch.finfo(dtype).max
     if any(t.numel() and t.detach().abs().max().item() > limit for t in tensors):
         return False
     with torch.no_grad():
         for t in tensors:
-            t.copy_(t.half())
+            t.copy_(t.to(dtype))
     return True
 
 
-def predicted_gathered_mlp(plan, h, x_pred, predictor, k, first, second, output, act_fn, half=False):
+def predicted_gathered_mlp(plan, h, x_pred, predictor, k, first, second, output, act_fn, rounded=None):
     """DejaVu's predicted MLP for one token per row, one kernel call per row: the predictor
     scores the I neurons from x_pred, the k best are kept (as topk + sort would; ties go to
     the lowest index), and gathered_mlp runs on them. h, x_pred [B, 1, d] -> [B, 1, d], or None
@@ -275,7 +278,7 @@ def predicted_gathered_mlp(plan, h, x_pred, predictor, k, first, second, output,
     Decoding runs the same kernel inside the decoder layer's call (cpu.py)."""
     plan = plan or OneCall()
     lib = cpu_kernels.kernel_library()
-    call = predicted_call(plan, predictor, first, second, output, act_fn, half) if lib is not None else None
+    call = predicted_call(plan, predictor, first, second, output, act_fn, rounded) if lib is not None else None
     if call is None or not 1 <= k <= call.rows:
         return None
     batch, d = h.shape[0], call.d
