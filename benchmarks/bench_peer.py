@@ -84,10 +84,22 @@ def gguf_files(folder, types):
     return found
 
 
-def timed(fn):
-    start = time.perf_counter()
+def timed(fn, clock=time.perf_counter):
+    start = clock()
     result = fn()
-    return time.perf_counter() - start, result
+    return clock() - start, result
+
+
+def decode_seconds(run, new_tokens, samples, clock=time.perf_counter):
+    """(seconds to decode new_tokens, the tokens produced): run(1) (the prompt phase) and
+    run(1 + new_tokens) timed `samples` times each, alternating, the difference of their medians
+    (so one slow prompt phase, in either, does not pass for decode time)."""
+    prompt_times, full_times = [], []
+    for _ in range(samples):
+        prompt_times.append(timed(lambda: run(1), clock)[0])
+        full_time, produced = timed(lambda: run(1 + new_tokens), clock)
+        full_times.append(full_time)
+    return max(statistics.median(full_times) - statistics.median(prompt_times), 1e-9), produced
 
 
 def main(argv=None):
@@ -163,12 +175,8 @@ def main(argv=None):
     for _ in range(args.repeats):
         bandwidths.append(copy_bandwidth(256, 5))
         for name, run in runs:
-            prompt_times, full_times = [], []
-            for _ in range(args.samples):  # alternating, so a slow prompt phase hits both medians alike
-                prompt_times.append(timed(lambda: run(1))[0])
-                full_time, produced = timed(lambda: run(1 + args.new_tokens))
-                full_times.append(full_time)
-            samples[name].append(max(statistics.median(full_times) - statistics.median(prompt_times), 1e-9))
+            seconds, produced = decode_seconds(run, args.new_tokens, args.samples)
+            samples[name].append(seconds)
             tokens[name] = list(produced)
 
     def ratio(name, baseline):
