@@ -700,8 +700,8 @@ typedef struct {
 
 typedef int32_t vi8 __attribute__((vector_size(32)));
 
-/* e^x for eight x <= 0 (Cephes' expf: x = n ln 2 + r, a degree-6 polynomial in r, within 2 ulp
-   of expf; x below -87.3, -inf included, gives 0). */
+/* e^x for eight x <= 0 (Cephes' expf: x = n ln 2 + r, a degree-6 polynomial in r; within 1 ulp
+   of exp over [-87.3, 0] on a fine grid; x below -87.3, -inf included, gives 0). */
 static inline v8 exp_nonpositive(v8 x) {
   vi8 live = x >= -87.3f;
   x = (v8)((vi8)x & live);                                   /* dead lanes computed as 0, zeroed below */
@@ -1043,43 +1043,38 @@ INLINE void ask_for(const void* row, int64_t j, int t) {
     __builtin_prefetch((const char*)wrow(row, j, t) + byte, 0, 1);
 }
 
-/* sx[q] = x[q] . h, and where y is given sy[q] = y[q] . h, for four rows each: each row's sums
-   eight columns at a time in order, while asking for the rows nx and ny (the neurons ahead). */
-INLINE void dots_of_four(const void* const* x, const void* const* y, const void* const* nx, const void* const* ny,
-                         const float* h, int64_t d, float* sx, float* sy, int t) {
+/* sx[q] = x[q] . h, and with two (a constant where it is inlined) also sy[q] = y[q] . h, for four
+   rows each: each row's sums eight columns at a time in order, while asking for the rows nx and
+   ny (the neurons ahead). */
+INLINE void dots_of_four(int two, const void* const* x, const void* const* y, const void* const* nx,
+                         const void* const* ny, const float* h, int64_t d, float* sx, float* sy, int t) {
   v8 sa0 = {0}, sa1 = {0}, sa2 = {0}, sa3 = {0}, sb0 = {0}, sb1 = {0}, sb2 = {0}, sb3 = {0};
   float ta[4] = {0.f, 0.f, 0.f, 0.f}, tb[4] = {0.f, 0.f, 0.f, 0.f};
   int64_t j = 0, i;
-  if (y) {
-    for (int64_t to; j + 8 <= d; j = to) {
-      to = j + STEP <= d ? j + STEP : d - d % 8;
-      if (to == j + STEP)
-        for (int q = 0; q < 4; q++) { ask_for(nx[q], j, t); ask_for(ny[q], j, t); }
-      for (i = j; i < to; i += 8) {
-        v8 v = ld(h + i);
-        sa0 += ldw(x[0], i, t) * v; sb0 += ldw(y[0], i, t) * v; sa1 += ldw(x[1], i, t) * v; sb1 += ldw(y[1], i, t) * v;
-        sa2 += ldw(x[2], i, t) * v; sb2 += ldw(y[2], i, t) * v; sa3 += ldw(x[3], i, t) * v; sb3 += ldw(y[3], i, t) * v;
+  for (int64_t to; j + 8 <= d; j = to) {
+    to = j + STEP <= d ? j + STEP : d - d % 8;
+    if (to == j + STEP)
+      for (int q = 0; q < 4; q++) {
+        ask_for(nx[q], j, t);
+        if (two) ask_for(ny[q], j, t);
+      }
+    for (i = j; i < to; i += 8) {
+      v8 v = ld(h + i);
+      sa0 += ldw(x[0], i, t) * v; sa1 += ldw(x[1], i, t) * v; sa2 += ldw(x[2], i, t) * v; sa3 += ldw(x[3], i, t) * v;
+      if (two) {
+        sb0 += ldw(y[0], i, t) * v; sb1 += ldw(y[1], i, t) * v; sb2 += ldw(y[2], i, t) * v; sb3 += ldw(y[3], i, t) * v;
       }
     }
-    for (; j < d; j++)
-      for (int q = 0; q < 4; q++) { ta[q] += wat(x[q], j, t) * h[j]; tb[q] += wat(y[q], j, t) * h[j]; }
-  } else {
-    for (int64_t to; j + 8 <= d; j = to) {
-      to = j + STEP <= d ? j + STEP : d - d % 8;
-      if (to == j + STEP)
-        for (int q = 0; q < 4; q++) ask_for(nx[q], j, t);
-      for (i = j; i < to; i += 8) {
-        v8 v = ld(h + i);
-        sa0 += ldw(x[0], i, t) * v; sa1 += ldw(x[1], i, t) * v; sa2 += ldw(x[2], i, t) * v; sa3 += ldw(x[3], i, t) * v;
-      }
-    }
-    for (; j < d; j++)
-      for (int q = 0; q < 4; q++) ta[q] += wat(x[q], j, t) * h[j];
   }
+  for (; j < d; j++)
+    for (int q = 0; q < 4; q++) {
+      ta[q] += wat(x[q], j, t) * h[j];
+      if (two) tb[q] += wat(y[q], j, t) * h[j];
+    }
   v8 sa[4] = {sa0, sa1, sa2, sa3}, sb[4] = {sb0, sb1, sb2, sb3};
   for (int q = 0; q < 4; q++) {
     sx[q] = hsum(sa[q]) + ta[q];
-    if (y) sy[q] = hsum(sb[q]) + tb[q];
+    if (two) sy[q] = hsum(sb[q]) + tb[q];
   }
 }
 
@@ -1150,14 +1145,15 @@ INLINE void sum_group(const grouped_job* G, int64_t first, int64_t last, int64_t
     four_neurons now = rows_of_four(W, idx, k, last, G->mode, t),
                  next = rows_of_four(W, idx, k + AHEAD, stop, G->mode, t);
     if (G->mode == ACTS_COMPUTED) {
-      dots_of_four(now.a, W->B ? now.b : 0, next.a, next.b, h, d, four, second, t);
+      if (W->B) dots_of_four(1, now.a, now.b, next.a, next.b, h, d, four, second, t);
+      else dots_of_four(0, now.a, 0, next.a, 0, h, d, four, 0, t);
       for (int q = 0; q < 4; q++) {
         int64_t i = idx[k + q];
         four[q] = activate(act, four[q] + (W->a_bias ? W->a_bias[i] : 0.f),
                            W->B ? second[q] + (W->b_bias ? W->b_bias[i] : 0.f) : 0.f);
       }
     } else if (G->mode == ACTS_TIMES_B) {
-      dots_of_four(now.b, 0, next.b, 0, h, d, four, 0, t);
+      dots_of_four(0, now.b, 0, next.b, 0, h, d, four, 0, t);
       for (int q = 0; q < 4; q++) four[q] = (four[q] + (W->b_bias ? W->b_bias[idx[k + q]] : 0.f)) * J->acts[k + q];
     } else {
       for (int q = 0; q < 4; q++) four[q] = J->acts[k + q];

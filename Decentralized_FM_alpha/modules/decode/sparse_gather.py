@@ -219,8 +219,8 @@ def _predictor_weights(first, second, rounded):
     weights = (first.weight.detach(), second.weight.detach())
     if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in weights):
         return None
-    exact = rounded is not None and all(torch.equal(w.nan_to_num(0.0), w.to(rounded).float().nan_to_num(0.0))
-                                        and torch.equal(w.isnan(), w.to(rounded).isnan()) for w in weights)
+    exact = rounded is not None and all(torch.allclose(w, w.to(rounded).float(), rtol=0.0, atol=0.0, equal_nan=True)
+                                        for w in weights)
     dtype = rounded if exact else torch.float32
     tiles = _tiled(weights, dtype)
     table = cpu_kernels.PredictorWeights(p1=tiles[0].data_ptr(), p2=tiles[1].data_ptr(), rank=first.out_features,
