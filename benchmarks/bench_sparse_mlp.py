@@ -15,7 +15,10 @@ neurons. The MLP's time as decoding runs it is what it adds to the layer:
                   predictor's bytes).
   standalone      one MLP on its own, one call per layer: the dense MLP kernel, and block.mlp in
                   predicted mode (the torch path's entry, which calls the same one-call kernel)
-  gather          the gathered MLP alone on fixed kept neurons (no predictor)
+  gather          the gathered MLP alone on fixed kept neurons (no predictor); and on every
+                  neuron in order, which reads the dense MLP's bytes as one run per layer: against
+                  the dense MLP it is the gather's own streaming, against the kept rows the cost
+                  of their being scattered
   predictor       the predictor and the selection of the K neurons alone (torch ops)
   torch ops       block.mlp with the C kernels switched off (the fallback)
 
@@ -155,6 +158,7 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log, dtype=torch.fl
     h = blocks[0].post_attention_layernorm(x).float()  # the kernels read float32 activations
     fixed = {keep: torch.randperm(inter, generator=generator)[: kept_count(keep, inter)].sort().values[None]
              for keep in KEEPS}
+    fixed[1.0] = torch.arange(inter)[None]  # every neuron, in order
     log(f"  {name}: built {layers} layers in {dtype_name} "
         f"(d={d}, I={inter}, D={widths['matched']} and {widths['reference']}) "
         f"in {time.perf_counter() - started:.1f} s")
@@ -244,6 +248,7 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log, dtype=torch.fl
         variants[("gather", keep)] = (nothing, gather(keep))
         if with_torch_ops:
             variants[("torch ops", keep)] = (use(keep, "matched"), sparse(kernel=False))
+    variants[("gather all", 1.0)] = (nothing, gather(1.0))
     variants[("predictor", 0.25)] = (nothing, predictor_only(0.25, "matched"))
     variants[("predictor reference", 0.25)] = (nothing, predictor_only(0.25, "reference"))
 
@@ -313,10 +318,11 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log, dtype=torch.fl
               "sparse float16": f"sparse MLP standalone (block.mlp), D={matched} in float16",
               "sparse reference": f"sparse MLP standalone (block.mlp), D={reference} (reference)",
               "gather": "gathered MLP standalone, no predictor",
+              "gather all": "gathered MLP standalone, every neuron in order",
               "torch ops": f"sparse MLP standalone, D={matched}, torch ops (no C kernel)",
               "predictor": f"predictor D={matched} + top-K only (torch ops)",
               "predictor reference": f"predictor D={reference} + top-K only (torch ops)"}
-    keys = [("dense torch path", None)] + [(kind, keep) for keep in KEEPS for kind in (
+    keys = [("dense torch path", None), ("gather all", 1.0)] + [(kind, keep) for keep in KEEPS for kind in (
         "layer sparse", "layer sparse float16", "layer sparse reference", "sparse", "sparse float16",
         "sparse reference", "gather", "torch ops")] + [("predictor", 0.25), ("predictor reference", 0.25)]
     for kind, keep in keys:
@@ -335,6 +341,10 @@ def bench_config(name, spec, rounds, warmup, with_torch_ops, log, dtype=torch.fl
         if kind.startswith("layer sparse") and kind != "layer sparse reference":
             layer_ratio = statistics.median(a / b for a, b in zip(times[kind, keep], times[("layer dense", None)]))
             row["note"] = f"whole layer {layer_ratio:.3f} of the dense layer"
+        if kind == "gather":
+            in_order = times[("gather all", 1.0)]  # reads keep / 1 of these bytes
+            rate = statistics.median(keep * a / b for a, b in zip(in_order, samples))
+            row["note"] = f"reads its rows at {rate:.2f} of the in-order gather's rate"
         if kind.startswith("predictor"):
             share = predictor_bytes["matched" if kind == "predictor" else "reference"] / mlp_bytes
             row["note"] = f"predictor weights = {share:.3f} of the MLP's"

@@ -33,4 +33,8 @@ def test_each_dtype_times_the_right_paths(monkeypatch, dtype):
     targets = {(row["keep"], row["measure"]) for row in result["rows"] if "target" in row}
     assert {keep for keep, _ in targets} == {0.5, 0.25} and len(targets) == 4
     measures = {row["measure"] for row in result["rows"]}
+    assert "gathered MLP standalone, every neuron in order" in measures
+    scattered = [row for row in result["rows"] if row["measure"] == "gathered MLP standalone, no predictor"]
+    assert {row["keep"] for row in scattered} == {0.5, 0.25}
+    assert all("of the in-order gather's rate" in row["note"] for row in scattered)
     assert any("no C kernel" in m or "torch path" in m for m in measures) == (dtype == "float32")
