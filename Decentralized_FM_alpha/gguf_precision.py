@@ -23,18 +23,19 @@ class GGUFPrecisionError(ValueError):
     pass
 
 
-def _copy_metadata(reader, writer):
+def copy_metadata(reader, writer, skipped=SKIPPED_KEYS):
+    """The reader's keys (the tokenizer's included) into the writer, but GGUF's own and `skipped`."""
     import gguf
 
     for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name in SKIPPED_KEYS:
+        if name.startswith("GGUF.") or name in skipped:
             continue
         vtype = field.types[0]
         sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(name, field.contents(), vtype, sub_type=sub_type)
 
 
-def _architecture(reader, path):
+def architecture(reader, path):
     field = reader.fields.get("general.architecture")
     if field is None:
         raise GGUFPrecisionError(f"{path}: no general.architecture key: not a GGUF model file")
@@ -58,9 +59,9 @@ def write_gguf(source, out, gguf_type, progress=True):
     type_name, file_type = GGUF_TYPES[gguf_type]
     matrix_type = gguf.GGMLQuantizationType[type_name]
     temporary = f"{out}.tmp{os.getpid()}"
-    writer = gguf.GGUFWriter(temporary, _architecture(reader, source))
+    writer = gguf.GGUFWriter(temporary, architecture(reader, source))
     try:
-        _copy_metadata(reader, writer)
+        copy_metadata(reader, writer)
         writer.add_file_type(gguf.LlamaFileType[file_type])
         for tensor in tqdm(reader.tensors, desc=f"GGUF tensors to {type_name}", disable=not progress):
             values = gguf.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)

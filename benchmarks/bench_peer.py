@@ -17,6 +17,12 @@ rate measured at the start of each round (bench_memory.copy_bandwidth).
     CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAMA_CURL=OFF" .venv/bin/pip install -r requirements-peer.txt
     .venv/bin/python benchmarks/bench_peer.py --threads 2
 
+--shape llama-3.2-3b (shaped_gguf.py) runs both sides instead on a random-weight model of that
+Llama's widths with SmolLM2's vocabulary (--shape-layers of them; written once as F16 GGUF in
+--gguf-dir, converted once into pretrained_models/): speed at the rows' usual width, where a kept
+neuron is a longer run of memory. --engine-dtypes and --peer-types choose the runs (a 3B-wide
+model in every precision at once needs more memory than the embedded one).
+
 Targets (batch 1): engine bfloat16 >= 1.0x llama.cpp F16; engine float32 >= 1.0x llama.cpp F32;
 predicted-sparse MLP at keep 0.5 in bfloat16 >= 1.2x llama.cpp F16.
 Without llama-cpp-python it says so and exits with status 2. Writes JSON (default
@@ -30,8 +36,8 @@ import statistics
 import sys
 import time
 
-from support import (DEFAULT_CHECKPOINT, ROOT, embedded_model, ensure_checkpoint, format_table, result_path,
-                     write_json)
+from support import (DEFAULT_CHECKPOINT, ROOT, embedded_model, ensure_checkpoint, format_table, matched_rank,
+                     result_path, write_json)
 
 TARGETS = {  # (run, peer run): at least
     ("engine bfloat16", "llama.cpp F16"): 1.0,
@@ -69,19 +75,39 @@ def llama_cpp_run(model, prompt):
     return run
 
 
-def gguf_files(folder, types):
-    """{type: path} of the embedded GGUF written at each type (written once, then reused)."""
+def gguf_files(folder, types, source=None):
+    """{type: path} of the GGUF `source` (default: the embedded one) written at each type (written
+    once, then reused)."""
     from dejavu_llama.gguf_precision import write_gguf
 
-    source_folder, name = embedded_model()
+    source = source or os.path.join(*embedded_model())
+    stem = os.path.splitext(os.path.basename(source))[0].removesuffix(".f16")
     os.makedirs(folder, exist_ok=True)
     found = {}
     for gguf_type in types:
-        path = os.path.join(folder, f"{os.path.splitext(name)[0]}.{gguf_type}.gguf")
+        path = os.path.join(folder, f"{stem}.{gguf_type}.gguf")
         if not os.path.isfile(path):
-            write_gguf(os.path.join(source_folder, name), path, gguf_type)
+            write_gguf(source, path, gguf_type)
         found[gguf_type] = path
     return found
+
+
+def shaped_model(shape, layers, gguf_dir, log=print):
+    """(name, checkpoint folder, F16 GGUF path) of the random model of `shape` (shaped_gguf.py),
+    each written once and reused."""
+    from shaped_gguf import shape_of, shaped_name, write_shaped_gguf
+
+    layers = shape_of(shape, layers)["layers"]
+    name = shaped_name(shape, layers)
+    os.makedirs(gguf_dir, exist_ok=True)
+    path = os.path.join(gguf_dir, f"{name}.f16.gguf")
+    if not os.path.isfile(path):
+        log(f"writing {path}")
+        write_shaped_gguf(os.path.join(*embedded_model()), path, shape, layers)
+    checkpoint = ensure_checkpoint(os.path.join(ROOT, "pretrained_models", name), log,
+                                   gguf=(gguf_dir, os.path.basename(path)))
+    return name, checkpoint, path
+
 
 
 def timed(fn, clock=time.perf_counter):
@@ -104,7 +130,13 @@ def decode_seconds(run, new_tokens, samples, clock=time.perf_counter):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--checkpoint", default=None, help=f"the engine's checkpoint (default {DEFAULT_CHECKPOINT})")
+    parser.add_argument("--shape", default=None,
+                        help="a random-weight model of this Llama's widths instead (shaped_gguf.SHAPES: "
+                             "llama-3.2-1b, llama-3.2-3b)")
+    parser.add_argument("--shape-layers", type=int, default=None, help="its layers (default: the model's own)")
+    parser.add_argument("--engine-dtypes", nargs="+", choices=("float32", "bfloat16", "float16"),
+                        default=["float32", "bfloat16", "float16"], help="the engine's dense runs")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -117,13 +149,17 @@ def main(argv=None):
                         help="llama.cpp's GGUF types (bf16 where the build runs it)")
     parser.add_argument("--sparse-keeps", type=float, nargs="*", default=[0.5],
                         help="the predicted-sparse MLP's kept fractions in bfloat16 (none: skip)")
-    parser.add_argument("--sparse-D", type=int, default=64)
+    parser.add_argument("--sparse-D", type=int, default=None,
+                        help="the random predictors' width (default: upstream's share of the MLP's bytes, "
+                             "64 for SmolLM2, 341 at Llama-3.2-3B's widths)")
     parser.add_argument("--sparse-predictor-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                         help="the sparse runs' predictor weights (default: the model's bfloat16, half precision "
                              "end to end)")
     parser.add_argument("--gguf-dir", default=os.path.join(ROOT, "pretrained_models", "gguf"))
     parser.add_argument("--output", default=result_path("peer"))
     args = parser.parse_args(argv)
+    if args.shape and args.checkpoint:
+        parser.error("--shape and --checkpoint: give one (--shape makes its own checkpoint)")
     try:
         import llama_cpp
     except ImportError:
@@ -140,26 +176,37 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     cpu_kernels.set_num_threads(args.threads)
-    checkpoint = ensure_checkpoint(args.checkpoint)
+    source, model_name = None, "SmolLM2-135M-Instruct"
+    if args.shape:
+        from shaped_gguf import ShapeError
+
+        try:
+            model_name, checkpoint, source = shaped_model(args.shape, args.shape_layers, args.gguf_dir)
+        except ShapeError as error:
+            parser.error(str(error))
+    else:
+        checkpoint = ensure_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     prompts = make_prompts(tokenizer, 1, args.prompt_tokens)
     settings = [{"temperature": 0.0, "top_p": 1.0, "top_k": 0, "logprobs": None, "echo": False}]
     args.batch = 1
 
     runs, token_bytes = [], {}
-    for dtype in ("float32", "bfloat16", "float16"):
+    for dtype in dict.fromkeys(args.engine_dtypes):
         model = LocalModel.from_checkpoint(checkpoint, "llama", dtype=getattr(torch, dtype))
         engine = engine_of(model, args, dtype)
         token_bytes[f"engine {dtype}"] = decode_bytes(model)[0]
         runs.append((f"engine {dtype}", lambda new, engine=engine: [
             row["generated"] for row in engine.inference_batch(prompts, new, settings)][0]))
     if args.sparse_keeps:
+        if args.sparse_D is None:
+            args.sparse_D = matched_rank(model.config.hidden_size, model.config.intermediate_size)
         args.sparse_predictor_dtypes = [args.sparse_predictor_dtype]
         for name, run in sparse_runs(checkpoint, prompts, settings, args, "bfloat16"):
             keep = name.split("keep ")[1].split(" ")[0]
             runs.append((f"sparse bfloat16 keep {keep}", run))
     context = args.prompt_tokens + args.new_tokens + 8
-    for gguf_type, path in gguf_files(args.gguf_dir, args.peer_types).items():
+    for gguf_type, path in gguf_files(args.gguf_dir, args.peer_types, source).items():
         try:
             model = load_llama_cpp(path, args.threads, context)
         except PeerError as error:
@@ -187,12 +234,12 @@ def main(argv=None):
                                                for t, rate in zip(samples[name], bandwidths))
                        for name in token_bytes}
     report = {
-        "model": "SmolLM2-135M-Instruct", "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        "model": model_name, "sparse_D": args.sparse_D if args.sparse_keeps else None, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
         "threads": args.threads, "repeats": args.repeats, "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "llama_cpp_python": getattr(llama_cpp, "__version__", "?"),
         "torch": torch.__version__, "weight_paths": cpu_kernels.kernel_library().dejavu_weight_paths(),
         "decode_tokens_per_s": rates, "copy_bandwidths_gbps": bandwidths, "bound_fractions": bound_fractions,
-        "same_tokens_as_engine_float32": {name: tokens[name] == tokens["engine float32"] for name in tokens},
+        f"same_tokens_as_{runs[0][0].replace(' ', '_')}": {name: tokens[name] == tokens[runs[0][0]] for name in tokens},
     }
     rows = []
     case = f"{report['model']}, batch 1, prompt {args.prompt_tokens}, {args.new_tokens} new, {args.threads} thread(s)"

@@ -28,12 +28,13 @@ def embedded_model():
         sys.exit(str(error))
 
 
-def ensure_checkpoint(path, log=print):
-    """The converted SmolLM2 checkpoint at `path`, converted from the embedded GGUF if missing."""
+def ensure_checkpoint(path, log=print, gguf=None):
+    """The converted checkpoint at `path`, converted if missing from the GGUF `gguf` (its (folder,
+    file name); default: the embedded SmolLM2)."""
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    log(f"converting SmolLM2 into {path}")
-    folder, gguf_file = embedded_model()
+    folder, gguf_file = gguf or embedded_model()
+    log(f"converting {gguf_file} into {path}")
     subprocess.run([sys.executable, "convert_llama_checkpoint.py", "--model-name", folder, "--gguf-file",
                     gguf_file, "--save-path", path], cwd=INFERENCE_DIR, check=True)
     return path
