@@ -7,6 +7,7 @@ runs the same weights as the engine, at the precision it is compared in.
         --save-path ../pretrained_models/x --gguf-out /tmp/model.f16.gguf --gguf-type f16
 """
 
+import contextlib
 import logging
 import os
 
@@ -42,6 +43,26 @@ def architecture(reader, path):
     return field.contents()
 
 
+@contextlib.contextmanager
+def gguf_writer(out, arch):
+    """A GGUFWriter whose file appears at `out` whole, once the block ends without an error (a
+    temporary name, then a rename), or not at all."""
+    import gguf
+
+    temporary = f"{out}.tmp{os.getpid()}"
+    writer = gguf.GGUFWriter(temporary, arch)
+    try:
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+        os.replace(temporary, out)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
 def write_gguf(source, out, gguf_type, progress=True):
     """Write the GGUF file `source` again as `out`, its weight matrices in gguf_type (f32, f16,
     bf16). The file appears whole or not at all (a temporary name, then a rename)."""
@@ -58,9 +79,7 @@ def write_gguf(source, out, gguf_type, progress=True):
         raise GGUFPrecisionError(f"{source}: not a readable GGUF file ({error})") from None
     type_name, file_type = GGUF_TYPES[gguf_type]
     matrix_type = gguf.GGMLQuantizationType[type_name]
-    temporary = f"{out}.tmp{os.getpid()}"
-    writer = gguf.GGUFWriter(temporary, architecture(reader, source))
-    try:
+    with gguf_writer(out, architecture(reader, source)) as writer:
         copy_metadata(reader, writer)
         writer.add_file_type(gguf.LlamaFileType[file_type])
         for tensor in tqdm(reader.tensors, desc=f"GGUF tensors to {type_name}", disable=not progress):
@@ -71,13 +90,5 @@ def write_gguf(source, out, gguf_type, progress=True):
                 writer.add_tensor(tensor.name, values.astype(np.float16))
             else:  # numpy has no bfloat16: its bytes, with the type named
                 writer.add_tensor(tensor.name, gguf.quantize(values, matrix_type), raw_dtype=matrix_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-        writer.close()
-        os.replace(temporary, out)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
     logger.info("wrote %s (%s weight matrices, %d tensors)", out, type_name, len(reader.tensors))
     return out

@@ -75,13 +75,13 @@ def llama_cpp_run(model, prompt):
     return run
 
 
-def gguf_files(folder, types, source=None):
-    """{type: path} of the GGUF `source` (default: the embedded one) written at each type (written
-    once, then reused)."""
+def gguf_files(folder, types, source=None, stem=None):
+    """{type: path} of the GGUF `source` (default: the embedded one) written at each type as
+    folder/stem.type.gguf (stem default: the source's name; written once, then reused)."""
     from dejavu_llama.gguf_precision import write_gguf
 
     source = source or os.path.join(*embedded_model())
-    stem = os.path.splitext(os.path.basename(source))[0].removesuffix(".f16")
+    stem = stem or os.path.splitext(os.path.basename(source))[0]
     os.makedirs(folder, exist_ok=True)
     found = {}
     for gguf_type in types:
@@ -176,12 +176,13 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     cpu_kernels.set_num_threads(args.threads)
-    source, model_name = None, "SmolLM2-135M-Instruct"
+    source, stem, model_name = None, None, "SmolLM2-135M-Instruct"
     if args.shape:
         from shaped_gguf import ShapeError
 
         try:
             model_name, checkpoint, source = shaped_model(args.shape, args.shape_layers, args.gguf_dir)
+            stem = model_name  # its F16 file is stem.f16.gguf, the f16 run's own
         except ShapeError as error:
             parser.error(str(error))
     else:
@@ -192,21 +193,22 @@ def main(argv=None):
     args.batch = 1
 
     runs, token_bytes = [], {}
+    config = None
     for dtype in dict.fromkeys(args.engine_dtypes):
         model = LocalModel.from_checkpoint(checkpoint, "llama", dtype=getattr(torch, dtype))
         engine = engine_of(model, args, dtype)
-        token_bytes[f"engine {dtype}"] = decode_bytes(model)[0]
+        token_bytes[f"engine {dtype}"], config = decode_bytes(model)[0], model.config
         runs.append((f"engine {dtype}", lambda new, engine=engine: [
             row["generated"] for row in engine.inference_batch(prompts, new, settings)][0]))
     if args.sparse_keeps:
         if args.sparse_D is None:
-            args.sparse_D = matched_rank(model.config.hidden_size, model.config.intermediate_size)
+            args.sparse_D = matched_rank(config.hidden_size, config.intermediate_size)
         args.sparse_predictor_dtypes = [args.sparse_predictor_dtype]
         for name, run in sparse_runs(checkpoint, prompts, settings, args, "bfloat16"):
             keep = name.split("keep ")[1].split(" ")[0]
             runs.append((f"sparse bfloat16 keep {keep}", run))
     context = args.prompt_tokens + args.new_tokens + 8
-    for gguf_type, path in gguf_files(args.gguf_dir, args.peer_types, source).items():
+    for gguf_type, path in gguf_files(args.gguf_dir, args.peer_types, source, stem).items():
         try:
             model = load_llama_cpp(path, args.threads, context)
         except PeerError as error:

@@ -10,8 +10,6 @@ what both sides read: llama.cpp runs it, the converter makes the engine's checkp
     .venv/bin/python benchmarks/bench_peer.py --shape llama-3.2-3b --shape-layers 8
 """
 
-import os
-
 import numpy as np
 
 SHAPES = {  # the Llama 3.2 configs' widths (config.json of meta-llama/Llama-3.2-{1B,3B})
@@ -63,7 +61,7 @@ def write_shaped_gguf(template, out, name, layers=None, seed=0, progress=True):
     import gguf
     from tqdm import tqdm
 
-    from dejavu_llama.gguf_precision import GGUFPrecisionError, architecture, copy_metadata
+    from dejavu_llama.gguf_precision import GGUFPrecisionError, architecture, copy_metadata, gguf_writer
 
     shape = shape_of(name, layers)
     if shape["hidden"] % shape["heads"] or shape["heads"] % shape["kv_heads"]:
@@ -76,16 +74,14 @@ def write_shaped_gguf(template, out, name, layers=None, seed=0, progress=True):
     arch = architecture(reader, template)
     if arch != "llama":
         raise ShapeError(f"{template}: a {arch!r} GGUF; the template must be a llama one")
-    vocab = int(reader.fields["tokenizer.ggml.tokens"].data.__len__())
+    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     widths = {f"{arch}.block_count": shape["layers"], f"{arch}.embedding_length": shape["hidden"],
               f"{arch}.feed_forward_length": shape["inter"], f"{arch}.attention.head_count": shape["heads"],
               f"{arch}.attention.head_count_kv": shape["kv_heads"],
               f"{arch}.rope.dimension_count": shape["hidden"] // shape["heads"]}
     skipped = ("general.architecture", "general.file_type", "general.name", "general.size_label", *widths)
     rng = np.random.default_rng(seed)
-    temporary = f"{out}.tmp{os.getpid()}"
-    writer = gguf.GGUFWriter(temporary, arch)
-    try:
+    with gguf_writer(out, arch) as writer:
         copy_metadata(reader, writer, skipped)
         writer.add_name(f"{shaped_name(name, shape['layers'])} (random weights)")
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
@@ -96,12 +92,4 @@ def write_shaped_gguf(template, out, name, layers=None, seed=0, progress=True):
                 writer.add_tensor(tensor, np.ones(dims, dtype=np.float32))
             else:
                 writer.add_tensor(tensor, (rng.standard_normal(dims, dtype=np.float32) * INIT_STD).astype(np.float16))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-        writer.close()
-        os.replace(temporary, out)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return out

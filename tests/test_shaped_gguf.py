@@ -43,7 +43,7 @@ def test_the_file_has_the_shape_and_the_template_vocabulary(tmp_path, monkeypatc
     shapes = {t.name: tuple(int(n) for n in t.shape[::-1]) for t in reader.tensors}
     assert shapes == shaped_gguf.tensor_shapes(dict(TINY, layers=2), len(source.fields["tokenizer.ggml.tokens"].data))
     assert {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2} == {"F16"}
-    assert not any(name.endswith(".tmp") or ".tmp" in name for name in os.listdir(tmp_path))
+    assert os.listdir(tmp_path) == ["tiny.f16.gguf"]  # no temporary file left
 
     checkpoint = str(tmp_path / "checkpoint")
     subprocess.run([sys.executable, "convert_llama_checkpoint.py", "--model-name", str(tmp_path), "--gguf-file",
